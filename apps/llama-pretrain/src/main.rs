@@ -1,0 +1,155 @@
+//! `llama-pretrain`: LLaMA (continued) pretraining on the colossal-rs core.
+
+mod bench;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use colossal_core::config::load_config;
+use colossal_core::models::llama::{generate, GenerateOptions, Sampling};
+use colossal_core::train::{list_checkpoints, SampleConfig, TrainConfig, Trainer};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "llama-pretrain", about = "LLaMA pretraining on colossal-rs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train from a TOML config.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key: section.key=value (repeatable).
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+        /// Output directory (same as --set train.out_dir=DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stop after this optimizer step (the schedule still spans train.max_steps).
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Resume from a checkpoint directory, or from the newest checkpoint of an output dir.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Tokens/s and GFLOP/s of one training step on a fixed tiny config; writes JSON.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Train {
+            config,
+            mut overrides,
+            out,
+            max_steps,
+            resume,
+        } => {
+            if let Some(out) = out {
+                overrides.push(format!("train.out_dir=\"{}\"", out.display()));
+            }
+            let cfg: TrainConfig = load_config(&config, &overrides)?;
+            let resume = resume.map(resolve_resume).transpose()?;
+            let sample = cfg.sample.clone();
+            let out_dir = cfg.train.out_dir.clone();
+            let mut trainer = Trainer::new(cfg, resume.as_deref(), Device::Cpu)?;
+            let summary = trainer.run(max_steps)?;
+            if let (Some(first), Some(last)) = (summary.first_loss, summary.last_loss) {
+                println!(
+                    "train loss: first step {first:.4} -> last step {last:.4} ({} steps)",
+                    summary.steps
+                );
+            }
+            if let Some(v) = summary.last_val_loss {
+                println!("validation loss {v:.4}, perplexity {:.2}", v.exp());
+            }
+            if let Some(dir) = &summary.final_dir {
+                println!("checkpoint: {}", dir.display());
+            }
+            println!("metrics: {}", out_dir.join("metrics.jsonl").display());
+            println!("loss curve: {}", out_dir.join("loss.png").display());
+            if let Some(s) = sample {
+                let text = sample_text(&trainer, &s)?;
+                println!("sample> {}{}", s.prompt, text);
+                std::fs::write(
+                    out_dir.join("sample.txt"),
+                    format!("{}{}\n", s.prompt, text),
+                )
+                .with_context(|| format!("writing {}", out_dir.join("sample.txt").display()))?;
+            }
+        }
+        Cmd::Bench(args) => bench::run(&args)?,
+    }
+    Ok(())
+}
+
+fn resolve_resume(p: PathBuf) -> Result<PathBuf> {
+    if p.join("trainer_state.json").exists() {
+        return Ok(p);
+    }
+    list_checkpoints(&p).pop().with_context(|| {
+        format!(
+            "--resume {}: no checkpoint (trainer_state.json) found there",
+            p.display()
+        )
+    })
+}
+
+fn sample_text(trainer: &Trainer, s: &SampleConfig) -> Result<String> {
+    let path = if s.tokenizer.is_dir() {
+        s.tokenizer.join("tokenizer.json")
+    } else {
+        s.tokenizer.clone()
+    };
+    let tok = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("sample.tokenizer {}: {e}", path.display()))?;
+    let mut ids: Vec<u32> = trainer.model.cfg.bos_token_id.into_iter().collect();
+    ids.extend(
+        tok.encode(s.prompt.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .get_ids(),
+    );
+    let sampling = if s.temperature > 0.0 {
+        Sampling::Sample {
+            temperature: s.temperature,
+            top_k: Some(50),
+            top_p: Some(0.95),
+            seed: 0,
+        }
+    } else {
+        Sampling::Greedy
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: s.max_new_tokens,
+        sampling,
+        stop_ids: trainer.model.cfg.eos_ids(),
+        pad_id: trainer.model.cfg.pad_token_id.unwrap_or(0),
+    };
+    let (new, _) = generate(&trainer.model, &trainer.params, &[ids], &opts, &Device::Cpu)?;
+    // Decode prompt + continuation together so word-boundary spaces come out right.
+    let prompt_ids = tok
+        .encode(s.prompt.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut all = prompt_ids.get_ids().to_vec();
+    let plen = tok
+        .decode(&all, true)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .len();
+    all.extend(&new[0]);
+    let text = tok.decode(&all, true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(text.get(plen..).unwrap_or(&text).to_string())
+}

@@ -1,0 +1,168 @@
+//! `colossal`: run any supported HF model directory.
+//!
+//! * `colossal forward --model DIR --input IDS.json --out LOGITS.safetensors`
+//! * `colossal generate --model DIR --prompt-ids 1,261,340 --max-new-tokens 10`
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+use colossal_core::checkpoint::{hf, llama::load_llama};
+use colossal_core::exec::Executor;
+use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Sampling};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "colossal", about = "colossal-rs model tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Logits for a batch of ids: input JSON {"input_ids": [[..]], "attention_mask": [[..]]}.
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Continue a prompt; prints {"ids": [...]} with the new ids only.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated prompt ids.
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Vec<u32>,
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop at EOS (from config.json).
+        #[arg(long, default_value_t = false)]
+        stop_at_eos: bool,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct ForwardInput {
+    input_ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    attention_mask: Option<Vec<Vec<u8>>>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let device = Device::Cpu;
+    match Cli::parse().cmd {
+        Cmd::Forward { model, input, out } => {
+            let (llama, params) = load_llama(&model, DType::F32, &device)?;
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let inp: ForwardInput = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: expected {{\"input_ids\": [[..]], \"attention_mask\": [[..]]}}",
+                    input.display()
+                )
+            })?;
+            let b = inp.input_ids.len();
+            let t = inp.input_ids.first().map_or(0, Vec::len);
+            if b == 0 || t == 0 || inp.input_ids.iter().any(|r| r.len() != t) {
+                bail!(
+                    "{}: field `input_ids` must be a non-empty rectangular array",
+                    input.display()
+                );
+            }
+            if let Some(m) = &inp.attention_mask {
+                if m.len() != b || m.iter().any(|r| r.len() != t) {
+                    bail!(
+                        "{}: field `attention_mask` must have the shape of `input_ids` ({b}x{t})",
+                        input.display()
+                    );
+                }
+            }
+            if let Some(bad) = inp
+                .input_ids
+                .iter()
+                .flatten()
+                .find(|&&id| id as usize >= llama.cfg.vocab_size)
+            {
+                bail!(
+                    "{}: id {bad} is outside the model's vocab_size {}",
+                    input.display(),
+                    llama.cfg.vocab_size
+                );
+            }
+            let ids = Tensor::from_vec(inp.input_ids.concat(), (b, t), &device)?;
+            let ctx = AttnInputs::causal(
+                &llama.cfg,
+                &llama.inv_freq,
+                b,
+                t,
+                inp.attention_mask.as_deref(),
+                &device,
+            )?;
+            let logits = Executor::default().forward(&llama, &params, &ids, &ctx)?;
+            hf::save_file(&out, &[("logits".to_string(), logits)])?;
+            eprintln!(
+                "wrote logits ({b}, {t}, {}) to {}",
+                llama.cfg.vocab_size,
+                out.display()
+            );
+        }
+        Cmd::Generate {
+            model,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop_at_eos,
+        } => {
+            let (llama, params) = load_llama(&model, DType::F32, &device)?;
+            if prompt_ids.is_empty() {
+                bail!("--prompt-ids: at least one id is needed");
+            }
+            let sampling = if temperature > 0.0 {
+                Sampling::Sample {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                }
+            } else {
+                Sampling::Greedy
+            };
+            let opts = GenerateOptions {
+                max_new_tokens,
+                sampling,
+                stop_ids: if stop_at_eos {
+                    llama.cfg.eos_ids()
+                } else {
+                    vec![]
+                },
+                pad_id: llama.cfg.pad_token_id.unwrap_or(0),
+            };
+            let (ids, _) = generate(&llama, &params, &[prompt_ids], &opts, &device)?;
+            println!("{}", serde_json::json!({ "ids": ids[0] }));
+        }
+    }
+    Ok(())
+}

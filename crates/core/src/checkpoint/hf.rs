@@ -1,0 +1,218 @@
+//! Hugging Face safetensors checkpoints: `model.safetensors` or
+//! `model.safetensors.index.json` + shards, read and written with HF names and shapes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::checkpoint::atomic;
+use crate::{Error, Result};
+
+pub const SINGLE: &str = "model.safetensors";
+pub const INDEX: &str = "model.safetensors.index.json";
+
+/// Files holding the weights of the HF model directory `dir`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::file(&index, e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::file(&index, "field `weight_map` missing"))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join(SINGLE);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::file(
+        dir,
+        format!("no {SINGLE} or {INDEX} in the model directory"),
+    ))
+}
+
+/// Reads every tensor of the given safetensors files, converted to `dtype`.
+pub fn read_tensors(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, (Tensor, PathBuf)>> {
+    let mut out = HashMap::new();
+    for path in files {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only and not modified while mapped.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            let t = view_to_tensor(&view, device)
+                .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+            out.insert(name, (t.to_dtype(dtype)?, path.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn view_to_tensor(view: &TensorView<'_>, device: &Device) -> Result<Tensor> {
+    let dtype = match view.dtype() {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        StDtype::I64 => DType::I64,
+        StDtype::U32 => DType::U32,
+        StDtype::U8 => DType::U8,
+        other => return Err(crate::msg!("unsupported dtype {other:?}")),
+    };
+    Ok(Tensor::from_raw_buffer(
+        view.data(),
+        dtype,
+        view.shape(),
+        device,
+    )?)
+}
+
+/// Loads exactly the tensors named in `expected` (name → shape) from an HF directory,
+/// with an error naming the file, tensor and both shapes on mismatch.
+pub fn load_expected(
+    dir: &Path,
+    expected: &[(String, Vec<usize>)],
+    dtype: DType,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let files = weight_files(dir)?;
+    let mut all = read_tensors(&files, dtype, device)?;
+    let mut out = BTreeMap::new();
+    for (name, shape) in expected {
+        let (t, path) = all.remove(name).ok_or_else(|| Error::MissingTensor {
+            path: dir.to_path_buf(),
+            name: name.clone(),
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                path,
+                name: name.clone(),
+                found: t.dims().to_vec(),
+                expected: shape.clone(),
+            });
+        }
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
+}
+
+struct Raw {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &Raw {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn to_raw(t: &Tensor) -> Result<Raw> {
+    let t = t.contiguous()?;
+    let (dtype, data): (StDtype, Vec<u8>) = match t.dtype() {
+        DType::F32 => (StDtype::F32, bytes_of(&t.flatten_all()?.to_vec1::<f32>()?)),
+        DType::F64 => (StDtype::F64, bytes_of(&t.flatten_all()?.to_vec1::<f64>()?)),
+        DType::BF16 => (
+            StDtype::BF16,
+            bytes_of(&t.flatten_all()?.to_vec1::<half::bf16>()?),
+        ),
+        DType::F16 => (
+            StDtype::F16,
+            bytes_of(&t.flatten_all()?.to_vec1::<half::f16>()?),
+        ),
+        DType::I64 => (StDtype::I64, bytes_of(&t.flatten_all()?.to_vec1::<i64>()?)),
+        DType::U32 => (StDtype::U32, bytes_of(&t.flatten_all()?.to_vec1::<u32>()?)),
+        DType::U8 => (StDtype::U8, t.flatten_all()?.to_vec1::<u8>()?),
+        other => return Err(crate::msg!("cannot save dtype {other:?}")),
+    };
+    Ok(Raw {
+        dtype,
+        shape: t.dims().to_vec(),
+        data,
+    })
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
+    let n = std::mem::size_of_val(v);
+    // SAFETY: plain-old-data numeric slices, read as bytes (little-endian host).
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) }.to_vec()
+}
+
+/// Serialises tensors to safetensors bytes with HF's `{"format": "pt"}` metadata.
+pub fn to_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let raws: Vec<(String, Raw)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
+        .collect::<Result<_>>()?;
+    let views: Vec<(&str, &Raw)> = raws.iter().map(|(n, r)| (n.as_str(), r)).collect();
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| crate::msg!("safetensors serialisation: {e}"))
+}
+
+/// Writes tensors atomically as one safetensors file.
+pub fn save_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    atomic::write_file(path, &to_safetensors_bytes(tensors)?)
+}
+
+/// Writes tensors in HF layout into `dir`: one `model.safetensors`, or, when the total exceeds
+/// `max_shard_bytes`, `model-0000k-of-0000n.safetensors` shards and the index.
+pub fn save_model(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+    let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let total: usize = tensors.iter().map(|(_, t)| size(t)).sum();
+    if total <= max_shard_bytes {
+        return save_file(&dir.join(SINGLE), tensors);
+    }
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    let mut current = 0usize;
+    for (n, t) in tensors {
+        if current > 0 && current + size(t) > max_shard_bytes {
+            shards.push(vec![]);
+            current = 0;
+        }
+        current += size(t);
+        shards.last_mut().unwrap().push((n.clone(), t.clone()));
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        for (n, _) in shard {
+            weight_map.insert(n.clone(), file.clone());
+        }
+        save_file(&dir.join(&file), shard)?;
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    let text = serde_json::to_string_pretty(&index).expect("json");
+    atomic::write_file(&dir.join(INDEX), text.as_bytes())
+}

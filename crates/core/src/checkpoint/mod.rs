@@ -1,0 +1,4 @@
+//! Checkpoint formats: HF safetensors (single and sharded) and atomic file writes.
+pub mod atomic;
+pub mod hf;
+pub mod llama;

@@ -1,0 +1,182 @@
+//! Reads a prepared split in a deterministic, seeded, resumable order.
+//!
+//! The order of epoch `e` is a shuffle of row groups followed by a shuffle inside each row
+//! group (so reads stay local), drawn from `(seed, e)`. Position in the stream is one number,
+//! the count of sequences consumed: that is the whole data cursor a checkpoint needs.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, Int32Array, ListArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::format::{Manifest, PackedSequence};
+use crate::{Error, Result};
+
+struct RowGroup {
+    file: usize,
+    index: usize,
+    rows: usize,
+}
+
+pub struct PackedDataset {
+    pub manifest: Manifest,
+    files: Vec<PathBuf>,
+    groups: Vec<RowGroup>,
+    total: usize,
+    seed: u64,
+    order_epoch: Option<u64>,
+    order: Vec<(u32, u32)>,
+    cache: Option<(usize, Vec<PackedSequence>)>,
+}
+
+/// A batch of sequences, row-major.
+pub struct Batch {
+    pub seqs: Vec<PackedSequence>,
+}
+
+impl PackedDataset {
+    /// Opens `split` ("train" or "validation") of the dataset at `dir`.
+    pub fn open(dir: &Path, split: &str, seed: u64) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        let info = match split {
+            "train" => &manifest.train,
+            "validation" => &manifest.validation,
+            other => return Err(crate::msg!("unknown split `{other}`")),
+        };
+        let mut files = Vec::new();
+        let mut groups = Vec::new();
+        for (fi, name) in info.files.iter().enumerate() {
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let reader = SerializedFileReader::new(file)
+                .map_err(|e| Error::file(&path, format!("corrupt Parquet: {e}")))?;
+            for (gi, rg) in reader.metadata().row_groups().iter().enumerate() {
+                groups.push(RowGroup {
+                    file: fi,
+                    index: gi,
+                    rows: rg.num_rows() as usize,
+                });
+            }
+            files.push(path);
+        }
+        let total = groups.iter().map(|g| g.rows).sum();
+        Ok(Self {
+            manifest,
+            files,
+            groups,
+            total,
+            seed,
+            order_epoch: None,
+            order: vec![],
+            cache: None,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn ensure_order(&mut self, epoch: u64, shuffle: bool) {
+        if self.order_epoch == Some(epoch) {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut gs: Vec<usize> = (0..self.groups.len()).collect();
+        if shuffle {
+            gs.shuffle(&mut rng);
+        }
+        self.order.clear();
+        for g in gs {
+            let mut rows: Vec<u32> = (0..self.groups[g].rows as u32).collect();
+            if shuffle {
+                rows.shuffle(&mut rng);
+            }
+            self.order.extend(rows.into_iter().map(|r| (g as u32, r)));
+        }
+        self.order_epoch = Some(epoch);
+    }
+
+    /// The sequence at stream position `cursor` (epochs wrap around).
+    pub fn get(&mut self, cursor: u64, shuffle: bool) -> Result<PackedSequence> {
+        if self.total == 0 {
+            return Err(crate::msg!("dataset split is empty"));
+        }
+        let epoch = cursor / self.total as u64;
+        self.ensure_order(epoch, shuffle);
+        let (g, r) = self.order[(cursor % self.total as u64) as usize];
+        let g = g as usize;
+        if self.cache.as_ref().is_none_or(|(cg, _)| *cg != g) {
+            let rows = self.read_group(g)?;
+            self.cache = Some((g, rows));
+        }
+        Ok(self.cache.as_ref().expect("filled").1[r as usize].clone())
+    }
+
+    /// `n` sequences starting at `cursor`.
+    pub fn batch(&mut self, cursor: u64, n: usize, shuffle: bool) -> Result<Batch> {
+        let seqs = (0..n as u64)
+            .map(|i| self.get(cursor + i, shuffle))
+            .collect::<Result<_>>()?;
+        Ok(Batch { seqs })
+    }
+
+    fn read_group(&self, g: usize) -> Result<Vec<PackedSequence>> {
+        let rg = &self.groups[g];
+        let path = &self.files[rg.file];
+        let corrupt =
+            |e: &dyn std::fmt::Display| Error::file(path, format!("corrupt Parquet: {e}"));
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| corrupt(&e))?
+            .with_row_groups(vec![rg.index])
+            .build()
+            .map_err(|e| corrupt(&e))?;
+        let mut out = Vec::with_capacity(rg.rows);
+        for batch in reader {
+            let batch = batch.map_err(|e| corrupt(&e))?;
+            let col = |name: &str| -> Result<ListArray> {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<ListArray>().cloned())
+                    .ok_or_else(|| {
+                        Error::file(path, format!("column `{name}` missing or not list<int32>"))
+                    })
+            };
+            let ids = col("input_ids")?;
+            let starts = col("doc_starts")?;
+            for i in 0..batch.num_rows() {
+                let to_vec = |l: &ListArray| -> Result<Vec<u32>> {
+                    let v = l.value(i);
+                    let a = v
+                        .as_any()
+                        .downcast_ref::<Int32Array>()
+                        .ok_or_else(|| Error::file(path, "list items are not int32"))?;
+                    Ok(a.values().iter().map(|&x| x as u32).collect())
+                };
+                out.push(PackedSequence {
+                    input_ids: to_vec(&ids)?,
+                    doc_starts: to_vec(&starts)?,
+                });
+            }
+        }
+        if out.len() != rg.rows {
+            return Err(corrupt(&format!(
+                "row group {} has {} rows, metadata says {}",
+                rg.index,
+                out.len(),
+                rg.rows
+            )));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,177 @@
+//! Block-wise forward and backward.
+//!
+//! Candle's autograd keeps a graph (and every tensor it touched) alive until `backward()`.
+//! Running the model as a chain of blocks, each with a detached input, bounds what is alive:
+//! forward keeps only each block's input (with activation checkpointing) or each block's own
+//! graph; backward walks the blocks in reverse, seeding each block with the gradient of its
+//! output (`sum(y · g)` has gradient `g` w.r.t. `y`), so a block's parameter gradients exist —
+//! and are handed to the hooks — as soon as that block is done. ZeRO-3 gathers, offload,
+//! pipeline send/recv and gradient reduction attach at these points.
+
+use candle_core::{Tensor, Var};
+
+use crate::params::{Grads, Params};
+use crate::Result;
+
+/// A model the executor can run: `num_blocks` blocks, block `i` mapping its input
+/// activation to its output. Block 0 receives the raw inputs (token ids), which get no gradient.
+pub trait BlockModel {
+    /// Per-batch inputs shared by all blocks (masks, position tables).
+    type Ctx;
+    fn num_blocks(&self) -> usize;
+    fn block_param_names(&self, block: usize) -> Vec<String>;
+    fn block_forward(
+        &self,
+        block: usize,
+        p: &Params,
+        x: &Tensor,
+        ctx: &Self::Ctx,
+    ) -> Result<Tensor>;
+}
+
+/// Points between blocks. All default to doing nothing.
+pub trait Hooks {
+    fn before_forward(&mut self, _block: usize) -> Result<()> {
+        Ok(())
+    }
+    fn after_forward(&mut self, _block: usize) -> Result<()> {
+        Ok(())
+    }
+    fn before_backward(&mut self, _block: usize) -> Result<()> {
+        Ok(())
+    }
+    /// The gradient sink: block `block`'s parameter gradients, as soon as they exist.
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()>;
+}
+
+/// The simplest sink: sums gradients by name (gradient accumulation over micro-batches).
+#[derive(Default)]
+pub struct GradAccumulator {
+    pub grads: Grads,
+}
+
+impl Hooks for GradAccumulator {
+    fn after_backward(&mut self, _block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        for (name, g) in grads {
+            self.grads.accumulate(&name, g)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Executor {
+    /// Keep only block inputs in forward and recompute each block before its backward.
+    pub activation_checkpointing: bool,
+}
+
+pub struct StepOutput {
+    /// Value of the loss returned by `loss_fn`.
+    pub loss: f32,
+}
+
+enum Saved {
+    /// The block's input (a Var so its gradient can be read) and output with its graph.
+    Graph { input: Option<Var>, output: Tensor },
+    /// Only the (detached) input; the block is recomputed in backward.
+    Input(Tensor),
+}
+
+impl Executor {
+    /// Forward only, block by block, detaching between blocks so no graph outlives its block.
+    pub fn forward<M: BlockModel>(
+        &self,
+        model: &M,
+        params: &Params,
+        inputs: &Tensor,
+        ctx: &M::Ctx,
+    ) -> Result<Tensor> {
+        let mut x = inputs.clone();
+        for i in 0..model.num_blocks() {
+            x = model.block_forward(i, params, &x, ctx)?.detach();
+        }
+        Ok(x)
+    }
+
+    /// Forward and backward for one micro-batch. `loss_fn` maps the last block's output to a
+    /// scalar loss; parameter gradients of each block go to `hooks.after_backward`.
+    pub fn forward_backward<M: BlockModel>(
+        &self,
+        model: &M,
+        params: &Params,
+        inputs: &Tensor,
+        ctx: &M::Ctx,
+        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<StepOutput> {
+        let n = model.num_blocks();
+        let mut saved: Vec<Saved> = Vec::with_capacity(n);
+        let mut x = inputs.clone();
+        let mut loss = None;
+        for i in 0..n {
+            hooks.before_forward(i)?;
+            let last = i + 1 == n;
+            if self.activation_checkpointing && !last {
+                let y = model.block_forward(i, params, &x, ctx)?.detach();
+                saved.push(Saved::Input(x));
+                x = y;
+            } else {
+                let input = if i == 0 {
+                    None
+                } else {
+                    Some(Var::from_tensor(&x)?)
+                };
+                let xin = input.as_ref().map_or(&x, |v| v.as_tensor());
+                let y = model.block_forward(i, params, xin, ctx)?;
+                if last {
+                    loss = Some(loss_fn(&y)?);
+                }
+                x = y.detach();
+                saved.push(Saved::Graph { input, output: y });
+            }
+            hooks.after_forward(i)?;
+        }
+        let loss = loss.expect("at least one block");
+        let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+
+        let mut grad_out: Option<Tensor> = None;
+        for i in (0..n).rev() {
+            hooks.before_backward(i)?;
+            let (input, root) = match saved.pop().expect("one entry per block") {
+                Saved::Graph { input, output } => {
+                    let root = match &grad_out {
+                        None => loss.clone(),
+                        Some(g) => (output * g)?.sum_all()?,
+                    };
+                    (input, root)
+                }
+                Saved::Input(x) => {
+                    let input = if i == 0 {
+                        None
+                    } else {
+                        Some(Var::from_tensor(&x)?)
+                    };
+                    let xin = input.as_ref().map_or(&x, |v| v.as_tensor());
+                    let y = model.block_forward(i, params, xin, ctx)?;
+                    let g = grad_out.as_ref().expect("recomputed blocks are not last");
+                    (input, (y * g)?.sum_all()?)
+                }
+            };
+            let mut store = root.backward()?;
+            let mut block_grads = Vec::new();
+            for name in model.block_param_names(i) {
+                let var = params.var(&name)?;
+                if let Some(g) = store.remove(var.as_tensor()) {
+                    block_grads.push((name, g));
+                }
+            }
+            grad_out = match &input {
+                Some(v) => store.remove(v.as_tensor()),
+                None => None,
+            };
+            drop(store);
+            hooks.after_backward(i, block_grads)?;
+        }
+        Ok(StepOutput { loss: loss_value })
+    }
+}

@@ -1,0 +1,17 @@
+//! colossal-core: the training spine of colossal-rs.
+//!
+//! Models are plain (`models`), the block-wise executor (`exec`) runs them block by block,
+//! and everything else (optimizer, checkpoints, data, trainer) hooks in around it.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod exec;
+pub mod models;
+pub mod nn;
+pub mod optim;
+pub mod params;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,187 @@
+//! `LlamaConfig` mirrors Hugging Face `config.json` for `LlamaForCausalLM`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// transformers ≥ 4.56 writes `dtype`; older checkpoints say `torch_dtype`.
+    #[serde(default, alias = "torch_dtype")]
+    pub dtype: Option<String>,
+    /// Everything else in config.json, kept so that saving round-trips it.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl LlamaConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Whether the checkpoint carries an LM head (`LlamaForCausalLM`, the default); other
+    /// architectures (e.g. `LlamaForSequenceClassification`) load as the base model.
+    pub fn has_lm_head(&self) -> bool {
+        match self.extra.get("architectures").and_then(|a| a.as_array()) {
+            Some(archs) if !archs.is_empty() => {
+                archs.iter().any(|a| a.as_str() == Some("LlamaForCausalLM"))
+            }
+            _ => true,
+        }
+    }
+
+    /// EOS ids (HF allows an int or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| v as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64().map(|v| v as u32))
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.hidden_act != "silu" {
+            return bad(format!(
+                "hidden_act `{}` unsupported (only silu)",
+                self.hidden_act
+            ));
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
+        }
+        if let Some(rs) = &self.rope_scaling {
+            if !matches!(rs.rope_type.as_str(), "default" | "linear" | "llama3") {
+                return bad(format!(
+                    "rope_scaling.rope_type `{}` unsupported (default, linear, llama3)",
+                    rs.rope_type
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| Error::file(path, e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| Error::file(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The JSON that transformers writes for this config.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        let obj = v.as_object_mut().expect("object");
+        obj.insert("model_type".into(), "llama".into());
+        obj.entry("architectures")
+            .or_insert_with(|| serde_json::json!(["LlamaForCausalLM"]));
+        obj.insert("num_key_value_heads".into(), self.num_kv_heads().into());
+        obj.insert("head_dim".into(), self.head_dim().into());
+        obj.entry("dtype").or_insert_with(|| "float32".into());
+        if obj.get("dtype").is_some_and(|d| d.is_null()) {
+            obj.insert("dtype".into(), "float32".into());
+        }
+        v
+    }
+
+    /// Parameter count (embedding + layers + norm + head unless tied).
+    pub fn num_params(&self) -> usize {
+        let h = self.hidden_size;
+        let hd = self.head_dim();
+        let q = self.num_attention_heads * hd;
+        let kv = self.num_kv_heads() * hd;
+        let attn = h * q + 2 * h * kv + q * h;
+        let mlp = 3 * h * self.intermediate_size;
+        let layer = attn + mlp + 2 * h;
+        let emb = self.vocab_size * h;
+        emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
+    }
+}

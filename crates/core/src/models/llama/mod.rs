@@ -1,0 +1,15 @@
+//! LLaMA as in Hugging Face `modeling_llama.py`: embedding, N decoder layers
+//! (RMSNorm → GQA attention with RoPE → residual, RMSNorm → SwiGLU MLP → residual),
+//! final RMSNorm and LM head. Weights live in [`Params`](crate::params::Params) under HF names.
+
+mod config;
+mod generate;
+mod inputs;
+mod model;
+mod rope;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use generate::{generate, GenerateOptions, Sampling};
+pub use inputs::{AttnInputs, KvCache};
+pub use model::{init_params, Llama};
+pub use rope::inv_freq;

@@ -1,0 +1,291 @@
+//! The LLaMA computation, split at block boundaries: `embed`, `layer(i)`, `head`.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use super::{inputs::KvCache, AttnInputs, LlamaConfig};
+use crate::nn::{apply_rotary, linear, rms_norm, softmax};
+use crate::params::Params;
+use crate::Result;
+
+/// A LLaMA model description: config and rotary frequencies. Weights are passed in
+/// (`Params`), so whoever runs the model decides where they live.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub inv_freq: Vec<f32>,
+}
+
+impl Llama {
+    pub fn new(cfg: LlamaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let inv_freq = super::rope::inv_freq(&cfg);
+        Ok(Self { cfg, inv_freq })
+    }
+
+    pub const EMBED: &'static str = "model.embed_tokens.weight";
+    pub const NORM: &'static str = "model.norm.weight";
+
+    pub fn head_weight_name(&self) -> &'static str {
+        if self.cfg.tie_word_embeddings {
+            Self::EMBED
+        } else {
+            "lm_head.weight"
+        }
+    }
+
+    /// HF names and shapes of every parameter, in checkpoint order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = &self.cfg;
+        let (h, hd, i) = (c.hidden_size, c.head_dim(), c.intermediate_size);
+        let q = c.num_attention_heads * hd;
+        let kv = c.num_kv_heads() * hd;
+        let mut out = vec![(Self::EMBED.to_string(), vec![c.vocab_size, h])];
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}{n}"), s));
+            push("self_attn.q_proj.weight", vec![q, h]);
+            push("self_attn.k_proj.weight", vec![kv, h]);
+            push("self_attn.v_proj.weight", vec![kv, h]);
+            if c.attention_bias {
+                push("self_attn.q_proj.bias", vec![q]);
+                push("self_attn.k_proj.bias", vec![kv]);
+                push("self_attn.v_proj.bias", vec![kv]);
+            }
+            push("self_attn.o_proj.weight", vec![h, q]);
+            if c.attention_bias {
+                push("self_attn.o_proj.bias", vec![h]);
+            }
+            push("mlp.gate_proj.weight", vec![i, h]);
+            push("mlp.up_proj.weight", vec![i, h]);
+            push("mlp.down_proj.weight", vec![h, i]);
+            if c.mlp_bias {
+                push("mlp.gate_proj.bias", vec![i]);
+                push("mlp.up_proj.bias", vec![i]);
+                push("mlp.down_proj.bias", vec![h]);
+            }
+            push("input_layernorm.weight", vec![h]);
+            push("post_attention_layernorm.weight", vec![h]);
+        }
+        out.push((Self::NORM.to_string(), vec![h]));
+        if !c.tie_word_embeddings && c.has_lm_head() {
+            out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+        }
+        out
+    }
+
+    /// Parameter names used by decoder layer `l`.
+    pub fn layer_param_names(&self, l: usize) -> Vec<String> {
+        let prefix = format!("model.layers.{l}.");
+        self.param_shapes()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    }
+
+    /// Token embedding. Rows of `pad_token_id` get no gradient, as with torch's `padding_idx`.
+    pub fn embed(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+        let w = p.get(Self::EMBED)?;
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let e = w.index_select(&flat, 0)?;
+        let e = match self.cfg.pad_token_id {
+            Some(pad) if (pad as usize) < self.cfg.vocab_size => {
+                let is_pad = flat.eq(pad)?.unsqueeze(1)?.broadcast_as(e.shape())?;
+                is_pad.where_cond(&e.detach(), &e)?
+            }
+            _ => e,
+        };
+        Ok(e.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Decoder layer `l` on the residual stream `x` (B, T, H).
+    pub fn layer(
+        &self,
+        l: usize,
+        p: &Params,
+        x: &Tensor,
+        inp: &AttnInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let n = |s: &str| format!("model.layers.{l}.{s}");
+        let h = rms_norm(x, p.get(&n("input_layernorm.weight"))?, c.rms_norm_eps)?;
+        let attn = self.attention(l, p, &h, inp, cache)?;
+        let x = (x + attn)?;
+        let h = rms_norm(
+            &x,
+            p.get(&n("post_attention_layernorm.weight"))?,
+            c.rms_norm_eps,
+        )?;
+        let bias = |s: &str| -> Result<Option<&Tensor>> {
+            Ok(if c.mlp_bias {
+                Some(p.get(&n(s))?)
+            } else {
+                None
+            })
+        };
+        let gate = linear(
+            &h,
+            p.get(&n("mlp.gate_proj.weight"))?,
+            bias("mlp.gate_proj.bias")?,
+        )?;
+        let up = linear(
+            &h,
+            p.get(&n("mlp.up_proj.weight"))?,
+            bias("mlp.up_proj.bias")?,
+        )?;
+        let act = (gate.silu()? * up)?;
+        let down = linear(
+            &act,
+            p.get(&n("mlp.down_proj.weight"))?,
+            bias("mlp.down_proj.bias")?,
+        )?;
+        Ok((x + down)?)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        p: &Params,
+        x: &Tensor,
+        inp: &AttnInputs,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let n = |s: &str| format!("model.layers.{l}.self_attn.{s}");
+        let bias = |s: &str| -> Result<Option<&Tensor>> {
+            Ok(if c.attention_bias {
+                Some(p.get(&n(s))?)
+            } else {
+                None
+            })
+        };
+        let proj = |w: &str, bname: &str, heads: usize| -> Result<Tensor> {
+            let y = linear(x, p.get(&n(w))?, bias(bname)?)?;
+            Ok(y.reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = proj("q_proj.weight", "q_proj.bias", nh)?;
+        let k = proj("k_proj.weight", "k_proj.bias", nkv)?;
+        let v = proj("v_proj.weight", "v_proj.bias", nkv)?;
+        let q = apply_rotary(&q, &inp.cos, &inp.sin)?;
+        let mut k = apply_rotary(&k, &inp.cos, &inp.sin)?;
+        let mut v = v;
+        if let Some(cache) = cache {
+            if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            cache.k = Some(k.clone());
+            cache.v = Some(v.clone());
+        }
+        let k = repeat_kv(&k, nh / nkv)?;
+        let v = repeat_kv(&v, nh / nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let dtype = scores.dtype();
+        let scores = scores.to_dtype(DType::F32)?;
+        let neg = Tensor::new(f32::MIN, scores.device())?.broadcast_as(scores.shape())?;
+        let mask = inp.mask.broadcast_as(scores.shape())?;
+        let scores = mask.where_cond(&scores, &neg)?;
+        let probs = softmax(&scores)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(linear(
+            &out,
+            p.get(&n("o_proj.weight"))?,
+            bias("o_proj.bias")?,
+        )?)
+    }
+
+    /// Final RMSNorm.
+    pub fn final_norm(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, p.get(Self::NORM)?, self.cfg.rms_norm_eps).map_err(Into::into)
+    }
+
+    /// Final RMSNorm and LM head: logits (B, T, V).
+    pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let h = self.final_norm(p, x)?;
+        linear(&h, p.get(self.head_weight_name())?, None).map_err(Into::into)
+    }
+
+    /// Whole forward (no cache): logits (B, T, V).
+    pub fn forward(&self, p: &Params, ids: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
+        let mut x = self.embed(p, ids)?;
+        for l in 0..self.cfg.num_hidden_layers {
+            x = self.layer(l, p, &x, inp, None)?;
+        }
+        self.head(p, &x)
+    }
+
+    /// Forward with per-layer KV caches (generation).
+    pub fn forward_cached(
+        &self,
+        p: &Params,
+        ids: &Tensor,
+        inp: &AttnInputs,
+        caches: &mut [KvCache],
+    ) -> Result<Tensor> {
+        let mut x = self.embed(p, ids)?;
+        for (l, cache) in caches.iter_mut().enumerate() {
+            x = self.layer(l, p, &x, inp, Some(cache))?;
+        }
+        self.head(p, &x)
+    }
+
+    pub fn empty_caches(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.cfg.num_hidden_layers]
+    }
+}
+
+fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, t, d))?
+        .reshape((b, kvh * n_rep, t, d))
+}
+
+/// Fresh weights for training from scratch: HF init (normal(0, initializer_range) for
+/// matrices, ones for norms, zero bias and zero padding row), deterministic in `seed`.
+pub fn init_params(model: &Llama, seed: u64, device: &Device) -> Result<Params> {
+    let std = model
+        .cfg
+        .extra
+        .get("initializer_range")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.02);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, std as f32).expect("valid std");
+    let mut params = Params::new();
+    for (name, shape) in model.param_shapes() {
+        let numel: usize = shape.iter().product();
+        let mut data: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; numel]
+        } else if name.ends_with(".bias") {
+            vec![0.0; numel]
+        } else {
+            (0..numel).map(|_| normal.sample(&mut rng)).collect()
+        };
+        if name == Llama::EMBED {
+            if let Some(pad) = model.cfg.pad_token_id {
+                let h = shape[1];
+                let pad = pad as usize;
+                if pad < shape[0] {
+                    data[pad * h..(pad + 1) * h].fill(0.0);
+                }
+            }
+        }
+        let t = Tensor::from_vec(data, shape, device)?;
+        params.insert(name, Var::from_tensor(&t)?);
+    }
+    Ok(params)
+}

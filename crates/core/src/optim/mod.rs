@@ -1,0 +1,8 @@
+//! AdamW (torch semantics), global-norm clipping and LR schedules.
+mod adamw;
+mod clip;
+mod schedule;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use clip::{clip_grad_norm, global_grad_norm};
+pub use schedule::{LrSchedule, ScheduleKind};

@@ -1,0 +1,12 @@
+//! The single-process trainer for causal LMs: config, batches, loop, checkpoints, metrics.
+mod batch;
+mod checkpoint;
+mod config;
+mod metrics;
+mod trainer;
+
+pub use batch::{causal_lm_batch, LmBatch};
+pub use checkpoint::{list_checkpoints, TrainerState};
+pub use config::{DataConfig, ModelConfig, SampleConfig, TrainConfig, TrainSection};
+pub use metrics::{plot_loss_curve, MetricsWriter};
+pub use trainer::{lm_loss, RunSummary, Trainer};

@@ -1,0 +1,308 @@
+//! The training loop: global batch → micro-batches through the block-wise executor →
+//! clip → AdamW → schedule; evaluation, checkpoints, metrics.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::batch::causal_lm_batch;
+use super::checkpoint::{self, TrainerState};
+use super::{MetricsWriter, TrainConfig};
+use crate::checkpoint::llama as hf_llama;
+use crate::data::PackedDataset;
+use crate::exec::{Executor, GradAccumulator};
+use crate::models::llama::{init_params, Llama};
+use crate::nn::cross_entropy_sum;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::params::Params;
+use crate::{Error, Result};
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: Llama,
+    pub params: Params,
+    pub opt: AdamW,
+    pub schedule: LrSchedule,
+    pub state: TrainerState,
+    pub executor: Executor,
+    train_data: PackedDataset,
+    val_data: Option<PackedDataset>,
+    device: Device,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub first_loss: Option<f32>,
+    pub last_loss: Option<f32>,
+    pub last_val_loss: Option<f64>,
+    pub steps: u64,
+    pub final_dir: Option<PathBuf>,
+}
+
+impl Trainer {
+    /// Builds the model (HF directory or from-scratch config), data and optimizer; with
+    /// `resume`, restores weights, moments, step and cursor from that checkpoint.
+    pub fn new(cfg: TrainConfig, resume: Option<&Path>, device: Device) -> Result<Self> {
+        let t = &cfg.train;
+        if t.batch_size == 0 || t.micro_batch_size == 0 || t.batch_size % t.micro_batch_size != 0 {
+            return Err(Error::Config(format!(
+                "train.batch_size ({}) must be a positive multiple of train.micro_batch_size ({})",
+                t.batch_size, t.micro_batch_size
+            )));
+        }
+        let (model, params) = match (resume, &cfg.model.hf_dir, &cfg.model.config) {
+            (Some(dir), _, _) => hf_llama::load_llama(dir, DType::F32, &device)?,
+            (None, Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "set only one of model.hf_dir and model.config".into(),
+                ))
+            }
+            (None, Some(dir), None) => hf_llama::load_llama(dir, DType::F32, &device)?,
+            (None, None, Some(c)) => {
+                let model = Llama::new(c.clone())
+                    .map_err(|e| Error::Config(format!("model.config: {e}")))?;
+                let params = init_params(&model, cfg.model.init_seed, &device)?;
+                (model, params)
+            }
+            (None, None, None) => {
+                return Err(Error::Config("set model.hf_dir or model.config".into()))
+            }
+        };
+        let train_data = PackedDataset::open(&cfg.data.path, "train", t.seed)?;
+        let m = &train_data.manifest;
+        if m.vocab_size > model.cfg.vocab_size {
+            return Err(Error::Config(format!(
+                "tokenizer vocab size {} (data.path {}: manifest.json, tokenizer {}) is larger than the model's vocab_size {}",
+                m.vocab_size,
+                cfg.data.path.display(),
+                m.tokenizer,
+                model.cfg.vocab_size
+            )));
+        }
+        if train_data.is_empty() {
+            return Err(Error::file(
+                &cfg.data.path,
+                "training split has no sequences",
+            ));
+        }
+        let val_data = PackedDataset::open(&cfg.data.path, "validation", t.seed)?;
+        let val_data = (!val_data.is_empty()).then_some(val_data);
+        let mut opt = AdamW::new(AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            no_decay: t.no_decay.clone(),
+        });
+        let schedule = LrSchedule {
+            kind: t.schedule,
+            peak: t.lr,
+            min: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            total_steps: t.max_steps,
+        };
+        let state = match resume {
+            Some(dir) => checkpoint::load_state(dir, &params, &mut opt)?,
+            None => TrainerState {
+                data_seed: t.seed,
+                ..Default::default()
+            },
+        };
+        let executor = Executor {
+            activation_checkpointing: t.activation_checkpointing,
+        };
+        Ok(Self {
+            cfg,
+            model,
+            params,
+            opt,
+            schedule,
+            state,
+            executor,
+            train_data,
+            val_data,
+            device,
+        })
+    }
+
+    fn seq_len(&self) -> usize {
+        self.train_data.manifest.seq_len
+    }
+
+    /// One optimizer step over the global batch. Returns (loss, grad norm, lr).
+    pub fn train_step(&mut self) -> Result<(f32, f64, f64)> {
+        let t = &self.cfg.train;
+        let (bs, mbs) = (t.batch_size, t.micro_batch_size);
+        let batch = self
+            .train_data
+            .batch(self.state.cursor, bs, self.cfg.data.shuffle)?;
+        let micro: Vec<_> = batch
+            .seqs
+            .chunks(mbs)
+            .map(|c| causal_lm_batch(&self.model, c, self.cfg.data.boundary_aware, &self.device))
+            .collect::<Result<_>>()?;
+        // Normalise by the global batch's target count, so accumulation (and later any parallel
+        // layout) computes the same mean as one big batch.
+        let norm = micro.iter().map(|m| m.loss_tokens).sum::<usize>().max(1) as f64;
+        let mut sink = GradAccumulator::default();
+        let mut loss = 0.0f32;
+        for mb in &micro {
+            let targets = mb.targets.clone();
+            let loss_fn = move |logits: &Tensor| lm_loss(logits, &targets, norm);
+            let out = self.executor.forward_backward(
+                &self.model,
+                &self.params,
+                &mb.ids,
+                &mb.inputs,
+                &loss_fn,
+                &mut sink,
+            )?;
+            loss += out.loss;
+        }
+        let mut grads = sink.grads;
+        let norm = if t.grad_clip > 0.0 {
+            clip_grad_norm(&mut grads, t.grad_clip)?
+        } else {
+            crate::optim::global_grad_norm(&grads)?
+        };
+        let lr = self.schedule.lr(self.state.step as usize);
+        self.opt.step(&self.params, &grads, lr)?;
+        self.state.step += 1;
+        self.state.optimizer_step = self.opt.step;
+        self.state.cursor += bs as u64;
+        self.state.tokens_seen += (bs * self.seq_len()) as u64;
+        Ok((loss, norm, lr))
+    }
+
+    /// Mean validation loss per target token over `eval_batches` batches (0 = all).
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        let Some(val) = self.val_data.as_mut() else {
+            return Ok(None);
+        };
+        let mbs = self.cfg.train.micro_batch_size;
+        let batches = match self.cfg.train.eval_batches {
+            0 => val.len().div_ceil(mbs),
+            n => n.min(val.len().div_ceil(mbs)),
+        };
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for b in 0..batches {
+            let start = b * mbs;
+            let n = mbs.min(val.len() - start);
+            let batch = val.batch(start as u64, n, false)?;
+            let mb = causal_lm_batch(
+                &self.model,
+                &batch.seqs,
+                self.cfg.data.boundary_aware,
+                &self.device,
+            )?;
+            let logits = self
+                .executor
+                .forward(&self.model, &self.params, &mb.ids, &mb.inputs)?;
+            let l = lm_loss(&logits, &mb.targets, 1.0)?;
+            sum += l.to_scalar::<f32>()? as f64;
+            count += mb.loss_tokens;
+        }
+        Ok((count > 0).then(|| sum / count as f64))
+    }
+
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let out = &self.cfg.train.out_dir;
+        let dir = checkpoint::checkpoint_dir(out, self.state.step);
+        let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
+        checkpoint::save(
+            &dir,
+            &self.model,
+            &self.params,
+            &self.opt,
+            &self.state,
+            shard,
+        )?;
+        checkpoint::prune(out, self.cfg.train.keep_last)?;
+        tracing::info!(dir = %dir.display(), "checkpoint saved");
+        Ok(dir)
+    }
+
+    /// Trains until `stop_at` (default `train.max_steps`), evaluating and checkpointing as
+    /// configured; always checkpoints at the end and plots the loss curve.
+    pub fn run(&mut self, stop_at: Option<usize>) -> Result<RunSummary> {
+        let t = self.cfg.train.clone();
+        let end = stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64;
+        std::fs::create_dir_all(&t.out_dir).map_err(|e| Error::io(&t.out_dir, e))?;
+        let metrics_path = t.out_dir.join("metrics.jsonl");
+        let mut metrics = MetricsWriter::open(&metrics_path, Some(self.state.step))?;
+        let bar = ProgressBar::new(end);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("template"),
+        );
+        bar.set_position(self.state.step);
+        let tokens_per_step = (t.batch_size * self.seq_len()) as f64;
+        let mut summary = RunSummary {
+            first_loss: None,
+            last_loss: None,
+            last_val_loss: None,
+            steps: 0,
+            final_dir: None,
+        };
+        tracing::info!(
+            params = self.params.num_elements(),
+            start = self.state.step,
+            end,
+            "training"
+        );
+        while self.state.step < end {
+            let started = Instant::now();
+            let (loss, grad_norm, lr) = self.train_step()?;
+            let secs = started.elapsed().as_secs_f64();
+            let step = self.state.step;
+            summary.first_loss.get_or_insert(loss);
+            summary.last_loss = Some(loss);
+            summary.steps += 1;
+            let mut rec = json!({
+                "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_step / secs,
+                "step_s": secs,
+            });
+            let last = step == end;
+            if (t.eval_every > 0 && step % t.eval_every as u64 == 0) || last {
+                if let Some(v) = self.evaluate()? {
+                    rec["val_loss"] = json!(v);
+                    rec["val_ppl"] = json!(v.exp());
+                    summary.last_val_loss = Some(v);
+                    tracing::info!(step, val_loss = v, val_ppl = v.exp(), "evaluation");
+                }
+            }
+            metrics.write(&rec)?;
+            bar.set_position(step);
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
+                tokens_per_step / secs
+            ));
+            if (t.save_every > 0 && step % t.save_every as u64 == 0) || last {
+                summary.final_dir = Some(self.save_checkpoint()?);
+            }
+        }
+        bar.finish();
+        if metrics_path.exists() {
+            let png = t.out_dir.join("loss.png");
+            if let Err(e) = super::plot_loss_curve(&metrics_path, &png) {
+                tracing::warn!("loss curve not drawn: {e}");
+            }
+        }
+        Ok(summary)
+    }
+}
+
+/// Sum of next-token cross-entropies of `logits` (B, T, V) against flattened targets,
+/// divided by `norm`.
+pub fn lm_loss(logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let shifted = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let (sum, _) = cross_entropy_sum(&shifted, targets, super::batch::IGNORE)?;
+    Ok((sum / norm)?)
+}

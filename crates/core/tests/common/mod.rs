@@ -1,0 +1,55 @@
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `../shared` beside the checkout (override with COLOSSAL_SHARED).
+pub fn shared() -> PathBuf {
+    if let Ok(p) = std::env::var("COLOSSAL_SHARED") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = shared().join("fixtures").join(rel);
+    assert!(
+        p.exists(),
+        "fixture {} missing (set COLOSSAL_SHARED)",
+        p.display()
+    );
+    p
+}
+
+pub fn load_tensors(path: &std::path::Path) -> HashMap<String, Tensor> {
+    colossal_core::checkpoint::hf::read_tensors(&[path.to_path_buf()], DType::F32, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, (t, _))| (k, t))
+        .collect()
+}
+
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    max_abs(&(a - b).unwrap())
+}
+
+/// Asserts max|a-b| <= rel * max(1, max|b|) and returns the observed relative error.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) -> f32 {
+    let scale = max_abs(b).max(1.0);
+    let d = max_diff(a, b) / scale;
+    assert!(d <= rel, "{what}: relative error {d:e} > {rel:e}");
+    d
+}

@@ -1,0 +1,4 @@
+//! colossal-data: preprocessing tools (text / jsonl → tokenized, packed Parquet).
+pub mod pretrain;
+pub mod sources;
+pub mod tokenizer;

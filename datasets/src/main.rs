@@ -1,0 +1,84 @@
+//! `colossal-data`: preprocessing subcommands.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use colossal_data::pretrain::{self, PretrainArgs};
+use colossal_data::sources::DocSplit;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "colossal-data", about = "colossal-rs data preparation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Text / jsonl files or folders → tokenized, packed Parquet shards + manifest.
+    Pretrain {
+        /// Input files or folders (repeatable).
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        /// HF tokenizer.json (or a directory holding one).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        /// Text field of jsonl records.
+        #[arg(long, default_value = "text")]
+        field: String,
+        /// How plain-text files are cut into documents.
+        #[arg(long, value_enum, default_value_t = DocSplit::Paragraph)]
+        doc_split: DocSplit,
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 8192)]
+        rows_per_shard: usize,
+        /// Do not prepend BOS to each document.
+        #[arg(long)]
+        no_bos: bool,
+        /// Do not append EOS to each document.
+        #[arg(long)]
+        no_eos: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Pretrain {
+            inputs,
+            tokenizer,
+            out,
+            seq_len,
+            field,
+            doc_split,
+            val_fraction,
+            rows_per_shard,
+            no_bos,
+            no_eos,
+        } => {
+            let args = PretrainArgs {
+                inputs,
+                tokenizer,
+                out: out.clone(),
+                seq_len,
+                field,
+                doc_split,
+                val_fraction,
+                rows_per_shard,
+                bos: !no_bos,
+                eos: !no_eos,
+            };
+            let m = pretrain::run(&args)?;
+            println!("{}", pretrain::describe(&m, &out));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Streaming documents out of text and jsonl files or folders, one at a time.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// How a plain-text file is cut into documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DocSplit {
+    /// Paragraphs separated by blank lines.
+    Paragraph,
+    /// Every non-empty line.
+    Line,
+    /// The whole file.
+    File,
+}
+
+/// Input files in a deterministic order (folders walked recursively, sorted).
+pub fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if !p.exists() {
+            bail!("{}: input not found", p.display());
+        }
+        walk(p, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| format!("{}: cannot list", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            walk(&e, out)?;
+        }
+    } else {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Calls `f(doc)` for each document of `path`. `.jsonl`/`.json` files: one JSON object per line,
+/// text in `field`; anything else is plain text cut by `split`. Returns bytes read.
+pub fn for_each_document(
+    path: &Path,
+    field: &str,
+    split: DocSplit,
+    f: &mut dyn FnMut(String) -> Result<()>,
+) -> Result<u64> {
+    let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let reader = BufReader::new(file);
+    let is_jsonl = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "json")
+    );
+    let mut bytes = 0u64;
+    let mut para = String::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| {
+            format!("{}:{}: unreadable line (not UTF-8?)", path.display(), i + 1)
+        })?;
+        bytes += line.len() as u64 + 1;
+        if is_jsonl {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
+                anyhow::anyhow!("{}:{}: malformed JSON: {e}", path.display(), i + 1)
+            })?;
+            let text = v.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
+                anyhow::anyhow!("{}:{}: no string field `{field}`", path.display(), i + 1)
+            })?;
+            if !text.trim().is_empty() {
+                f(text.to_string())?;
+            }
+            continue;
+        }
+        match split {
+            DocSplit::Line => {
+                if !line.trim().is_empty() {
+                    f(line)?;
+                }
+            }
+            DocSplit::Paragraph => {
+                if line.trim().is_empty() {
+                    if !para.trim().is_empty() {
+                        f(std::mem::take(&mut para))?;
+                    }
+                    para.clear();
+                } else {
+                    if !para.is_empty() {
+                        para.push('\n');
+                    }
+                    para.push_str(&line);
+                }
+            }
+            DocSplit::File => {
+                if !para.is_empty() {
+                    para.push('\n');
+                }
+                para.push_str(&line);
+            }
+        }
+    }
+    if !para.trim().is_empty() {
+        f(para)?;
+    }
+    Ok(bytes)
+}
