@@ -51,6 +51,7 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    colossal_core::runtime::tune_allocator();
     match Cli::parse().cmd {
         Cmd::Pretrain {
             inputs,

@@ -12,6 +12,7 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod runtime;
 pub mod train;
 
 pub use error::{Error, Result};

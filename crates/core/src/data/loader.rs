@@ -28,7 +28,7 @@ pub struct PackedDataset {
     groups: Vec<RowGroup>,
     total: usize,
     seed: u64,
-    order_epoch: Option<u64>,
+    order_key: Option<(u64, bool)>,
     order: Vec<(u32, u32)>,
     cache: Option<(usize, Vec<PackedSequence>)>,
 }
@@ -70,7 +70,7 @@ impl PackedDataset {
             groups,
             total,
             seed,
-            order_epoch: None,
+            order_key: None,
             order: vec![],
             cache: None,
         })
@@ -85,7 +85,7 @@ impl PackedDataset {
     }
 
     fn ensure_order(&mut self, epoch: u64, shuffle: bool) {
-        if self.order_epoch == Some(epoch) {
+        if self.order_key == Some((epoch, shuffle)) {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
@@ -103,7 +103,7 @@ impl PackedDataset {
             }
             self.order.extend(rows.into_iter().map(|r| (g as u32, r)));
         }
-        self.order_epoch = Some(epoch);
+        self.order_key = Some((epoch, shuffle));
     }
 
     /// The sequence at stream position `cursor` (epochs wrap around).

@@ -1,0 +1,247 @@
+//! Trainer: bit-exact resume, and one clear error per kind of bad input.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use colossal_core::config::parse_config;
+use colossal_core::train::{TrainConfig, Trainer};
+use colossal_data::pretrain::{run, PretrainArgs};
+use colossal_data::sources::DocSplit;
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+/// A small packed dataset from the first lines of tinyshakespeare.
+fn prepare(dir: &Path) -> PathBuf {
+    let text: String =
+        std::fs::read_to_string(shared().join("data/pretrain_text/tinyshakespeare.txt"))
+            .unwrap()
+            .lines()
+            .take(300)
+            .map(|l| format!("{l}\n"))
+            .collect();
+    let input = dir.join("corpus.txt");
+    std::fs::write(&input, text).unwrap();
+    let out = dir.join("data");
+    run(&PretrainArgs {
+        inputs: vec![input],
+        tokenizer: shared().join("data/tokenizers/llama2_32k/tokenizer.json"),
+        out: out.clone(),
+        seq_len: 16,
+        field: "text".into(),
+        doc_split: DocSplit::Paragraph,
+        val_fraction: 0.1,
+        rows_per_shard: 64,
+        bos: true,
+        eos: true,
+    })
+    .unwrap();
+    out
+}
+
+fn config_text(data: &Path, out: &Path, vocab: usize) -> String {
+    format!(
+        r#"
+[model]
+init_seed = 1
+[model.config]
+vocab_size = {vocab}
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+tie_word_embeddings = true
+initializer_range = 0.05
+[data]
+path = "{}"
+[train]
+out_dir = "{}"
+batch_size = 4
+micro_batch_size = 2
+max_steps = 6
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+grad_clip = 1.0
+eval_every = 2
+eval_batches = 2
+save_every = 2
+keep_last = 2
+"#,
+        data.display(),
+        out.display()
+    )
+}
+
+fn config(data: &Path, out: &Path, overrides: &[&str]) -> TrainConfig {
+    let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    parse_config(&config_text(data, out, 32000), "test.toml", &ov).unwrap()
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let straight = tmp.path().join("straight");
+    let mut t = Trainer::new(config(&data, &straight, &[]), None, Device::Cpu).unwrap();
+    let s = t.run(None).unwrap();
+    let final_a = s.final_dir.unwrap();
+    assert!(final_a.ends_with("step-0000006"));
+
+    let split = tmp.path().join("split");
+    let mut t = Trainer::new(config(&data, &split, &[]), None, Device::Cpu).unwrap();
+    let half = t.run(Some(3)).unwrap().final_dir.unwrap();
+    drop(t);
+    let mut t = Trainer::new(config(&data, &split, &[]), Some(&half), Device::Cpu).unwrap();
+    assert_eq!(t.state.step, 3);
+    let final_b = t.run(None).unwrap().final_dir.unwrap();
+
+    let a = std::fs::read(final_a.join("model.safetensors")).unwrap();
+    let b = std::fs::read(final_b.join("model.safetensors")).unwrap();
+    assert_eq!(
+        a, b,
+        "6 straight steps and 3 + resume 3 must give identical weights"
+    );
+    let a = std::fs::read(final_a.join("optimizer.safetensors")).unwrap();
+    let b = std::fs::read(final_b.join("optimizer.safetensors")).unwrap();
+    assert_eq!(a, b);
+    // Metrics of the resumed run continue the first run's lines, without duplicates.
+    let lines = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // Only the newest `keep_last` checkpoints stay; the PNG is drawn.
+    let kept: Vec<_> = std::fs::read_dir(straight.join("checkpoints"))
+        .unwrap()
+        .collect();
+    assert_eq!(kept.len(), 2);
+    assert!(straight.join("loss.png").exists());
+}
+
+#[test]
+fn loss_falls_with_gradient_accumulation_matching_big_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let mut a = Trainer::new(
+        config(&data, &tmp.path().join("a"), &["train.micro_batch_size=4"]),
+        None,
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut b = Trainer::new(
+        config(&data, &tmp.path().join("b"), &["train.micro_batch_size=1"]),
+        None,
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..6 {
+        let (la, _, _) = a.train_step().unwrap();
+        let (lb, _, _) = b.train_step().unwrap();
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs(),
+            "accumulated loss {lb} vs one batch {la}"
+        );
+        first.get_or_insert(la);
+        last = la;
+    }
+    for (name, v) in a.params.iter() {
+        let d = (v.as_tensor() - b.params.get(name).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-5, "{name}: {d}");
+    }
+    assert!(last < first.unwrap(), "loss {first:?} -> {last}");
+}
+
+fn err_of(r: colossal_core::Result<Trainer>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn config_key_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, o) = (tmp.path().join("d"), tmp.path().join("o"));
+    let text = config_text(&d, &o, 32000);
+    let e = parse_config::<TrainConfig>(&text, "run.toml", &["train.lrr=1".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("run.toml") && e.contains("lrr"), "{e}");
+    let e = parse_config::<TrainConfig>(&text.replace("lr = 1e-2\n", ""), "run.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train") && e.contains("`lr`"), "{e}");
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let out = tmp.path().join("o");
+
+    // Missing data path.
+    let missing = tmp.path().join("no-such-data");
+    let e = err_of(Trainer::new(config(&missing, &out, &[]), None, Device::Cpu));
+    assert!(
+        e.contains(&missing.display().to_string()) && e.contains("not found"),
+        "{e}"
+    );
+
+    // Tokenizer vocab larger than the model's.
+    let cfg: TrainConfig = parse_config(&config_text(&data, &out, 1000), "t.toml", &[]).unwrap();
+    let e = err_of(Trainer::new(cfg, None, Device::Cpu));
+    assert!(
+        e.contains("32000") && e.contains("1000") && e.contains("vocab"),
+        "{e}"
+    );
+
+    // Checkpoint tensor with the wrong shape: a saved model whose config claims a wider FFN.
+    let mut t = Trainer::new(config(&data, &out, &[]), None, Device::Cpu).unwrap();
+    let ckpt = t.run(Some(1)).unwrap().final_dir.unwrap();
+    let cfg_path = ckpt.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"intermediate_size\": 32", "\"intermediate_size\": 40");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg = config(&data, &out, &[]);
+    let mut cfg2 = cfg.clone();
+    cfg2.model.config = None;
+    cfg2.model.hf_dir = Some(ckpt.clone());
+    let e = err_of(Trainer::new(cfg2, None, Device::Cpu));
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("[32, 16]")
+            && e.contains("[40, 16]"),
+        "{e}"
+    );
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    // Corrupt Parquet shard.
+    let shard = data.join("train-00000.parquet");
+    std::fs::write(&shard, b"PAR1 this is not parquet").unwrap();
+    let e = err_of(Trainer::new(cfg, None, Device::Cpu));
+    assert!(
+        e.contains("train-00000.parquet") && e.contains("corrupt Parquet"),
+        "{e}"
+    );
+}
