@@ -35,7 +35,7 @@ enum Cmd {
         #[arg(long, default_value = "text")]
         field: String,
         /// How plain-text files are cut into documents.
-        #[arg(long, value_enum, default_value_t = DocSplit::Paragraph)]
+        #[arg(long, value_enum, default_value_t = DocSplit::Auto)]
         doc_split: DocSplit,
         #[arg(long, default_value_t = 0.01)]
         val_fraction: f64,

@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 /// How a plain-text file is cut into documents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DocSplit {
+    /// Paragraphs if the file's first 64 KiB hold a blank line, else lines (a file of one
+    /// paragraph per line, like WikiText or CMRC contexts, must not become one giant document).
+    Auto,
     /// Paragraphs separated by blank lines.
     Paragraph,
     /// Every non-empty line.
@@ -53,6 +56,10 @@ pub fn for_each_document(
     split: DocSplit,
     f: &mut dyn FnMut(String) -> Result<()>,
 ) -> Result<u64> {
+    let split = match split {
+        DocSplit::Auto => detect_split(path)?,
+        s => s,
+    };
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let reader = BufReader::new(file);
     let is_jsonl = matches!(
@@ -100,7 +107,7 @@ pub fn for_each_document(
                     para.push_str(&line);
                 }
             }
-            DocSplit::File => {
+            DocSplit::File | DocSplit::Auto => {
                 if !para.is_empty() {
                     para.push('\n');
                 }
@@ -112,4 +119,21 @@ pub fn for_each_document(
         f(para)?;
     }
     Ok(bytes)
+}
+
+fn detect_split(path: &Path) -> Result<DocSplit> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(1 << 16);
+    File::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .take(1 << 16)
+        .read_to_end(&mut head)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = String::from_utf8_lossy(&head);
+    let has_blank = text.lines().skip(1).any(|l| l.trim().is_empty());
+    Ok(if has_blank {
+        DocSplit::Paragraph
+    } else {
+        DocSplit::Line
+    })
 }

@@ -245,3 +245,29 @@ fn bad_inputs_get_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn evaluation_loss_is_the_training_loss_on_the_same_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    // Point the validation split at the training shards: with the same seed both draw the same
+    // order, so the evaluated mean loss must equal the training loss of that batch.
+    let manifest_path = data.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    m["validation"] = m["train"].clone();
+    std::fs::write(&manifest_path, m.to_string()).unwrap();
+    let mut t = Trainer::new(
+        config(
+            &data,
+            &tmp.path().join("o"),
+            &["train.eval_batches=1", "train.micro_batch_size=4"],
+        ),
+        None,
+        Device::Cpu,
+    )
+    .unwrap();
+    let v = t.evaluate().unwrap().unwrap();
+    let (l, _, _) = t.train_step().unwrap();
+    assert!((v - l as f64).abs() < 1e-5 * v, "eval {v} vs train {l}");
+}

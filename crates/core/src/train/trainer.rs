@@ -191,7 +191,9 @@ impl Trainer {
         for b in 0..batches {
             let start = b * mbs;
             let n = mbs.min(val.len() - start);
-            let batch = val.batch(start as u64, n, false)?;
+            // A fixed seeded shuffle: the same representative subset at every evaluation
+            // (files are concatenated in order, so the first sequences are one source).
+            let batch = val.batch(start as u64, n, true)?;
             let mb = causal_lm_batch(
                 &self.model,
                 &batch.seqs,

@@ -1,0 +1,87 @@
+//! The `colossal` binary on the transformers-written fixture.
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn forward_writes_reference_logits() {
+    let dir = fixture("llama_tiny");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("ids.json");
+    let body = serde_json::json!({"input_ids": reference["input_ids"], "attention_mask": reference["attention_mask"]});
+    std::fs::write(&input, body.to_string()).unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let status = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["forward", "--model"])
+        .arg(dir.join("model_sharded"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = load_tensors(&out);
+    let theirs = load_tensors(&dir.join("reference.safetensors"));
+    // Row 0 is unpadded: compare it whole.
+    let a = ours["logits"].get(0).unwrap();
+    let b = theirs["logits"].get(0).unwrap();
+    assert_close("logits row 0", &a, &b, 1e-4);
+}
+
+#[test]
+fn generate_prints_greedy_ids() {
+    let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["generate", "--model"])
+        .arg(fixture("llama_tiny/model"))
+        .args([
+            "--prompt-ids",
+            "1,261,340,286,257",
+            "--max-new-tokens",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["ids"],
+        serde_json::json!([77, 133, 315, 71, 179, 328, 263, 361, 322, 67])
+    );
+}
+
+#[test]
+fn bad_model_dir_and_input_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("ids.json");
+    std::fs::write(&input, r#"{"input_ids": [[1, 2], [3]]}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["forward", "--model"])
+        .arg(fixture("llama_tiny/model"))
+        .arg("--input")
+        .arg(&input)
+        .args(["--out", "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ids.json") && err.contains("input_ids"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["generate", "--model", "/no/such/model", "--prompt-ids", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+}
