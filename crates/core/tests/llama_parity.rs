@@ -251,7 +251,14 @@ fn greedy_generation_matches() {
         stop_ids: vec![],
         pad_id: 0,
     };
-    let (ids, steps) = generate(&model, &params, &[prompt.clone()], &opts, &Device::Cpu).unwrap();
+    let (ids, steps) = generate(
+        &model,
+        &params,
+        std::slice::from_ref(&prompt),
+        &opts,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(ids[0], want);
     let steps = Tensor::from_vec(steps.concat(), (10, 512), &Device::Cpu).unwrap();
     assert_close(
@@ -262,7 +269,14 @@ fn greedy_generation_matches() {
     );
     // Batched with left padding gives the same ids as unbatched.
     let short = prompt[2..].to_vec();
-    let (alone, _) = generate(&model, &params, &[short.clone()], &opts, &Device::Cpu).unwrap();
+    let (alone, _) = generate(
+        &model,
+        &params,
+        std::slice::from_ref(&short),
+        &opts,
+        &Device::Cpu,
+    )
+    .unwrap();
     let (both, _) = generate(&model, &params, &[prompt, short], &opts, &Device::Cpu).unwrap();
     assert_eq!(both[0], want);
     assert_eq!(both[1], alone[0]);

@@ -110,7 +110,7 @@ impl ShardWriter {
             dir: dir.to_path_buf(),
             prefix: prefix.to_string(),
             rows_per_shard: rows_per_shard.max(1),
-            row_group_rows: 1024.min(rows_per_shard.max(1)),
+            row_group_rows: 256.min(rows_per_shard.max(1)),
             meta,
             buffer: Vec::new(),
             info: SplitInfo::default(),

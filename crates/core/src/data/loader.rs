@@ -1,9 +1,12 @@
 //! Reads a prepared split in a deterministic, seeded, resumable order.
 //!
-//! The order of epoch `e` is a shuffle of row groups followed by a shuffle inside each row
-//! group (so reads stay local), drawn from `(seed, e)`. Position in the stream is one number,
-//! the count of sequences consumed: that is the whole data cursor a checkpoint needs.
+//! The order of epoch `e` is drawn from `(seed, e)`: row groups are shuffled, taken in windows
+//! of [`WINDOW_GROUPS`], and the rows of each window shuffled together, so a batch mixes many
+//! places of the corpus while reads stay within a bounded set of decoded row groups. Position in
+//! the stream is one number, the count of sequences consumed: the whole data cursor a checkpoint
+//! needs.
 
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +18,9 @@ use rand::SeedableRng;
 
 use super::format::{Manifest, PackedSequence};
 use crate::{Error, Result};
+
+/// Row groups whose rows are shuffled together.
+pub const WINDOW_GROUPS: usize = 32;
 
 struct RowGroup {
     file: usize,
@@ -30,7 +36,8 @@ pub struct PackedDataset {
     seed: u64,
     order_key: Option<(u64, bool)>,
     order: Vec<(u32, u32)>,
-    cache: Option<(usize, Vec<PackedSequence>)>,
+    cache: HashMap<usize, Vec<PackedSequence>>,
+    cache_order: VecDeque<usize>,
 }
 
 /// A batch of sequences, row-major.
@@ -72,7 +79,8 @@ impl PackedDataset {
             seed,
             order_key: None,
             order: vec![],
-            cache: None,
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
         })
     }
 
@@ -96,12 +104,15 @@ impl PackedDataset {
             gs.shuffle(&mut rng);
         }
         self.order.clear();
-        for g in gs {
-            let mut rows: Vec<u32> = (0..self.groups[g].rows as u32).collect();
+        for window in gs.chunks(WINDOW_GROUPS) {
+            let mut rows: Vec<(u32, u32)> = window
+                .iter()
+                .flat_map(|&g| (0..self.groups[g].rows as u32).map(move |r| (g as u32, r)))
+                .collect();
             if shuffle {
                 rows.shuffle(&mut rng);
             }
-            self.order.extend(rows.into_iter().map(|r| (g as u32, r)));
+            self.order.extend(rows);
         }
         self.order_key = Some((epoch, shuffle));
     }
@@ -115,11 +126,18 @@ impl PackedDataset {
         self.ensure_order(epoch, shuffle);
         let (g, r) = self.order[(cursor % self.total as u64) as usize];
         let g = g as usize;
-        if self.cache.as_ref().is_none_or(|(cg, _)| *cg != g) {
+        if !self.cache.contains_key(&g) {
             let rows = self.read_group(g)?;
-            self.cache = Some((g, rows));
+            // Two windows of decoded groups bound memory and cover a window boundary.
+            if self.cache_order.len() >= 2 * WINDOW_GROUPS {
+                if let Some(old) = self.cache_order.pop_front() {
+                    self.cache.remove(&old);
+                }
+            }
+            self.cache.insert(g, rows);
+            self.cache_order.push_back(g);
         }
-        Ok(self.cache.as_ref().expect("filled").1[r as usize].clone())
+        Ok(self.cache[&g][r as usize].clone())
     }
 
     /// `n` sequences starting at `cursor`.

@@ -47,7 +47,10 @@ impl Trainer {
     /// `resume`, restores weights, moments, step and cursor from that checkpoint.
     pub fn new(cfg: TrainConfig, resume: Option<&Path>, device: Device) -> Result<Self> {
         let t = &cfg.train;
-        if t.batch_size == 0 || t.micro_batch_size == 0 || t.batch_size % t.micro_batch_size != 0 {
+        if t.batch_size == 0
+            || t.micro_batch_size == 0
+            || !t.batch_size.is_multiple_of(t.micro_batch_size)
+        {
             return Err(Error::Config(format!(
                 "train.batch_size ({}) must be a positive multiple of train.micro_batch_size ({})",
                 t.batch_size, t.micro_batch_size
@@ -271,7 +274,7 @@ impl Trainer {
                 "step_s": secs,
             });
             let last = step == end;
-            if (t.eval_every > 0 && step % t.eval_every as u64 == 0) || last {
+            if (t.eval_every > 0 && step.is_multiple_of(t.eval_every as u64)) || last {
                 if let Some(v) = self.evaluate()? {
                     rec["val_loss"] = json!(v);
                     rec["val_ppl"] = json!(v.exp());
@@ -285,7 +288,7 @@ impl Trainer {
                 "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
                 tokens_per_step / secs
             ));
-            if (t.save_every > 0 && step % t.save_every as u64 == 0) || last {
+            if (t.save_every > 0 && step.is_multiple_of(t.save_every as u64)) || last {
                 summary.final_dir = Some(self.save_checkpoint()?);
             }
         }

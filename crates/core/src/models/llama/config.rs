@@ -117,20 +117,22 @@ impl LlamaConfig {
                 self.hidden_act
             ));
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+        if self.num_attention_heads == 0
+            || !self.num_attention_heads.is_multiple_of(self.num_kv_heads())
+        {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()

@@ -27,15 +27,17 @@ pub struct GenerateOptions {
     pub pad_id: u32,
 }
 
+/// New ids of each row, and the raw logits of each step for row 0.
+pub type Generated = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
 /// Generates continuations of `prompts` (unequal lengths are left-padded).
-/// Returns the new ids of each row, and the raw logits of each step for row 0.
 pub fn generate(
     model: &Llama,
     params: &Params,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     device: &Device,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
+) -> Result<Generated> {
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut key_valid: Vec<Vec<u8>> = Vec::with_capacity(b);
