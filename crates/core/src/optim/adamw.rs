@@ -95,3 +95,35 @@ fn lerp(a: f32, b: f32, w: f32) -> f32 {
         b - (b - a) * (1.0 - w)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn no_decay_group_skips_weight_decay() {
+        let mut params = Params::new();
+        for name in ["layer.weight", "layer.norm.weight"] {
+            params.insert(name, Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap());
+        }
+        let mut grads = Grads::new();
+        for name in params.names().to_vec() {
+            grads.set(&name, Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap());
+        }
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.5,
+            no_decay: vec!["norm".into()],
+        };
+        let mut opt = AdamW::new(cfg);
+        opt.step(&params, &grads, 0.1).unwrap();
+        // Zero gradient: only decoupled decay moves the weights, p *= 1 - lr * wd.
+        let decayed: Vec<f32> = params.get("layer.weight").unwrap().to_vec1().unwrap();
+        assert_eq!(decayed, vec![0.95, -1.9]);
+        let kept: Vec<f32> = params.get("layer.norm.weight").unwrap().to_vec1().unwrap();
+        assert_eq!(kept, vec![1.0, -2.0]);
+    }
+}

@@ -187,3 +187,41 @@ impl LlamaConfig {
         emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_hf_variants() {
+        let c: LlamaConfig = serde_json::from_str(
+            r#"{"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "rope_theta": 500000.0, "torch_dtype": "bfloat16", "eos_token_id": [128001, 128008],
+                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                "tie_word_embeddings": true, "model_type": "llama"}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(c.eos_ids(), vec![128001, 128008]);
+        assert_eq!(c.head_dim(), 64);
+        assert_eq!(c.num_kv_heads(), 8);
+        assert_eq!(c.rope_scaling.as_ref().unwrap().factor, Some(32.0));
+        assert!(c.has_lm_head());
+        // Llama-3.2-1B: 1.236 B parameters with tied embeddings.
+        assert_eq!(c.num_params(), 1_235_814_400);
+    }
+
+    #[test]
+    fn bad_head_layout_is_rejected() {
+        let c: LlamaConfig = serde_json::from_str(
+            r#"{"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 3}"#,
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads 3"), "{e}");
+    }
+}

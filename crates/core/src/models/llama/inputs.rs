@@ -12,8 +12,9 @@ pub struct AttnInputs {
     /// (B, T, head_dim) each.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// (B, 1, T, T_past + T), u8: 1 = may attend.
-    pub mask: Tensor,
+    /// (B, 1, T, T_past + T), f32, added to the attention scores as HF's eager attention does:
+    /// 0 where a query may attend, the most negative f32 where it may not.
+    pub bias: Tensor,
 }
 
 impl AttnInputs {
@@ -49,7 +50,7 @@ impl AttnInputs {
         }
         debug_assert_eq!(half * 2, d);
         let tk = past_len + t;
-        let mut mask = vec![0u8; b * t * tk];
+        let mut bias = vec![f32::MIN; b * t * tk];
         for bi in 0..b {
             for q in 0..t {
                 for k in 0..=(past_len + q) {
@@ -57,7 +58,7 @@ impl AttnInputs {
                     let same_doc =
                         segments.is_none_or(|s| k >= past_len && s[bi][k - past_len] == s[bi][q]);
                     if valid && same_doc {
-                        mask[(bi * t + q) * tk + k] = 1;
+                        bias[(bi * t + q) * tk + k] = 0.0;
                     }
                 }
             }
@@ -65,7 +66,7 @@ impl AttnInputs {
         Ok(Self {
             cos: Tensor::from_vec(cos, (b, t, d), device)?,
             sin: Tensor::from_vec(sin, (b, t, d), device)?,
-            mask: Tensor::from_vec(mask, (b, 1, t, tk), device)?,
+            bias: Tensor::from_vec(bias, (b, 1, t, tk), device)?,
         })
     }
 
@@ -86,7 +87,7 @@ impl AttnInputs {
         Ok(Self {
             cos: self.cos.to_dtype(dtype)?,
             sin: self.sin.to_dtype(dtype)?,
-            mask: self.mask.clone(),
+            bias: self.bias.clone(),
         })
     }
 }
