@@ -116,13 +116,7 @@ impl Executor {
                 saved.push(Saved::Input(x));
                 x = y;
             } else {
-                let input = if i == 0 {
-                    None
-                } else {
-                    Some(Var::from_tensor(&x)?)
-                };
-                let xin = input.as_ref().map_or(&x, |v| v.as_tensor());
-                let y = model.block_forward(i, params, xin, ctx)?;
+                let (input, y) = tracked_forward(model, i, params, &x, ctx)?;
                 if last {
                     loss = Some(loss_fn(&y)?);
                 }
@@ -146,13 +140,7 @@ impl Executor {
                     (input, root)
                 }
                 Saved::Input(x) => {
-                    let input = if i == 0 {
-                        None
-                    } else {
-                        Some(Var::from_tensor(&x)?)
-                    };
-                    let xin = input.as_ref().map_or(&x, |v| v.as_tensor());
-                    let y = model.block_forward(i, params, xin, ctx)?;
+                    let (input, y) = tracked_forward(model, i, params, &x, ctx)?;
                     let g = grad_out.as_ref().expect("recomputed blocks are not last");
                     (input, (y * g)?.sum_all()?)
                 }
@@ -174,4 +162,23 @@ impl Executor {
         }
         Ok(StepOutput { loss: loss_value })
     }
+}
+
+/// Runs block `i` on `x` with the graph kept; the input becomes a `Var` (except for block 0,
+/// whose input is token ids) so its gradient can be read after backward.
+fn tracked_forward<M: BlockModel>(
+    model: &M,
+    i: usize,
+    params: &Params,
+    x: &Tensor,
+    ctx: &M::Ctx,
+) -> Result<(Option<Var>, Tensor)> {
+    let input = if i == 0 {
+        None
+    } else {
+        Some(Var::from_tensor(x)?)
+    };
+    let xin = input.as_ref().map_or(x, |v| v.as_tensor());
+    let y = model.block_forward(i, params, xin, ctx)?;
+    Ok((input, y))
 }
