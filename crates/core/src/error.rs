@@ -26,6 +26,8 @@ pub enum Error {
     },
     #[error("checkpoint {path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
+    #[error("rank {rank}: {msg}")]
+    Comm { rank: usize, msg: String },
     #[error("{0}")]
     Msg(String),
 }
