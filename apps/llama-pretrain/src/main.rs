@@ -7,9 +7,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
+use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::config::load_config;
+use colossal_core::models::llama::Llama;
 use colossal_core::models::llama::{generate, GenerateOptions, Sampling};
-use colossal_core::train::{list_checkpoints, SampleConfig, TrainConfig, Trainer};
+use colossal_core::params::Params;
+use colossal_core::train::{list_checkpoints, train, SampleConfig, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -67,8 +70,7 @@ fn main() -> Result<()> {
             let resume = resume.map(resolve_resume).transpose()?;
             let sample = cfg.sample.clone();
             let out_dir = cfg.train.out_dir.clone();
-            let mut trainer = Trainer::new(cfg, resume.as_deref(), Device::Cpu)?;
-            let summary = trainer.run(max_steps)?;
+            let summary = train(cfg, resume.as_deref(), max_steps)?;
             if let (Some(first), Some(last)) = (summary.first_loss, summary.last_loss) {
                 println!(
                     "train loss: first step {first:.4} -> last step {last:.4} ({} steps)",
@@ -83,8 +85,9 @@ fn main() -> Result<()> {
             }
             println!("metrics: {}", out_dir.join("metrics.jsonl").display());
             println!("loss curve: {}", out_dir.join("loss.png").display());
-            if let Some(s) = sample {
-                let text = sample_text(&trainer, &s)?;
+            if let (Some(s), Some(dir)) = (sample, &summary.final_dir) {
+                let (model, params) = load_llama(dir, candle_core::DType::F32, &Device::Cpu)?;
+                let text = sample_text(&model, &params, &s)?;
                 println!("sample> {}{}", s.prompt, text);
                 std::fs::write(
                     out_dir.join("sample.txt"),
@@ -110,7 +113,7 @@ fn resolve_resume(p: PathBuf) -> Result<PathBuf> {
     })
 }
 
-fn sample_text(trainer: &Trainer, s: &SampleConfig) -> Result<String> {
+fn sample_text(model: &Llama, params: &Params, s: &SampleConfig) -> Result<String> {
     let path = if s.tokenizer.is_dir() {
         s.tokenizer.join("tokenizer.json")
     } else {
@@ -118,7 +121,7 @@ fn sample_text(trainer: &Trainer, s: &SampleConfig) -> Result<String> {
     };
     let tok = tokenizers::Tokenizer::from_file(&path)
         .map_err(|e| anyhow::anyhow!("sample.tokenizer {}: {e}", path.display()))?;
-    let mut ids: Vec<u32> = trainer.model.cfg.bos_token_id.into_iter().collect();
+    let mut ids: Vec<u32> = model.cfg.bos_token_id.into_iter().collect();
     ids.extend(
         tok.encode(s.prompt.as_str(), false)
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -137,10 +140,10 @@ fn sample_text(trainer: &Trainer, s: &SampleConfig) -> Result<String> {
     let opts = GenerateOptions {
         max_new_tokens: s.max_new_tokens,
         sampling,
-        stop_ids: trainer.model.cfg.eos_ids(),
-        pad_id: trainer.model.cfg.pad_token_id.unwrap_or(0),
+        stop_ids: model.cfg.eos_ids(),
+        pad_id: model.cfg.pad_token_id.unwrap_or(0),
     };
-    let (new, _) = generate(&trainer.model, &trainer.params, &[ids], &opts, &Device::Cpu)?;
+    let (new, _) = generate(model, params, &[ids], &opts, &Device::Cpu)?;
     // Decode prompt + continuation together so word-boundary spaces come out right.
     let prompt_ids = tok
         .encode(s.prompt.as_str(), false)

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod runtime;
 pub mod train;

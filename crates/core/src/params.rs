@@ -89,6 +89,10 @@ impl Grads {
         self.map.get(name)
     }
 
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        self.map.remove(name)
+    }
+
     pub fn set(&mut self, name: &str, g: Tensor) {
         self.map.insert(name.to_string(), g);
     }

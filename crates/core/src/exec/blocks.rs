@@ -29,6 +29,19 @@ pub trait BlockModel {
     ) -> Result<Tensor>;
 }
 
+/// For each parameter, the block after whose backward its gradient is complete: the first
+/// block using it (backward runs last to first), so a weight shared by several blocks (tied
+/// embeddings) is reduced once, after its last contribution.
+pub fn grad_ready_block<M: BlockModel>(model: &M) -> std::collections::HashMap<String, usize> {
+    let mut ready = std::collections::HashMap::new();
+    for block in (0..model.num_blocks()).rev() {
+        for name in model.block_param_names(block) {
+            ready.insert(name, block);
+        }
+    }
+    ready
+}
+
 /// Points between blocks. All default to doing nothing.
 pub trait Hooks {
     fn before_forward(&mut self, _block: usize) -> Result<()> {

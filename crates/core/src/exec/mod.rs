@@ -2,4 +2,4 @@
 mod blocks;
 mod llama;
 
-pub use blocks::{BlockModel, Executor, GradAccumulator, Hooks, StepOutput};
+pub use blocks::{grad_ready_block, BlockModel, Executor, GradAccumulator, Hooks, StepOutput};

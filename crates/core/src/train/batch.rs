@@ -16,6 +16,21 @@ pub struct LmBatch {
     pub loss_tokens: usize,
 }
 
+/// Number of loss targets `causal_lm_batch` would produce, without building tensors.
+pub fn count_targets(seqs: &[PackedSequence], boundary_aware: bool) -> usize {
+    seqs.iter()
+        .map(|s| {
+            let t = s.input_ids.len().saturating_sub(1);
+            let crossing = if boundary_aware {
+                s.doc_starts.iter().filter(|&&p| p > 0).count()
+            } else {
+                0
+            };
+            t - crossing
+        })
+        .sum()
+}
+
 /// Causal-LM batch. With `boundary_aware`, positions restart at each document start, tokens
 /// attend only within their document and no target crosses a document boundary.
 pub fn causal_lm_batch(

@@ -15,6 +15,76 @@ pub struct TrainConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub sample: Option<SampleConfig>,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+}
+
+/// How the run is spread over ranks. The math (global batch, schedule) does not depend on it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// `local`: ranks are threads of this process.
+    #[serde(default = "local")]
+    pub backend: String,
+    /// Number of ranks.
+    #[serde(default = "one")]
+    pub nproc: usize,
+    /// Data-parallel degree (defaults to nproc).
+    #[serde(default)]
+    pub dp: Option<usize>,
+    /// Gradient all-reduce bucket size (MB).
+    #[serde(default = "bucket_mb")]
+    pub bucket_mb: f64,
+    /// A rank waiting longer than this on a peer fails the run (seconds).
+    #[serde(default = "timeout_s")]
+    pub timeout_s: u64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            backend: local(),
+            nproc: 1,
+            dp: None,
+            bucket_mb: bucket_mb(),
+            timeout_s: timeout_s(),
+        }
+    }
+}
+
+impl ParallelConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.backend != "local" {
+            return Err(format!(
+                "parallel.backend `{}`: only `local` is available",
+                self.backend
+            ));
+        }
+        if self.nproc == 0 {
+            return Err("parallel.nproc must be at least 1".into());
+        }
+        let dp = self.dp.unwrap_or(self.nproc);
+        if dp != self.nproc {
+            return Err(format!(
+                "parallel.dp ({dp}) must equal parallel.nproc ({}): data parallel is the only dimension so far",
+                self.nproc
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn local() -> String {
+    "local".into()
+}
+fn one() -> usize {
+    1
+}
+fn bucket_mb() -> f64 {
+    25.0
+}
+fn timeout_s() -> u64 {
+    300
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -7,6 +7,8 @@ mod trainer;
 
 pub use batch::{causal_lm_batch, LmBatch};
 pub use checkpoint::{list_checkpoints, TrainerState};
-pub use config::{DataConfig, ModelConfig, SampleConfig, TrainConfig, TrainSection};
+pub use config::{
+    DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
+};
 pub use metrics::{plot_loss_curve, MetricsWriter};
-pub use trainer::{lm_loss, RunSummary, Trainer};
+pub use trainer::{lm_loss, train, RunSummary, Trainer};

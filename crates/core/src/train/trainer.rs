@@ -8,16 +8,18 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::batch::causal_lm_batch;
+use super::batch::{causal_lm_batch, count_targets};
 use super::checkpoint::{self, TrainerState};
 use super::{MetricsWriter, TrainConfig};
 use crate::checkpoint::llama as hf_llama;
 use crate::data::PackedDataset;
-use crate::exec::{Executor, GradAccumulator};
+use crate::dist::{run_local, Communicator, ReduceOp};
+use crate::exec::{grad_ready_block, Executor, GradAccumulator, Hooks};
 use crate::models::llama::{init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::params::Params;
+use crate::parallel::DataParallelSink;
+use crate::params::{Grads, Params};
 use crate::{Error, Result};
 
 pub struct Trainer {
@@ -31,6 +33,10 @@ pub struct Trainer {
     train_data: PackedDataset,
     val_data: Option<PackedDataset>,
     device: Device,
+    /// This rank's communicator when data parallel; `None` for one rank.
+    comm: Option<Box<dyn Communicator>>,
+    /// Bytes this rank sent during the last step.
+    pub last_step_comm_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +52,26 @@ impl Trainer {
     /// Builds the model (HF directory or from-scratch config), data and optimizer; with
     /// `resume`, restores weights, moments, step and cursor from that checkpoint.
     pub fn new(cfg: TrainConfig, resume: Option<&Path>, device: Device) -> Result<Self> {
+        Self::new_rank(cfg, resume, device, None)
+    }
+
+    /// One data-parallel rank; `comm` spans the data-parallel group.
+    pub fn new_rank(
+        cfg: TrainConfig,
+        resume: Option<&Path>,
+        device: Device,
+        comm: Option<Box<dyn Communicator>>,
+    ) -> Result<Self> {
+        cfg.parallel.validate().map_err(Error::Config)?;
         let t = &cfg.train;
+        let ranks = comm.as_ref().map_or(1, |c| c.size());
+        let micro = t.batch_size / t.micro_batch_size.max(1);
+        if ranks > 1 && !micro.is_multiple_of(ranks) {
+            return Err(Error::Config(format!(
+                "train.batch_size ({}) / train.micro_batch_size ({}) = {micro} micro-batches do not split over parallel.dp = {ranks} ranks",
+                t.batch_size, t.micro_batch_size
+            )));
+        }
         if t.batch_size == 0
             || t.micro_batch_size == 0
             || !t.batch_size.is_multiple_of(t.micro_batch_size)
@@ -128,6 +153,8 @@ impl Trainer {
             train_data,
             val_data,
             device,
+            comm,
+            last_step_comm_bytes: 0,
         })
     }
 
@@ -135,37 +162,70 @@ impl Trainer {
         self.train_data.manifest.seq_len
     }
 
+    fn rank(&self) -> usize {
+        self.comm.as_ref().map_or(0, |c| c.rank())
+    }
+
+    fn ranks(&self) -> usize {
+        self.comm.as_ref().map_or(1, |c| c.size())
+    }
+
+    /// Rank 0 writes metrics, checkpoints and plots.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
     /// One optimizer step over the global batch. Returns (loss, grad norm, lr).
     pub fn train_step(&mut self) -> Result<(f32, f64, f64)> {
-        let t = &self.cfg.train;
-        let (bs, mbs) = (t.batch_size, t.micro_batch_size);
+        let (bs, mbs) = (self.cfg.train.batch_size, self.cfg.train.micro_batch_size);
+        let (rank, ranks) = (self.rank(), self.ranks());
+        let sent_before = self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent());
         let batch = self
             .train_data
             .batch(self.state.cursor, bs, self.cfg.data.shuffle)?;
-        let micro: Vec<_> = batch
-            .seqs
-            .chunks(mbs)
-            .map(|c| causal_lm_batch(&self.model, c, self.cfg.data.boundary_aware, &self.device))
-            .collect::<Result<_>>()?;
-        // Normalise by the global batch's target count, so accumulation (and later any parallel
-        // layout) computes the same mean as one big batch.
-        let norm = micro.iter().map(|m| m.loss_tokens).sum::<usize>().max(1) as f64;
-        let mut sink = GradAccumulator::default();
+        let aware = self.cfg.data.boundary_aware;
+        // Normalise by the global batch's target count, so accumulation and any number of
+        // ranks compute the same mean as one big batch.
+        let norm = count_targets(&batch.seqs, aware).max(1) as f64;
+        // Rank r runs micro-batches r, r + N, r + 2N, … of the global batch.
+        let mine: Vec<_> = batch.seqs.chunks(mbs).skip(rank).step_by(ranks).collect();
         let mut loss = 0.0f32;
-        for mb in &micro {
-            let targets = mb.targets.clone();
+        let mut local_sink = GradAccumulator::default();
+        let bucket = (self.cfg.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
+        let mut dp_sink = self
+            .comm
+            .as_deref()
+            .map(|c| DataParallelSink::new(c, bucket, grad_ready_block(&self.model)));
+        for (i, seqs) in mine.iter().enumerate() {
+            let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
+            let targets = mb.targets;
             let loss_fn = move |logits: &Tensor| lm_loss(logits, &targets, norm);
+            let sink: &mut dyn Hooks = match dp_sink.as_mut() {
+                Some(dp) => {
+                    dp.last_micro_batch = i + 1 == mine.len();
+                    dp
+                }
+                None => &mut local_sink,
+            };
             let out = self.executor.forward_backward(
                 &self.model,
                 &self.params,
                 &mb.ids,
                 &mb.inputs,
                 &loss_fn,
-                &mut sink,
+                sink,
             )?;
             loss += out.loss;
         }
-        let mut grads = sink.grads;
+        let mut grads: Grads = match dp_sink {
+            Some(dp) => dp.finish()?,
+            None => local_sink.grads,
+        };
+        if let Some(c) = &self.comm {
+            let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
+            loss = l.to_vec1::<f32>()?[0];
+        }
+        let t = &self.cfg.train;
         let norm = if t.grad_clip > 0.0 {
             clip_grad_norm(&mut grads, t.grad_clip)?
         } else {
@@ -177,6 +237,8 @@ impl Trainer {
         self.state.optimizer_step = self.opt.step;
         self.state.cursor += bs as u64;
         self.state.tokens_seen += (bs * self.seq_len()) as u64;
+        self.last_step_comm_bytes =
+            self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent()) - sent_before;
         Ok((loss, norm, lr))
     }
 
@@ -190,8 +252,12 @@ impl Trainer {
             0 => val.len().div_ceil(mbs),
             n => n.min(val.len().div_ceil(mbs)),
         };
+        let (rank, ranks) = (
+            self.comm.as_ref().map_or(0, |c| c.rank()),
+            self.comm.as_ref().map_or(1, |c| c.size()),
+        );
         let (mut sum, mut count) = (0.0f64, 0usize);
-        for b in 0..batches {
+        for b in (0..batches).skip(rank).step_by(ranks) {
             let start = b * mbs;
             let n = mbs.min(val.len() - start);
             // A fixed seeded shuffle: the same representative subset at every evaluation
@@ -209,6 +275,11 @@ impl Trainer {
             let l = lm_loss(&logits, &mb.targets, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
             count += mb.loss_tokens;
+        }
+        if let Some(c) = &self.comm {
+            let t = Tensor::new(&[sum, count as f64], &Device::Cpu)?;
+            let v = c.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
+            (sum, count) = (v[0], v[1] as usize);
         }
         Ok((count > 0).then(|| sum / count as f64))
     }
@@ -235,10 +306,19 @@ impl Trainer {
     pub fn run(&mut self, stop_at: Option<usize>) -> Result<RunSummary> {
         let t = self.cfg.train.clone();
         let end = stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64;
-        std::fs::create_dir_all(&t.out_dir).map_err(|e| Error::io(&t.out_dir, e))?;
+        let main = self.is_main();
         let metrics_path = t.out_dir.join("metrics.jsonl");
-        let mut metrics = MetricsWriter::open(&metrics_path, Some(self.state.step))?;
-        let bar = ProgressBar::new(end);
+        let mut metrics = if main {
+            std::fs::create_dir_all(&t.out_dir).map_err(|e| Error::io(&t.out_dir, e))?;
+            Some(MetricsWriter::open(&metrics_path, Some(self.state.step))?)
+        } else {
+            None
+        };
+        let bar = if main {
+            ProgressBar::new(end)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -271,7 +351,7 @@ impl Trainer {
             let mut rec = json!({
                 "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_step / secs,
-                "step_s": secs,
+                "step_s": secs, "comm_bytes": self.last_step_comm_bytes,
             });
             let last = step == end;
             if (t.eval_every > 0 && step.is_multiple_of(t.eval_every as u64)) || last {
@@ -282,18 +362,21 @@ impl Trainer {
                     tracing::info!(step, val_loss = v, val_ppl = v.exp(), "evaluation");
                 }
             }
-            metrics.write(&rec)?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(&rec)?;
+            }
             bar.set_position(step);
             bar.set_message(format!(
                 "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
                 tokens_per_step / secs
             ));
-            if (t.save_every > 0 && step.is_multiple_of(t.save_every as u64)) || last {
+            let save = (t.save_every > 0 && step.is_multiple_of(t.save_every as u64)) || last;
+            if save && main {
                 summary.final_dir = Some(self.save_checkpoint()?);
             }
         }
         bar.finish();
-        if metrics_path.exists() {
+        if main && metrics_path.exists() {
             let png = t.out_dir.join("loss.png");
             if let Err(e) = super::plot_loss_curve(&metrics_path, &png) {
                 tracing::warn!("loss curve not drawn: {e}");
@@ -301,6 +384,26 @@ impl Trainer {
         }
         Ok(summary)
     }
+}
+
+/// Runs training as configured: one rank in this thread, or `parallel.nproc` local ranks as
+/// threads. Returns rank 0's summary.
+pub fn train(
+    cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop_at: Option<usize>,
+) -> Result<RunSummary> {
+    cfg.parallel.validate().map_err(Error::Config)?;
+    let n = cfg.parallel.nproc;
+    if n == 1 {
+        return Trainer::new(cfg, resume, Device::Cpu)?.run(stop_at);
+    }
+    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+    let mut out = run_local(n, timeout, |comm| {
+        let comm: Box<dyn Communicator> = Box::new(comm);
+        Trainer::new_rank(cfg.clone(), resume, Device::Cpu, Some(comm))?.run(stop_at)
+    })?;
+    Ok(out.swap_remove(0))
 }
 
 /// Sum of next-token cross-entropies of `logits` (B, T, V) against flattened targets,
