@@ -13,12 +13,10 @@ use common::{config, prepare};
 
 const STEPS: usize = 5;
 
-fn run(
-    data: &std::path::Path,
-    out: &std::path::Path,
-    ranks: usize,
-    micro: usize,
-) -> (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>) {
+/// Per-step losses, final parameters by name, bytes sent per step (rank 0).
+type RunResult = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>);
+
+fn run(data: &std::path::Path, out: &std::path::Path, ranks: usize, micro: usize) -> RunResult {
     let mbs = format!("train.micro_batch_size={micro}");
     // lr 1e-3: Adam divides by |g|, so elements with |g| near eps amplify f32 summation-order noise;
     // at the config's 1e-2 that noise alone reaches 1e-5 of the weights.
