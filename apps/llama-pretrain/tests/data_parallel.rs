@@ -1,6 +1,6 @@
-//! Data parallel over local ranks equals one rank: same global batch, same per-step losses and
-//! final parameters (f32, 1e-5 relative over 5 steps), with and without gradient accumulation;
-//! and each rank sends 2·Ψ·(N−1)/N gradient elements per step.
+//! Data parallel and ZeRO-1/2 over local ranks equal one rank: same global batch, same per-step
+//! losses and final parameters (f32, 1e-5 relative over 5 steps), with and without gradient
+//! accumulation; each rank sends 2·Ψ·(N−1)/N elements per step and holds the ZeRO memory.
 
 mod common;
 
@@ -13,11 +13,18 @@ use common::{config, prepare};
 
 const STEPS: usize = 5;
 
-/// Per-step losses, final parameters by name, bytes sent per step (rank 0).
-type RunResult = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>);
+/// Per-step losses, final parameters by name, bytes sent per step and memory (rank 0).
+type RunResult = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>, (u64, u64, u64));
 
-fn run(data: &std::path::Path, out: &std::path::Path, ranks: usize, micro: usize) -> RunResult {
+fn run(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    ranks: usize,
+    micro: usize,
+    zero: u8,
+) -> RunResult {
     let mbs = format!("train.micro_batch_size={micro}");
+    let stage = format!("parallel.zero_stage={zero}");
     // lr 1e-3: Adam divides by |g|, so elements with |g| near eps amplify f32 summation-order noise;
     // at the config's 1e-2 that noise alone reaches 1e-5 of the weights.
     let cfg = config(
@@ -26,6 +33,7 @@ fn run(data: &std::path::Path, out: &std::path::Path, ranks: usize, micro: usize
         &[
             "train.batch_size=8",
             &mbs,
+            &stage,
             "train.lr=1e-3",
             "train.min_lr=1e-4",
         ],
@@ -53,7 +61,8 @@ fn run(data: &std::path::Path, out: &std::path::Path, ranks: usize, micro: usize
                 )
             })
             .collect::<Vec<_>>();
-        Ok((losses, params, bytes))
+        let mem = t.memory_bytes();
+        Ok((losses, params, bytes, mem))
     })
     .unwrap();
     // Every rank ends with bit-identical parameters.
@@ -69,39 +78,54 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn data_parallel_matches_one_rank() {
+fn data_parallel_and_zero_match_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
-    let (ref_losses, ref_params, _) = run(&data, &tmp.path().join("ref"), 1, 8);
+    let (ref_losses, ref_params, _, _) = run(&data, &tmp.path().join("ref"), 1, 8, 0);
     let psi: usize = ref_params.iter().map(|(_, v)| v.len()).sum();
-    // (ranks, micro-batch): micro-batches per rank = 8 / micro / ranks.
-    for (ranks, micro) in [(2, 4), (2, 2), (4, 2), (4, 1)] {
-        let (losses, params, bytes) = run(
-            &data,
-            &tmp.path().join(format!("dp{ranks}-{micro}")),
-            ranks,
-            micro,
-        );
-        let accumulation = 8 / micro / ranks;
-        let dl = rel(&losses, &ref_losses);
-        let dp = params
-            .iter()
-            .zip(&ref_params)
-            .map(|((n, a), (m, b))| {
-                assert_eq!(n, m);
-                rel(a, b)
-            })
-            .fold(0f32, f32::max);
-        println!("dp={ranks} micro={micro} (accumulation {accumulation}): loss rel diff {dl:e}, param rel diff {dp:e}, bytes/step {bytes:?}");
-        assert!(dl <= 1e-5, "losses {losses:?} vs {ref_losses:?}");
-        assert!(dp <= 1e-5, "parameters differ by {dp:e}");
-        let theory = 2.0 * psi as f64 * (ranks - 1) as f64 / ranks as f64 * 4.0;
-        for b in bytes {
-            let r = (b as f64 - theory).abs() / theory;
-            assert!(
-                r < 1e-3,
-                "bytes sent {b} vs theory {theory} (ratio off by {r:e})"
+    for zero in [0u8, 1, 2] {
+        // (ranks, micro-batch): micro-batches per rank = 8 / micro / ranks.
+        for (ranks, micro) in [(2, 4), (2, 2), (4, 2), (4, 1)] {
+            let out = tmp.path().join(format!("z{zero}-dp{ranks}-{micro}"));
+            let (losses, params, bytes, mem) = run(&data, &out, ranks, micro, zero);
+            let accumulation = 8 / micro / ranks;
+            let dl = rel(&losses, &ref_losses);
+            let dp = params
+                .iter()
+                .zip(&ref_params)
+                .map(|((n, a), (m, b))| {
+                    assert_eq!(n, m);
+                    rel(a, b)
+                })
+                .fold(0f32, f32::max);
+            println!(
+                "zero={zero} dp={ranks} micro={micro} (accumulation {accumulation}): loss rel diff {dl:e}, \
+                 param rel diff {dp:e}, bytes/step {}, memory (params, grads, optim) {mem:?}",
+                bytes[0]
             );
+            assert!(dl <= 1e-5, "losses {losses:?} vs {ref_losses:?}");
+            assert!(dp <= 1e-5, "parameters differ by {dp:e}");
+            // Communication: all-reduce (DP), or reduce-scatter + all-gather (ZeRO), each
+            // 2Ψ(N−1)/N; ZeRO-2 reduce-scatters every micro-batch.
+            let unit = psi as f64 * (ranks - 1) as f64 / ranks as f64 * 4.0;
+            let theory = if zero == 2 {
+                unit * (accumulation as f64 + 1.0)
+            } else {
+                2.0 * unit
+            };
+            for b in bytes {
+                let r = (b as f64 - theory).abs() / theory;
+                assert!(r < 1e-3, "bytes sent {b} vs theory {theory} (off by {r:e})");
+            }
+            // Memory: moments 8·⌈Ψ/N⌉ from stage 1, gradient shard 4·⌈Ψ/N⌉ at stage 2.
+            let shard = psi.div_ceil(ranks) as u64;
+            let psi = psi as u64;
+            let want = match zero {
+                0 => (4 * psi, 4 * psi, 8 * psi),
+                1 => (4 * psi, 4 * psi, 8 * shard),
+                _ => (4 * psi, 4 * shard, 8 * shard),
+            };
+            assert_eq!(mem, want);
         }
     }
 }

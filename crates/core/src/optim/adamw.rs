@@ -41,23 +41,22 @@ impl AdamW {
         !self.cfg.no_decay.iter().any(|p| name.contains(p.as_str()))
     }
 
+    /// The multiplier `1 − lr·wd` of decoupled weight decay for `name` (1 in no-decay groups).
+    pub fn decay_factor(&self, name: &str, lr: f64) -> f32 {
+        if self.decays(name) {
+            (1.0 - lr * self.cfg.weight_decay) as f32
+        } else {
+            1.0
+        }
+    }
+
     /// One update of every parameter that has a gradient.
     pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
         self.step += 1;
-        let c = &self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
-        let step_size = -(lr / bc1) as f32;
-        let lerp_w = (1.0 - c.beta1) as f32;
-        let (b2, one_minus_b2) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
-        let (bc2_sqrt, eps) = (bc2_sqrt as f32, c.eps as f32);
+        let k = AdamWKernel::new(&self.cfg, self.step, lr);
         for (name, var) in params.iter() {
             let Some(g) = grads.get(name) else { continue };
-            let decay = if self.decays(name) {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
+            let decay = self.decay_factor(name, lr);
             let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let dtype = var.dtype();
             let mut p: Vec<f32> = var
@@ -73,17 +72,47 @@ impl AdamW {
                 .v
                 .entry(name.to_string())
                 .or_insert_with(|| vec![0.0; p.len()]);
-            for i in 0..p.len() {
-                p[i] *= decay;
-                m[i] = lerp(m[i], g[i], lerp_w);
-                v[i] = v[i] * b2 + one_minus_b2 * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] += step_size * (m[i] / denom);
-            }
+            k.update(&mut p, &g, m, v, decay);
             let t = Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(dtype)?;
             var.set(&t)?;
         }
         Ok(())
+    }
+}
+
+/// The per-element AdamW update for one step, with its step-dependent constants.
+pub struct AdamWKernel {
+    step_size: f32,
+    lerp_w: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl AdamWKernel {
+    pub fn new(c: &AdamWConfig, step: u64, lr: f64) -> Self {
+        let bc1 = 1.0 - c.beta1.powi(step as i32);
+        let bc2_sqrt = (1.0 - c.beta2.powi(step as i32)).sqrt();
+        Self {
+            step_size: -(lr / bc1) as f32,
+            lerp_w: (1.0 - c.beta1) as f32,
+            b2: c.beta2 as f32,
+            one_minus_b2: (1.0 - c.beta2) as f32,
+            bc2_sqrt: bc2_sqrt as f32,
+            eps: c.eps as f32,
+        }
+    }
+
+    /// Updates `p`, `m`, `v` in place from gradient `g`; `decay` = 1 − lr·wd (1 for no decay).
+    pub fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: f32) {
+        for i in 0..p.len() {
+            p[i] *= decay;
+            m[i] = lerp(m[i], g[i], self.lerp_w);
+            v[i] = v[i] * self.b2 + self.one_minus_b2 * g[i] * g[i];
+            let denom = v[i].sqrt() / self.bc2_sqrt + self.eps;
+            p[i] += self.step_size * (m[i] / denom);
+        }
     }
 }
 

@@ -3,6 +3,6 @@ mod adamw;
 mod clip;
 mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, AdamWKernel};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use schedule::{LrSchedule, ScheduleKind};

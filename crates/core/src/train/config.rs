@@ -32,6 +32,9 @@ pub struct ParallelConfig {
     /// Data-parallel degree (defaults to nproc).
     #[serde(default)]
     pub dp: Option<usize>,
+    /// ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients).
+    #[serde(default)]
+    pub zero_stage: u8,
     /// Gradient all-reduce bucket size (MB).
     #[serde(default = "bucket_mb")]
     pub bucket_mb: f64,
@@ -46,6 +49,7 @@ impl Default for ParallelConfig {
             backend: local(),
             nproc: 1,
             dp: None,
+            zero_stage: 0,
             bucket_mb: bucket_mb(),
             timeout_s: timeout_s(),
         }
@@ -58,6 +62,12 @@ impl ParallelConfig {
             return Err(format!(
                 "parallel.backend `{}`: only `local` is available",
                 self.backend
+            ));
+        }
+        if self.zero_stage > 2 {
+            return Err(format!(
+                "parallel.zero_stage {}: stages 0, 1 and 2 are available (stage 3 is not yet)",
+                self.zero_stage
             ));
         }
         if self.nproc == 0 {

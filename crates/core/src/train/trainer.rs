@@ -18,7 +18,7 @@ use crate::exec::{grad_ready_block, Executor, GradAccumulator, Hooks};
 use crate::models::llama::{init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::parallel::DataParallelSink;
+use crate::parallel::{DataParallelSink, FlatLayout, ZeroGradSink, ZeroOptimizer};
 use crate::params::{Grads, Params};
 use crate::{Error, Result};
 
@@ -37,6 +37,8 @@ pub struct Trainer {
     comm: Option<Box<dyn Communicator>>,
     /// Bytes this rank sent during the last step.
     pub last_step_comm_bytes: u64,
+    /// Sharded optimizer when `parallel.zero_stage` ≥ 1 over several ranks.
+    zero: Option<ZeroOptimizer>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +141,15 @@ impl Trainer {
                 ..Default::default()
             },
         };
+        let zero = match (&comm, cfg.parallel.zero_stage) {
+            (Some(c), stage) if stage >= 1 => {
+                let fresh = AdamW::new(opt.cfg.clone());
+                let full = std::mem::replace(&mut opt, fresh);
+                let layout = FlatLayout::new(&params, c.size());
+                Some(ZeroOptimizer::from_full(stage, layout, c.rank(), full))
+            }
+            _ => None,
+        };
         let executor = Executor {
             activation_checkpointing: t.activation_checkpointing,
         };
@@ -155,6 +166,7 @@ impl Trainer {
             device,
             comm,
             last_step_comm_bytes: 0,
+            zero,
         })
     }
 
@@ -189,57 +201,80 @@ impl Trainer {
         let norm = count_targets(&batch.seqs, aware).max(1) as f64;
         // Rank r runs micro-batches r, r + N, r + 2N, … of the global batch.
         let mine: Vec<_> = batch.seqs.chunks(mbs).skip(rank).step_by(ranks).collect();
-        let mut loss = 0.0f32;
-        let mut local_sink = GradAccumulator::default();
         let bucket = (self.cfg.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
-        let mut dp_sink = self
-            .comm
-            .as_deref()
-            .map(|c| DataParallelSink::new(c, bucket, grad_ready_block(&self.model)));
+        let ready = grad_ready_block(&self.model);
+        let mut sink = match (self.comm.as_deref(), &self.zero) {
+            (Some(c), Some(z)) => {
+                Sink::Zero(ZeroGradSink::new(c, &z.layout, z.stage, ready, bucket))
+            }
+            (Some(c), None) => Sink::Data(DataParallelSink::new(c, bucket, ready)),
+            _ => Sink::Local(GradAccumulator::default()),
+        };
+        let mut loss = 0.0f32;
         for (i, seqs) in mine.iter().enumerate() {
             let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
             let targets = mb.targets;
             let loss_fn = move |logits: &Tensor| lm_loss(logits, &targets, norm);
-            let sink: &mut dyn Hooks = match dp_sink.as_mut() {
-                Some(dp) => {
-                    dp.last_micro_batch = i + 1 == mine.len();
-                    dp
-                }
-                None => &mut local_sink,
-            };
             let out = self.executor.forward_backward(
                 &self.model,
                 &self.params,
                 &mb.ids,
                 &mb.inputs,
                 &loss_fn,
-                sink,
+                sink.hooks(i + 1 == mine.len()),
             )?;
             loss += out.loss;
         }
-        let mut grads: Grads = match dp_sink {
-            Some(dp) => dp.finish()?,
-            None => local_sink.grads,
+        let grads = match sink {
+            Sink::Zero(z) => StepGrads::Shard(z.finish()?),
+            Sink::Data(d) => StepGrads::Full(d.finish()?),
+            Sink::Local(l) => StepGrads::Full(l.grads),
         };
         if let Some(c) = &self.comm {
             let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
             loss = l.to_vec1::<f32>()?[0];
         }
-        let t = &self.cfg.train;
-        let norm = if t.grad_clip > 0.0 {
-            clip_grad_norm(&mut grads, t.grad_clip)?
-        } else {
-            crate::optim::global_grad_norm(&grads)?
-        };
+        let clip = self.cfg.train.grad_clip;
         let lr = self.schedule.lr(self.state.step as usize);
-        self.opt.step(&self.params, &grads, lr)?;
+        let grad_norm = match grads {
+            StepGrads::Shard(shard) => {
+                let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
+                let zero = self
+                    .zero
+                    .as_mut()
+                    .expect("ZeRO sink implies ZeRO optimizer");
+                let n = zero.step(comm, &self.params, shard, lr, clip)?;
+                self.state.optimizer_step = zero.adam.step;
+                n
+            }
+            StepGrads::Full(mut grads) => {
+                let n = if clip > 0.0 {
+                    clip_grad_norm(&mut grads, clip)?
+                } else {
+                    crate::optim::global_grad_norm(&grads)?
+                };
+                self.opt.step(&self.params, &grads, lr)?;
+                self.state.optimizer_step = self.opt.step;
+                n
+            }
+        };
         self.state.step += 1;
-        self.state.optimizer_step = self.opt.step;
         self.state.cursor += bs as u64;
         self.state.tokens_seen += (bs * self.seq_len()) as u64;
         self.last_step_comm_bytes =
             self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent()) - sent_before;
-        Ok((loss, norm, lr))
+        Ok((loss, grad_norm, lr))
+    }
+
+    /// Bytes this rank holds for (parameters, gradients, optimizer moments), fp32.
+    pub fn memory_bytes(&self) -> (u64, u64, u64) {
+        match &self.zero {
+            Some(z) => z.memory(),
+            None => {
+                let psi = self.params.num_elements() as u64;
+                (4 * psi, 4 * psi, 8 * psi)
+            }
+        }
     }
 
     /// Mean validation loss per target token over `eval_batches` batches (0 = all).
@@ -284,21 +319,24 @@ impl Trainer {
         Ok((count > 0).then(|| sum / count as f64))
     }
 
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    /// Writes a checkpoint (rank 0). Under ZeRO every rank must call it: the moment shards are
+    /// gathered first, so the file is the same whatever the layout.
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let gathered = match (&self.zero, self.comm.as_deref()) {
+            (Some(z), Some(c)) => Some(z.gather_full(c)?),
+            _ => None,
+        };
+        if !self.is_main() {
+            return Ok(None);
+        }
+        let opt = gathered.as_ref().unwrap_or(&self.opt);
         let out = &self.cfg.train.out_dir;
         let dir = checkpoint::checkpoint_dir(out, self.state.step);
         let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
-        checkpoint::save(
-            &dir,
-            &self.model,
-            &self.params,
-            &self.opt,
-            &self.state,
-            shard,
-        )?;
+        checkpoint::save(&dir, &self.model, &self.params, opt, &self.state, shard)?;
         checkpoint::prune(out, self.cfg.train.keep_last)?;
         tracing::info!(dir = %dir.display(), "checkpoint saved");
-        Ok(dir)
+        Ok(Some(dir))
     }
 
     /// Trains until `stop_at` (default `train.max_steps`), evaluating and checkpointing as
@@ -353,6 +391,10 @@ impl Trainer {
                 "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_step / secs,
                 "step_s": secs, "comm_bytes": self.last_step_comm_bytes,
             });
+            let (mp, mg, mo) = self.memory_bytes();
+            rec["mem_params_bytes"] = json!(mp);
+            rec["mem_grads_bytes"] = json!(mg);
+            rec["mem_optim_bytes"] = json!(mo);
             let last = step == end;
             if (t.eval_every > 0 && step.is_multiple_of(t.eval_every as u64)) || last {
                 if let Some(v) = self.evaluate()? {
@@ -371,8 +413,10 @@ impl Trainer {
                 tokens_per_step / secs
             ));
             let save = (t.save_every > 0 && step.is_multiple_of(t.save_every as u64)) || last;
-            if save && main {
-                summary.final_dir = Some(self.save_checkpoint()?);
+            if save {
+                if let Some(dir) = self.save_checkpoint()? {
+                    summary.final_dir = Some(dir);
+                }
             }
         }
         bar.finish();
@@ -384,6 +428,35 @@ impl Trainer {
         }
         Ok(summary)
     }
+}
+
+/// The gradient sink of a step: plain accumulation, data parallel, or ZeRO.
+enum Sink<'a> {
+    Local(GradAccumulator),
+    Data(DataParallelSink<'a>),
+    Zero(ZeroGradSink<'a>),
+}
+
+impl<'a> Sink<'a> {
+    fn hooks(&mut self, last_micro_batch: bool) -> &mut (dyn Hooks + 'a) {
+        match self {
+            Sink::Local(l) => l,
+            Sink::Data(d) => {
+                d.last_micro_batch = last_micro_batch;
+                d
+            }
+            Sink::Zero(z) => {
+                z.last_micro_batch = last_micro_batch;
+                z
+            }
+        }
+    }
+}
+
+/// What a step's backward leaves: all gradients, or this rank's ZeRO shard of them.
+enum StepGrads {
+    Full(Grads),
+    Shard(Vec<f32>),
 }
 
 /// Runs training as configured: one rank in this thread, or `parallel.nproc` local ranks as

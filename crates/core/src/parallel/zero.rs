@@ -1,0 +1,345 @@
+//! ZeRO stages 1 and 2 over the data-parallel group.
+//!
+//! All parameters, in checkpoint order, form one flat vector of Ψ elements padded to N·s;
+//! rank r owns elements [r·s, (r+1)·s) and keeps the AdamW moments of that shard only.
+//! Complete gradients are reduce-scattered into the owners' shards, each owner updates its shard,
+//! and the updated shards are all-gathered back into every rank's full parameters.
+//!
+//! Per-rank memory (fp32, Ψ parameters, N ranks, s = ⌈Ψ/N⌉):
+//! * stage 0 (plain DP): parameters 4Ψ + gradients 4Ψ + moments 8Ψ = 16Ψ bytes;
+//! * stage 1: parameters 4Ψ + gradients 4Ψ (accumulated locally, reduced in the last
+//!   micro-batch) + moments 8s ≈ 8Ψ + 8Ψ/N;
+//! * stage 2: parameters 4Ψ + gradient shard 4s (plus one bucket in flight; every
+//!   micro-batch's gradients are reduce-scattered as they complete) + moments 8s ≈ 4Ψ + 12Ψ/N.
+//!
+//! Communication per step and rank: reduce-scatter Ψ(N−1)/N + all-gather Ψ(N−1)/N elements
+//! = 2Ψ(N−1)/N, as plain DP's all-reduce (stage 2 with k micro-batches per rank sends the
+//! reduce-scatter k times: this trades traffic for the gradient memory).
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::dist::{Communicator, ReduceOp};
+use crate::exec::Hooks;
+use crate::optim::{AdamW, AdamWConfig, AdamWKernel};
+use crate::params::{Grads, Params};
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct FlatEntry {
+    pub name: String,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Where each parameter sits in the flat vector, and the shard size.
+#[derive(Clone, Debug)]
+pub struct FlatLayout {
+    pub entries: Vec<FlatEntry>,
+    index: HashMap<String, usize>,
+    pub numel: usize,
+    pub shard: usize,
+    pub ranks: usize,
+}
+
+impl FlatLayout {
+    pub fn new(params: &Params, ranks: usize) -> Self {
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        for (name, var) in params.iter() {
+            let len = var.elem_count();
+            entries.push(FlatEntry {
+                name: name.to_string(),
+                offset,
+                len,
+            });
+            offset += len;
+        }
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        Self {
+            entries,
+            index,
+            numel: offset,
+            shard: offset.div_ceil(ranks),
+            ranks,
+        }
+    }
+
+    pub fn shard_range(&self, rank: usize) -> Range<usize> {
+        rank * self.shard..(rank + 1) * self.shard
+    }
+
+    /// Part of parameter `name`'s range inside rank `rank`'s shard, as flat indices.
+    fn overlap(&self, name: &str, rank: usize) -> Option<Range<usize>> {
+        let e = &self.entries[*self.index.get(name)?];
+        let s = self.shard_range(rank);
+        let (a, b) = (e.offset.max(s.start), (e.offset + e.len).min(s.end));
+        (a < b).then_some(a..b)
+    }
+
+    /// (entry, flat range) for every parameter piece inside `rank`'s shard.
+    pub fn pieces(&self, rank: usize) -> Vec<(&FlatEntry, Range<usize>)> {
+        self.entries
+            .iter()
+            .filter_map(|e| self.overlap(&e.name, rank).map(|r| (e, r)))
+            .collect()
+    }
+}
+
+/// Gradient sink for stages 1 and 2: complete gradients go, bucket by bucket, to the ranks
+/// owning their elements; this rank keeps the sum for its own shard.
+pub struct ZeroGradSink<'a> {
+    comm: &'a dyn Communicator,
+    layout: &'a FlatLayout,
+    stage: u8,
+    ready_at: HashMap<String, usize>,
+    bucket_bytes: usize,
+    pub last_micro_batch: bool,
+    local: Grads,
+    bucket: Vec<(String, Vec<f32>)>,
+    bucket_len: usize,
+    shard_grad: Vec<f32>,
+}
+
+impl<'a> ZeroGradSink<'a> {
+    pub fn new(
+        comm: &'a dyn Communicator,
+        layout: &'a FlatLayout,
+        stage: u8,
+        ready_at: HashMap<String, usize>,
+        bucket_bytes: usize,
+    ) -> Self {
+        Self {
+            comm,
+            layout,
+            stage,
+            ready_at,
+            bucket_bytes: bucket_bytes.max(1),
+            last_micro_batch: false,
+            local: Grads::new(),
+            bucket: Vec::new(),
+            bucket_len: 0,
+            shard_grad: vec![0.0; layout.shard],
+        }
+    }
+
+    /// Sends each peer the bucket's elements it owns and adds what peers send for ours.
+    fn flush(&mut self) -> Result<()> {
+        let (me, n) = (self.comm.rank(), self.comm.size());
+        let part = |rank: usize, bucket: &[(String, Vec<f32>)]| -> Vec<f32> {
+            let mut out = Vec::new();
+            for (name, g) in bucket {
+                if let Some(r) = self.layout.overlap(name, rank) {
+                    let off = self.layout.entries[self.layout.index[name]].offset;
+                    out.extend_from_slice(&g[r.start - off..r.end - off]);
+                }
+            }
+            out
+        };
+        for peer in (0..n).filter(|&p| p != me) {
+            let data = part(peer, &self.bucket);
+            if !data.is_empty() {
+                let len = data.len();
+                self.comm
+                    .send(&Tensor::from_vec(data, len, &Device::Cpu)?, peer)?;
+            }
+        }
+        let mine = part(me, &self.bucket);
+        let mut incoming = vec![Some(mine)];
+        for peer in (0..n).filter(|&p| p != me) {
+            let expect = part(me, &self.bucket).len();
+            if expect > 0 {
+                incoming.push(Some(self.comm.recv(peer)?.to_vec1::<f32>()?));
+            }
+        }
+        // Destination offsets of this rank's pieces, in bucket order.
+        let shard_start = self.layout.shard_range(me).start;
+        for data in incoming.into_iter().flatten() {
+            let mut k = 0;
+            for (name, _) in &self.bucket {
+                if let Some(r) = self.layout.overlap(name, me) {
+                    for (dst, x) in self.shard_grad[r.start - shard_start..r.end - shard_start]
+                        .iter_mut()
+                        .zip(&data[k..k + r.len()])
+                    {
+                        *dst += x;
+                    }
+                    k += r.len();
+                }
+            }
+        }
+        self.bucket.clear();
+        self.bucket_len = 0;
+        Ok(())
+    }
+
+    /// This rank's gradient shard, summed over ranks and micro-batches.
+    pub fn finish(mut self) -> Result<Vec<f32>> {
+        self.flush()?;
+        if !self.local.is_empty() {
+            return Err(crate::msg!("ZeRO: the last micro-batch was never marked"));
+        }
+        Ok(self.shard_grad)
+    }
+}
+
+impl Hooks for ZeroGradSink<'_> {
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        let reduce_now = self.stage >= 2 || self.last_micro_batch;
+        let mut complete = Vec::new();
+        for (name, g) in grads {
+            if reduce_now && self.ready_at.get(&name).is_none_or(|&b| b == block) {
+                complete.push(name.clone());
+            }
+            self.local.accumulate(&name, g)?;
+        }
+        for name in complete {
+            let g = self.local.take(&name).expect("just accumulated");
+            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            self.bucket_len += g.len() * 4;
+            self.bucket.push((name, g));
+            if self.bucket_len >= self.bucket_bytes {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// AdamW over this rank's shard of the flat parameters.
+pub struct ZeroOptimizer {
+    pub stage: u8,
+    pub layout: FlatLayout,
+    pub adam: AdamW,
+    rank: usize,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl ZeroOptimizer {
+    /// Takes this rank's shard of a full optimizer's moments (fresh or loaded from a checkpoint).
+    pub fn from_full(stage: u8, layout: FlatLayout, rank: usize, full: AdamW) -> Self {
+        let mut m = vec![0.0; layout.shard];
+        let mut v = vec![0.0; layout.shard];
+        let start = layout.shard_range(rank).start;
+        for (e, r) in layout.pieces(rank) {
+            let src = r.start - e.offset..r.end - e.offset;
+            let dst = r.start - start..r.end - start;
+            if let Some(fm) = full.m.get(&e.name) {
+                m[dst.clone()].copy_from_slice(&fm[src.clone()]);
+            }
+            if let Some(fv) = full.v.get(&e.name) {
+                v[dst].copy_from_slice(&fv[src]);
+            }
+        }
+        let adam = AdamW {
+            cfg: full.cfg,
+            step: full.step,
+            m: HashMap::new(),
+            v: HashMap::new(),
+        };
+        Self {
+            stage,
+            layout,
+            adam,
+            rank,
+            m,
+            v,
+        }
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.adam.cfg
+    }
+
+    /// Clips by the global norm (over all shards), updates this shard, all-gathers the result
+    /// into every parameter. Returns the norm before clipping.
+    pub fn step(
+        &mut self,
+        comm: &dyn Communicator,
+        params: &Params,
+        mut grad: Vec<f32>,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64> {
+        let local: f64 = grad.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
+        let norm = total.to_vec1::<f64>()?[0].sqrt();
+        if max_norm > 0.0 {
+            let coef = (max_norm / (norm + 1e-6)).min(1.0);
+            if coef < 1.0 {
+                grad.iter_mut().for_each(|g| *g = (*g as f64 * coef) as f32);
+            }
+        }
+        self.adam.step += 1;
+        let k = AdamWKernel::new(&self.adam.cfg, self.adam.step, lr);
+        let start = self.layout.shard_range(self.rank).start;
+        let mut shard = vec![0.0f32; self.layout.shard];
+        for (e, r) in self.layout.pieces(self.rank) {
+            let p: Vec<f32> = params
+                .get(&e.name)?
+                .flatten_all()?
+                .narrow(0, r.start - e.offset, r.len())?
+                .to_vec1()?;
+            let d = r.start - start..r.end - start;
+            shard[d.clone()].copy_from_slice(&p);
+            let decay = self.adam.decay_factor(&e.name, lr);
+            k.update(
+                &mut shard[d.clone()],
+                &grad[d.clone()],
+                &mut self.m[d.clone()],
+                &mut self.v[d],
+                decay,
+            );
+        }
+        let len = shard.len();
+        let full = comm.all_gather(&Tensor::from_vec(shard, len, &Device::Cpu)?)?;
+        for e in &self.layout.entries {
+            let var = params.var(&e.name)?;
+            let t = full
+                .narrow(0, e.offset, e.len)?
+                .reshape(var.shape())?
+                .to_dtype(var.dtype())?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+        Ok(norm)
+    }
+
+    /// The full moments (all-gathered), as a plain `AdamW` for checkpointing.
+    pub fn gather_full(&self, comm: &dyn Communicator) -> Result<AdamW> {
+        let n = self.layout.shard;
+        let m = comm
+            .all_gather(&Tensor::from_slice(&self.m, n, &Device::Cpu)?)?
+            .to_vec1::<f32>()?;
+        let v = comm
+            .all_gather(&Tensor::from_slice(&self.v, n, &Device::Cpu)?)?
+            .to_vec1::<f32>()?;
+        let mut full = AdamW::new(self.adam.cfg.clone());
+        full.step = self.adam.step;
+        for e in &self.layout.entries {
+            full.m
+                .insert(e.name.clone(), m[e.offset..e.offset + e.len].to_vec());
+            full.v
+                .insert(e.name.clone(), v[e.offset..e.offset + e.len].to_vec());
+        }
+        Ok(full)
+    }
+
+    /// Bytes this rank holds for (parameters, gradients, optimizer moments), per the formulas
+    /// in the module docs (fp32).
+    pub fn memory(&self) -> (u64, u64, u64) {
+        let psi = self.layout.numel as u64;
+        let grads = if self.stage >= 2 {
+            4 * self.layout.shard as u64
+        } else {
+            4 * psi
+        };
+        (4 * psi, grads, 4 * (self.m.len() + self.v.len()) as u64)
+    }
+}
