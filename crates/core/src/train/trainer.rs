@@ -39,6 +39,8 @@ pub struct Trainer {
     pub last_step_comm_bytes: u64,
     /// Sharded optimizer when `parallel.zero_stage` ≥ 1 over several ranks.
     zero: Option<ZeroOptimizer>,
+    /// Test hook: this rank fails when it reaches this step (simulates a crashed rank).
+    pub fail_at_step: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +169,7 @@ impl Trainer {
             comm,
             last_step_comm_bytes: 0,
             zero,
+            fail_at_step: None,
         })
     }
 
@@ -189,6 +192,12 @@ impl Trainer {
 
     /// One optimizer step over the global batch. Returns (loss, grad norm, lr).
     pub fn train_step(&mut self) -> Result<(f32, f64, f64)> {
+        if self.fail_at_step == Some(self.state.step) {
+            return Err(crate::msg!(
+                "injected failure at step {} (test hook)",
+                self.state.step
+            ));
+        }
         let (bs, mbs) = (self.cfg.train.batch_size, self.cfg.train.micro_batch_size);
         let (rank, ranks) = (self.rank(), self.ranks());
         let sent_before = self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent());
