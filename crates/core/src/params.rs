@@ -61,6 +61,17 @@ impl Params {
     pub fn num_elements(&self) -> usize {
         self.iter().map(|(_, v)| v.elem_count()).sum()
     }
+
+    /// Fresh variables holding these values in `dtype` (the low-precision compute copy of fp32
+    /// master weights); gradients taken on them never touch the masters.
+    pub fn cast(&self, dtype: candle_core::DType) -> Result<Params> {
+        let mut out = Params::new();
+        for (name, var) in self.iter() {
+            let t = var.as_tensor().to_dtype(dtype)?.detach();
+            out.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(out)
+    }
 }
 
 /// Gradients by parameter name (summed over micro-batches).

@@ -258,8 +258,15 @@ impl ZeroOptimizer {
         &self.adam.cfg
     }
 
-    /// Clips by the global norm (over all shards), updates this shard, all-gathers the result
-    /// into every parameter. Returns the norm before clipping.
+    /// L2 norm of the whole gradient, from every rank's shard.
+    pub fn grad_norm(&self, comm: &dyn Communicator, grad: &[f32]) -> Result<f64> {
+        let local: f64 = grad.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
+        Ok(total.to_vec1::<f64>()?[0].sqrt())
+    }
+
+    /// Clips by the global `norm` (see [`Self::grad_norm`]), updates this shard, all-gathers the
+    /// result into every parameter.
     pub fn step(
         &mut self,
         comm: &dyn Communicator,
@@ -267,10 +274,8 @@ impl ZeroOptimizer {
         mut grad: Vec<f32>,
         lr: f64,
         max_norm: f64,
-    ) -> Result<f64> {
-        let local: f64 = grad.iter().map(|&x| (x as f64) * (x as f64)).sum();
-        let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
-        let norm = total.to_vec1::<f64>()?[0].sqrt();
+        norm: f64,
+    ) -> Result<()> {
         if max_norm > 0.0 {
             let coef = (max_norm / (norm + 1e-6)).min(1.0);
             if coef < 1.0 {
@@ -308,7 +313,7 @@ impl ZeroOptimizer {
                 .to_dtype(var.dtype())?;
             var.set(&t.to_device(var.device())?)?;
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// The full moments (all-gathered), as a plain `AdamW` for checkpointing.

@@ -25,6 +25,12 @@ pub struct TrainerState {
     /// Seed of the data order; epochs are derived from it, so this is the whole RNG state.
     pub data_seed: u64,
     pub optimizer_step: u64,
+    /// fp16 loss scaler, when training in fp16.
+    #[serde(default)]
+    pub loss_scaler: Option<crate::optim::LossScaler>,
+    /// Steps skipped because of inf/nan gradients.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 pub fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {

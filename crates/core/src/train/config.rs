@@ -35,6 +35,10 @@ pub struct ParallelConfig {
     /// ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients).
     #[serde(default)]
     pub zero_stage: u8,
+    /// Compute precision: `fp32`, `bf16` or `fp16` (fp32 master weights and moments; fp16
+    /// adds dynamic loss scaling).
+    #[serde(default = "fp32")]
+    pub precision: String,
     /// Gradient all-reduce bucket size (MB).
     #[serde(default = "bucket_mb")]
     pub bucket_mb: f64,
@@ -50,6 +54,7 @@ impl Default for ParallelConfig {
             nproc: 1,
             dp: None,
             zero_stage: 0,
+            precision: fp32(),
             bucket_mb: bucket_mb(),
             timeout_s: timeout_s(),
         }
@@ -57,6 +62,14 @@ impl Default for ParallelConfig {
 }
 
 impl ParallelConfig {
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        match self.precision.as_str() {
+            "bf16" => candle_core::DType::BF16,
+            "fp16" => candle_core::DType::F16,
+            _ => candle_core::DType::F32,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.backend != "local" {
             return Err(format!(
@@ -68,6 +81,12 @@ impl ParallelConfig {
             return Err(format!(
                 "parallel.zero_stage {}: stages 0, 1 and 2 are available (stage 3 is not yet)",
                 self.zero_stage
+            ));
+        }
+        if !matches!(self.precision.as_str(), "fp32" | "bf16" | "fp16") {
+            return Err(format!(
+                "parallel.precision `{}`: expected fp32, bf16 or fp16",
+                self.precision
             ));
         }
         if self.nproc == 0 {
@@ -84,6 +103,9 @@ impl ParallelConfig {
     }
 }
 
+fn fp32() -> String {
+    "fp32".into()
+}
 fn local() -> String {
     "local".into()
 }

@@ -41,6 +41,10 @@ pub struct Trainer {
     zero: Option<ZeroOptimizer>,
     /// Test hook: this rank fails when it reaches this step (simulates a crashed rank).
     pub fail_at_step: Option<u64>,
+    /// Test hook: an inf is written into the gradients at these steps.
+    pub inject_overflow_at: Vec<u64>,
+    /// Whether the last step was skipped (fp16 overflow).
+    pub last_step_skipped: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -136,13 +140,16 @@ impl Trainer {
             warmup_steps: t.warmup_steps,
             total_steps: t.max_steps,
         };
-        let state = match resume {
+        let mut state = match resume {
             Some(dir) => checkpoint::load_state(dir, &params, &mut opt)?,
             None => TrainerState {
                 data_seed: t.seed,
                 ..Default::default()
             },
         };
+        if cfg.parallel.precision == "fp16" && state.loss_scaler.is_none() {
+            state.loss_scaler = Some(crate::optim::LossScaler::default());
+        }
         let zero = match (&comm, cfg.parallel.zero_stage) {
             (Some(c), stage) if stage >= 1 => {
                 let fresh = AdamW::new(opt.cfg.clone());
@@ -170,6 +177,8 @@ impl Trainer {
             last_step_comm_bytes: 0,
             zero,
             fail_at_step: None,
+            inject_overflow_at: Vec::new(),
+            last_step_skipped: false,
         })
     }
 
@@ -219,22 +228,36 @@ impl Trainer {
             (Some(c), None) => Sink::Data(DataParallelSink::new(c, bucket, ready)),
             _ => Sink::Local(GradAccumulator::default()),
         };
+        // Mixed precision: compute on a low-precision copy of the fp32 masters; gradients come
+        // back to fp32 before any sink sees them.
+        let dtype = self.cfg.parallel.compute_dtype();
+        let compute = (dtype != DType::F32)
+            .then(|| self.params.cast(dtype))
+            .transpose()?;
+        let weights = compute.as_ref().unwrap_or(&self.params);
+        let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut loss = 0.0f32;
         for (i, seqs) in mine.iter().enumerate() {
             let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
+            let inputs = if dtype == DType::F32 {
+                mb.inputs
+            } else {
+                mb.inputs.to_dtype(dtype)?
+            };
             let targets = mb.targets;
-            let loss_fn = move |logits: &Tensor| lm_loss(logits, &targets, norm);
+            let loss_fn = move |logits: &Tensor| Ok((lm_loss(logits, &targets, norm)? * scale)?);
+            let mut to_f32 = ToF32(sink.hooks(i + 1 == mine.len()));
             let out = self.executor.forward_backward(
                 &self.model,
-                &self.params,
+                weights,
                 &mb.ids,
-                &mb.inputs,
+                &inputs,
                 &loss_fn,
-                sink.hooks(i + 1 == mine.len()),
+                &mut to_f32,
             )?;
-            loss += out.loss;
+            loss += out.loss / scale as f32;
         }
-        let grads = match sink {
+        let mut grads = match sink {
             Sink::Zero(z) => StepGrads::Shard(z.finish()?),
             Sink::Data(d) => StepGrads::Full(d.finish()?),
             Sink::Local(l) => StepGrads::Full(l.grads),
@@ -243,30 +266,54 @@ impl Trainer {
             let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
             loss = l.to_vec1::<f32>()?[0];
         }
+        if self.inject_overflow_at.contains(&self.state.step) {
+            grads.poison()?;
+        }
+        if scale != 1.0 {
+            grads.scale(1.0 / scale)?;
+        }
+        // The global norm is identical on every rank, so an inf/nan anywhere skips everywhere.
+        let grad_norm = match (&grads, &self.zero) {
+            (StepGrads::Shard(shard), Some(z)) => {
+                z.grad_norm(self.comm.as_deref().expect("ZeRO comm"), shard)?
+            }
+            (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
+            (StepGrads::Shard(_), None) => unreachable!("shards only under ZeRO"),
+        };
+        let overflow = !grad_norm.is_finite();
+        let may_step = match self.state.loss_scaler.as_mut() {
+            Some(scaler) => scaler.update(overflow),
+            None => !overflow,
+        };
+        self.last_step_skipped = !may_step;
         let clip = self.cfg.train.grad_clip;
         let lr = self.schedule.lr(self.state.step as usize);
-        let grad_norm = match grads {
-            StepGrads::Shard(shard) => {
-                let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
-                let zero = self
-                    .zero
-                    .as_mut()
-                    .expect("ZeRO sink implies ZeRO optimizer");
-                let n = zero.step(comm, &self.params, shard, lr, clip)?;
-                self.state.optimizer_step = zero.adam.step;
-                n
+        if may_step {
+            match grads {
+                StepGrads::Shard(shard) => {
+                    let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
+                    let zero = self
+                        .zero
+                        .as_mut()
+                        .expect("ZeRO sink implies ZeRO optimizer");
+                    zero.step(comm, &self.params, shard, lr, clip, grad_norm)?;
+                    self.state.optimizer_step = zero.adam.step;
+                }
+                StepGrads::Full(mut grads) => {
+                    if clip > 0.0 {
+                        clip_grad_norm(&mut grads, clip)?;
+                    }
+                    self.opt.step(&self.params, &grads, lr)?;
+                    self.state.optimizer_step = self.opt.step;
+                }
             }
-            StepGrads::Full(mut grads) => {
-                let n = if clip > 0.0 {
-                    clip_grad_norm(&mut grads, clip)?
-                } else {
-                    crate::optim::global_grad_norm(&grads)?
-                };
-                self.opt.step(&self.params, &grads, lr)?;
-                self.state.optimizer_step = self.opt.step;
-                n
-            }
-        };
+        } else {
+            self.state.skipped_steps += 1;
+            tracing::warn!(
+                step = self.state.step + 1,
+                "inf/nan gradients: step skipped"
+            );
+        }
         self.state.step += 1;
         self.state.cursor += bs as u64;
         self.state.tokens_seen += (bs * self.seq_len()) as u64;
@@ -300,6 +347,10 @@ impl Trainer {
             self.comm.as_ref().map_or(0, |c| c.rank()),
             self.comm.as_ref().map_or(1, |c| c.size()),
         );
+        let dtype = self.cfg.parallel.compute_dtype();
+        let compute = (dtype != DType::F32)
+            .then(|| self.params.cast(dtype))
+            .transpose()?;
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in (0..batches).skip(rank).step_by(ranks) {
             let start = b * mbs;
@@ -313,9 +364,13 @@ impl Trainer {
                 self.cfg.data.boundary_aware,
                 &self.device,
             )?;
+            let (weights, inputs) = match &compute {
+                Some(c) => (c, mb.inputs.to_dtype(dtype)?),
+                None => (&self.params, mb.inputs.clone()),
+            };
             let logits = self
                 .executor
-                .forward(&self.model, &self.params, &mb.ids, &mb.inputs)?;
+                .forward(&self.model, weights, &mb.ids, &inputs)?;
             let l = lm_loss(&logits, &mb.targets, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
             count += mb.loss_tokens;
@@ -400,6 +455,12 @@ impl Trainer {
                 "tokens": self.state.tokens_seen, "tokens_per_s": tokens_per_step / secs,
                 "step_s": secs, "comm_bytes": self.last_step_comm_bytes,
             });
+            if let Some(sc) = &self.state.loss_scaler {
+                rec["loss_scale"] = json!(sc.scale);
+            }
+            if self.last_step_skipped {
+                rec["skipped"] = json!(true);
+            }
             let (mp, mg, mo) = self.memory_bytes();
             rec["mem_params_bytes"] = json!(mp);
             rec["mem_grads_bytes"] = json!(mg);
@@ -466,6 +527,54 @@ impl<'a> Sink<'a> {
 enum StepGrads {
     Full(Grads),
     Shard(Vec<f32>),
+}
+
+impl StepGrads {
+    fn scale(&mut self, factor: f64) -> Result<()> {
+        match self {
+            StepGrads::Full(g) => {
+                let names: Vec<String> = g.names().cloned().collect();
+                for n in names {
+                    let t = (g.get(&n).expect("listed") * factor)?;
+                    g.set(&n, t);
+                }
+            }
+            StepGrads::Shard(v) => v.iter_mut().for_each(|x| *x = (*x as f64 * factor) as f32),
+        }
+        Ok(())
+    }
+
+    /// Writes an inf into the gradients (test hook for overflow handling).
+    fn poison(&mut self) -> Result<()> {
+        match self {
+            StepGrads::Full(g) => {
+                let first = g.names().next().cloned();
+                if let Some(n) = first {
+                    let t = (g.get(&n).expect("listed") * f64::INFINITY)?;
+                    g.set(&n, t);
+                }
+            }
+            StepGrads::Shard(v) => {
+                if let Some(x) = v.first_mut() {
+                    *x = f32::INFINITY;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hands gradients of a low-precision compute copy to a sink in fp32.
+struct ToF32<'a, 'b>(&'a mut (dyn Hooks + 'b));
+
+impl Hooks for ToF32<'_, '_> {
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        let grads = grads
+            .into_iter()
+            .map(|(n, g)| Ok((n, g.to_dtype(DType::F32)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.0.after_backward(block, grads)
+    }
 }
 
 /// Runs training as configured: one rank in this thread, or `parallel.nproc` local ranks as
