@@ -1,6 +1,7 @@
 //! `llama-pretrain`: LLaMA (continued) pretraining on the colossal-rs core.
 
 mod bench;
+mod bench_parallel;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,8 @@ enum Cmd {
     },
     /// Tokens/s and GFLOP/s of one training step on a fixed tiny config; writes JSON.
     Bench(bench::BenchArgs),
+    /// Step time, model-state bytes and bytes sent per rank for N local ranks × ZeRO stages.
+    BenchParallel(bench_parallel::BenchParallelArgs),
 }
 
 fn main() -> Result<()> {
@@ -97,6 +100,7 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Bench(args) => bench::run(&args)?,
+        Cmd::BenchParallel(args) => bench_parallel::run(&args)?,
     }
     Ok(())
 }
