@@ -47,8 +47,8 @@ fn run(
             losses.push(t.train_step()?.0);
             bytes.push(t.last_step_comm_bytes);
         }
-        let params = t
-            .params
+        let full = t.full_params()?;
+        let params = full
             .iter()
             .map(|(n, v)| {
                 (
@@ -72,6 +72,25 @@ fn run(
     results.swap_remove(0)
 }
 
+/// ZeRO-3 bytes per micro-batch: each parameter is all-gathered once per block using it in the
+/// forward, again for each recomputed (non-last) block in the backward, and reduce-scattered
+/// once; each such collective sends (N−1)·⌈len/N⌉ elements. Here the tied embedding serves the
+/// first and the last block (3 gathers), decoder weights one block (2), the final norm only the
+/// last block (1).
+fn zero3_bytes(params: &[(String, Vec<f32>)], ranks: usize) -> f64 {
+    params
+        .iter()
+        .map(|(name, v)| {
+            let gathers = match name.as_str() {
+                "model.embed_tokens.weight" => 3,
+                "model.norm.weight" => 1,
+                _ => 2,
+            };
+            ((gathers + 1) * (ranks - 1) * v.len().div_ceil(ranks) * 4) as f64
+        })
+        .sum()
+}
+
 fn rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
@@ -83,7 +102,7 @@ fn data_parallel_and_zero_match_one_rank() {
     let data = prepare(tmp.path());
     let (ref_losses, ref_params, _, _) = run(&data, &tmp.path().join("ref"), 1, 8, 0);
     let psi: usize = ref_params.iter().map(|(_, v)| v.len()).sum();
-    for zero in [0u8, 1, 2] {
+    for zero in [0u8, 1, 2, 3] {
         // (ranks, micro-batch): micro-batches per rank = 8 / micro / ranks.
         for (ranks, micro) in [(2, 4), (2, 2), (4, 2), (4, 1)] {
             let out = tmp.path().join(format!("z{zero}-dp{ranks}-{micro}"));
@@ -108,10 +127,10 @@ fn data_parallel_and_zero_match_one_rank() {
             // Communication: all-reduce (DP), or reduce-scatter + all-gather (ZeRO), each
             // 2Ψ(N−1)/N; ZeRO-2 reduce-scatters every micro-batch.
             let unit = psi as f64 * (ranks - 1) as f64 / ranks as f64 * 4.0;
-            let theory = if zero == 2 {
-                unit * (accumulation as f64 + 1.0)
-            } else {
-                2.0 * unit
+            let theory = match zero {
+                2 => unit * (accumulation as f64 + 1.0),
+                3 => zero3_bytes(&ref_params, ranks) * accumulation as f64,
+                _ => 2.0 * unit,
             };
             for b in bytes {
                 let r = (b as f64 - theory).abs() / theory;
@@ -120,10 +139,15 @@ fn data_parallel_and_zero_match_one_rank() {
             // Memory: moments 8·⌈Ψ/N⌉ from stage 1, gradient shard 4·⌈Ψ/N⌉ at stage 2.
             let shard = psi.div_ceil(ranks) as u64;
             let psi = psi as u64;
+            let chunks: u64 = ref_params
+                .iter()
+                .map(|(_, v)| v.len().div_ceil(ranks) as u64)
+                .sum();
             let want = match zero {
                 0 => (4 * psi, 4 * psi, 8 * psi),
                 1 => (4 * psi, 4 * psi, 8 * shard),
-                _ => (4 * psi, 4 * shard, 8 * shard),
+                2 => (4 * psi, 4 * shard, 8 * shard),
+                _ => (4 * chunks, 4 * chunks, 8 * chunks),
             };
             assert_eq!(mem, want);
         }

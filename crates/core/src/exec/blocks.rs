@@ -83,9 +83,35 @@ pub struct StepOutput {
     pub loss: f32,
 }
 
+/// Where a block's parameters come from. The whole model's `Params` hand every block the same
+/// variables; a sharded source (ZeRO-3) gathers a block's parameters on `acquire` and lets them
+/// go when the returned `Params` is dropped.
+pub trait ParamSource {
+    fn acquire(&mut self, block: usize) -> Result<Params>;
+    /// Parameters exist only while their block runs: the executor then recomputes every block
+    /// in backward instead of keeping graphs (which would hold the gathered weights).
+    fn sharded(&self) -> bool {
+        false
+    }
+}
+
+/// All parameters resident.
+pub struct FullParams<'a>(pub &'a Params);
+
+impl ParamSource for FullParams<'_> {
+    fn acquire(&mut self, _block: usize) -> Result<Params> {
+        Ok(self.0.clone())
+    }
+}
+
 enum Saved {
-    /// The block's input (a Var so its gradient can be read) and output with its graph.
-    Graph { input: Option<Var>, output: Tensor },
+    /// The block's input (a Var so its gradient can be read), output with its graph, and the
+    /// parameters the graph was built on.
+    Graph {
+        input: Option<Var>,
+        output: Tensor,
+        params: Params,
+    },
     /// Only the (detached) input; the block is recomputed in backward.
     Input(Tensor),
 }
@@ -99,9 +125,21 @@ impl Executor {
         inputs: &Tensor,
         ctx: &M::Ctx,
     ) -> Result<Tensor> {
+        self.forward_with(model, &mut FullParams(params), inputs, ctx)
+    }
+
+    /// [`Self::forward`] with parameters from `source`.
+    pub fn forward_with<M: BlockModel>(
+        &self,
+        model: &M,
+        source: &mut dyn ParamSource,
+        inputs: &Tensor,
+        ctx: &M::Ctx,
+    ) -> Result<Tensor> {
         let mut x = inputs.clone();
         for i in 0..model.num_blocks() {
-            x = model.block_forward(i, params, &x, ctx)?.detach();
+            let params = source.acquire(i)?;
+            x = model.block_forward(i, &params, &x, ctx)?.detach();
         }
         Ok(x)
     }
@@ -117,24 +155,43 @@ impl Executor {
         loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
         hooks: &mut dyn Hooks,
     ) -> Result<StepOutput> {
+        self.forward_backward_with(model, &mut FullParams(params), inputs, ctx, loss_fn, hooks)
+    }
+
+    /// [`Self::forward_backward`] with parameters from `source`.
+    pub fn forward_backward_with<M: BlockModel>(
+        &self,
+        model: &M,
+        source: &mut dyn ParamSource,
+        inputs: &Tensor,
+        ctx: &M::Ctx,
+        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<StepOutput> {
+        let recompute = self.activation_checkpointing || source.sharded();
         let n = model.num_blocks();
         let mut saved: Vec<Saved> = Vec::with_capacity(n);
         let mut x = inputs.clone();
         let mut loss = None;
         for i in 0..n {
             hooks.before_forward(i)?;
+            let params = source.acquire(i)?;
             let last = i + 1 == n;
-            if self.activation_checkpointing && !last {
-                let y = model.block_forward(i, params, &x, ctx)?.detach();
+            if recompute && !last {
+                let y = model.block_forward(i, &params, &x, ctx)?.detach();
                 saved.push(Saved::Input(x));
                 x = y;
             } else {
-                let (input, y) = tracked_forward(model, i, params, &x, ctx)?;
+                let (input, y) = tracked_forward(model, i, &params, &x, ctx)?;
                 if last {
                     loss = Some(loss_fn(&y)?);
                 }
                 x = y.detach();
-                saved.push(Saved::Graph { input, output: y });
+                saved.push(Saved::Graph {
+                    input,
+                    output: y,
+                    params,
+                });
             }
             hooks.after_forward(i)?;
         }
@@ -144,18 +201,23 @@ impl Executor {
         let mut grad_out: Option<Tensor> = None;
         for i in (0..n).rev() {
             hooks.before_backward(i)?;
-            let (input, root) = match saved.pop().expect("one entry per block") {
-                Saved::Graph { input, output } => {
+            let (input, root, params) = match saved.pop().expect("one entry per block") {
+                Saved::Graph {
+                    input,
+                    output,
+                    params,
+                } => {
                     let root = match &grad_out {
                         None => loss.clone(),
                         Some(g) => (output * g)?.sum_all()?,
                     };
-                    (input, root)
+                    (input, root, params)
                 }
                 Saved::Input(x) => {
-                    let (input, y) = tracked_forward(model, i, params, &x, ctx)?;
+                    let params = source.acquire(i)?;
+                    let (input, y) = tracked_forward(model, i, &params, &x, ctx)?;
                     let g = grad_out.as_ref().expect("recomputed blocks are not last");
-                    (input, (y * g)?.sum_all()?)
+                    (input, (y * g)?.sum_all()?, params)
                 }
             };
             let mut store = root.backward()?;
@@ -171,6 +233,7 @@ impl Executor {
                 None => None,
             };
             drop(store);
+            drop(params);
             hooks.after_backward(i, block_grads)?;
         }
         Ok(StepOutput { loss: loss_value })

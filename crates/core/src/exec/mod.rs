@@ -2,4 +2,7 @@
 mod blocks;
 mod llama;
 
-pub use blocks::{grad_ready_block, BlockModel, Executor, GradAccumulator, Hooks, StepOutput};
+pub use blocks::{
+    grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator, Hooks, ParamSource,
+    StepOutput,
+};

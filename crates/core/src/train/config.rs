@@ -32,7 +32,8 @@ pub struct ParallelConfig {
     /// Data-parallel degree (defaults to nproc).
     #[serde(default)]
     pub dp: Option<usize>,
-    /// ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients).
+    /// ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients),
+    /// 3 (+ parameters, gathered block by block).
     #[serde(default)]
     pub zero_stage: u8,
     /// Compute precision: `fp32`, `bf16` or `fp16` (fp32 master weights and moments; fp16
@@ -77,9 +78,9 @@ impl ParallelConfig {
                 self.backend
             ));
         }
-        if self.zero_stage > 2 {
+        if self.zero_stage > 3 {
             return Err(format!(
-                "parallel.zero_stage {}: stages 0, 1 and 2 are available (stage 3 is not yet)",
+                "parallel.zero_stage {}: expected 0, 1, 2 or 3",
                 self.zero_stage
             ));
         }

@@ -1,6 +1,7 @@
 //! The training loop: global batch → micro-batches through the block-wise executor →
 //! clip → AdamW → schedule; evaluation, checkpoints, metrics.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,11 +15,15 @@ use super::{MetricsWriter, TrainConfig};
 use crate::checkpoint::llama as hf_llama;
 use crate::data::PackedDataset;
 use crate::dist::{run_local, Communicator, ReduceOp};
-use crate::exec::{grad_ready_block, Executor, GradAccumulator, Hooks};
+use crate::exec::{
+    grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator, Hooks, ParamSource,
+};
 use crate::models::llama::{init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::parallel::{DataParallelSink, FlatLayout, ZeroGradSink, ZeroOptimizer};
+use crate::parallel::{
+    DataParallelSink, FlatLayout, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
+};
 use crate::params::{Grads, Params};
 use crate::{Error, Result};
 
@@ -37,8 +42,10 @@ pub struct Trainer {
     comm: Option<Box<dyn Communicator>>,
     /// Bytes this rank sent during the last step.
     pub last_step_comm_bytes: u64,
-    /// Sharded optimizer when `parallel.zero_stage` ≥ 1 over several ranks.
+    /// Sharded optimizer when `parallel.zero_stage` is 1 or 2 over several ranks.
     zero: Option<ZeroOptimizer>,
+    /// Sharded parameters and optimizer under ZeRO-3 (then `params` is empty).
+    zero3: Option<Zero3>,
     /// Test hook: this rank fails when it reaches this step (simulates a crashed rank).
     pub fail_at_step: Option<u64>,
     /// Test hook: an inf is written into the gradients at these steps.
@@ -150,8 +157,20 @@ impl Trainer {
         if cfg.parallel.precision == "fp16" && state.loss_scaler.is_none() {
             state.loss_scaler = Some(crate::optim::LossScaler::default());
         }
+        let mut params = params;
+        let zero3 = match (&comm, cfg.parallel.zero_stage) {
+            (Some(c), 3) => {
+                let fresh = AdamW::new(opt.cfg.clone());
+                let full = std::mem::replace(&mut opt, fresh);
+                let z = Zero3::from_full(&params, full, c.rank(), c.size())?;
+                // Only the shards stay: the full weights are gathered block by block.
+                params = Params::new();
+                Some(z)
+            }
+            _ => None,
+        };
         let zero = match (&comm, cfg.parallel.zero_stage) {
-            (Some(c), stage) if stage >= 1 => {
+            (Some(c), stage @ 1..=2) => {
                 let fresh = AdamW::new(opt.cfg.clone());
                 let full = std::mem::replace(&mut opt, fresh);
                 let layout = FlatLayout::new(&params, c.size());
@@ -176,6 +195,7 @@ impl Trainer {
             comm,
             last_step_comm_bytes: 0,
             zero,
+            zero3,
             fail_at_step: None,
             inject_overflow_at: Vec::new(),
             last_step_skipped: false,
@@ -221,20 +241,18 @@ impl Trainer {
         let mine: Vec<_> = batch.seqs.chunks(mbs).skip(rank).step_by(ranks).collect();
         let bucket = (self.cfg.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
         let ready = grad_ready_block(&self.model);
-        let mut sink = match (self.comm.as_deref(), &self.zero) {
-            (Some(c), Some(z)) => {
+        let mut sink = match (self.comm.as_deref(), &self.zero, &self.zero3) {
+            (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
+            (Some(c), Some(z), _) => {
                 Sink::Zero(ZeroGradSink::new(c, &z.layout, z.stage, ready, bucket))
             }
-            (Some(c), None) => Sink::Data(DataParallelSink::new(c, bucket, ready)),
+            (Some(c), None, _) => Sink::Data(DataParallelSink::new(c, bucket, ready)),
             _ => Sink::Local(GradAccumulator::default()),
         };
         // Mixed precision: compute on a low-precision copy of the fp32 masters; gradients come
         // back to fp32 before any sink sees them.
         let dtype = self.cfg.parallel.compute_dtype();
-        let compute = (dtype != DType::F32)
-            .then(|| self.params.cast(dtype))
-            .transpose()?;
-        let weights = compute.as_ref().unwrap_or(&self.params);
+        let mut weights = self.weights(dtype)?;
         let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut loss = 0.0f32;
         for (i, seqs) in mine.iter().enumerate() {
@@ -247,9 +265,9 @@ impl Trainer {
             let targets = mb.targets;
             let loss_fn = move |logits: &Tensor| Ok((lm_loss(logits, &targets, norm)? * scale)?);
             let mut to_f32 = ToF32(sink.hooks(i + 1 == mine.len()));
-            let out = self.executor.forward_backward(
+            let out = self.executor.forward_backward_with(
                 &self.model,
-                weights,
+                &mut weights,
                 &mb.ids,
                 &inputs,
                 &loss_fn,
@@ -257,7 +275,9 @@ impl Trainer {
             )?;
             loss += out.loss / scale as f32;
         }
+        drop(weights);
         let mut grads = match sink {
+            Sink::Zero3(z) => StepGrads::Chunks(z.finish()?),
             Sink::Zero(z) => StepGrads::Shard(z.finish()?),
             Sink::Data(d) => StepGrads::Full(d.finish()?),
             Sink::Local(l) => StepGrads::Full(l.grads),
@@ -278,6 +298,10 @@ impl Trainer {
                 z.grad_norm(self.comm.as_deref().expect("ZeRO comm"), shard)?
             }
             (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
+            (StepGrads::Chunks(c), _) => {
+                let z3 = self.zero3.as_ref().expect("chunks only under ZeRO-3");
+                z3.grad_norm(self.comm.as_deref().expect("ZeRO comm"), c)?
+            }
             (StepGrads::Shard(_), None) => unreachable!("shards only under ZeRO"),
         };
         let overflow = !grad_norm.is_finite();
@@ -290,6 +314,11 @@ impl Trainer {
         let lr = self.schedule.lr(self.state.step as usize);
         if may_step {
             match grads {
+                StepGrads::Chunks(chunks) => {
+                    let z3 = self.zero3.as_mut().expect("chunks only under ZeRO-3");
+                    z3.step(chunks, lr, clip, grad_norm);
+                    self.state.optimizer_step = z3.adam.step;
+                }
                 StepGrads::Shard(shard) => {
                     let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
                     let zero = self
@@ -322,8 +351,40 @@ impl Trainer {
         Ok((loss, grad_norm, lr))
     }
 
+    /// Where blocks get their weights this step: the fp32 masters, a low-precision copy of them,
+    /// or ZeRO-3 gathers.
+    fn weights(&self, dtype: DType) -> Result<Weights<'_>> {
+        if let (Some(z), Some(comm)) = (&self.zero3, self.comm.as_deref()) {
+            let blocks = (0..self.model.num_blocks())
+                .map(|b| self.model.block_param_names(b))
+                .collect();
+            return Ok(Weights::Zero3(Zero3Source {
+                zero: z,
+                comm,
+                block_params: blocks,
+                dtype,
+            }));
+        }
+        Ok(if dtype == DType::F32 {
+            Weights::Full(FullParams(&self.params))
+        } else {
+            Weights::Cast(self.params.cast(dtype)?)
+        })
+    }
+
+    /// All parameters (gathered from every rank under ZeRO-3, so then every rank must call it).
+    pub fn full_params(&self) -> Result<Params> {
+        match (&self.zero3, self.comm.as_deref()) {
+            (Some(z), Some(c)) => Ok(z.gather_full(c)?.0),
+            _ => Ok(self.params.clone()),
+        }
+    }
+
     /// Bytes this rank holds for (parameters, gradients, optimizer moments), fp32.
     pub fn memory_bytes(&self) -> (u64, u64, u64) {
+        if let Some(z) = &self.zero3 {
+            return z.memory();
+        }
         match &self.zero {
             Some(z) => z.memory(),
             None => {
@@ -335,9 +396,15 @@ impl Trainer {
 
     /// Mean validation loss per target token over `eval_batches` batches (0 = all).
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
-        let Some(val) = self.val_data.as_mut() else {
+        let Some(mut val) = self.val_data.take() else {
             return Ok(None);
         };
+        let result = self.evaluate_on(&mut val);
+        self.val_data = Some(val);
+        result
+    }
+
+    fn evaluate_on(&self, val: &mut PackedDataset) -> Result<Option<f64>> {
         let mbs = self.cfg.train.micro_batch_size;
         let batches = match self.cfg.train.eval_batches {
             0 => val.len().div_ceil(mbs),
@@ -348,9 +415,7 @@ impl Trainer {
             self.comm.as_ref().map_or(1, |c| c.size()),
         );
         let dtype = self.cfg.parallel.compute_dtype();
-        let compute = (dtype != DType::F32)
-            .then(|| self.params.cast(dtype))
-            .transpose()?;
+        let mut weights = self.weights(dtype)?;
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in (0..batches).skip(rank).step_by(ranks) {
             let start = b * mbs;
@@ -364,13 +429,14 @@ impl Trainer {
                 self.cfg.data.boundary_aware,
                 &self.device,
             )?;
-            let (weights, inputs) = match &compute {
-                Some(c) => (c, mb.inputs.to_dtype(dtype)?),
-                None => (&self.params, mb.inputs.clone()),
+            let inputs = if dtype == DType::F32 {
+                mb.inputs.clone()
+            } else {
+                mb.inputs.to_dtype(dtype)?
             };
             let logits = self
                 .executor
-                .forward(&self.model, weights, &mb.ids, &inputs)?;
+                .forward_with(&self.model, &mut weights, &mb.ids, &inputs)?;
             let l = lm_loss(&logits, &mb.targets, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
             count += mb.loss_tokens;
@@ -390,14 +456,21 @@ impl Trainer {
             (Some(z), Some(c)) => Some(z.gather_full(c)?),
             _ => None,
         };
+        let gathered3 = match (&self.zero3, self.comm.as_deref()) {
+            (Some(z), Some(c)) => Some(z.gather_full(c)?),
+            _ => None,
+        };
         if !self.is_main() {
             return Ok(None);
         }
-        let opt = gathered.as_ref().unwrap_or(&self.opt);
+        let (params, opt) = match &gathered3 {
+            Some((p, o)) => (p, o),
+            None => (&self.params, gathered.as_ref().unwrap_or(&self.opt)),
+        };
         let out = &self.cfg.train.out_dir;
         let dir = checkpoint::checkpoint_dir(out, self.state.step);
         let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
-        checkpoint::save(&dir, &self.model, &self.params, opt, &self.state, shard)?;
+        checkpoint::save(&dir, &self.model, params, opt, &self.state, shard)?;
         checkpoint::prune(out, self.cfg.train.keep_last)?;
         tracing::info!(dir = %dir.display(), "checkpoint saved");
         Ok(Some(dir))
@@ -503,6 +576,7 @@ impl Trainer {
 /// The gradient sink of a step: plain accumulation, data parallel, or ZeRO.
 enum Sink<'a> {
     Local(GradAccumulator),
+    Zero3(Zero3GradSink<'a>),
     Data(DataParallelSink<'a>),
     Zero(ZeroGradSink<'a>),
 }
@@ -511,6 +585,7 @@ impl<'a> Sink<'a> {
     fn hooks(&mut self, last_micro_batch: bool) -> &mut (dyn Hooks + 'a) {
         match self {
             Sink::Local(l) => l,
+            Sink::Zero3(z) => z,
             Sink::Data(d) => {
                 d.last_micro_batch = last_micro_batch;
                 d
@@ -527,6 +602,8 @@ impl<'a> Sink<'a> {
 enum StepGrads {
     Full(Grads),
     Shard(Vec<f32>),
+    /// ZeRO-3: this rank's chunk of each parameter's gradient.
+    Chunks(HashMap<String, Vec<f32>>),
 }
 
 impl StepGrads {
@@ -540,6 +617,10 @@ impl StepGrads {
                 }
             }
             StepGrads::Shard(v) => v.iter_mut().for_each(|x| *x = (*x as f64 * factor) as f32),
+            StepGrads::Chunks(c) => c
+                .values_mut()
+                .flatten()
+                .for_each(|x| *x = (*x as f64 * factor) as f32),
         }
         Ok(())
     }
@@ -559,8 +640,33 @@ impl StepGrads {
                     *x = f32::INFINITY;
                 }
             }
+            StepGrads::Chunks(c) => {
+                if let Some(x) = c.values_mut().flatten().next() {
+                    *x = f32::INFINITY;
+                }
+            }
         }
         Ok(())
+    }
+}
+
+enum Weights<'a> {
+    Full(FullParams<'a>),
+    Cast(Params),
+    Zero3(Zero3Source<'a>),
+}
+
+impl ParamSource for Weights<'_> {
+    fn acquire(&mut self, block: usize) -> Result<Params> {
+        match self {
+            Weights::Full(f) => f.acquire(block),
+            Weights::Cast(p) => Ok(p.clone()),
+            Weights::Zero3(z) => z.acquire(block),
+        }
+    }
+
+    fn sharded(&self) -> bool {
+        matches!(self, Weights::Zero3(_))
     }
 }
 

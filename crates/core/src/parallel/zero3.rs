@@ -1,0 +1,274 @@
+//! ZeRO stage 3: parameters sharded too. Each parameter is split into N equal chunks
+//! (⌈len/N⌉, zero-padded); rank r keeps chunk r of every parameter, of its gradient and of its
+//! AdamW moments. A block's parameters are all-gathered just before its forward and again before
+//! its backward (the executor recomputes every block), and dropped right after; gradients are
+//! reduce-scattered into the chunks as soon as they are complete, every micro-batch.
+//!
+//! Per-rank memory (fp32): parameter chunks 4Ψ/N + gradient chunks 4Ψ/N + moments 8Ψ/N = 16Ψ/N
+//! (plus padding, < N elements per parameter), and one block's gathered parameters while it runs.
+//! Communication per step and rank: two all-gathers and one reduce-scatter, 3Ψ(N−1)/N elements
+//! (with k micro-batches per rank: 3kΨ(N−1)/N).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::dist::{Communicator, ReduceOp};
+use crate::exec::{Hooks, ParamSource};
+use crate::optim::{AdamW, AdamWKernel};
+use crate::params::{Grads, Params};
+use crate::Result;
+
+struct Entry {
+    name: String,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+pub struct Zero3 {
+    entries: Vec<Entry>,
+    rank: usize,
+    ranks: usize,
+    chunks: HashMap<String, Vec<f32>>,
+    m: HashMap<String, Vec<f32>>,
+    v: HashMap<String, Vec<f32>>,
+    pub adam: AdamW,
+}
+
+impl Zero3 {
+    fn chunk_len(&self, len: usize) -> usize {
+        len.div_ceil(self.ranks)
+    }
+
+    fn own_chunk(values: &[f32], rank: usize, chunk: usize) -> Vec<f32> {
+        let mut out = vec![0.0; chunk];
+        let start = (rank * chunk).min(values.len());
+        let end = ((rank + 1) * chunk).min(values.len());
+        out[..end - start].copy_from_slice(&values[start..end]);
+        out
+    }
+
+    /// Keeps only this rank's chunks of `params` and of the moments in `full`.
+    pub fn from_full(params: &Params, full: AdamW, rank: usize, ranks: usize) -> Result<Self> {
+        let mut z = Self {
+            entries: Vec::new(),
+            rank,
+            ranks,
+            chunks: HashMap::new(),
+            m: HashMap::new(),
+            v: HashMap::new(),
+            adam: AdamW {
+                cfg: full.cfg.clone(),
+                step: full.step,
+                m: HashMap::new(),
+                v: HashMap::new(),
+            },
+        };
+        for (name, var) in params.iter() {
+            let len = var.elem_count();
+            let chunk = z.chunk_len(len);
+            let values: Vec<f32> = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            z.chunks
+                .insert(name.to_string(), Self::own_chunk(&values, rank, chunk));
+            let zeros = vec![0.0; len];
+            let m = full.m.get(name).unwrap_or(&zeros);
+            let v = full.v.get(name).unwrap_or(&zeros);
+            z.m.insert(name.to_string(), Self::own_chunk(m, rank, chunk));
+            z.v.insert(name.to_string(), Self::own_chunk(v, rank, chunk));
+            z.entries.push(Entry {
+                name: name.to_string(),
+                shape: var.dims().to_vec(),
+                len,
+            });
+        }
+        Ok(z)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| crate::msg!("no parameter `{name}`"))
+    }
+
+    /// The whole parameter `name`, gathered from every rank's chunk.
+    pub fn gather(&self, comm: &dyn Communicator, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let chunk = &self.chunks[name];
+        let full = comm.all_gather(&Tensor::from_slice(chunk, chunk.len(), &Device::Cpu)?)?;
+        Ok(full.narrow(0, 0, e.len)?.reshape(e.shape.as_slice())?)
+    }
+
+    /// Every parameter and the full moments (collective), for checkpoints and evaluation.
+    pub fn gather_full(&self, comm: &dyn Communicator) -> Result<(Params, AdamW)> {
+        let mut params = Params::new();
+        let mut opt = AdamW::new(self.adam.cfg.clone());
+        opt.step = self.adam.step;
+        for e in &self.entries {
+            params.insert(
+                e.name.clone(),
+                Var::from_tensor(&self.gather(comm, &e.name)?)?,
+            );
+            for (src, dst) in [(&self.m, &mut opt.m), (&self.v, &mut opt.v)] {
+                let c = &src[&e.name];
+                let full = comm.all_gather(&Tensor::from_slice(c, c.len(), &Device::Cpu)?)?;
+                dst.insert(e.name.clone(), full.narrow(0, 0, e.len)?.to_vec1()?);
+            }
+        }
+        Ok((params, opt))
+    }
+
+    /// Global gradient norm from every rank's chunks.
+    pub fn grad_norm(
+        &self,
+        comm: &dyn Communicator,
+        grads: &HashMap<String, Vec<f32>>,
+    ) -> Result<f64> {
+        let local: f64 = grads
+            .values()
+            .flatten()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum();
+        let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
+        Ok(total.to_vec1::<f64>()?[0].sqrt())
+    }
+
+    /// Clip by `norm`, then AdamW on this rank's chunks. No communication.
+    pub fn step(
+        &mut self,
+        mut grads: HashMap<String, Vec<f32>>,
+        lr: f64,
+        max_norm: f64,
+        norm: f64,
+    ) {
+        let coef = if max_norm > 0.0 {
+            (max_norm / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.adam.step += 1;
+        let k = AdamWKernel::new(&self.adam.cfg, self.adam.step, lr);
+        for e in &self.entries {
+            let Some(g) = grads.get_mut(&e.name) else {
+                continue;
+            };
+            if coef < 1.0 {
+                g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+            }
+            let decay = self.adam.decay_factor(&e.name, lr);
+            let (p, m, v) = (
+                self.chunks.get_mut(&e.name).expect("chunk"),
+                self.m.get_mut(&e.name).expect("m"),
+                self.v.get_mut(&e.name).expect("v"),
+            );
+            k.update(p, g, m, v, decay);
+        }
+    }
+
+    /// Bytes held for (parameter chunks, gradient chunks, moment chunks).
+    pub fn memory(&self) -> (u64, u64, u64) {
+        let p: usize = self.chunks.values().map(Vec::len).sum();
+        let o: usize = self.m.values().chain(self.v.values()).map(Vec::len).sum();
+        (4 * p as u64, 4 * p as u64, 4 * o as u64)
+    }
+}
+
+/// Gathers a block's parameters on demand (in the compute dtype).
+pub struct Zero3Source<'a> {
+    pub zero: &'a Zero3,
+    pub comm: &'a dyn Communicator,
+    pub block_params: Vec<Vec<String>>,
+    pub dtype: DType,
+}
+
+impl ParamSource for Zero3Source<'_> {
+    fn acquire(&mut self, block: usize) -> Result<Params> {
+        let mut p = Params::new();
+        for name in &self.block_params[block] {
+            let t = self.zero.gather(self.comm, name)?.to_dtype(self.dtype)?;
+            p.insert(name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(p)
+    }
+
+    fn sharded(&self) -> bool {
+        true
+    }
+}
+
+/// Reduce-scatters each complete gradient into this rank's chunk, every micro-batch.
+pub struct Zero3GradSink<'a> {
+    zero: &'a Zero3,
+    comm: &'a dyn Communicator,
+    ready_at: HashMap<String, usize>,
+    local: Grads,
+    pub chunks: HashMap<String, Vec<f32>>,
+}
+
+impl<'a> Zero3GradSink<'a> {
+    pub fn new(
+        zero: &'a Zero3,
+        comm: &'a dyn Communicator,
+        ready_at: HashMap<String, usize>,
+    ) -> Self {
+        Self {
+            zero,
+            comm,
+            ready_at,
+            local: Grads::new(),
+            chunks: HashMap::new(),
+        }
+    }
+
+    pub fn finish(self) -> Result<HashMap<String, Vec<f32>>> {
+        if !self.local.is_empty() {
+            return Err(crate::msg!("ZeRO-3: gradients left unreduced"));
+        }
+        Ok(self.chunks)
+    }
+}
+
+impl Hooks for Zero3GradSink<'_> {
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        let mut complete = Vec::new();
+        for (name, g) in grads {
+            if self.ready_at.get(&name).is_none_or(|&b| b == block) {
+                complete.push(name.clone());
+            }
+            self.local.accumulate(&name, g.to_dtype(DType::F32)?)?;
+        }
+        for name in complete {
+            let g = self
+                .local
+                .take(&name)
+                .expect("just accumulated")
+                .flatten_all()?;
+            let chunk = self.zero.chunk_len(g.elem_count());
+            let padded = chunk * self.zero.ranks;
+            let g = if padded > g.elem_count() {
+                let zeros = Tensor::zeros(padded - g.elem_count(), DType::F32, g.device())?;
+                Tensor::cat(&[&g, &zeros], 0)?
+            } else {
+                g
+            };
+            let mine: Vec<f32> = self.comm.reduce_scatter(&g, ReduceOp::Sum)?.to_vec1()?;
+            match self.chunks.get_mut(&name) {
+                Some(acc) => acc.iter_mut().zip(&mine).for_each(|(a, b)| *a += b),
+                None => {
+                    self.chunks.insert(name, mine);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Zero3 {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+}
