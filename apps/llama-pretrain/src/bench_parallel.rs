@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 pub struct BenchParallelArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub nproc: Vec<usize>,
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
     pub stages: Vec<u8>,
     #[arg(long, default_value_t = 256)]
     pub dim: usize,

@@ -173,62 +173,66 @@ fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
 }
 
 #[test]
-fn zero2_checkpoints_resume_exactly_and_into_one_rank() {
+fn zero_checkpoints_resume_exactly_and_into_one_rank() {
     use colossal_core::train::train;
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
-    let cfg = |out: &str, nproc: usize| {
-        let n = format!("parallel.nproc={nproc}");
-        config(
-            &data,
-            &tmp.path().join(out),
-            &[
-                "train.batch_size=8",
-                "train.micro_batch_size=2",
-                "parallel.zero_stage=2",
-                &n,
-                "train.lr=1e-3",
-            ],
-        )
-    };
-    // Same layout: 6 straight steps == 3 + resume 3, byte for byte (moments gathered and re-sharded).
-    let straight = train(cfg("straight", 2), None, None)
-        .unwrap()
-        .final_dir
-        .unwrap();
-    let half = train(cfg("split", 2), None, Some(3))
-        .unwrap()
-        .final_dir
-        .unwrap();
-    let resumed = train(cfg("split", 2), Some(&half), None)
-        .unwrap()
-        .final_dir
-        .unwrap();
-    for f in ["model.safetensors", "optimizer.safetensors"] {
-        assert_eq!(
-            std::fs::read(straight.join(f)).unwrap(),
-            std::fs::read(resumed.join(f)).unwrap(),
-            "{f}"
-        );
+    for stage in [2u8, 3] {
+        let cfg = |out: &str, nproc: usize| {
+            let n = format!("parallel.nproc={nproc}");
+            let z = format!("parallel.zero_stage={stage}");
+            let out = tmp.path().join(format!("z{stage}-{out}"));
+            config(
+                &data,
+                &out,
+                &[
+                    "train.batch_size=8",
+                    "train.micro_batch_size=2",
+                    &z,
+                    &n,
+                    "train.lr=1e-3",
+                ],
+            )
+        };
+        // Same layout: 6 straight steps == 3 + resume 3, byte for byte (state gathered and re-sharded).
+        let straight = train(cfg("straight", 2), None, None)
+            .unwrap()
+            .final_dir
+            .unwrap();
+        let half = train(cfg("split", 2), None, Some(3))
+            .unwrap()
+            .final_dir
+            .unwrap();
+        let resumed = train(cfg("split", 2), Some(&half), None)
+            .unwrap()
+            .final_dir
+            .unwrap();
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            let (a, b) = (
+                std::fs::read(straight.join(f)).unwrap(),
+                std::fs::read(resumed.join(f)).unwrap(),
+            );
+            assert_eq!(a, b, "stage {stage}: {f}");
+        }
+        // Another layout: the ZeRO × 2 checkpoint resumed on one rank tracks a one-rank run.
+        let one = train(cfg("one", 1), None, None).unwrap().final_dir.unwrap();
+        // (The split run has pruned its step-3 checkpoint by now: save a fresh one.)
+        let half = train(cfg("half", 2), None, Some(3))
+            .unwrap()
+            .final_dir
+            .unwrap();
+        let moved = train(cfg("moved", 1), Some(&half), None)
+            .unwrap()
+            .final_dir
+            .unwrap();
+        let worst = weights(&one)
+            .iter()
+            .zip(weights(&moved))
+            .map(|((_, a), (_, b))| rel(&b, a))
+            .fold(0f32, f32::max);
+        println!("ZeRO-{stage} x2 -> 1 rank resume: parameter rel diff {worst:e}");
+        assert!(worst <= 1e-5, "{worst:e}");
     }
-    // Another layout: the ZeRO-2 × 2 checkpoint resumed on one rank tracks a one-rank run.
-    let one = train(cfg("one", 1), None, None).unwrap().final_dir.unwrap();
-    // (The first split run has pruned its step-3 checkpoint by now: save a fresh one.)
-    let half = train(cfg("half", 2), None, Some(3))
-        .unwrap()
-        .final_dir
-        .unwrap();
-    let moved = train(cfg("moved", 1), Some(&half), None)
-        .unwrap()
-        .final_dir
-        .unwrap();
-    let worst = weights(&one)
-        .iter()
-        .zip(weights(&moved))
-        .map(|((_, a), (_, b))| rel(&b, a))
-        .fold(0f32, f32::max);
-    println!("ZeRO-2 x2 -> 1 rank resume: parameter rel diff {worst:e}");
-    assert!(worst <= 1e-5, "{worst:e}");
 }
 
 #[test]
