@@ -265,3 +265,73 @@ fn a_crashed_rank_stops_the_run_with_its_name() {
         "the other ranks must not wait for the timeout"
     );
 }
+
+#[test]
+fn disk_offload_trains_like_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let (ref_losses, ref_params, _, _) = run(&data, &tmp.path().join("ref"), 1, 8, 0);
+    let psi: u64 = ref_params.iter().map(|(_, v)| v.len() as u64).sum();
+    for (ranks, zero) in [(1usize, 3u8), (1, 1), (2, 2), (2, 3)] {
+        let out = tmp.path().join(format!("disk-z{zero}-dp{ranks}"));
+        let n = format!("parallel.nproc={ranks}");
+        let z = format!("parallel.zero_stage={zero}");
+        let cfg = config(
+            &data,
+            &out,
+            &[
+                "train.batch_size=8",
+                "train.micro_batch_size=4",
+                "train.lr=1e-3",
+                "train.min_lr=1e-4",
+                &n,
+                &z,
+                "parallel.offload=\"disk\"",
+            ],
+        );
+        let mut res = run_local(ranks, Duration::from_secs(60), |comm| {
+            let comm: Box<dyn Communicator> = Box::new(comm);
+            let mut t =
+                Trainer::new_rank(cfg.clone(), None, Device::Cpu, (ranks > 1).then_some(comm))?;
+            let losses = (0..STEPS)
+                .map(|_| Ok(t.train_step()?.0))
+                .collect::<colossal_core::Result<Vec<f32>>>()?;
+            let full = t.full_params()?;
+            let params: Vec<(String, Vec<f32>)> = full
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.to_string(),
+                        v.as_tensor()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            Ok((losses, params, t.memory_bytes(), t.offloaded_bytes()))
+        })
+        .unwrap();
+        let (losses, params, mem, offloaded) = res.swap_remove(0);
+        let dp = params
+            .iter()
+            .zip(&ref_params)
+            .map(|((_, a), (_, b))| rel(a, b))
+            .fold(0f32, f32::max);
+        println!("disk offload zero={zero} x{ranks}: loss rel diff {:e}, param rel diff {dp:e}, resident {mem:?}, on disk {offloaded} B", rel(&losses, &ref_losses));
+        assert!(rel(&losses, &ref_losses) <= 1e-5 && dp <= 1e-5);
+        assert_eq!(mem.2, 0, "moments are not resident");
+        let shard = psi.div_ceil(ranks as u64);
+        let expect_disk = if zero == 3 {
+            12 * ref_params
+                .iter()
+                .map(|(_, v)| v.len().div_ceil(ranks) as u64)
+                .sum::<u64>()
+        } else {
+            8 * shard
+        };
+        assert_eq!(offloaded, expect_disk);
+        assert!(out.join("offload/rank0").read_dir().unwrap().count() > 0);
+    }
+}

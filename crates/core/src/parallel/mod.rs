@@ -1,8 +1,10 @@
 //! Parallelism applied from outside the model, one file per dimension.
 pub mod data;
+pub mod offload;
 pub mod zero;
 pub mod zero3;
 
 pub use data::DataParallelSink;
+pub use offload::{Placement, StateBuf};
 pub use zero::{FlatLayout, ZeroGradSink, ZeroOptimizer};
 pub use zero3::{Zero3, Zero3GradSink, Zero3Source};

@@ -21,6 +21,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::offload::{Placement, StateBuf};
 use crate::dist::{Communicator, ReduceOp};
 use crate::exec::Hooks;
 use crate::optim::{AdamW, AdamWConfig, AdamWKernel};
@@ -218,13 +219,20 @@ pub struct ZeroOptimizer {
     pub layout: FlatLayout,
     pub adam: AdamW,
     rank: usize,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    m: StateBuf,
+    v: StateBuf,
 }
 
 impl ZeroOptimizer {
     /// Takes this rank's shard of a full optimizer's moments (fresh or loaded from a checkpoint).
-    pub fn from_full(stage: u8, layout: FlatLayout, rank: usize, full: AdamW) -> Self {
+    /// `placement`: the moments in memory or in files on disk.
+    pub fn from_full(
+        stage: u8,
+        layout: FlatLayout,
+        rank: usize,
+        full: AdamW,
+        placement: &Placement,
+    ) -> Result<Self> {
         let mut m = vec![0.0; layout.shard];
         let mut v = vec![0.0; layout.shard];
         let start = layout.shard_range(rank).start;
@@ -244,14 +252,16 @@ impl ZeroOptimizer {
             m: HashMap::new(),
             v: HashMap::new(),
         };
-        Self {
+        let m = StateBuf::new(placement, "exp_avg", m)?;
+        let v = StateBuf::new(placement, "exp_avg_sq", v)?;
+        Ok(Self {
             stage,
             layout,
             adam,
             rank,
             m,
             v,
-        }
+        })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -298,11 +308,13 @@ impl ZeroOptimizer {
             k.update(
                 &mut shard[d.clone()],
                 &grad[d.clone()],
-                &mut self.m[d.clone()],
-                &mut self.v[d],
+                &mut self.m.as_mut_slice()[d.clone()],
+                &mut self.v.as_mut_slice()[d],
                 decay,
             );
         }
+        self.m.release()?;
+        self.v.release()?;
         let len = shard.len();
         let full = comm.all_gather(&Tensor::from_vec(shard, len, &Device::Cpu)?)?;
         for e in &self.layout.entries {
@@ -320,10 +332,10 @@ impl ZeroOptimizer {
     pub fn gather_full(&self, comm: &dyn Communicator) -> Result<AdamW> {
         let n = self.layout.shard;
         let m = comm
-            .all_gather(&Tensor::from_slice(&self.m, n, &Device::Cpu)?)?
+            .all_gather(&Tensor::from_slice(self.m.as_slice(), n, &Device::Cpu)?)?
             .to_vec1::<f32>()?;
         let v = comm
-            .all_gather(&Tensor::from_slice(&self.v, n, &Device::Cpu)?)?
+            .all_gather(&Tensor::from_slice(self.v.as_slice(), n, &Device::Cpu)?)?
             .to_vec1::<f32>()?;
         let mut full = AdamW::new(self.adam.cfg.clone());
         full.step = self.adam.step;
@@ -345,6 +357,15 @@ impl ZeroOptimizer {
         } else {
             4 * psi
         };
-        (4 * psi, grads, 4 * (self.m.len() + self.v.len()) as u64)
+        (
+            4 * psi,
+            grads,
+            self.m.resident_bytes() + self.v.resident_bytes(),
+        )
+    }
+
+    /// Bytes of moments kept on disk.
+    pub fn offloaded_bytes(&self) -> u64 {
+        self.m.offloaded_bytes() + self.v.offloaded_bytes()
     }
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::offload::{Placement, StateBuf};
 use crate::dist::{Communicator, ReduceOp};
 use crate::exec::{Hooks, ParamSource};
 use crate::optim::{AdamW, AdamWKernel};
@@ -29,9 +30,9 @@ pub struct Zero3 {
     entries: Vec<Entry>,
     rank: usize,
     ranks: usize,
-    chunks: HashMap<String, Vec<f32>>,
-    m: HashMap<String, Vec<f32>>,
-    v: HashMap<String, Vec<f32>>,
+    chunks: HashMap<String, StateBuf>,
+    m: HashMap<String, StateBuf>,
+    v: HashMap<String, StateBuf>,
     pub adam: AdamW,
 }
 
@@ -49,7 +50,14 @@ impl Zero3 {
     }
 
     /// Keeps only this rank's chunks of `params` and of the moments in `full`.
-    pub fn from_full(params: &Params, full: AdamW, rank: usize, ranks: usize) -> Result<Self> {
+    /// `placement`: memory, or files on disk (parameter chunks and moments).
+    pub fn from_full(
+        params: &Params,
+        full: AdamW,
+        rank: usize,
+        ranks: usize,
+        placement: &Placement,
+    ) -> Result<Self> {
         let mut z = Self {
             entries: Vec::new(),
             rank,
@@ -72,13 +80,23 @@ impl Zero3 {
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
-            z.chunks
-                .insert(name.to_string(), Self::own_chunk(&values, rank, chunk));
+            let buf =
+                |kind: &str, v: Vec<f32>| StateBuf::new(placement, &format!("{kind}.{name}"), v);
+            z.chunks.insert(
+                name.to_string(),
+                buf("param", Self::own_chunk(&values, rank, chunk))?,
+            );
             let zeros = vec![0.0; len];
             let m = full.m.get(name).unwrap_or(&zeros);
             let v = full.v.get(name).unwrap_or(&zeros);
-            z.m.insert(name.to_string(), Self::own_chunk(m, rank, chunk));
-            z.v.insert(name.to_string(), Self::own_chunk(v, rank, chunk));
+            z.m.insert(
+                name.to_string(),
+                buf("exp_avg", Self::own_chunk(m, rank, chunk))?,
+            );
+            z.v.insert(
+                name.to_string(),
+                buf("exp_avg_sq", Self::own_chunk(v, rank, chunk))?,
+            );
             z.entries.push(Entry {
                 name: name.to_string(),
                 shape: var.dims().to_vec(),
@@ -98,8 +116,13 @@ impl Zero3 {
     /// The whole parameter `name`, gathered from every rank's chunk.
     pub fn gather(&self, comm: &dyn Communicator, name: &str) -> Result<Tensor> {
         let e = self.entry(name)?;
-        let chunk = &self.chunks[name];
-        let full = comm.all_gather(&Tensor::from_slice(chunk, chunk.len(), &Device::Cpu)?)?;
+        let buf = &self.chunks[name];
+        let full = comm.all_gather(&Tensor::from_slice(
+            buf.as_slice(),
+            buf.len(),
+            &Device::Cpu,
+        )?)?;
+        buf.release()?;
         Ok(full.narrow(0, 0, e.len)?.reshape(e.shape.as_slice())?)
     }
 
@@ -115,7 +138,9 @@ impl Zero3 {
             );
             for (src, dst) in [(&self.m, &mut opt.m), (&self.v, &mut opt.v)] {
                 let c = &src[&e.name];
-                let full = comm.all_gather(&Tensor::from_slice(c, c.len(), &Device::Cpu)?)?;
+                let full =
+                    comm.all_gather(&Tensor::from_slice(c.as_slice(), c.len(), &Device::Cpu)?)?;
+                c.release()?;
                 dst.insert(e.name.clone(), full.narrow(0, 0, e.len)?.to_vec1()?);
             }
         }
@@ -144,7 +169,7 @@ impl Zero3 {
         lr: f64,
         max_norm: f64,
         norm: f64,
-    ) {
+    ) -> Result<()> {
         let coef = if max_norm > 0.0 {
             (max_norm / (norm + 1e-6)).min(1.0)
         } else {
@@ -165,15 +190,41 @@ impl Zero3 {
                 self.m.get_mut(&e.name).expect("m"),
                 self.v.get_mut(&e.name).expect("v"),
             );
-            k.update(p, g, m, v, decay);
+            k.update(
+                p.as_mut_slice(),
+                g,
+                m.as_mut_slice(),
+                v.as_mut_slice(),
+                decay,
+            );
+            for b in [&*p, &*m, &*v] {
+                b.release()?;
+            }
         }
+        Ok(())
     }
 
-    /// Bytes held for (parameter chunks, gradient chunks, moment chunks).
+    /// Bytes held in memory for (parameter chunks, gradient chunks, moment chunks).
     pub fn memory(&self) -> (u64, u64, u64) {
-        let p: usize = self.chunks.values().map(Vec::len).sum();
-        let o: usize = self.m.values().chain(self.v.values()).map(Vec::len).sum();
-        (4 * p as u64, 4 * p as u64, 4 * o as u64)
+        let p: u64 = self.chunks.values().map(StateBuf::resident_bytes).sum();
+        let g: u64 = self.chunks.values().map(|c| 4 * c.len() as u64).sum();
+        let o: u64 = self
+            .m
+            .values()
+            .chain(self.v.values())
+            .map(StateBuf::resident_bytes)
+            .sum();
+        (p, g, o)
+    }
+
+    /// Bytes of parameter chunks and moments kept on disk.
+    pub fn offloaded_bytes(&self) -> u64 {
+        self.chunks
+            .values()
+            .chain(self.m.values())
+            .chain(self.v.values())
+            .map(StateBuf::offloaded_bytes)
+            .sum()
     }
 }
 

@@ -36,6 +36,14 @@ pub struct ParallelConfig {
     /// 3 (+ parameters, gathered block by block).
     #[serde(default)]
     pub zero_stage: u8,
+    /// Where sharded optimizer state (and, under ZeRO-3, parameter shards) lives: `none`
+    /// (memory) or `disk` (memory-mapped files, pages dropped after each use). Needs
+    /// `zero_stage` ≥ 1.
+    #[serde(default = "none")]
+    pub offload: String,
+    /// Directory of the offload files (default: OUT_DIR/offload).
+    #[serde(default)]
+    pub offload_dir: Option<std::path::PathBuf>,
     /// Compute precision: `fp32`, `bf16` or `fp16` (fp32 master weights and moments; fp16
     /// adds dynamic loss scaling).
     #[serde(default = "fp32")]
@@ -56,6 +64,8 @@ impl Default for ParallelConfig {
             dp: None,
             zero_stage: 0,
             precision: fp32(),
+            offload: none(),
+            offload_dir: None,
             bucket_mb: bucket_mb(),
             timeout_s: timeout_s(),
         }
@@ -90,6 +100,14 @@ impl ParallelConfig {
                 self.precision
             ));
         }
+        match (self.offload.as_str(), self.zero_stage) {
+            ("none", _) => {}
+            ("disk", 0) => {
+                return Err("parallel.offload = \"disk\" needs parallel.zero_stage >= 1 (the offloaded state is the ZeRO shard)".into())
+            }
+            ("disk", _) => {}
+            (other, _) => return Err(format!("parallel.offload `{other}`: expected none or disk")),
+        }
         if self.nproc == 0 {
             return Err("parallel.nproc must be at least 1".into());
         }
@@ -104,6 +122,9 @@ impl ParallelConfig {
     }
 }
 
+fn none() -> String {
+    "none".into()
+}
 fn fp32() -> String {
     "fp32".into()
 }

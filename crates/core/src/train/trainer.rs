@@ -22,7 +22,8 @@ use crate::models::llama::{init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::parallel::{
-    DataParallelSink, FlatLayout, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
+    DataParallelSink, FlatLayout, Placement, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink,
+    ZeroOptimizer,
 };
 use crate::params::{Grads, Params};
 use crate::{Error, Result};
@@ -78,6 +79,17 @@ impl Trainer {
         comm: Option<Box<dyn Communicator>>,
     ) -> Result<Self> {
         cfg.parallel.validate().map_err(Error::Config)?;
+        // ZeRO (and offload) on one rank: a world of one.
+        let comm = match comm {
+            None if cfg.parallel.zero_stage > 0 => {
+                let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+                let one = crate::dist::LocalComm::world(1, timeout)
+                    .pop()
+                    .expect("one rank");
+                Some(Box::new(one) as Box<dyn Communicator>)
+            }
+            c => c,
+        };
         let t = &cfg.train;
         let ranks = comm.as_ref().map_or(1, |c| c.size());
         let micro = t.batch_size / t.micro_batch_size.max(1);
@@ -158,11 +170,22 @@ impl Trainer {
             state.loss_scaler = Some(crate::optim::LossScaler::default());
         }
         let mut params = params;
+        let placement = match (cfg.parallel.offload.as_str(), &comm) {
+            ("disk", Some(c)) => {
+                let base = cfg
+                    .parallel
+                    .offload_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.train.out_dir.join("offload"));
+                Placement::Disk(base.join(format!("rank{}", c.rank())))
+            }
+            _ => Placement::Memory,
+        };
         let zero3 = match (&comm, cfg.parallel.zero_stage) {
             (Some(c), 3) => {
                 let fresh = AdamW::new(opt.cfg.clone());
                 let full = std::mem::replace(&mut opt, fresh);
-                let z = Zero3::from_full(&params, full, c.rank(), c.size())?;
+                let z = Zero3::from_full(&params, full, c.rank(), c.size(), &placement)?;
                 // Only the shards stay: the full weights are gathered block by block.
                 params = Params::new();
                 Some(z)
@@ -174,7 +197,13 @@ impl Trainer {
                 let fresh = AdamW::new(opt.cfg.clone());
                 let full = std::mem::replace(&mut opt, fresh);
                 let layout = FlatLayout::new(&params, c.size());
-                Some(ZeroOptimizer::from_full(stage, layout, c.rank(), full))
+                Some(ZeroOptimizer::from_full(
+                    stage,
+                    layout,
+                    c.rank(),
+                    full,
+                    &placement,
+                )?)
             }
             _ => None,
         };
@@ -316,7 +345,7 @@ impl Trainer {
             match grads {
                 StepGrads::Chunks(chunks) => {
                     let z3 = self.zero3.as_mut().expect("chunks only under ZeRO-3");
-                    z3.step(chunks, lr, clip, grad_norm);
+                    z3.step(chunks, lr, clip, grad_norm)?;
                     self.state.optimizer_step = z3.adam.step;
                 }
                 StepGrads::Shard(shard) => {
@@ -380,7 +409,16 @@ impl Trainer {
         }
     }
 
-    /// Bytes this rank holds for (parameters, gradients, optimizer moments), fp32.
+    /// Bytes of model state this rank keeps on disk.
+    pub fn offloaded_bytes(&self) -> u64 {
+        self.zero3
+            .as_ref()
+            .map(Zero3::offloaded_bytes)
+            .or(self.zero.as_ref().map(ZeroOptimizer::offloaded_bytes))
+            .unwrap_or(0)
+    }
+
+    /// Bytes this rank holds in memory for (parameters, gradients, optimizer moments), fp32.
     pub fn memory_bytes(&self) -> (u64, u64, u64) {
         if let Some(z) = &self.zero3 {
             return z.memory();
@@ -538,6 +576,7 @@ impl Trainer {
             rec["mem_params_bytes"] = json!(mp);
             rec["mem_grads_bytes"] = json!(mg);
             rec["mem_optim_bytes"] = json!(mo);
+            rec["offloaded_bytes"] = json!(self.offloaded_bytes());
             let last = step == end;
             if (t.eval_every > 0 && step.is_multiple_of(t.eval_every as u64)) || last {
                 if let Some(v) = self.evaluate()? {

@@ -1,0 +1,147 @@
+//! Where sharded optimizer state (and ZeRO-3 parameter chunks) lives: in memory, or in
+//! memory-mapped files on disk whose pages are handed back to the OS after each use, so state
+//! larger than RAM still trains (the OS streams it through the page cache).
+
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapMut, UncheckedAdvice};
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Placement {
+    Memory,
+    /// Files under this directory (one per buffer).
+    Disk(PathBuf),
+}
+
+pub enum StateBuf {
+    Mem(Vec<f32>),
+    Disk {
+        map: MmapMut,
+        len: usize,
+        path: PathBuf,
+    },
+}
+
+impl StateBuf {
+    /// A buffer holding `values`, placed as asked; `name` becomes the file name on disk.
+    pub fn new(placement: &Placement, name: &str, values: Vec<f32>) -> Result<Self> {
+        let dir = match placement {
+            Placement::Memory => return Ok(StateBuf::Mem(values)),
+            Placement::Disk(dir) => dir,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(format!("{name}.f32"));
+        let len = values.len();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.set_len((len.max(1) * 4) as u64)
+            .map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the file was just created for this buffer and nothing else maps or writes it.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| Error::io(&path, e))?;
+        let mut buf = StateBuf::Disk { map, len, path };
+        buf.as_mut_slice().copy_from_slice(&values);
+        buf.release()?;
+        Ok(buf)
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            StateBuf::Mem(v) => v.len(),
+            StateBuf::Disk { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            StateBuf::Mem(v) => v,
+            // SAFETY: the mapping is page-aligned and at least len·4 bytes long.
+            StateBuf::Disk { map, len, .. } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr() as *const f32, *len)
+            },
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        match self {
+            StateBuf::Mem(v) => v,
+            // SAFETY: as above, and `&mut self` makes this the only view.
+            StateBuf::Disk { map, len, .. } => unsafe {
+                std::slice::from_raw_parts_mut(map.as_mut_ptr() as *mut f32, *len)
+            },
+        }
+    }
+
+    /// Disk buffers: write dirty pages back and drop them from memory.
+    pub fn release(&self) -> Result<()> {
+        if let StateBuf::Disk { map, path, .. } = self {
+            map.flush().map_err(|e| Error::io(&*path, e))?;
+            // SAFETY: a shared file mapping whose contents were just flushed: dropping the pages
+            // loses nothing; they are read back from the file on the next access.
+            unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) }
+                .map_err(|e| Error::io(&*path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes kept in memory between uses.
+    pub fn resident_bytes(&self) -> u64 {
+        match self {
+            StateBuf::Mem(v) => 4 * v.len() as u64,
+            StateBuf::Disk { .. } => 0,
+        }
+    }
+
+    /// Bytes kept on disk.
+    pub fn offloaded_bytes(&self) -> u64 {
+        match self {
+            StateBuf::Mem(_) => 0,
+            StateBuf::Disk { len, .. } => 4 * *len as u64,
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            StateBuf::Mem(_) => None,
+            StateBuf::Disk { path, .. } => Some(path),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_buffer_round_trips_and_releases() {
+        let dir =
+            std::env::temp_dir().join(format!("colossal-offload-test-{}", std::process::id()));
+        let mut b = StateBuf::new(
+            &Placement::Disk(dir.clone()),
+            "m.layer",
+            vec![1.0, 2.0, 3.0],
+        )
+        .unwrap();
+        assert_eq!(b.as_slice(), &[1.0, 2.0, 3.0]);
+        b.as_mut_slice()[1] = 5.0;
+        b.release().unwrap();
+        assert_eq!(
+            b.as_slice(),
+            &[1.0, 5.0, 3.0],
+            "values survive dropping the pages"
+        );
+        assert_eq!(std::fs::metadata(b.path().unwrap()).unwrap().len(), 12);
+        assert_eq!((b.resident_bytes(), b.offloaded_bytes()), (0, 12));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
