@@ -31,6 +31,12 @@ pub struct BenchParallelArgs {
     pub vocab: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub micro: usize,
+    /// `none` or `disk` (ZeRO state in memory-mapped files; stages ≥ 1).
+    #[arg(long, default_value = "none")]
+    pub offload: String,
     #[arg(long, default_value = "bench_parallel.json")]
     pub out: PathBuf,
 }
@@ -75,14 +81,15 @@ pub fn run(a: &BenchParallelArgs) -> Result<()> {
     let text = format!(
         "[model.config]\nvocab_size = {}\nhidden_size = {}\nintermediate_size = {}\nnum_hidden_layers = {}\n\
          num_attention_heads = 4\n[data]\npath = {:?}\n[train]\nout_dir = {:?}\nbatch_size = {}\n\
-         micro_batch_size = 1\nmax_steps = 1000\nlr = 1e-3\ngrad_clip = 1.0\n",
+         micro_batch_size = {}\nmax_steps = 1000\nlr = 1e-3\ngrad_clip = 1.0\n",
         a.vocab,
         a.dim,
         a.dim * 11 / 4,
         a.layers,
         tmp.display().to_string(),
         tmp.join("out").display().to_string(),
-        a.batch
+        a.batch,
+        a.micro
     );
     let mut rows = Vec::new();
     println!(
@@ -91,10 +98,13 @@ pub fn run(a: &BenchParallelArgs) -> Result<()> {
     );
     for &n in &a.nproc {
         for &stage in &a.stages {
-            if n == 1 && stage > 0 {
+            if stage == 0 && a.offload != "none" {
                 continue;
             }
-            let ov = [format!("parallel.zero_stage={stage}")];
+            let ov = [
+                format!("parallel.zero_stage={stage}"),
+                format!("parallel.offload={:?}", a.offload),
+            ];
             let cfg: TrainConfig = parse_config(&text, "bench-parallel", &ov)?;
             let per_rank = run_local(n, Duration::from_secs(600), |comm| {
                 let comm: Box<dyn Communicator> = Box::new(comm);
@@ -110,13 +120,19 @@ pub fn run(a: &BenchParallelArgs) -> Result<()> {
                     sent = t.last_step_comm_bytes;
                 }
                 times.sort_by(f64::total_cmp);
-                Ok((times[times.len() / 2], t.memory_bytes(), sent))
+                Ok((
+                    times[times.len() / 2],
+                    t.memory_bytes(),
+                    sent,
+                    t.offloaded_bytes(),
+                ))
             })?;
-            let (step_s, (p, g, o), sent) = per_rank[0];
+            let (step_s, (p, g, o), sent, disk) = per_rank[0];
             println!("{n:>5} {stage:>5} {step_s:>10.3} {p:>14} {g:>14} {o:>14} {sent:>14}");
             rows.push(serde_json::json!({
                 "ranks": n, "zero_stage": stage, "step_s_median": step_s,
                 "params_bytes": p, "grads_bytes": g, "optim_bytes": o, "bytes_sent_per_step": sent,
+                "offloaded_bytes": disk, "offload": a.offload,
             }));
         }
     }

@@ -28,12 +28,12 @@ struct Entry {
 
 pub struct Zero3 {
     entries: Vec<Entry>,
-    rank: usize,
     ranks: usize,
     chunks: HashMap<String, StateBuf>,
     m: HashMap<String, StateBuf>,
     v: HashMap<String, StateBuf>,
     pub adam: AdamW,
+    placement: Placement,
 }
 
 impl Zero3 {
@@ -60,11 +60,11 @@ impl Zero3 {
     ) -> Result<Self> {
         let mut z = Self {
             entries: Vec::new(),
-            rank,
             ranks,
             chunks: HashMap::new(),
             m: HashMap::new(),
             v: HashMap::new(),
+            placement: placement.clone(),
             adam: AdamW {
                 cfg: full.cfg.clone(),
                 step: full.step,
@@ -151,13 +151,17 @@ impl Zero3 {
     pub fn grad_norm(
         &self,
         comm: &dyn Communicator,
-        grads: &HashMap<String, Vec<f32>>,
+        grads: &HashMap<String, StateBuf>,
     ) -> Result<f64> {
-        let local: f64 = grads
-            .values()
-            .flatten()
-            .map(|&x| (x as f64) * (x as f64))
-            .sum();
+        let mut local = 0f64;
+        for g in grads.values() {
+            local += g
+                .as_slice()
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>();
+            g.release()?;
+        }
         let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
         Ok(total.to_vec1::<f64>()?[0].sqrt())
     }
@@ -165,7 +169,7 @@ impl Zero3 {
     /// Clip by `norm`, then AdamW on this rank's chunks. No communication.
     pub fn step(
         &mut self,
-        mut grads: HashMap<String, Vec<f32>>,
+        mut grads: HashMap<String, StateBuf>,
         lr: f64,
         max_norm: f64,
         norm: f64,
@@ -181,6 +185,7 @@ impl Zero3 {
             let Some(g) = grads.get_mut(&e.name) else {
                 continue;
             };
+            let g = g.as_mut_slice();
             if coef < 1.0 {
                 g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
             }
@@ -207,7 +212,11 @@ impl Zero3 {
     /// Bytes held in memory for (parameter chunks, gradient chunks, moment chunks).
     pub fn memory(&self) -> (u64, u64, u64) {
         let p: u64 = self.chunks.values().map(StateBuf::resident_bytes).sum();
-        let g: u64 = self.chunks.values().map(|c| 4 * c.len() as u64).sum();
+        // Gradient chunks exist during a step and follow the placement.
+        let g: u64 = match self.placement {
+            Placement::Memory => self.chunks.values().map(|c| 4 * c.len() as u64).sum(),
+            Placement::Disk(_) => 0,
+        };
         let o: u64 = self
             .m
             .values()
@@ -257,7 +266,7 @@ pub struct Zero3GradSink<'a> {
     comm: &'a dyn Communicator,
     ready_at: HashMap<String, usize>,
     local: Grads,
-    pub chunks: HashMap<String, Vec<f32>>,
+    pub chunks: HashMap<String, StateBuf>,
 }
 
 impl<'a> Zero3GradSink<'a> {
@@ -275,7 +284,7 @@ impl<'a> Zero3GradSink<'a> {
         }
     }
 
-    pub fn finish(self) -> Result<HashMap<String, Vec<f32>>> {
+    pub fn finish(self) -> Result<HashMap<String, StateBuf>> {
         if !self.local.is_empty() {
             return Err(crate::msg!("ZeRO-3: gradients left unreduced"));
         }
@@ -308,18 +317,20 @@ impl Hooks for Zero3GradSink<'_> {
             };
             let mine: Vec<f32> = self.comm.reduce_scatter(&g, ReduceOp::Sum)?.to_vec1()?;
             match self.chunks.get_mut(&name) {
-                Some(acc) => acc.iter_mut().zip(&mine).for_each(|(a, b)| *a += b),
+                Some(acc) => {
+                    acc.as_mut_slice()
+                        .iter_mut()
+                        .zip(&mine)
+                        .for_each(|(a, b)| *a += b);
+                    acc.release()?;
+                }
                 None => {
-                    self.chunks.insert(name, mine);
+                    // Gradient chunks follow the state's placement (disk when offloading).
+                    let buf = StateBuf::new(&self.zero.placement, &format!("grad.{name}"), mine)?;
+                    self.chunks.insert(name, buf);
                 }
             }
         }
         Ok(())
-    }
-}
-
-impl Zero3 {
-    pub fn rank(&self) -> usize {
-        self.rank
     }
 }

@@ -21,6 +21,7 @@ use crate::exec::{
 use crate::models::llama::{init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::parallel::StateBuf;
 use crate::parallel::{
     DataParallelSink, FlatLayout, Placement, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink,
     ZeroOptimizer,
@@ -642,7 +643,7 @@ enum StepGrads {
     Full(Grads),
     Shard(Vec<f32>),
     /// ZeRO-3: this rank's chunk of each parameter's gradient.
-    Chunks(HashMap<String, Vec<f32>>),
+    Chunks(HashMap<String, StateBuf>),
 }
 
 impl StepGrads {
@@ -656,10 +657,14 @@ impl StepGrads {
                 }
             }
             StepGrads::Shard(v) => v.iter_mut().for_each(|x| *x = (*x as f64 * factor) as f32),
-            StepGrads::Chunks(c) => c
-                .values_mut()
-                .flatten()
-                .for_each(|x| *x = (*x as f64 * factor) as f32),
+            StepGrads::Chunks(c) => {
+                for g in c.values_mut() {
+                    g.as_mut_slice()
+                        .iter_mut()
+                        .for_each(|x| *x = (*x as f64 * factor) as f32);
+                    g.release()?;
+                }
+            }
         }
         Ok(())
     }
@@ -680,7 +685,7 @@ impl StepGrads {
                 }
             }
             StepGrads::Chunks(c) => {
-                if let Some(x) = c.values_mut().flatten().next() {
+                if let Some(x) = c.values_mut().find_map(|g| g.as_mut_slice().first_mut()) {
                     *x = f32::INFINITY;
                 }
             }
