@@ -13,31 +13,50 @@ use common::{config, prepare};
 
 const STEPS: usize = 5;
 
-/// Per-step losses, final parameters by name, bytes sent per step and memory (rank 0).
-type RunResult = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<u64>, (u64, u64, u64));
+/// Per-step losses, final parameters by name, bytes sent per step, memory and bytes on disk (rank 0).
+type RunResult = (
+    Vec<f32>,
+    Vec<(String, Vec<f32>)>,
+    Vec<u64>,
+    (u64, u64, u64),
+    u64,
+);
 
+fn flat(params: &colossal_core::params::Params) -> Vec<(String, Vec<f32>)> {
+    params
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `STEPS` steps of a global batch of 8 on `ranks` local ranks; `extra` are more `--set`s.
 fn run(
     data: &std::path::Path,
     out: &std::path::Path,
     ranks: usize,
     micro: usize,
-    zero: u8,
+    extra: &[&str],
 ) -> RunResult {
     let mbs = format!("train.micro_batch_size={micro}");
-    let stage = format!("parallel.zero_stage={zero}");
     // lr 1e-3: Adam divides by |g|, so elements with |g| near eps amplify f32 summation-order noise;
     // at the config's 1e-2 that noise alone reaches 1e-5 of the weights.
-    let cfg = config(
-        data,
-        out,
-        &[
-            "train.batch_size=8",
-            &mbs,
-            &stage,
-            "train.lr=1e-3",
-            "train.min_lr=1e-4",
-        ],
-    );
+    let mut overrides = vec![
+        "train.batch_size=8",
+        &mbs,
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+    ];
+    overrides.extend_from_slice(extra);
+    let cfg = config(data, out, &overrides);
     let mut results = run_local(ranks, Duration::from_secs(60), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let mut t = Trainer::new_rank(cfg.clone(), None, Device::Cpu, (ranks > 1).then_some(comm))?;
@@ -47,22 +66,8 @@ fn run(
             losses.push(t.train_step()?.0);
             bytes.push(t.last_step_comm_bytes);
         }
-        let full = t.full_params()?;
-        let params = full
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.to_string(),
-                    v.as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                )
-            })
-            .collect::<Vec<_>>();
-        let mem = t.memory_bytes();
-        Ok((losses, params, bytes, mem))
+        let params = flat(&t.full_params()?);
+        Ok((losses, params, bytes, t.memory_bytes(), t.offloaded_bytes()))
     })
     .unwrap();
     // Every rank ends with bit-identical parameters.
@@ -100,13 +105,14 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 fn data_parallel_and_zero_match_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
-    let (ref_losses, ref_params, _, _) = run(&data, &tmp.path().join("ref"), 1, 8, 0);
+    let (ref_losses, ref_params, ..) = run(&data, &tmp.path().join("ref"), 1, 8, &[]);
     let psi: usize = ref_params.iter().map(|(_, v)| v.len()).sum();
     for zero in [0u8, 1, 2, 3] {
         // (ranks, micro-batch): micro-batches per rank = 8 / micro / ranks.
         for (ranks, micro) in [(2, 4), (2, 2), (4, 2), (4, 1)] {
             let out = tmp.path().join(format!("z{zero}-dp{ranks}-{micro}"));
-            let (losses, params, bytes, mem) = run(&data, &out, ranks, micro, zero);
+            let stage = format!("parallel.zero_stage={zero}");
+            let (losses, params, bytes, mem, _) = run(&data, &out, ranks, micro, &[&stage]);
             let accumulation = 8 / micro / ranks;
             let dl = rel(&losses, &ref_losses);
             let dp = params
@@ -270,68 +276,33 @@ fn a_crashed_rank_stops_the_run_with_its_name() {
 fn disk_offload_trains_like_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
-    let (ref_losses, ref_params, _, _) = run(&data, &tmp.path().join("ref"), 1, 8, 0);
+    let (ref_losses, ref_params, ..) = run(&data, &tmp.path().join("ref"), 1, 8, &[]);
     let psi: u64 = ref_params.iter().map(|(_, v)| v.len() as u64).sum();
     for (ranks, zero) in [(1usize, 3u8), (1, 1), (2, 2), (2, 3)] {
         let out = tmp.path().join(format!("disk-z{zero}-dp{ranks}"));
-        let n = format!("parallel.nproc={ranks}");
         let z = format!("parallel.zero_stage={zero}");
-        let cfg = config(
+        let (losses, params, _, mem, offloaded) = run(
             &data,
             &out,
-            &[
-                "train.batch_size=8",
-                "train.micro_batch_size=4",
-                "train.lr=1e-3",
-                "train.min_lr=1e-4",
-                &n,
-                &z,
-                "parallel.offload=\"disk\"",
-            ],
+            ranks,
+            4 / ranks,
+            &[&z, "parallel.offload=\"disk\""],
         );
-        let mut res = run_local(ranks, Duration::from_secs(60), |comm| {
-            let comm: Box<dyn Communicator> = Box::new(comm);
-            let mut t =
-                Trainer::new_rank(cfg.clone(), None, Device::Cpu, (ranks > 1).then_some(comm))?;
-            let losses = (0..STEPS)
-                .map(|_| Ok(t.train_step()?.0))
-                .collect::<colossal_core::Result<Vec<f32>>>()?;
-            let full = t.full_params()?;
-            let params: Vec<(String, Vec<f32>)> = full
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.to_string(),
-                        v.as_tensor()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap(),
-                    )
-                })
-                .collect();
-            Ok((losses, params, t.memory_bytes(), t.offloaded_bytes()))
-        })
-        .unwrap();
-        let (losses, params, mem, offloaded) = res.swap_remove(0);
         let dp = params
             .iter()
             .zip(&ref_params)
             .map(|((_, a), (_, b))| rel(a, b))
             .fold(0f32, f32::max);
-        println!("disk offload zero={zero} x{ranks}: loss rel diff {:e}, param rel diff {dp:e}, resident {mem:?}, on disk {offloaded} B", rel(&losses, &ref_losses));
-        assert!(rel(&losses, &ref_losses) <= 1e-5 && dp <= 1e-5);
+        let dl = rel(&losses, &ref_losses);
+        println!("disk offload zero={zero} x{ranks}: loss rel diff {dl:e}, param rel diff {dp:e}, resident {mem:?}, on disk {offloaded} B");
+        assert!(dl <= 1e-5 && dp <= 1e-5);
         assert_eq!(mem.2, 0, "moments are not resident");
         let shard = psi.div_ceil(ranks as u64);
-        let expect_disk = if zero == 3 {
-            12 * ref_params
-                .iter()
-                .map(|(_, v)| v.len().div_ceil(ranks) as u64)
-                .sum::<u64>()
-        } else {
-            8 * shard
-        };
-        assert_eq!(offloaded, expect_disk);
+        let chunks: u64 = ref_params
+            .iter()
+            .map(|(_, v)| v.len().div_ceil(ranks) as u64)
+            .sum();
+        assert_eq!(offloaded, if zero == 3 { 12 * chunks } else { 8 * shard });
         assert!(out.join("offload/rank0").read_dir().unwrap().count() > 0);
     }
 }
