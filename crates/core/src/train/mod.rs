@@ -3,6 +3,7 @@ mod batch;
 mod checkpoint;
 mod config;
 mod metrics;
+mod step;
 mod trainer;
 
 pub use batch::{causal_lm_batch, LmBatch};

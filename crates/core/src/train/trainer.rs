@@ -1,7 +1,6 @@
 //! The training loop: global batch → micro-batches through the block-wise executor →
 //! clip → AdamW → schedule; evaluation, checkpoints, metrics.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,22 +10,20 @@ use serde_json::json;
 
 use super::batch::{causal_lm_batch, count_targets};
 use super::checkpoint::{self, TrainerState};
+use super::step::{Sink, StepGrads, ToF32, Weights};
 use super::{MetricsWriter, TrainConfig};
 use crate::checkpoint::llama as hf_llama;
 use crate::data::PackedDataset;
 use crate::dist::{run_local, Communicator, ReduceOp};
-use crate::exec::{
-    grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator, Hooks, ParamSource,
-};
+use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
 use crate::models::llama::{init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::parallel::StateBuf;
 use crate::parallel::{
     DataParallelSink, FlatLayout, Placement, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink,
     ZeroOptimizer,
 };
-use crate::params::{Grads, Params};
+use crate::params::Params;
 use crate::{Error, Result};
 
 pub struct Trainer {
@@ -610,120 +607,6 @@ impl Trainer {
             }
         }
         Ok(summary)
-    }
-}
-
-/// The gradient sink of a step: plain accumulation, data parallel, or ZeRO.
-enum Sink<'a> {
-    Local(GradAccumulator),
-    Zero3(Zero3GradSink<'a>),
-    Data(DataParallelSink<'a>),
-    Zero(ZeroGradSink<'a>),
-}
-
-impl<'a> Sink<'a> {
-    fn hooks(&mut self, last_micro_batch: bool) -> &mut (dyn Hooks + 'a) {
-        match self {
-            Sink::Local(l) => l,
-            Sink::Zero3(z) => z,
-            Sink::Data(d) => {
-                d.last_micro_batch = last_micro_batch;
-                d
-            }
-            Sink::Zero(z) => {
-                z.last_micro_batch = last_micro_batch;
-                z
-            }
-        }
-    }
-}
-
-/// What a step's backward leaves: all gradients, or this rank's ZeRO shard of them.
-enum StepGrads {
-    Full(Grads),
-    Shard(Vec<f32>),
-    /// ZeRO-3: this rank's chunk of each parameter's gradient.
-    Chunks(HashMap<String, StateBuf>),
-}
-
-impl StepGrads {
-    fn scale(&mut self, factor: f64) -> Result<()> {
-        match self {
-            StepGrads::Full(g) => {
-                let names: Vec<String> = g.names().cloned().collect();
-                for n in names {
-                    let t = (g.get(&n).expect("listed") * factor)?;
-                    g.set(&n, t);
-                }
-            }
-            StepGrads::Shard(v) => v.iter_mut().for_each(|x| *x = (*x as f64 * factor) as f32),
-            StepGrads::Chunks(c) => {
-                for g in c.values_mut() {
-                    g.as_mut_slice()
-                        .iter_mut()
-                        .for_each(|x| *x = (*x as f64 * factor) as f32);
-                    g.release()?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes an inf into the gradients (test hook for overflow handling).
-    fn poison(&mut self) -> Result<()> {
-        match self {
-            StepGrads::Full(g) => {
-                let first = g.names().next().cloned();
-                if let Some(n) = first {
-                    let t = (g.get(&n).expect("listed") * f64::INFINITY)?;
-                    g.set(&n, t);
-                }
-            }
-            StepGrads::Shard(v) => {
-                if let Some(x) = v.first_mut() {
-                    *x = f32::INFINITY;
-                }
-            }
-            StepGrads::Chunks(c) => {
-                if let Some(x) = c.values_mut().find_map(|g| g.as_mut_slice().first_mut()) {
-                    *x = f32::INFINITY;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-enum Weights<'a> {
-    Full(FullParams<'a>),
-    Cast(Params),
-    Zero3(Zero3Source<'a>),
-}
-
-impl ParamSource for Weights<'_> {
-    fn acquire(&mut self, block: usize) -> Result<Params> {
-        match self {
-            Weights::Full(f) => f.acquire(block),
-            Weights::Cast(p) => Ok(p.clone()),
-            Weights::Zero3(z) => z.acquire(block),
-        }
-    }
-
-    fn sharded(&self) -> bool {
-        matches!(self, Weights::Zero3(_))
-    }
-}
-
-/// Hands gradients of a low-precision compute copy to a sink in fp32.
-struct ToF32<'a, 'b>(&'a mut (dyn Hooks + 'b));
-
-impl Hooks for ToF32<'_, '_> {
-    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
-        let grads = grads
-            .into_iter()
-            .map(|(n, g)| Ok((n, g.to_dtype(DType::F32)?)))
-            .collect::<Result<Vec<_>>>()?;
-        self.0.after_backward(block, grads)
     }
 }
 
