@@ -152,16 +152,18 @@ impl<'a> ZeroGradSink<'a> {
             }
         }
         let mine = part(me, &self.bucket);
-        let mut incoming = vec![Some(mine)];
+        // Every peer sends its copy of the same elements (the bucket holds the same parameters
+        // on every rank), so nothing arrives when this rank owns none of them.
+        let owns_any = !mine.is_empty();
+        let mut incoming = vec![mine];
         for peer in (0..n).filter(|&p| p != me) {
-            let expect = part(me, &self.bucket).len();
-            if expect > 0 {
-                incoming.push(Some(self.comm.recv(peer)?.to_vec1::<f32>()?));
+            if owns_any {
+                incoming.push(self.comm.recv(peer)?.to_vec1::<f32>()?);
             }
         }
         // Destination offsets of this rank's pieces, in bucket order.
         let shard_start = self.layout.shard_range(me).start;
-        for data in incoming.into_iter().flatten() {
+        for data in incoming {
             let mut k = 0;
             for (name, _) in &self.bucket {
                 if let Some(r) = self.layout.overlap(name, me) {
