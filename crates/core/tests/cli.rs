@@ -84,4 +84,16 @@ fn bad_model_dir_and_input_are_named() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+    let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["generate", "--model"])
+        .arg(fixture("llama_tiny/model"))
+        .args(["--prompt-ids", "1,9999"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--prompt-ids") && err.contains("9999") && err.contains("512"),
+        "{err}"
+    );
 }

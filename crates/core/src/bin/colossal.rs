@@ -141,6 +141,15 @@ fn main() -> Result<()> {
             if prompt_ids.is_empty() {
                 bail!("--prompt-ids: at least one id is needed");
             }
+            if let Some(bad) = prompt_ids
+                .iter()
+                .find(|&&id| id as usize >= llama.cfg.vocab_size)
+            {
+                bail!(
+                    "--prompt-ids: id {bad} is outside the model's vocab_size {}",
+                    llama.cfg.vocab_size
+                );
+            }
             let sampling = if temperature > 0.0 {
                 Sampling::Sample {
                     temperature,
