@@ -164,18 +164,7 @@ fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     let (_, p) =
         colossal_core::checkpoint::llama::load_llama(dir, candle_core::DType::F32, &Device::Cpu)
             .unwrap();
-    p.iter()
-        .map(|(n, v)| {
-            (
-                n.to_string(),
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
-        .collect()
+    flat(&p)
 }
 
 #[test]
