@@ -1,7 +1,12 @@
 //! Communication: the `Communicator` trait (ring collectives over point-to-point messages,
-//! counting the bytes each rank sends) and its backends.
+//! counting the bytes each rank sends), its backends, collectives with backward rules for model
+//! code, and the process mesh.
+pub mod autograd;
 mod comm;
 mod local;
+mod mesh;
 
+pub use autograd::Group;
 pub use comm::{CommStats, Communicator, ReduceOp};
 pub use local::{run_local, LocalComm};
+pub use mesh::{Axis, Coords, ParallelDims, ProcessMesh};
