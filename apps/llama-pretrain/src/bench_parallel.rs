@@ -41,13 +41,20 @@ pub struct BenchParallelArgs {
     pub out: PathBuf,
 }
 
-fn synthetic_data(dir: &std::path::Path, a: &BenchParallelArgs) -> Result<()> {
+/// Random packed sequences (`train_rows` + `val_rows` of `seq` tokens) and their manifest.
+pub fn synthetic_data(
+    dir: &std::path::Path,
+    seq: usize,
+    vocab: usize,
+    train_rows: usize,
+    val_rows: usize,
+) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut split = |name: &str, rows: usize| -> Result<SplitInfo> {
         let mut w = ShardWriter::new(dir, name, rows, vec![]);
         for _ in 0..rows {
-            let ids = (0..a.seq)
-                .map(|_| rng.random_range(3..a.vocab as u32))
+            let ids = (0..seq)
+                .map(|_| rng.random_range(3..vocab as u32))
                 .collect();
             w.push(PackedSequence {
                 input_ids: ids,
@@ -56,14 +63,14 @@ fn synthetic_data(dir: &std::path::Path, a: &BenchParallelArgs) -> Result<()> {
         }
         Ok(w.finish()?)
     };
-    let train = split("train", a.batch * (a.steps + 1))?;
-    let validation = split("validation", a.batch)?;
+    let train = split("train", train_rows)?;
+    let validation = split("validation", val_rows)?;
     let m = Manifest {
         format: Manifest::FORMAT.into(),
         tokenizer: "synthetic".into(),
         tokenizer_sha256: String::new(),
-        vocab_size: a.vocab,
-        seq_len: a.seq,
+        vocab_size: vocab,
+        seq_len: seq,
         bos_id: None,
         eos_id: None,
         validation_fraction: 0.0,
@@ -77,7 +84,7 @@ fn synthetic_data(dir: &std::path::Path, a: &BenchParallelArgs) -> Result<()> {
 pub fn run(a: &BenchParallelArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("colossal-bench-parallel-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    synthetic_data(&tmp, a)?;
+    synthetic_data(&tmp, a.seq, a.vocab, a.batch * (a.steps + 1), a.batch)?;
     let text = format!(
         "[model.config]\nvocab_size = {}\nhidden_size = {}\nintermediate_size = {}\nnum_hidden_layers = {}\n\
          num_attention_heads = 4\n[data]\npath = {:?}\n[train]\nout_dir = {:?}\nbatch_size = {}\n\

@@ -1,6 +1,7 @@
 //! `llama-pretrain`: LLaMA (continued) pretraining on the colossal-rs core.
 
 mod bench;
+mod bench_capacity;
 mod bench_parallel;
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Step time, model-state bytes and bytes sent per rank for N local ranks × ZeRO stages.
     BenchParallel(bench_parallel::BenchParallelArgs),
+    /// Largest model trainable within a memory budget, without offload and with disk offload.
+    BenchCapacity(bench_capacity::BenchCapacityArgs),
 }
 
 fn main() -> Result<()> {
@@ -74,6 +77,9 @@ fn main() -> Result<()> {
             let sample = cfg.sample.clone();
             let out_dir = cfg.train.out_dir.clone();
             let summary = train(cfg, resume.as_deref(), max_steps)?;
+            if summary.rank != 0 {
+                return Ok(()); // under mpirun, rank 0 reports
+            }
             if let (Some(first), Some(last)) = (summary.first_loss, summary.last_loss) {
                 println!(
                     "train loss: first step {first:.4} -> last step {last:.4} ({} steps)",
@@ -101,6 +107,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench(args) => bench::run(&args)?,
         Cmd::BenchParallel(args) => bench_parallel::run(&args)?,
+        Cmd::BenchCapacity(args) => bench_capacity::run(&args)?,
     }
     Ok(())
 }

@@ -262,36 +262,75 @@ fn a_crashed_rank_stops_the_run_with_its_name() {
 }
 
 #[test]
-fn disk_offload_trains_like_memory() {
+fn cpu_and_disk_offload_train_like_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
     let (ref_losses, ref_params, ..) = run(&data, &tmp.path().join("ref"), 1, 8, &[]);
     let psi: u64 = ref_params.iter().map(|(_, v)| v.len() as u64).sum();
-    for (ranks, zero) in [(1usize, 3u8), (1, 1), (2, 2), (2, 3)] {
-        let out = tmp.path().join(format!("disk-z{zero}-dp{ranks}"));
-        let z = format!("parallel.zero_stage={zero}");
-        let (losses, params, _, mem, offloaded) = run(
-            &data,
-            &out,
-            ranks,
-            4 / ranks,
-            &[&z, "parallel.offload=\"disk\""],
-        );
-        let dp = params
-            .iter()
-            .zip(&ref_params)
-            .map(|((_, a), (_, b))| rel(a, b))
-            .fold(0f32, f32::max);
-        let dl = rel(&losses, &ref_losses);
-        println!("disk offload zero={zero} x{ranks}: loss rel diff {dl:e}, param rel diff {dp:e}, resident {mem:?}, on disk {offloaded} B");
-        assert!(dl <= 1e-5 && dp <= 1e-5);
-        assert_eq!(mem.2, 0, "moments are not resident");
-        let shard = psi.div_ceil(ranks as u64);
-        let chunks: u64 = ref_params
-            .iter()
-            .map(|(_, v)| v.len().div_ceil(ranks) as u64)
-            .sum();
-        assert_eq!(offloaded, if zero == 3 { 12 * chunks } else { 8 * shard });
-        assert!(out.join("offload/rank0").read_dir().unwrap().count() > 0);
+    let cases = [
+        (1usize, 3u8),
+        (1, 1),
+        (2, 1),
+        (2, 2),
+        (2, 3),
+        (4, 2),
+        (4, 3),
+    ];
+    for offload in ["cpu", "disk"] {
+        for (ranks, zero) in cases {
+            let out = tmp.path().join(format!("{offload}-z{zero}-dp{ranks}"));
+            let z = format!("parallel.zero_stage={zero}");
+            let o = format!("parallel.offload=\"{offload}\"");
+            // micro 4/N: accumulation 2 per rank at every N.
+            let (losses, params, _, mem, offloaded) = run(&data, &out, ranks, 4 / ranks, &[&z, &o]);
+            let dp = params
+                .iter()
+                .zip(&ref_params)
+                .map(|((_, a), (_, b))| rel(a, b))
+                .fold(0f32, f32::max);
+            let dl = rel(&losses, &ref_losses);
+            println!("{offload} offload zero={zero} x{ranks}: loss rel diff {dl:e}, param rel diff {dp:e}, resident {mem:?}, on disk {offloaded} B");
+            assert!(dl <= 1e-5 && dp <= 1e-5);
+            let shard = psi.div_ceil(ranks as u64);
+            let chunks: u64 = ref_params
+                .iter()
+                .map(|(_, v)| v.len().div_ceil(ranks) as u64)
+                .sum();
+            let state = if zero == 3 { 12 * chunks } else { 8 * shard };
+            if offload == "disk" {
+                assert_eq!(mem.2, 0, "moments are not resident");
+                assert_eq!(offloaded, state);
+                assert!(out.join("offload/rank0").read_dir().unwrap().count() > 0);
+            } else {
+                assert_eq!(offloaded, 0);
+                assert_eq!(mem.2, 8 * if zero == 3 { chunks } else { shard });
+            }
+        }
+    }
+}
+
+#[test]
+fn memory_budget_splits_state_between_memory_and_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let (ref_losses, ref_params, ..) = run(&data, &tmp.path().join("ref"), 1, 8, &[]);
+    let psi: u64 = ref_params.iter().map(|(_, v)| v.len() as u64).sum();
+    let state = 12 * psi; // ZeRO-3 on one rank: parameter chunks + two moments
+    let budget = state / 2;
+    let b = format!("parallel.memory_budget={budget}");
+    let (losses, params, _, mem, offloaded) = run(
+        &data,
+        &tmp.path().join("budget"),
+        1,
+        4,
+        &["parallel.zero_stage=3", "parallel.offload=\"disk\"", &b],
+    );
+    let resident = mem.0 + mem.2;
+    println!("budget {budget} B of {state} B: resident {resident} B, on disk {offloaded} B");
+    assert_eq!(resident + offloaded, state);
+    assert!(resident <= budget && resident > 0 && offloaded > 0);
+    assert!(rel(&losses, &ref_losses) <= 1e-5);
+    for ((_, a), (_, b)) in params.iter().zip(&ref_params) {
+        assert!(rel(a, b) <= 1e-5);
     }
 }

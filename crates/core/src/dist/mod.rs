@@ -5,8 +5,12 @@ pub mod autograd;
 mod comm;
 mod local;
 mod mesh;
+#[cfg(feature = "mpi")]
+mod mpi;
 
 pub use autograd::Group;
 pub use comm::{CommStats, Communicator, ReduceOp};
 pub use local::{run_local, LocalComm};
 pub use mesh::{Axis, Coords, ParallelDims, ProcessMesh};
+#[cfg(feature = "mpi")]
+pub use mpi::{launched_by_mpirun, mpi_abort, MpiComm};

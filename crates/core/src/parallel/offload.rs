@@ -1,18 +1,56 @@
 //! Where sharded optimizer state (and ZeRO-3 parameter chunks) lives: in memory, or in
 //! memory-mapped files on disk whose pages are handed back to the OS after each use, so state
-//! larger than RAM still trains (the OS streams it through the page cache).
+//! larger than RAM still trains (the OS streams it through the page cache). A disk placement
+//! may carry a memory budget: buffers stay in memory, in creation order, until it is spent.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use memmap2::{MmapMut, UncheckedAdvice};
 
 use crate::{Error, Result};
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Placement {
     Memory,
-    /// Files under this directory (one per buffer).
-    Disk(PathBuf),
+    /// Files under this directory (one per buffer), past the memory budget.
+    Disk(DiskPlacement),
+}
+
+#[derive(Clone, Debug)]
+pub struct DiskPlacement {
+    pub dir: PathBuf,
+    /// Resident bytes still allowed; shared by every buffer of this placement.
+    budget_left: Arc<AtomicU64>,
+}
+
+impl Placement {
+    /// Disk files under `dir`, keeping up to `budget` bytes of buffers in memory.
+    pub fn disk(dir: PathBuf, budget: u64) -> Self {
+        Placement::Disk(DiskPlacement {
+            dir,
+            budget_left: Arc::new(AtomicU64::new(budget)),
+        })
+    }
+
+    /// The same place with no memory budget (for transient buffers that must not use it up).
+    pub fn without_budget(&self) -> Self {
+        match self {
+            Placement::Memory => Placement::Memory,
+            Placement::Disk(d) => Placement::disk(d.dir.clone(), 0),
+        }
+    }
+}
+
+impl DiskPlacement {
+    fn reserve(&self, bytes: u64) -> bool {
+        self.budget_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok()
+    }
 }
 
 pub enum StateBuf {
@@ -29,7 +67,10 @@ impl StateBuf {
     pub fn new(placement: &Placement, name: &str, values: Vec<f32>) -> Result<Self> {
         let dir = match placement {
             Placement::Memory => return Ok(StateBuf::Mem(values)),
-            Placement::Disk(dir) => dir,
+            Placement::Disk(d) if d.reserve(4 * values.len() as u64) => {
+                return Ok(StateBuf::Mem(values))
+            }
+            Placement::Disk(d) => &d.dir,
         };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(format!("{name}.f32"));
@@ -127,7 +168,7 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("colossal-offload-test-{}", std::process::id()));
         let mut b = StateBuf::new(
-            &Placement::Disk(dir.clone()),
+            &Placement::disk(dir.clone(), 0),
             "m.layer",
             vec![1.0, 2.0, 3.0],
         )
@@ -142,6 +183,21 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(b.path().unwrap()).unwrap().len(), 12);
         assert_eq!((b.resident_bytes(), b.offloaded_bytes()), (0, 12));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn memory_budget_keeps_buffers_resident_until_spent() {
+        let dir = std::env::temp_dir().join(format!("colossal-budget-test-{}", std::process::id()));
+        let p = Placement::disk(dir.clone(), 20);
+        let a = StateBuf::new(&p, "a", vec![0.0; 3]).unwrap(); // 12 bytes: fits
+        let b = StateBuf::new(&p, "b", vec![0.0; 3]).unwrap(); // 8 left: disk
+        let c = StateBuf::new(&p, "c", vec![0.0; 2]).unwrap(); // 8 bytes: fits exactly
+        let d = StateBuf::new(&p.without_budget(), "d", vec![0.0]).unwrap();
+        assert_eq!((a.resident_bytes(), a.offloaded_bytes()), (12, 0));
+        assert_eq!((b.resident_bytes(), b.offloaded_bytes()), (0, 12));
+        assert_eq!((c.resident_bytes(), c.offloaded_bytes()), (8, 0));
+        assert_eq!((d.resident_bytes(), d.offloaded_bytes()), (0, 4));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

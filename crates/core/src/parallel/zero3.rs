@@ -58,52 +58,86 @@ impl Zero3 {
         ranks: usize,
         placement: &Placement,
     ) -> Result<Self> {
-        let mut z = Self {
+        let mut z = Self::empty(&full, ranks, placement);
+        for (name, var) in params.iter() {
+            let values: Vec<f32> = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            z.add(
+                name,
+                var.dims(),
+                &values,
+                full.m.get(name).map(Vec::as_slice),
+                full.v.get(name).map(Vec::as_slice),
+                rank,
+                placement,
+            )?;
+        }
+        Ok(z)
+    }
+
+    /// Built one parameter at a time from `init` (which calls its argument with each name, shape
+    /// and values), keeping only this rank's chunks: the whole model never exists on one rank,
+    /// so models larger than a rank's memory can be initialised.
+    pub fn from_init(
+        init: impl FnOnce(&mut crate::models::llama::ParamSink) -> Result<()>,
+        adam: AdamW,
+        rank: usize,
+        ranks: usize,
+        placement: &Placement,
+    ) -> Result<Self> {
+        let mut z = Self::empty(&adam, ranks, placement);
+        init(&mut |name, shape, values| z.add(name, shape, &values, None, None, rank, placement))?;
+        Ok(z)
+    }
+
+    fn empty(full: &AdamW, ranks: usize, placement: &Placement) -> Self {
+        Self {
             entries: Vec::new(),
             ranks,
             chunks: HashMap::new(),
             m: HashMap::new(),
             v: HashMap::new(),
-            placement: placement.clone(),
+            placement: placement.without_budget(),
             adam: AdamW {
                 cfg: full.cfg.clone(),
                 step: full.step,
                 m: HashMap::new(),
                 v: HashMap::new(),
             },
-        };
-        for (name, var) in params.iter() {
-            let len = var.elem_count();
-            let chunk = z.chunk_len(len);
-            let values: Vec<f32> = var
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            let buf =
-                |kind: &str, v: Vec<f32>| StateBuf::new(placement, &format!("{kind}.{name}"), v);
-            z.chunks.insert(
-                name.to_string(),
-                buf("param", Self::own_chunk(&values, rank, chunk))?,
-            );
-            let zeros = vec![0.0; len];
-            let m = full.m.get(name).unwrap_or(&zeros);
-            let v = full.v.get(name).unwrap_or(&zeros);
-            z.m.insert(
-                name.to_string(),
-                buf("exp_avg", Self::own_chunk(m, rank, chunk))?,
-            );
-            z.v.insert(
-                name.to_string(),
-                buf("exp_avg_sq", Self::own_chunk(v, rank, chunk))?,
-            );
-            z.entries.push(Entry {
-                name: name.to_string(),
-                shape: var.dims().to_vec(),
-                len,
-            });
         }
-        Ok(z)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+        m: Option<&[f32]>,
+        v: Option<&[f32]>,
+        rank: usize,
+        placement: &Placement,
+    ) -> Result<()> {
+        let len = values.len();
+        let chunk = self.chunk_len(len);
+        let own = |x: Option<&[f32]>| match x {
+            Some(x) => Self::own_chunk(x, rank, chunk),
+            None => vec![0.0; chunk],
+        };
+        let buf = |kind: &str, v: Vec<f32>| StateBuf::new(placement, &format!("{kind}.{name}"), v);
+        self.chunks
+            .insert(name.to_string(), buf("param", own(Some(values)))?);
+        self.m.insert(name.to_string(), buf("exp_avg", own(m))?);
+        self.v.insert(name.to_string(), buf("exp_avg_sq", own(v))?);
+        self.entries.push(Entry {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            len,
+        });
+        Ok(())
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
@@ -182,10 +216,11 @@ impl Zero3 {
         self.adam.step += 1;
         let k = AdamWKernel::new(&self.adam.cfg, self.adam.step, lr);
         for e in &self.entries {
-            let Some(g) = grads.get_mut(&e.name) else {
+            // Taken out so its pages are unmapped as soon as this parameter is done.
+            let Some(mut g_buf) = grads.remove(&e.name) else {
                 continue;
             };
-            let g = g.as_mut_slice();
+            let g = g_buf.as_mut_slice();
             if coef < 1.0 {
                 g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
             }
@@ -212,7 +247,7 @@ impl Zero3 {
     /// Bytes held in memory for (parameter chunks, gradient chunks, moment chunks).
     pub fn memory(&self) -> (u64, u64, u64) {
         let p: u64 = self.chunks.values().map(StateBuf::resident_bytes).sum();
-        // Gradient chunks exist during a step and follow the placement.
+        // Gradient chunks exist during a step: in memory, or on disk (never on the budget).
         let g: u64 = match self.placement {
             Placement::Memory => self.chunks.values().map(|c| 4 * c.len() as u64).sum(),
             Placement::Disk(_) => 0,
@@ -325,7 +360,8 @@ impl Hooks for Zero3GradSink<'_> {
                     acc.release()?;
                 }
                 None => {
-                    // Gradient chunks follow the state's placement (disk when offloading).
+                    // Gradient chunks follow the state's placement (disk when offloading), outside
+                    // the memory budget, which holds the persistent state.
                     let buf = StateBuf::new(&self.zero.placement, &format!("grad.{name}"), mine)?;
                     self.chunks.insert(name, buf);
                 }

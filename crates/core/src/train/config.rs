@@ -23,7 +23,9 @@ pub struct TrainConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelConfig {
-    /// `local`: ranks are threads of this process.
+    /// `local`: ranks are threads of this process (`nproc` of them). `mpi`: ranks are the
+    /// processes of an `mpirun`/`srun` job (needs a build with `--features mpi`; `nproc`, if
+    /// set, must equal the job's size).
     #[serde(default = "local")]
     pub backend: String,
     /// Number of ranks.
@@ -36,11 +38,18 @@ pub struct ParallelConfig {
     /// 3 (+ parameters, gathered block by block).
     #[serde(default)]
     pub zero_stage: u8,
-    /// Where sharded optimizer state (and, under ZeRO-3, parameter shards) lives: `none`
-    /// (memory) or `disk` (memory-mapped files, pages dropped after each use). Needs
-    /// `zero_stage` ≥ 1.
+    /// Where the fp32 master state of the ZeRO shard (moments; under ZeRO-3 also parameter
+    /// chunks) lives: `none` (beside the compute), `cpu` (host memory, updated by the fused CPU
+    /// AdamW) or `disk` (memory-mapped files, pages dropped after each use). Needs
+    /// `zero_stage` ≥ 1. On the CPU device `none` and `cpu` hold the same bytes in the same
+    /// place; they differ once compute runs on a GPU.
     #[serde(default = "none")]
     pub offload: String,
+    /// With `offload = "disk"`: bytes of that state each rank may keep resident (a number, or a
+    /// string such as "512MiB" / "2GB"); buffers are placed in memory until the budget is
+    /// spent, the rest on disk. Default 0: everything offloadable goes to disk.
+    #[serde(default)]
+    pub memory_budget: Option<toml::Value>,
     /// Directory of the offload files (default: OUT_DIR/offload).
     #[serde(default)]
     pub offload_dir: Option<std::path::PathBuf>,
@@ -65,6 +74,7 @@ impl Default for ParallelConfig {
             zero_stage: 0,
             precision: fp32(),
             offload: none(),
+            memory_budget: None,
             offload_dir: None,
             bucket_mb: bucket_mb(),
             timeout_s: timeout_s(),
@@ -82,11 +92,13 @@ impl ParallelConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.backend != "local" {
-            return Err(format!(
-                "parallel.backend `{}`: only `local` is available",
-                self.backend
-            ));
+        match self.backend.as_str() {
+            "local" => {}
+            "mpi" if cfg!(feature = "mpi") => {}
+            "mpi" => {
+                return Err("parallel.backend = \"mpi\" needs a build with `--features mpi` (Open MPI and libclang installed)".into())
+            }
+            other => return Err(format!("parallel.backend `{other}`: expected local or mpi")),
         }
         if self.zero_stage > 3 {
             return Err(format!(
@@ -102,11 +114,22 @@ impl ParallelConfig {
         }
         match (self.offload.as_str(), self.zero_stage) {
             ("none", _) => {}
-            ("disk", 0) => {
-                return Err("parallel.offload = \"disk\" needs parallel.zero_stage >= 1 (the offloaded state is the ZeRO shard)".into())
+            (o @ ("cpu" | "disk"), 0) => {
+                return Err(format!("parallel.offload = \"{o}\" needs parallel.zero_stage >= 1 (the offloaded state is the ZeRO shard)"))
             }
-            ("disk", _) => {}
-            (other, _) => return Err(format!("parallel.offload `{other}`: expected none or disk")),
+            ("cpu" | "disk", _) => {}
+            (other, _) => {
+                return Err(format!(
+                    "parallel.offload `{other}`: expected none, cpu or disk"
+                ))
+            }
+        }
+        let budget = self.memory_budget_bytes()?;
+        if budget > 0 && self.offload != "disk" {
+            return Err(format!(
+                "parallel.memory_budget is set but parallel.offload is `{}`: the budget splits the state between memory and disk, so it needs offload = \"disk\"",
+                self.offload
+            ));
         }
         if self.nproc == 0 {
             return Err("parallel.nproc must be at least 1".into());
@@ -120,6 +143,49 @@ impl ParallelConfig {
         }
         Ok(())
     }
+}
+
+impl ParallelConfig {
+    /// `memory_budget` in bytes (0 when unset).
+    pub fn memory_budget_bytes(&self) -> Result<u64, String> {
+        match &self.memory_budget {
+            None => Ok(0),
+            Some(toml::Value::Integer(n)) if *n >= 0 => Ok(*n as u64),
+            Some(toml::Value::String(s)) => parse_bytes(s)
+                .ok_or_else(|| format!("parallel.memory_budget `{s}`: expected bytes such as 1073741824, \"512MiB\" or \"2GB\"")),
+            Some(other) => Err(format!(
+                "parallel.memory_budget `{other}`: expected a byte count or a string such as \"512MiB\""
+            )),
+        }
+    }
+}
+
+/// "123", "512KiB", "2GiB", "1.5GB", "64M" → bytes (K/M/G/T: powers of 1000 with B, of 1024
+/// with iB or alone).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let unit = unit.trim();
+    let (prefix, rest) = unit.split_at(unit.len().min(1));
+    let power = match prefix.to_ascii_uppercase().as_str() {
+        "" | "B" if rest.is_empty() => 0,
+        "K" => 1,
+        "M" => 2,
+        "G" => 3,
+        "T" => 4,
+        _ => return None,
+    };
+    let base: f64 = match rest {
+        "B" | "b" if power > 0 => 1000.0,
+        "" | "iB" | "ib" => 1024.0,
+        _ if power == 0 => 1.0,
+        _ => return None,
+    };
+    (num >= 0.0).then(|| (num * base.powi(power)) as u64)
 }
 
 fn none() -> String {

@@ -9,7 +9,7 @@ mod trainer;
 pub use batch::{causal_lm_batch, LmBatch};
 pub use checkpoint::{list_checkpoints, TrainerState};
 pub use config::{
-    DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
+    parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };
 pub use metrics::{plot_loss_curve, MetricsWriter};
 pub use trainer::{lm_loss, train, RunSummary, Trainer};

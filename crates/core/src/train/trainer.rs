@@ -16,7 +16,7 @@ use crate::checkpoint::llama as hf_llama;
 use crate::data::PackedDataset;
 use crate::dist::{run_local, Communicator, ReduceOp};
 use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
-use crate::models::llama::{init_params, Llama};
+use crate::models::llama::{init_each_param, init_params, Llama};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::parallel::{
@@ -60,6 +60,8 @@ pub struct RunSummary {
     pub last_val_loss: Option<f64>,
     pub steps: u64,
     pub final_dir: Option<PathBuf>,
+    /// The rank that produced this summary (rank 0 prints and samples).
+    pub rank: usize,
 }
 
 impl Trainer {
@@ -106,6 +108,10 @@ impl Trainer {
                 t.batch_size, t.micro_batch_size
             )));
         }
+        let stream_init = cfg.parallel.zero_stage == 3
+            && comm.is_some()
+            && resume.is_none()
+            && cfg.model.hf_dir.is_none();
         let (model, params) = match (resume, &cfg.model.hf_dir, &cfg.model.config) {
             (Some(dir), _, _) => hf_llama::load_llama(dir, DType::F32, &device)?,
             (None, Some(_), Some(_)) => {
@@ -117,7 +123,12 @@ impl Trainer {
             (None, None, Some(c)) => {
                 let model = Llama::new(c.clone())
                     .map_err(|e| Error::Config(format!("model.config: {e}")))?;
-                let params = init_params(&model, cfg.model.init_seed, &device)?;
+                // ZeRO-3 initialises straight into the shards (below).
+                let params = if stream_init {
+                    Params::new()
+                } else {
+                    init_params(&model, cfg.model.init_seed, &device)?
+                };
                 (model, params)
             }
             (None, None, None) => {
@@ -175,7 +186,8 @@ impl Trainer {
                     .offload_dir
                     .clone()
                     .unwrap_or_else(|| cfg.train.out_dir.join("offload"));
-                Placement::Disk(base.join(format!("rank{}", c.rank())))
+                let budget = cfg.parallel.memory_budget_bytes().map_err(Error::Config)?;
+                Placement::disk(base.join(format!("rank{}", c.rank())), budget)
             }
             _ => Placement::Memory,
         };
@@ -183,7 +195,14 @@ impl Trainer {
             (Some(c), 3) => {
                 let fresh = AdamW::new(opt.cfg.clone());
                 let full = std::mem::replace(&mut opt, fresh);
-                let z = Zero3::from_full(&params, full, c.rank(), c.size(), &placement)?;
+                let z = if stream_init {
+                    let seed = cfg.model.init_seed;
+                    let init =
+                        |f: &mut crate::models::llama::ParamSink| init_each_param(&model, seed, f);
+                    Zero3::from_init(init, full, c.rank(), c.size(), &placement)?
+                } else {
+                    Zero3::from_full(&params, full, c.rank(), c.size(), &placement)?
+                };
                 // Only the shards stay: the full weights are gathered block by block.
                 params = Params::new();
                 Some(z)
@@ -544,6 +563,7 @@ impl Trainer {
             last_val_loss: None,
             steps: 0,
             final_dir: None,
+            rank: self.rank(),
         };
         tracing::info!(
             params = self.params.num_elements(),
@@ -610,14 +630,18 @@ impl Trainer {
     }
 }
 
-/// Runs training as configured: one rank in this thread, or `parallel.nproc` local ranks as
-/// threads. Returns rank 0's summary.
+/// Runs training as configured: one rank in this thread, `parallel.nproc` local ranks as
+/// threads, or this process's rank of an MPI job. Returns rank 0's summary (under MPI, each
+/// process returns its own; `RunSummary::rank` tells which).
 pub fn train(
     cfg: TrainConfig,
     resume: Option<&Path>,
     stop_at: Option<usize>,
 ) -> Result<RunSummary> {
     cfg.parallel.validate().map_err(Error::Config)?;
+    if cfg.parallel.backend == "mpi" {
+        return train_mpi(cfg, resume, stop_at);
+    }
     let n = cfg.parallel.nproc;
     if n == 1 {
         return Trainer::new(cfg, resume, Device::Cpu)?.run(stop_at);
@@ -628,6 +652,58 @@ pub fn train(
         Trainer::new_rank(cfg.clone(), resume, Device::Cpu, Some(comm))?.run(stop_at)
     })?;
     Ok(out.swap_remove(0))
+}
+
+#[cfg(feature = "mpi")]
+fn train_mpi(
+    mut cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop_at: Option<usize>,
+) -> Result<RunSummary> {
+    use crate::dist::MpiComm;
+    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+    let world = MpiComm::world(timeout)?;
+    let _mpi = world.keep_alive();
+    let (rank, size) = (world.rank(), world.size());
+    let p = &mut cfg.parallel;
+    if p.nproc != 1 && p.nproc != size {
+        return Err(Error::Config(format!(
+            "parallel.nproc = {} but mpirun started {size} processes",
+            p.nproc
+        )));
+    }
+    p.nproc = size;
+    if p.dp.is_some_and(|dp| dp != size) {
+        return Err(Error::Config(format!(
+            "parallel.dp = {:?} but mpirun started {size} processes",
+            p.dp
+        )));
+    }
+    let comm: Option<Box<dyn Communicator>> =
+        (size > 1 || p.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
+    // Test hook for the mpirun failure test: COLOSSAL_TEST_FAIL_AT="RANK:STEP".
+    let fail_at = std::env::var("COLOSSAL_TEST_FAIL_AT").ok().and_then(|v| {
+        let (r, s) = v.split_once(':')?;
+        (r.parse() == Ok(rank)).then(|| s.parse().ok())?
+    });
+    let run = Trainer::new_rank(cfg, resume, Device::Cpu, comm).and_then(|mut t| {
+        t.fail_at_step = fail_at;
+        t.run(stop_at)
+    });
+    match run {
+        Ok(s) => Ok(s),
+        Err(e) if size > 1 => {
+            // Peers may be blocked in a receive: end the whole job now, naming this rank.
+            eprintln!("rank {rank} failed: {e}");
+            crate::dist::mpi_abort(1)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(_: TrainConfig, _: Option<&Path>, _: Option<usize>) -> Result<RunSummary> {
+    unreachable!("ParallelConfig::validate rejects backend = mpi without the mpi feature")
 }
 
 /// Sum of next-token cross-entropies of `logits` (B, T, V) against flattened targets,

@@ -11,5 +11,5 @@ mod rope;
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
-pub use model::{init_params, Llama};
+pub use model::{init_each_param, init_params, Llama, ParamSink};
 pub use rope::inv_freq;

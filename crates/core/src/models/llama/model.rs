@@ -255,6 +255,21 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 /// Fresh weights for training from scratch: HF init (normal(0, initializer_range) for
 /// matrices, ones for norms, zero bias and zero padding row), deterministic in `seed`.
 pub fn init_params(model: &Llama, seed: u64, device: &Device) -> Result<Params> {
+    let mut params = Params::new();
+    init_each_param(model, seed, &mut |name, shape, data| {
+        let t = Tensor::from_vec(data, shape, device)?;
+        params.insert(name, Var::from_tensor(&t)?);
+        Ok(())
+    })?;
+    Ok(params)
+}
+
+/// Receives one parameter: name, shape, values.
+pub type ParamSink<'a> = dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()> + 'a;
+
+/// The values `init_params` gives, handed to `f` one parameter at a time (same order, same
+/// random stream), so a sharded owner can keep its slice and drop the rest.
+pub fn init_each_param(model: &Llama, seed: u64, f: &mut ParamSink) -> Result<()> {
     let std = model
         .cfg
         .extra
@@ -263,7 +278,6 @@ pub fn init_params(model: &Llama, seed: u64, device: &Device) -> Result<Params> 
         .unwrap_or(0.02);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, std as f32).expect("valid std");
-    let mut params = Params::new();
     for (name, shape) in model.param_shapes() {
         let numel: usize = shape.iter().product();
         let mut data: Vec<f32> = if name.ends_with("norm.weight") {
@@ -282,8 +296,7 @@ pub fn init_params(model: &Llama, seed: u64, device: &Device) -> Result<Params> 
                 }
             }
         }
-        let t = Tensor::from_vec(data, shape, device)?;
-        params.insert(name, Var::from_tensor(&t)?);
+        f(&name, &shape, data)?;
     }
-    Ok(params)
+    Ok(())
 }
