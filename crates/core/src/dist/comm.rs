@@ -30,6 +30,12 @@ impl CommStats {
         self.messages.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// For backends whose native collectives move `bytes` without a tensor per message.
+    pub fn record_bytes(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
     }
@@ -108,13 +114,7 @@ pub trait Communicator: Send {
     /// Splits dim 0 into N chunks, sends chunk j to rank j, concatenates what arrives.
     fn all_to_all(&self, t: &Tensor) -> Result<Tensor> {
         let (n, r) = (self.size(), self.rank());
-        let rows = t.dim(0)?;
-        if rows % n != 0 {
-            return Err(crate::msg!(
-                "all_to_all: dim 0 ({rows}) is not divisible by {n} ranks"
-            ));
-        }
-        let c = rows / n;
+        let c = all_to_all_chunk(t, n)?;
         for dst in (0..n).filter(|&d| d != r) {
             self.send(&t.narrow(0, dst * c, c)?.contiguous()?, dst)?;
         }
@@ -177,6 +177,17 @@ pub trait Communicator: Send {
         debug_assert!(parts.iter().all(|p| p.elem_count() == chunk));
         Ok(Tensor::cat(&parts, 0)?)
     }
+}
+
+/// Rows per destination of an all-to-all of `t` over `n` ranks.
+pub(crate) fn all_to_all_chunk(t: &Tensor, n: usize) -> Result<usize> {
+    let rows = t.dim(0)?;
+    if rows % n != 0 {
+        return Err(crate::msg!(
+            "all_to_all: dim 0 ({rows}) is not divisible by {n} ranks"
+        ));
+    }
+    Ok(rows / n)
 }
 
 fn pad(flat: &Tensor, len: usize) -> Result<Tensor> {

@@ -7,6 +7,8 @@ mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "cuda")]
+mod nccl;
 
 pub use autograd::Group;
 pub use comm::{CommStats, Communicator, ReduceOp};
@@ -14,3 +16,5 @@ pub use local::{run_local, LocalComm};
 pub use mesh::{Axis, Coords, ParallelDims, ProcessMesh};
 #[cfg(feature = "mpi")]
 pub use mpi::{launched_by_mpirun, mpi_abort, MpiComm};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
