@@ -66,7 +66,41 @@ pub fn read_tensors(
 }
 
 fn view_to_tensor(view: &TensorView<'_>, device: &Device) -> Result<Tensor> {
-    let dtype = match view.dtype() {
+    Ok(Tensor::from_raw_buffer(
+        view.data(),
+        candle_dtype(view)?,
+        view.shape(),
+        device,
+    )?)
+}
+
+/// Copies only the bytes of `s` out of the (mapped) view.
+fn view_slice_to_tensor(view: &TensorView<'_>, s: Slice, device: &Device) -> Result<Tensor> {
+    let dtype = candle_dtype(view)?;
+    let shape = view.shape();
+    if s.dim >= shape.len() || s.start + s.len > shape[s.dim] {
+        return Err(crate::msg!(
+            "slice {}..{} of dimension {} is outside shape {shape:?}",
+            s.start,
+            s.start + s.len,
+            s.dim
+        ));
+    }
+    let outer: usize = shape[..s.dim].iter().product();
+    let inner = shape[s.dim + 1..].iter().product::<usize>() * dtype.size_in_bytes();
+    let data = view.data();
+    let mut bytes = Vec::with_capacity(outer * s.len * inner);
+    for o in 0..outer {
+        let from = (o * shape[s.dim] + s.start) * inner;
+        bytes.extend_from_slice(&data[from..from + s.len * inner]);
+    }
+    let mut dims = shape.to_vec();
+    dims[s.dim] = s.len;
+    Ok(Tensor::from_raw_buffer(&bytes, dtype, &dims, device)?)
+}
+
+fn candle_dtype(view: &TensorView<'_>) -> Result<DType> {
+    Ok(match view.dtype() {
         StDtype::F32 => DType::F32,
         StDtype::F16 => DType::F16,
         StDtype::BF16 => DType::BF16,
@@ -75,13 +109,7 @@ fn view_to_tensor(view: &TensorView<'_>, device: &Device) -> Result<Tensor> {
         StDtype::U32 => DType::U32,
         StDtype::U8 => DType::U8,
         other => return Err(crate::msg!("unsupported dtype {other:?}")),
-    };
-    Ok(Tensor::from_raw_buffer(
-        view.data(),
-        dtype,
-        view.shape(),
-        device,
-    )?)
+    })
 }
 
 /// Loads exactly the tensors named in `expected` (name → shape) from an HF directory,
@@ -92,23 +120,61 @@ pub fn load_expected(
     dtype: DType,
     device: &Device,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let files = weight_files(dir)?;
-    let mut all = read_tensors(&files, dtype, device)?;
+    let wanted: Vec<_> = expected
+        .iter()
+        .map(|(n, s)| (n.clone(), s.clone(), None))
+        .collect();
+    load_sliced(dir, &wanted, dtype, device)
+}
+
+/// The part `[start, start + len)` of dimension `dim` of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub dim: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Like [`load_expected`], but each tensor may be only a slice of the stored one (tensor
+/// parallel loading): only that slice's bytes are read from the mapped file.
+pub fn load_sliced(
+    dir: &Path,
+    expected: &[(String, Vec<usize>, Option<Slice>)],
+    dtype: DType,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
-    for (name, shape) in expected {
-        let (t, path) = all.remove(name).ok_or_else(|| Error::MissingTensor {
-            path: dir.to_path_buf(),
-            name: name.clone(),
-        })?;
-        if t.dims() != shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                path,
+    for path in weight_files(dir)? {
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the file is opened read-only and not modified while mapped.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::file(&path, format!("not a safetensors file: {e}")))?;
+        for (name, shape, slice) in expected {
+            let Ok(view) = st.tensor(name) else { continue };
+            if view.shape() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    path: path.clone(),
+                    name: name.clone(),
+                    found: view.shape().to_vec(),
+                    expected: shape.clone(),
+                });
+            }
+            let t = match slice {
+                Some(s) => view_slice_to_tensor(&view, *s, device),
+                None => view_to_tensor(&view, device),
+            }
+            .map_err(|e| Error::file(&path, format!("tensor `{name}`: {e}")))?;
+            out.insert(name.clone(), t.to_dtype(dtype)?);
+        }
+    }
+    for (name, _, _) in expected {
+        if !out.contains_key(name) {
+            return Err(Error::MissingTensor {
+                path: dir.to_path_buf(),
                 name: name.clone(),
-                found: t.dims().to_vec(),
-                expected: shape.clone(),
             });
         }
-        out.insert(name.clone(), t);
     }
     Ok(out)
 }

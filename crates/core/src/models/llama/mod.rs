@@ -6,10 +6,12 @@ mod config;
 mod generate;
 mod inputs;
 mod model;
+pub mod regions;
 mod rope;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
 pub use model::{init_each_param, init_params, Llama, ParamSink};
+pub use regions::{Local, Regions};
 pub use rope::inv_freq;

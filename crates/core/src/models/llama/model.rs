@@ -1,27 +1,44 @@
 //! The LLaMA computation, split at block boundaries: `embed`, `layer(i)`, `head`.
 
-use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
+use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig};
-use crate::nn::{apply_rotary, linear, rms_norm, softmax};
+use crate::nn::{apply_rotary, linear, rms_norm};
 use crate::params::Params;
 use crate::Result;
 
 /// A LLaMA model description: config and rotary frequencies. Weights are passed in
-/// (`Params`), so whoever runs the model decides where they live.
+/// (`Params`), so whoever runs the model decides where they live; `regions` is where a
+/// parallel plan hooks in (the plain model: [`Local`]).
 #[derive(Clone, Debug)]
 pub struct Llama {
     pub cfg: LlamaConfig,
     pub inv_freq: Vec<f32>,
+    pub regions: Arc<dyn Regions>,
 }
 
 impl Llama {
     pub fn new(cfg: LlamaConfig) -> Result<Self> {
         cfg.validate()?;
         let inv_freq = super::rope::inv_freq(&cfg);
-        Ok(Self { cfg, inv_freq })
+        Ok(Self {
+            cfg,
+            inv_freq,
+            regions: Arc::new(Local),
+        })
+    }
+
+    /// This model with its regions computed by `regions` (a parallel plan).
+    pub fn with_regions(&self, regions: Arc<dyn Regions>) -> Self {
+        Self {
+            regions,
+            ..self.clone()
+        }
     }
 
     pub const EMBED: &'static str = "model.embed_tokens.weight";
@@ -87,18 +104,11 @@ impl Llama {
 
     /// Token embedding. Rows of `pad_token_id` get no gradient, as with torch's `padding_idx`.
     pub fn embed(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
-        let w = p.get(Self::EMBED)?;
-        let (b, t) = ids.dims2()?;
-        let flat = ids.flatten_all()?;
-        let e = w.index_select(&flat, 0)?;
-        let e = match self.cfg.pad_token_id {
-            Some(pad) if (pad as usize) < self.cfg.vocab_size => {
-                let is_pad = flat.eq(pad)?.unsqueeze(1)?.broadcast_as(e.shape())?;
-                is_pad.where_cond(&e.detach(), &e)?
-            }
-            _ => e,
-        };
-        Ok(e.reshape((b, t, self.cfg.hidden_size))?)
+        let pad = self
+            .cfg
+            .pad_token_id
+            .filter(|&p| (p as usize) < self.cfg.vocab_size);
+        self.regions.embed(p.get(Self::EMBED)?, ids, pad)
     }
 
     /// Decoder layer `l` on the residual stream `x` (B, T, H).
@@ -112,14 +122,16 @@ impl Llama {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
-        let h = rms_norm(x, p.get(&n("input_layernorm.weight"))?, c.rms_norm_eps)?;
+        let norm = |x: &Tensor, w: &str| -> Result<Tensor> {
+            let w = self.regions.replicated(p.get(&n(w))?)?;
+            Ok(rms_norm(x, &w, c.rms_norm_eps)?)
+        };
+        let h = self.regions.enter(&norm(x, "input_layernorm.weight")?)?;
         let attn = self.attention(l, p, &h, inp, cache)?;
         let x = (x + attn)?;
-        let h = rms_norm(
-            &x,
-            p.get(&n("post_attention_layernorm.weight"))?,
-            c.rms_norm_eps,
-        )?;
+        let h = self
+            .regions
+            .enter(&norm(&x, "post_attention_layernorm.weight")?)?;
         let bias = |s: &str| -> Result<Option<&Tensor>> {
             Ok(if c.mlp_bias {
                 Some(p.get(&n(s))?)
@@ -138,11 +150,12 @@ impl Llama {
             bias("mlp.up_proj.bias")?,
         )?;
         let act = (gate.silu()? * up)?;
-        let down = linear(
-            &act,
-            p.get(&n("mlp.down_proj.weight"))?,
-            bias("mlp.down_proj.bias")?,
-        )?;
+        let down = linear(&act, p.get(&n("mlp.down_proj.weight"))?, None)?;
+        let down = self.regions.exit(&down)?;
+        let down = match bias("mlp.down_proj.bias")? {
+            Some(b) => down.broadcast_add(&self.regions.replicated(b)?)?,
+            None => down,
+        };
         Ok((x + down)?)
     }
 
@@ -156,8 +169,11 @@ impl Llama {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let n = |s: &str| format!("model.layers.{l}.self_attn.{s}");
+        // Head counts from the weights: a tensor-parallel rank holds a slice of the heads.
+        let hd = c.head_dim();
+        let nh = p.get(&n("q_proj.weight"))?.dim(0)? / hd;
+        let nkv = p.get(&n("k_proj.weight"))?.dim(0)? / hd;
         let bias = |s: &str| -> Result<Option<&Tensor>> {
             Ok(if c.attention_bias {
                 Some(p.get(&n(s))?)
@@ -185,31 +201,28 @@ impl Llama {
             cache.k = Some(k.clone());
             cache.v = Some(v.clone());
         }
-        let k = repeat_kv(&k, nh / nkv)?;
-        let v = repeat_kv(&v, nh / nkv)?;
         // Scaling q (T·D elements) instead of the scores (T·T) saves a pass each way.
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?;
-        let dtype = scores.dtype();
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&inp.bias)?;
-        let probs = softmax(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?;
+        let out = self.regions.attention(&q, &k, &v, inp)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(linear(
-            &out,
-            p.get(&n("o_proj.weight"))?,
-            bias("o_proj.bias")?,
-        )?)
+        let out = linear(&out, p.get(&n("o_proj.weight"))?, None)?;
+        let out = self.regions.exit(&out)?;
+        Ok(match bias("o_proj.bias")? {
+            Some(b) => out.broadcast_add(&self.regions.replicated(b)?)?,
+            None => out,
+        })
     }
 
     /// Final RMSNorm.
     pub fn final_norm(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, p.get(Self::NORM)?, self.cfg.rms_norm_eps).map_err(Into::into)
+        let w = self.regions.replicated(p.get(Self::NORM)?)?;
+        rms_norm(x, &w, self.cfg.rms_norm_eps).map_err(Into::into)
     }
 
-    /// Final RMSNorm and LM head: logits (B, T, V).
+    /// Final RMSNorm and LM head: logits (B, T, V) (under tensor parallelism, this rank's
+    /// slice of the vocabulary).
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
-        let h = self.final_norm(p, x)?;
+        let h = self.regions.enter(&self.final_norm(p, x)?)?;
         linear(&h, p.get(self.head_weight_name())?, None).map_err(Into::into)
     }
 
@@ -240,16 +253,6 @@ impl Llama {
     pub fn empty_caches(&self) -> Vec<KvCache> {
         vec![KvCache::default(); self.cfg.num_hidden_layers]
     }
-}
-
-fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kvh, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kvh, n_rep, t, d))?
-        .reshape((b, kvh * n_rep, t, d))
 }
 
 /// Fresh weights for training from scratch: HF init (normal(0, initializer_range) for

@@ -1,0 +1,86 @@
+//! The points where a parallel plan may act on the model, named by what the model is doing
+//! there. The plain model ([`Local`]) computes everything here; `parallel::tensor` and
+//! `parallel::sequence` supply implementations that insert collectives, as torchtitan's
+//! parallel styles do around modules. The model itself never sees a rank.
+
+use std::fmt::Debug;
+
+use candle_core::{DType, Tensor};
+
+use super::AttnInputs;
+use crate::nn::softmax;
+use crate::Result;
+
+pub trait Regions: Send + Sync + Debug {
+    /// Embedding lookup of `ids` (B, T) in table `w` → (B, T, H); rows of `pad` get no
+    /// gradient.
+    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+        lookup(w, ids, pad)
+    }
+
+    /// The normalised residual entering a block of column-split projections (attention, MLP,
+    /// LM head).
+    fn enter(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+
+    /// The output of a row-split projection (before its bias) returning to the residual.
+    fn exit(&self, y: &Tensor) -> Result<Tensor> {
+        Ok(y.clone())
+    }
+
+    /// A weight every rank holds whole but may apply to part of the data (norm weights).
+    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
+        Ok(w.clone())
+    }
+
+    /// Attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D) → (B, Hq, T, D); q is already
+    /// scaled by 1/√D.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
+        attention(q, k, v, &inp.bias)
+    }
+}
+
+/// Everything on one rank.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Local;
+
+impl Regions for Local {}
+
+/// Rows `ids` (B, T) of `w` → (B, T, H). Rows of `pad` are detached, as torch's
+/// `padding_idx` gives that row no gradient.
+pub fn lookup(w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let flat = ids.flatten_all()?;
+    let e = w.index_select(&flat, 0)?;
+    let e = match pad {
+        Some(pad) => {
+            let is_pad = flat.eq(pad)?.unsqueeze(1)?.broadcast_as(e.shape())?;
+            is_pad.where_cond(&e.detach(), &e)?
+        }
+        None => e,
+    };
+    Ok(e.reshape((b, t, w.dim(1)?))?)
+}
+
+/// Eager attention with an additive f32 bias (B, 1, Tq, Tk); grouped KV heads are repeated.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let k = repeat_kv(k, n_rep)?;
+    let v = repeat_kv(v, n_rep)?;
+    let scores = q.matmul(&k.t()?)?;
+    let dtype = scores.dtype();
+    let scores = scores.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let probs = softmax(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v)?)
+}
+
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, t, d))?
+        .reshape((b, kvh * n_rep, t, d))
+}
