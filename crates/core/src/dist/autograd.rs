@@ -11,6 +11,7 @@
 //! | `scatter_reduce`    | reduce-scatter along dim | all-gather               |
 //! | `split_to`          | keep own chunk of `dim`  | all-gather               |
 //! | `all_to_all`        | all-to-all (s→g dims)    | all-to-all (g→s dims)    |
+//! | `ring_shift`        | to rank+1, from rank−1   | to rank−1, from rank+1   |
 //!
 //! Each op is a Candle custom op: the forward runs the collective on the host copy of its input,
 //! the backward runs the paired collective on the incoming gradient.
@@ -67,7 +68,12 @@ enum Collective {
     AllGather(usize),
     ReduceScatter(usize),
     Split(usize),
-    AllToAll { scatter: usize, gather: usize },
+    AllToAll {
+        scatter: usize,
+        gather: usize,
+    },
+    /// Send to rank + k, receive from rank − k (mod size).
+    Shift(usize),
 }
 
 impl Collective {
@@ -97,6 +103,11 @@ impl Collective {
                     .collect::<candle_core::Result<_>>()?;
                 Ok(Tensor::cat(&parts, gather)?.contiguous()?)
             }
+            Collective::Shift(k) => g.with(|c| {
+                let r = g.rank();
+                c.send(t, (r + k) % n)?;
+                c.recv((r + n - k % n) % n)
+            }),
         }
     }
 }
@@ -225,6 +236,13 @@ pub fn scatter_reduce(x: &Tensor, dim: usize, g: &Group) -> Result<Tensor> {
 /// Keeps this rank's chunk of `dim` forward, all-gathers the gradient backward.
 pub fn split_to(x: &Tensor, dim: usize, g: &Group) -> Result<Tensor> {
     apply(x, g, Collective::Split(dim), Collective::AllGather(dim))
+}
+
+/// Passes `x` one rank along the ring (sent to rank + 1, received from rank − 1); the gradient
+/// goes back the other way (ring attention's K/V rotation).
+pub fn ring_shift(x: &Tensor, g: &Group) -> Result<Tensor> {
+    let back = g.size() - 1;
+    apply(x, g, Collective::Shift(1), Collective::Shift(back))
 }
 
 /// Splits `scatter` into chunks sent to each rank and concatenates what arrives along `gather`

@@ -20,6 +20,12 @@ pub fn global_grad_norm(grads: &Grads) -> Result<f64> {
 /// Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
     let norm = global_grad_norm(grads)?;
+    clip_to_norm(grads, max_norm, norm)?;
+    Ok(norm)
+}
+
+/// The scaling of [`clip_grad_norm`] given the norm (computed over shards elsewhere).
+pub fn clip_to_norm(grads: &mut Grads, max_norm: f64, norm: f64) -> Result<()> {
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
         let names: Vec<String> = grads.names().cloned().collect();
@@ -29,5 +35,5 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
             grads.set(&n, scaled);
         }
     }
-    Ok(norm)
+    Ok(())
 }

@@ -5,6 +5,6 @@ mod scaler;
 mod schedule;
 
 pub use adamw::{AdamW, AdamWConfig, AdamWKernel};
-pub use clip::{clip_grad_norm, global_grad_norm};
+pub use clip::{clip_grad_norm, clip_to_norm, global_grad_norm};
 pub use scaler::LossScaler;
 pub use schedule::{LrSchedule, ScheduleKind};

@@ -1,6 +1,7 @@
 //! Parallelism applied from outside the model, one file per dimension.
 pub mod data;
 pub mod offload;
+pub mod sequence;
 pub mod tensor;
 pub mod zero;
 pub mod zero3;

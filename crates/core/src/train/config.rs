@@ -34,6 +34,13 @@ pub struct ParallelConfig {
     /// Data-parallel degree (defaults to nproc).
     #[serde(default)]
     pub dp: Option<usize>,
+    /// Tensor-parallel ranks (Megatron 1D): each holds a slice of every layer.
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// Sequence parallelism: "none", or "megatron" (with tp > 1: the residual stream split
+    /// along the sequence between tensor-parallel regions).
+    #[serde(default = "none")]
+    pub sp_mode: String,
     /// ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients),
     /// 3 (+ parameters, gathered block by block).
     #[serde(default)]
@@ -71,6 +78,8 @@ impl Default for ParallelConfig {
             backend: local(),
             nproc: 1,
             dp: None,
+            tp: 1,
+            sp_mode: none(),
             zero_stage: 0,
             precision: fp32(),
             offload: none(),
@@ -134,11 +143,35 @@ impl ParallelConfig {
         if self.nproc == 0 {
             return Err("parallel.nproc must be at least 1".into());
         }
-        let dp = self.dp.unwrap_or(self.nproc);
-        if dp != self.nproc {
+        if self.tp == 0 || !self.nproc.is_multiple_of(self.tp) {
             return Err(format!(
-                "parallel.dp ({dp}) must equal parallel.nproc ({}): data parallel is the only dimension so far",
-                self.nproc
+                "parallel.tp ({}) must divide parallel.nproc ({})",
+                self.tp, self.nproc
+            ));
+        }
+        let dp = self.data_parallel();
+        if dp * self.tp != self.nproc {
+            return Err(format!(
+                "parallel.dp ({dp}) × parallel.tp ({}) must equal parallel.nproc ({})",
+                self.tp, self.nproc
+            ));
+        }
+        match self.sp_mode.as_str() {
+            "none" => {}
+            "megatron" if self.tp > 1 => {}
+            "megatron" => {
+                return Err("parallel.sp_mode = \"megatron\" splits the sequence over the tensor-parallel group: it needs parallel.tp > 1".into())
+            }
+            other => {
+                return Err(format!(
+                    "parallel.sp_mode `{other}`: expected none or megatron"
+                ))
+            }
+        }
+        if self.tp > 1 && self.zero_stage > 0 {
+            return Err(format!(
+                "parallel.tp = {} with parallel.zero_stage = {}: ZeRO over tensor-parallel shards is not supported yet; use zero_stage = 0",
+                self.tp, self.zero_stage
             ));
         }
         Ok(())
@@ -146,6 +179,11 @@ impl ParallelConfig {
 }
 
 impl ParallelConfig {
+    /// Data-parallel ranks: `dp` if set, else what `nproc` leaves after the other dimensions.
+    pub fn data_parallel(&self) -> usize {
+        self.dp.unwrap_or(self.nproc / self.tp.max(1))
+    }
+
     /// `memory_budget` in bytes (0 when unset).
     pub fn memory_budget_bytes(&self) -> Result<u64, String> {
         match &self.memory_budget {

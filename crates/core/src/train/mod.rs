@@ -4,6 +4,7 @@ mod checkpoint;
 mod config;
 mod metrics;
 mod step;
+mod tensor_parallel;
 mod trainer;
 
 pub use batch::{causal_lm_batch, LmBatch};

@@ -11,14 +11,15 @@ use serde_json::json;
 use super::batch::{causal_lm_batch, count_targets};
 use super::checkpoint::{self, TrainerState};
 use super::step::{Sink, StepGrads, ToF32, Weights};
+use super::tensor_parallel::TpRank;
 use super::{MetricsWriter, TrainConfig};
 use crate::checkpoint::llama as hf_llama;
 use crate::data::PackedDataset;
-use crate::dist::{run_local, Communicator, ReduceOp};
+use crate::dist::{run_local, Communicator, Group, ParallelDims, ProcessMesh, ReduceOp};
 use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
-use crate::models::llama::{init_each_param, init_params, Llama};
+use crate::models::llama::{init_each_param, init_params, Llama, LlamaConfig};
 use crate::nn::cross_entropy_sum;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{clip_to_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::parallel::{
     DataParallelSink, FlatLayout, Placement, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink,
     ZeroOptimizer,
@@ -39,6 +40,10 @@ pub struct Trainer {
     device: Device,
     /// This rank's communicator when data parallel; `None` for one rank.
     comm: Option<Box<dyn Communicator>>,
+    /// The tensor-parallel group and plan when `parallel.tp > 1`.
+    tp: Option<TpRank>,
+    /// Rank in the whole job (rank 0 writes metrics and checkpoints).
+    world_rank: usize,
     /// Bytes this rank sent during the last step.
     pub last_step_comm_bytes: u64,
     /// Sharded optimizer when `parallel.zero_stage` is 1 or 2 over several ranks.
@@ -71,7 +76,8 @@ impl Trainer {
         Self::new_rank(cfg, resume, device, None)
     }
 
-    /// One data-parallel rank; `comm` spans the data-parallel group.
+    /// One rank of a job; `comm` spans all its ranks, which `parallel.dp × parallel.tp`
+    /// arranges into a mesh.
     pub fn new_rank(
         cfg: TrainConfig,
         resume: Option<&Path>,
@@ -79,6 +85,17 @@ impl Trainer {
         comm: Option<Box<dyn Communicator>>,
     ) -> Result<Self> {
         cfg.parallel.validate().map_err(Error::Config)?;
+        let world_rank = comm.as_ref().map_or(0, |c| c.rank());
+        let (comm, tp_group) = match comm {
+            Some(world) if cfg.parallel.tp > 1 => {
+                let p = &cfg.parallel;
+                let dims = ParallelDims::new(p.data_parallel(), p.tp, 1, 1);
+                let mesh = ProcessMesh::new(world, dims)?;
+                let dp = (mesh.dims.dp > 1).then_some(mesh.dp);
+                (dp, Some(Group::new(mesh.tp)))
+            }
+            c => (c, None),
+        };
         // ZeRO (and offload) on one rank: a world of one.
         let comm = match comm {
             None if cfg.parallel.zero_stage > 0 => {
@@ -112,14 +129,22 @@ impl Trainer {
             && comm.is_some()
             && resume.is_none()
             && cfg.model.hf_dir.is_none();
-        let (model, params) = match (resume, &cfg.model.hf_dir, &cfg.model.config) {
+        let (mut model, params) = match (resume, &cfg.model.hf_dir, &cfg.model.config) {
             (Some(dir), _, _) => hf_llama::load_llama(dir, DType::F32, &device)?,
             (None, Some(_), Some(_)) => {
                 return Err(Error::Config(
                     "set only one of model.hf_dir and model.config".into(),
                 ))
             }
-            (None, Some(dir), None) => hf_llama::load_llama(dir, DType::F32, &device)?,
+            (None, Some(dir), None) => match &tp_group {
+                // Each tensor-parallel rank reads only its slices.
+                Some(g) => {
+                    let model = Llama::new(LlamaConfig::from_file(&dir.join("config.json"))?)?;
+                    let params = TpRank::new(g.clone(), &model.cfg)?.load(dir, &model, &device)?;
+                    (model, params)
+                }
+                None => hf_llama::load_llama(dir, DType::F32, &device)?,
+            },
             (None, None, Some(c)) => {
                 let model = Llama::new(c.clone())
                     .map_err(|e| Error::Config(format!("model.config: {e}")))?;
@@ -175,6 +200,22 @@ impl Trainer {
                 ..Default::default()
             },
         };
+        let tp = match tp_group {
+            Some(g) => Some(TpRank::new(g, &model.cfg)?),
+            None => None,
+        };
+        let params = match &tp {
+            // Checkpoints and fresh inits are whole; an HF load above was already sliced.
+            Some(t) if resume.is_some() || cfg.model.hf_dir.is_none() => {
+                t.shard_moments(&mut opt, &params)?;
+                t.shard(&params)?
+            }
+            _ => params,
+        };
+        if let Some(t) = &tp {
+            let megatron_sp = cfg.parallel.sp_mode == "megatron";
+            model = crate::parallel::tensor::parallelize(&model, t.group.clone(), megatron_sp)?;
+        }
         if cfg.parallel.precision == "fp16" && state.loss_scaler.is_none() {
             state.loss_scaler = Some(crate::optim::LossScaler::default());
         }
@@ -239,6 +280,8 @@ impl Trainer {
             val_data,
             device,
             comm,
+            tp,
+            world_rank,
             last_step_comm_bytes: 0,
             zero,
             zero3,
@@ -262,7 +305,13 @@ impl Trainer {
 
     /// Rank 0 writes metrics, checkpoints and plots.
     pub fn is_main(&self) -> bool {
-        self.rank() == 0
+        self.world_rank == 0
+    }
+
+    /// Bytes this rank has sent over all its groups.
+    fn bytes_sent(&self) -> u64 {
+        self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent())
+            + self.tp.as_ref().map_or(0, |t| t.group.bytes_sent())
     }
 
     /// One optimizer step over the global batch. Returns (loss, grad norm, lr).
@@ -275,7 +324,7 @@ impl Trainer {
         }
         let (bs, mbs) = (self.cfg.train.batch_size, self.cfg.train.micro_batch_size);
         let (rank, ranks) = (self.rank(), self.ranks());
-        let sent_before = self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent());
+        let sent_before = self.bytes_sent();
         let batch = self
             .train_data
             .batch(self.state.cursor, bs, self.cfg.data.shuffle)?;
@@ -309,7 +358,9 @@ impl Trainer {
                 mb.inputs.to_dtype(dtype)?
             };
             let targets = mb.targets;
-            let loss_fn = move |logits: &Tensor| Ok((lm_loss(logits, &targets, norm)? * scale)?);
+            let tp = self.tp.as_ref();
+            let loss_fn =
+                move |logits: &Tensor| Ok((lm_loss_on(tp, logits, &targets, norm)? * scale)?);
             let mut to_f32 = ToF32(sink.hooks(i + 1 == mine.len()));
             let out = self.executor.forward_backward_with(
                 &self.model,
@@ -343,7 +394,10 @@ impl Trainer {
             (StepGrads::Shard(shard), Some(z)) => {
                 z.grad_norm(self.comm.as_deref().expect("ZeRO comm"), shard)?
             }
-            (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
+            (StepGrads::Full(g), _) => match &self.tp {
+                Some(t) => t.grad_norm(g)?,
+                None => crate::optim::global_grad_norm(g)?,
+            },
             (StepGrads::Chunks(c), _) => {
                 let z3 = self.zero3.as_ref().expect("chunks only under ZeRO-3");
                 z3.grad_norm(self.comm.as_deref().expect("ZeRO comm"), c)?
@@ -376,7 +430,7 @@ impl Trainer {
                 }
                 StepGrads::Full(mut grads) => {
                     if clip > 0.0 {
-                        clip_grad_norm(&mut grads, clip)?;
+                        clip_to_norm(&mut grads, clip, grad_norm)?;
                     }
                     self.opt.step(&self.params, &grads, lr)?;
                     self.state.optimizer_step = self.opt.step;
@@ -392,8 +446,7 @@ impl Trainer {
         self.state.step += 1;
         self.state.cursor += bs as u64;
         self.state.tokens_seen += (bs * self.seq_len()) as u64;
-        self.last_step_comm_bytes =
-            self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent()) - sent_before;
+        self.last_step_comm_bytes = self.bytes_sent() - sent_before;
         Ok((loss, grad_norm, lr))
     }
 
@@ -418,10 +471,12 @@ impl Trainer {
         })
     }
 
-    /// All parameters (gathered from every rank under ZeRO-3, so then every rank must call it).
+    /// All parameters (gathered from every rank under ZeRO-3 or tensor parallelism, so then
+    /// every rank must call it).
     pub fn full_params(&self) -> Result<Params> {
-        match (&self.zero3, self.comm.as_deref()) {
-            (Some(z), Some(c)) => Ok(z.gather_full(c)?.0),
+        match (&self.zero3, self.comm.as_deref(), &self.tp) {
+            (Some(z), Some(c), _) => Ok(z.gather_full(c)?.0),
+            (_, _, Some(t)) => t.gather(&self.params),
             _ => Ok(self.params.clone()),
         }
     }
@@ -492,7 +547,7 @@ impl Trainer {
             let logits = self
                 .executor
                 .forward_with(&self.model, &mut weights, &mb.ids, &inputs)?;
-            let l = lm_loss(&logits, &mb.targets, 1.0)?;
+            let l = lm_loss_on(self.tp.as_ref(), &logits, &mb.targets, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
             count += mb.loss_tokens;
         }
@@ -511,8 +566,12 @@ impl Trainer {
             (Some(z), Some(c)) => Some(z.gather_full(c)?),
             _ => None,
         };
-        let gathered3 = match (&self.zero3, self.comm.as_deref()) {
-            (Some(z), Some(c)) => Some(z.gather_full(c)?),
+        let gathered3 = match (&self.zero3, self.comm.as_deref(), &self.tp) {
+            (Some(z), Some(c), _) => Some(z.gather_full(c)?),
+            (_, _, Some(t)) => Some((
+                t.gather(&self.params)?,
+                t.gather_moments(&self.opt, &self.params)?,
+            )),
             _ => None,
         };
         if !self.is_main() {
@@ -563,7 +622,7 @@ impl Trainer {
             last_val_loss: None,
             steps: 0,
             final_dir: None,
-            rank: self.rank(),
+            rank: self.world_rank,
         };
         tracing::info!(
             params = self.params.num_elements(),
@@ -673,12 +732,8 @@ fn train_mpi(
         )));
     }
     p.nproc = size;
-    if p.dp.is_some_and(|dp| dp != size) {
-        return Err(Error::Config(format!(
-            "parallel.dp = {:?} but mpirun started {size} processes",
-            p.dp
-        )));
-    }
+    p.validate()
+        .map_err(|e| Error::Config(format!("{e} (mpirun started {size} processes)")))?;
     let comm: Option<Box<dyn Communicator>> =
         (size > 1 || p.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
     // Test hook for the mpirun failure test: COLOSSAL_TEST_FAIL_AT="RANK:STEP".
@@ -704,6 +759,14 @@ fn train_mpi(
 #[cfg(not(feature = "mpi"))]
 fn train_mpi(_: TrainConfig, _: Option<&Path>, _: Option<usize>) -> Result<RunSummary> {
     unreachable!("ParallelConfig::validate rejects backend = mpi without the mpi feature")
+}
+
+/// [`lm_loss`], or its vocabulary-parallel form on a tensor-parallel rank.
+fn lm_loss_on(tp: Option<&TpRank>, logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
+    match tp {
+        Some(t) => t.lm_loss(logits, targets, norm),
+        None => lm_loss(logits, targets, norm),
+    }
 }
 
 /// Sum of next-token cross-entropies of `logits` (B, T, V) against flattened targets,

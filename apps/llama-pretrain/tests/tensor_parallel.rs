@@ -1,0 +1,177 @@
+//! Tensor parallelism through the trainer (`parallel.tp`, `parallel.sp_mode`): the same global
+//! batch on tp 2 and 4, Megatron-SP and dp2×tp2 gives one rank's losses and parameters (f32,
+//! 1e-5 relative, 5 steps); a tensor-parallel checkpoint is whole and resumes at another tp.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::Device;
+use colossal_core::dist::{run_local, Communicator};
+use colossal_core::train::Trainer;
+use common::{config, prepare};
+
+const STEPS: usize = 5;
+
+/// 4 query and 4 KV heads, so tp 4 splits them.
+const MODEL: [&str; 6] = [
+    "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=4",
+    "train.batch_size=8",
+    "train.micro_batch_size=2",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
+];
+
+type Flat = Vec<(String, Vec<f32>)>;
+
+fn flat(params: &colossal_core::params::Params) -> Flat {
+    params
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().flatten_all().unwrap();
+            (n.to_string(), t.to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+/// Losses of `steps` steps and the whole final parameters, on `nproc` local ranks.
+fn run(
+    data: &Path,
+    out: &Path,
+    nproc: usize,
+    extra: &[&str],
+    resume: Option<&Path>,
+    steps: usize,
+) -> (Vec<f32>, Flat) {
+    let nproc_set = format!("parallel.nproc={nproc}");
+    let mut overrides: Vec<&str> = MODEL.to_vec();
+    overrides.push(&nproc_set);
+    overrides.extend_from_slice(extra);
+    let cfg = config(data, out, &overrides);
+    let mut results = run_local(nproc, Duration::from_secs(60), |comm| {
+        let comm: Box<dyn Communicator> = Box::new(comm);
+        let mut t = Trainer::new_rank(
+            cfg.clone(),
+            resume,
+            Device::Cpu,
+            (nproc > 1).then_some(comm),
+        )?;
+        let mut losses = Vec::new();
+        for _ in 0..steps {
+            losses.push(t.train_step()?.0);
+            // A layout with several ranks must have communicated.
+            assert_eq!(t.last_step_comm_bytes > 0, nproc > 1);
+        }
+        let params = flat(&t.full_params()?);
+        t.save_checkpoint()?;
+        Ok((losses, params))
+    })
+    .unwrap();
+    for other in &results[1..] {
+        assert_eq!(other.0, results[0].0, "ranks report different losses");
+    }
+    results.swap_remove(0)
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let n = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
+    (n(&mut a.iter().zip(b).map(|(x, y)| x - y)) / n(&mut b.iter().copied()).max(1e-30)) as f32
+}
+
+fn assert_close(what: &str, (losses, params): &(Vec<f32>, Flat), (rl, rp): &(Vec<f32>, Flat)) {
+    let dl = rel(losses, rl);
+    assert!(dl < 1e-5, "{what}: losses {losses:?} vs {rl:?} ({dl:e})");
+    let mut worst = 0f32;
+    for ((name, a), (rname, b)) in params.iter().zip(rp) {
+        assert_eq!(name, rname);
+        let d = rel(a, b);
+        assert!(d < 1e-5, "{what}: {name} differs by {d:e}");
+        worst = worst.max(d);
+    }
+    println!("{what}: losses {losses:?}, rel diff losses {dl:.1e}, worst parameter {worst:.1e}");
+}
+
+#[test]
+fn tensor_parallel_layouts_match_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let reference = run(&data, &tmp.path().join("ref"), 1, &[], None, STEPS);
+    let layouts: [(&str, usize, &[&str]); 4] = [
+        ("tp2", 2, &["parallel.tp=2"]),
+        ("tp4", 4, &["parallel.tp=4"]),
+        (
+            "tp2 megatron-sp",
+            2,
+            &["parallel.tp=2", "parallel.sp_mode=\"megatron\""],
+        ),
+        ("dp2×tp2", 4, &["parallel.tp=2"]),
+    ];
+    for (what, nproc, extra) in layouts {
+        let out = tmp.path().join(what.replace([' ', '×'], "-"));
+        let got = run(&data, &out, nproc, extra, None, STEPS);
+        assert_close(what, &got, &reference);
+    }
+}
+
+#[test]
+fn tensor_parallel_checkpoint_resumes_at_another_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let reference = run(&data, &tmp.path().join("ref"), 1, &[], None, 4);
+    let out = tmp.path().join("tp2");
+    let (first, _) = run(&data, &out, 2, &["parallel.tp=2"], None, 2);
+    let ckpt = out.join("checkpoints/step-0000002");
+    for (what, nproc, extra) in [("tp4", 4, &["parallel.tp=4"][..]), ("one rank", 1, &[][..])] {
+        let dir = tmp.path().join(format!("resume-{nproc}"));
+        let (rest, params) = run(&data, &dir, nproc, extra, Some(&ckpt), 2);
+        let losses: Vec<f32> = first.iter().chain(&rest).copied().collect();
+        assert_close(&format!("tp2 → {what}"), &(losses, params), &reference);
+    }
+}
+
+#[test]
+fn kv_heads_that_do_not_split_name_the_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    // The shared config has 2 query heads and 1 KV head.
+    let cfg = config(
+        &data,
+        &tmp.path().join("o"),
+        &["parallel.nproc=2", "parallel.tp=2"],
+    );
+    let err = run_local(2, Duration::from_secs(30), |comm| {
+        Trainer::new_rank(
+            cfg.clone(),
+            None,
+            Device::Cpu,
+            Some(Box::new(comm) as Box<dyn Communicator>),
+        )
+        .map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("parallel.tp = 2") && err.contains("num_key_value_heads = 1"),
+        "{err}"
+    );
+    let bad = colossal_core::config::parse_config::<colossal_core::train::TrainConfig>(
+        &common::config_text(&data, tmp.path(), 32000),
+        "test.toml",
+        &[
+            "parallel.nproc=2".into(),
+            "parallel.tp=2".into(),
+            "parallel.zero_stage=2".into(),
+        ],
+    )
+    .unwrap()
+    .parallel
+    .validate()
+    .unwrap_err();
+    assert!(
+        bad.contains("parallel.tp = 2") && bad.contains("parallel.zero_stage = 2"),
+        "{bad}"
+    );
+}

@@ -1,0 +1,123 @@
+//! What the trainer does differently on a tensor-parallel rank: the loss from vocabulary-split
+//! logits, the gradient norm over split and replicated parameters, and moving weights and Adam
+//! moments between whole (checkpoints) and split (training) form.
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::dist::Group;
+use crate::models::llama::{Llama, LlamaConfig};
+use crate::optim::AdamW;
+use crate::parallel::tensor::{self, TpPlan};
+use crate::params::{Grads, Params};
+use crate::Result;
+
+#[derive(Clone)]
+pub struct TpRank {
+    pub group: Group,
+    pub plan: TpPlan,
+    pub vocab_start: usize,
+}
+
+impl TpRank {
+    pub fn new(group: Group, cfg: &LlamaConfig) -> Result<Self> {
+        tensor::validate(cfg, group.size())?;
+        let vocab_start = tensor::vocab_start(cfg, group.rank(), group.size());
+        Ok(Self {
+            group,
+            plan: TpPlan::llama(),
+            vocab_start,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.group.size()
+    }
+
+    /// Sum of next-token cross-entropies of this rank's vocabulary slice of `logits`
+    /// (B, T, V/tp), divided by `norm` (the same value on every rank of the group).
+    pub fn lm_loss(&self, logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        let rows = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+        let (sum, _) = tensor::vocab_parallel_cross_entropy(
+            &rows,
+            targets,
+            super::batch::IGNORE,
+            self.vocab_start,
+            &self.group,
+        )?;
+        Ok((sum / norm)?)
+    }
+
+    /// Norm of the whole model's gradient.
+    pub fn grad_norm(&self, grads: &Grads) -> Result<f64> {
+        Ok(self
+            .group
+            .with(|c| tensor::grad_sq_sum(grads, &self.plan, c))?
+            .sqrt())
+    }
+
+    /// This rank's slices of whole parameters.
+    pub fn shard(&self, full: &Params) -> Result<Params> {
+        tensor::shard_params(full, &self.plan, self.rank(), self.size())
+    }
+
+    /// Reads this rank's slices straight from an HF checkpoint.
+    pub fn load(&self, dir: &std::path::Path, model: &Llama, device: &Device) -> Result<Params> {
+        tensor::load_sharded(dir, model, &self.plan, self.rank(), self.size(), device)
+    }
+
+    /// Whole parameters from every rank's slices (a collective over the group).
+    pub fn gather(&self, local: &Params) -> Result<Params> {
+        let mut full = Params::new();
+        for (name, var) in local.iter() {
+            let t = self.gather_tensor(name, var.as_tensor())?;
+            full.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(full)
+    }
+
+    fn gather_tensor(&self, name: &str, t: &Tensor) -> Result<Tensor> {
+        self.group.with(|c| tensor::gather(name, t, &self.plan, c))
+    }
+
+    /// Whole Adam moments from every rank's (collective); `local` gives the slice shapes.
+    pub fn gather_moments(&self, opt: &AdamW, local: &Params) -> Result<AdamW> {
+        let mut out = AdamW::new(opt.cfg.clone());
+        out.step = opt.step;
+        for (name, var) in local.iter() {
+            for (src, dst) in [(&opt.m, &mut out.m), (&opt.v, &mut out.v)] {
+                // A parameter not stepped yet has no moments: zeros, as AdamW starts them.
+                let data = src
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; var.as_tensor().elem_count()]);
+                let t = Tensor::from_vec(data, var.as_tensor().dims(), &Device::Cpu)?;
+                let whole = self.gather_tensor(name, &t)?;
+                dst.insert(name.to_string(), whole.flatten_all()?.to_vec1()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps this rank's slice of whole Adam moments (after a resume); `full` gives shapes.
+    pub fn shard_moments(&self, opt: &mut AdamW, full: &Params) -> Result<()> {
+        for (name, var) in full.iter() {
+            let dims = var.as_tensor().dims();
+            let Some(slice) = self.plan.slice(name, dims, self.rank(), self.size()) else {
+                continue;
+            };
+            for moments in [&mut opt.m, &mut opt.v] {
+                if let Some(data) = moments.remove(name) {
+                    let t = Tensor::from_vec(data, dims, &Device::Cpu)?;
+                    let mine = t.narrow(slice.dim, slice.start, slice.len)?;
+                    moments.insert(name.to_string(), mine.flatten_all()?.to_vec1()?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
