@@ -8,6 +8,8 @@
 //! and are handed to the hooks — as soon as that block is done. ZeRO-3 gathers, offload,
 //! pipeline send/recv and gradient reduction attach at these points.
 
+use std::ops::Range;
+
 use candle_core::{Tensor, Var};
 
 use crate::params::{Grads, Params};
@@ -168,23 +170,48 @@ impl Executor {
         loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
         hooks: &mut dyn Hooks,
     ) -> Result<StepOutput> {
+        let all = 0..model.num_blocks();
+        let (_, state) =
+            self.chunk_forward(model, source, all, inputs, ctx, Some(loss_fn), hooks)?;
+        let loss = state
+            .loss_value()?
+            .expect("the last block computes the loss");
+        self.chunk_backward(model, source, state, None, ctx, hooks)?;
+        Ok(StepOutput { loss })
+    }
+
+    /// Forward through blocks `blocks` (a pipeline stage's chunk) from `input`: returns the
+    /// chunk's output (detached) and what its backward needs. With `loss_fn`, the chunk ends
+    /// the model and the loss is computed on its output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn chunk_forward<M: BlockModel>(
+        &self,
+        model: &M,
+        source: &mut dyn ParamSource,
+        blocks: Range<usize>,
+        input: &Tensor,
+        ctx: &M::Ctx,
+        loss_fn: Option<&dyn Fn(&Tensor) -> Result<Tensor>>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<(Tensor, ChunkState)> {
         let recompute = self.activation_checkpointing || source.sharded();
-        let n = model.num_blocks();
-        let mut saved: Vec<Saved> = Vec::with_capacity(n);
-        let mut x = inputs.clone();
+        let mut saved: Vec<Saved> = Vec::with_capacity(blocks.len());
+        let mut x = input.clone();
         let mut loss = None;
-        for i in 0..n {
+        let end = blocks.end;
+        for i in blocks.clone() {
             hooks.before_forward(i)?;
             let params = source.acquire(i)?;
-            let last = i + 1 == n;
+            let last = i + 1 == end;
+            // The chunk's last block keeps its graph: its backward comes first.
             if recompute && !last {
                 let y = model.block_forward(i, &params, &x, ctx)?.detach();
                 saved.push(Saved::Input(x));
                 x = y;
             } else {
                 let (input, y) = tracked_forward(model, i, &params, &x, ctx)?;
-                if last {
-                    loss = Some(loss_fn(&y)?);
+                if let (true, Some(f)) = (last, loss_fn) {
+                    loss = Some(f(&y)?);
                 }
                 x = y.detach();
                 saved.push(Saved::Graph {
@@ -195,11 +222,35 @@ impl Executor {
             }
             hooks.after_forward(i)?;
         }
-        let loss = loss.expect("at least one block");
-        let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        Ok((
+            x,
+            ChunkState {
+                blocks,
+                saved,
+                loss,
+            },
+        ))
+    }
 
-        let mut grad_out: Option<Tensor> = None;
-        for i in (0..n).rev() {
+    /// Backward through a chunk run by [`Self::chunk_forward`], seeded by the loss (chunk
+    /// ending the model) or by `grad_out`, the gradient of the chunk's output. Returns the
+    /// gradient of the chunk's input (`None` for the chunk starting at block 0).
+    pub fn chunk_backward<M: BlockModel>(
+        &self,
+        model: &M,
+        source: &mut dyn ParamSource,
+        state: ChunkState,
+        grad_out: Option<&Tensor>,
+        ctx: &M::Ctx,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Option<Tensor>> {
+        let ChunkState {
+            blocks,
+            mut saved,
+            loss,
+        } = state;
+        let mut grad_out: Option<Tensor> = grad_out.cloned();
+        for i in blocks.rev() {
             hooks.before_backward(i)?;
             let (input, root, params) = match saved.pop().expect("one entry per block") {
                 Saved::Graph {
@@ -207,9 +258,12 @@ impl Executor {
                     output,
                     params,
                 } => {
-                    let root = match &grad_out {
-                        None => loss.clone(),
-                        Some(g) => (output * g)?.sum_all()?,
+                    let root = match (&grad_out, &loss) {
+                        (Some(g), _) => (output * g)?.sum_all()?,
+                        (None, Some(l)) => l.clone(),
+                        (None, None) => {
+                            return Err(crate::msg!("chunk backward needs a loss or a gradient"))
+                        }
                     };
                     (input, root, params)
                 }
@@ -236,7 +290,26 @@ impl Executor {
             drop(params);
             hooks.after_backward(i, block_grads)?;
         }
-        Ok(StepOutput { loss: loss_value })
+        Ok(grad_out)
+    }
+}
+
+/// What a chunk's backward needs: per block its graph or its input, and the loss.
+pub struct ChunkState {
+    blocks: Range<usize>,
+    saved: Vec<Saved>,
+    loss: Option<Tensor>,
+}
+
+impl ChunkState {
+    /// The loss, when the chunk ends the model.
+    pub fn loss_value(&self) -> Result<Option<f32>> {
+        match &self.loss {
+            Some(l) => Ok(Some(
+                l.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+            )),
+            None => Ok(None),
+        }
     }
 }
 

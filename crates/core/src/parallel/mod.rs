@@ -1,6 +1,8 @@
 //! Parallelism applied from outside the model, one file per dimension.
 pub mod data;
 pub mod offload;
+pub mod pipeline;
+pub mod pipeline_run;
 pub mod sequence;
 pub mod tensor;
 pub mod zero;

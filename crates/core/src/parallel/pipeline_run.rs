@@ -1,0 +1,201 @@
+//! Executes one rank's pipeline schedule with the block-wise executor: each F runs a chunk of
+//! blocks and sends its output on, each B runs the chunk's backward from the gradient that
+//! came back and sends the input gradient further back. Messages carry a (kind, stage,
+//! micro-batch) header, so a rank may receive them in any order its schedule needs.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::pipeline::{stage_of, Op, Schedule};
+use crate::dist::Communicator;
+use crate::exec::{BlockModel, ChunkState, Executor, Hooks, ParamSource};
+use crate::params::Grads;
+use crate::Result;
+
+const ACTIVATION: u32 = 0;
+const GRADIENT: u32 = 1;
+
+type Key = (u32, usize, usize);
+
+/// Point-to-point messages with a header; out-of-order arrivals wait in `pending`.
+struct Mailbox<'a> {
+    comm: &'a dyn Communicator,
+    pending: HashMap<Key, Tensor>,
+}
+
+impl Mailbox<'_> {
+    fn send(&self, dst: usize, (kind, stage, mb): Key, t: &Tensor) -> Result<()> {
+        let header = Tensor::new(&[kind as f32, stage as f32, mb as f32], &Device::Cpu)?;
+        self.comm.send(&header, dst)?;
+        self.comm.send(&t.contiguous()?, dst)
+    }
+
+    fn recv(&mut self, src: usize, key: Key) -> Result<Tensor> {
+        loop {
+            if let Some(t) = self.pending.remove(&key) {
+                return Ok(t);
+            }
+            let h: Vec<f32> = self.comm.recv(src)?.to_vec1()?;
+            let payload = self.comm.recv(src)?;
+            self.pending
+                .insert((h[0] as u32, h[1] as usize, h[2] as usize), payload);
+        }
+    }
+}
+
+/// One micro-batch: the model's inputs, its per-batch context and, for the last stage, the loss.
+pub struct MicroBatch<'a, C> {
+    pub inputs: Tensor,
+    pub ctx: C,
+    pub loss_fn: Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>,
+}
+
+/// What one rank measured while running its schedule.
+#[derive(Clone, Debug, Default)]
+pub struct StageReport {
+    /// Sum of the losses of the micro-batches (last stage; 0 elsewhere).
+    pub loss_sum: f32,
+    /// Seconds spent computing (F, B, W) and in total, waits included.
+    pub busy_s: f64,
+    pub total_s: f64,
+}
+
+impl StageReport {
+    /// Fraction of the run this rank was idle.
+    pub fn bubble(&self) -> f64 {
+        1.0 - self.busy_s / self.total_s.max(1e-12)
+    }
+}
+
+/// This rank's part of a pipeline: the model, the schedule, and the blocks of every stage.
+pub struct PipelineRank<'a, M: BlockModel> {
+    pub model: &'a M,
+    pub executor: Executor,
+    /// The pipeline-parallel group.
+    pub comm: &'a dyn Communicator,
+    pub schedule: Schedule,
+    /// Blocks of each global stage (`schedule.chunks() × pp` of them).
+    pub stages: Vec<Range<usize>>,
+}
+
+impl<M: BlockModel> PipelineRank<'_, M> {
+    /// Blocks this rank runs, over all its chunks.
+    pub fn blocks(&self) -> Vec<usize> {
+        let (p, r) = (self.comm.size(), self.comm.rank());
+        (0..self.schedule.chunks())
+            .flat_map(|c| self.stages[stage_of(c, r, p)].clone())
+            .collect()
+    }
+
+    /// Runs forward and backward of all micro-batches; parameter gradients go to `hooks`.
+    pub fn run(
+        &self,
+        source: &mut dyn ParamSource,
+        mbs: &[MicroBatch<'_, M::Ctx>],
+        hooks: &mut dyn Hooks,
+    ) -> Result<StageReport> {
+        let (p, r) = (self.comm.size(), self.comm.rank());
+        let last = self.stages.len() - 1;
+        let (prev, next) = ((r + p - 1) % p, (r + 1) % p);
+        let mut mail = Mailbox {
+            comm: self.comm,
+            pending: HashMap::new(),
+        };
+        let mut states: HashMap<(usize, usize), ChunkState> = HashMap::new();
+        let mut report = StageReport::default();
+        let started = Instant::now();
+        for op in self.schedule.ops(r, p, mbs.len())? {
+            match op {
+                Op::F { chunk, mb } => {
+                    let s = stage_of(chunk, r, p);
+                    let input = if s == 0 {
+                        mbs[mb].inputs.clone()
+                    } else {
+                        mail.recv(prev, (ACTIVATION, s, mb))?
+                    };
+                    let t0 = Instant::now();
+                    let loss_fn = (s == last).then_some(&*mbs[mb].loss_fn);
+                    let blocks = self.stages[s].clone();
+                    let (out, state) = self.executor.chunk_forward(
+                        self.model,
+                        source,
+                        blocks,
+                        &input,
+                        &mbs[mb].ctx,
+                        loss_fn,
+                        hooks,
+                    )?;
+                    report.busy_s += t0.elapsed().as_secs_f64();
+                    match state.loss_value()? {
+                        Some(l) => report.loss_sum += l,
+                        None => mail.send(next, (ACTIVATION, s + 1, mb), &out)?,
+                    }
+                    states.insert((chunk, mb), state);
+                }
+                Op::B { chunk, mb } => {
+                    let s = stage_of(chunk, r, p);
+                    let grad_out = if s == last {
+                        None
+                    } else {
+                        Some(mail.recv(next, (GRADIENT, s, mb))?)
+                    };
+                    let state = states.remove(&(chunk, mb)).expect("F before B");
+                    let t0 = Instant::now();
+                    let grad_in = self.executor.chunk_backward(
+                        self.model,
+                        source,
+                        state,
+                        grad_out.as_ref(),
+                        &mbs[mb].ctx,
+                        hooks,
+                    )?;
+                    report.busy_s += t0.elapsed().as_secs_f64();
+                    if s > 0 {
+                        let g = grad_in.expect("a chunk after block 0 has an input gradient");
+                        mail.send(prev, (GRADIENT, s - 1, mb), &g)?;
+                    }
+                }
+                // Weight gradients were computed with B: the split pass lives in the executor.
+                Op::W { .. } => {}
+            }
+        }
+        report.total_s = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Sums the gradient of a weight used by the first and the last stage (tied embeddings)
+    /// between the two ranks holding them (a collective of the pipeline group).
+    pub fn sync_tied(&self, grads: &mut Grads, name: &str) -> Result<()> {
+        let (p, r) = (self.comm.size(), self.comm.rank());
+        let (first, last) = (&self.stages[0], &self.stages[self.stages.len() - 1]);
+        let uses = |range: &Range<usize>| {
+            range
+                .clone()
+                .any(|b| self.model.block_param_names(b).iter().any(|n| n == name))
+        };
+        if p == 1 || !uses(first) || !uses(last) {
+            return Ok(());
+        }
+        // Stage 0 is on rank 0, the last stage on rank p − 1.
+        let peer = match r {
+            0 => p - 1,
+            x if x == p - 1 => 0,
+            _ => return Ok(()),
+        };
+        let mine = grads.get(name).cloned();
+        let mine = mine.ok_or_else(|| crate::msg!("no gradient for tied weight {name}"))?;
+        self.comm.send(&mine, peer)?;
+        let theirs = self.comm.recv(peer)?;
+        // Same order of addition on both ranks, so both hold bit-identical sums.
+        let sum = if r == 0 {
+            (&mine + &theirs)?
+        } else {
+            (&theirs + &mine)?
+        };
+        grads.set(name, sum);
+        Ok(())
+    }
+}
