@@ -12,6 +12,7 @@ use colossal_core::nn::cross_entropy_sum;
 use colossal_core::optim::{AdamW, AdamWConfig};
 use colossal_core::parallel::pipeline::{self, Schedule};
 use colossal_core::parallel::pipeline_run::{MicroBatch, PipelineRank};
+use colossal_core::parallel::weight_grad;
 use colossal_core::params::Params;
 
 const T: Duration = Duration::from_secs(60);
@@ -112,13 +113,18 @@ fn check(tie: bool, schedule: Schedule, p: usize, m: usize) {
     let (ref_losses, ref_params) = reference(&model, &init, m);
     let layers = model.cfg.num_hidden_layers;
     let stages = pipeline::partition(layers, schedule.chunks() * p, None).unwrap();
+    let zb = schedule == Schedule::ZbH1;
     let results = run_local(p, T, |comm| {
+        // Zero-bubble: the projections' weight gradients wait for the W pass (one stash per
+        // rank: it records which backward is running).
+        let (zb_model, stash) = weight_grad::defer_weight_grads(&model);
         let rank = PipelineRank {
-            model: &model,
+            model: if zb { &zb_model } else { &model },
             executor: Executor::default(),
             comm: &comm,
             schedule,
             stages: stages.clone(),
+            stash: zb.then(|| stash.clone()),
         };
         let names: Vec<String> = rank
             .blocks()
@@ -213,4 +219,5 @@ fn pp4_matches_one_rank_under_every_schedule() {
 fn tied_embeddings_sum_their_gradients_across_first_and_last_stage() {
     check(true, Schedule::OneFOneB, 2, 4);
     check(true, Schedule::Interleaved { chunks: 2 }, 4, 4);
+    check(true, Schedule::ZbH1, 2, 4);
 }

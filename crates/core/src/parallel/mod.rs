@@ -5,6 +5,7 @@ pub mod pipeline;
 pub mod pipeline_run;
 pub mod sequence;
 pub mod tensor;
+pub mod weight_grad;
 pub mod zero;
 pub mod zero3;
 

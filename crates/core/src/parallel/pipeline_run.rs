@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use std::sync::Arc;
+
 use super::pipeline::{stage_of, Op, Schedule};
+use super::weight_grad::WeightGradStash;
 use crate::dist::Communicator;
 use crate::exec::{BlockModel, ChunkState, Executor, Hooks, ParamSource};
 use crate::params::Grads;
@@ -79,6 +82,9 @@ pub struct PipelineRank<'a, M: BlockModel> {
     pub schedule: Schedule,
     /// Blocks of each global stage (`schedule.chunks() × pp` of them).
     pub stages: Vec<Range<usize>>,
+    /// Under a zero-bubble schedule: where the model's projections leave their weight
+    /// gradients during B, for W to compute (see [`super::weight_grad`]).
+    pub stash: Option<Arc<WeightGradStash>>,
 }
 
 impl<M: BlockModel> PipelineRank<'_, M> {
@@ -144,6 +150,10 @@ impl<M: BlockModel> PipelineRank<'_, M> {
                     };
                     let state = states.remove(&(chunk, mb)).expect("F before B");
                     let t0 = Instant::now();
+                    let deferring = self.schedule == Schedule::ZbH1;
+                    if let (true, Some(stash)) = (deferring, &self.stash) {
+                        stash.begin((chunk, mb));
+                    }
                     let grad_in = self.executor.chunk_backward(
                         self.model,
                         source,
@@ -151,15 +161,37 @@ impl<M: BlockModel> PipelineRank<'_, M> {
                         grad_out.as_ref(),
                         &mbs[mb].ctx,
                         hooks,
-                    )?;
+                    );
+                    if let Some(stash) = &self.stash {
+                        stash.end();
+                    }
+                    let grad_in = grad_in?;
                     report.busy_s += t0.elapsed().as_secs_f64();
                     if s > 0 {
                         let g = grad_in.expect("a chunk after block 0 has an input gradient");
                         mail.send(prev, (GRADIENT, s - 1, mb), &g)?;
                     }
                 }
-                // Weight gradients were computed with B: the split pass lives in the executor.
-                Op::W { .. } => {}
+                Op::W { chunk, mb } => {
+                    let Some(stash) = &self.stash else {
+                        return Err(crate::msg!(
+                            "the zbh1 schedule needs the model's weight gradients deferrable (PipelineRank::stash)"
+                        ));
+                    };
+                    let t0 = Instant::now();
+                    let blocks = self.stages[stage_of(chunk, r, p)].clone();
+                    // Hand each weight gradient to the sink with the block that owns it.
+                    for (name, g) in stash.take((chunk, mb))? {
+                        let block = blocks
+                            .clone()
+                            .find(|&b| self.model.block_param_names(b).contains(&name))
+                            .ok_or_else(|| {
+                                crate::msg!("deferred gradient for {name} outside its chunk")
+                            })?;
+                        hooks.after_backward(block, vec![(name, g)])?;
+                    }
+                    report.busy_s += t0.elapsed().as_secs_f64();
+                }
             }
         }
         report.total_s = started.elapsed().as_secs_f64();

@@ -8,7 +8,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig};
-use crate::nn::{apply_rotary, linear, rms_norm};
+use crate::nn::{apply_rotary, rms_norm};
 use crate::params::Params;
 use crate::Result;
 
@@ -139,18 +139,15 @@ impl Llama {
                 None
             })
         };
-        let gate = linear(
+        let gate = self.proj(
+            p,
+            &n("mlp.gate_proj.weight"),
             &h,
-            p.get(&n("mlp.gate_proj.weight"))?,
             bias("mlp.gate_proj.bias")?,
         )?;
-        let up = linear(
-            &h,
-            p.get(&n("mlp.up_proj.weight"))?,
-            bias("mlp.up_proj.bias")?,
-        )?;
+        let up = self.proj(p, &n("mlp.up_proj.weight"), &h, bias("mlp.up_proj.bias")?)?;
         let act = (gate.silu()? * up)?;
-        let down = linear(&act, p.get(&n("mlp.down_proj.weight"))?, None)?;
+        let down = self.proj(p, &n("mlp.down_proj.weight"), &act, None)?;
         let down = self.regions.exit(&down)?;
         let down = match bias("mlp.down_proj.bias")? {
             Some(b) => down.broadcast_add(&self.regions.replicated(b)?)?,
@@ -182,7 +179,7 @@ impl Llama {
             })
         };
         let proj = |w: &str, bname: &str, heads: usize| -> Result<Tensor> {
-            let y = linear(x, p.get(&n(w))?, bias(bname)?)?;
+            let y = self.proj(p, &n(w), x, bias(bname)?)?;
             Ok(y.reshape((b, t, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
@@ -205,7 +202,7 @@ impl Llama {
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let out = self.regions.attention(&q, &k, &v, inp)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let out = linear(&out, p.get(&n("o_proj.weight"))?, None)?;
+        let out = self.proj(p, &n("o_proj.weight"), &out, None)?;
         let out = self.regions.exit(&out)?;
         Ok(match bias("o_proj.bias")? {
             Some(b) => out.broadcast_add(&self.regions.replicated(b)?)?,
@@ -223,7 +220,17 @@ impl Llama {
     /// slice of the vocabulary).
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
         let h = self.regions.enter(&self.final_norm(p, x)?)?;
-        linear(&h, p.get(self.head_weight_name())?, None).map_err(Into::into)
+        self.proj(p, self.head_weight_name(), &h, None)
+    }
+
+    /// `x @ W^T (+ b)` for the weight named `w`, through the regions (a pipeline schedule may
+    /// take over its weight gradient).
+    fn proj(&self, p: &Params, w: &str, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let y = self.regions.linear(w, x, p.get(w)?)?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     /// Whole forward (no cache): logits (B, T, V).

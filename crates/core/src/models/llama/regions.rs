@@ -29,6 +29,11 @@ pub trait Regions: Send + Sync + Debug {
         Ok(y.clone())
     }
 
+    /// `x @ W^T` for the weight named `name`.
+    fn linear(&self, _name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(crate::nn::linear(x, w, None)?)
+    }
+
     /// A weight every rank holds whole but may apply to part of the data (norm weights).
     fn replicated(&self, w: &Tensor) -> Result<Tensor> {
         Ok(w.clone())
