@@ -44,6 +44,9 @@ pub fn grad_ready_block<M: BlockModel>(model: &M) -> std::collections::HashMap<S
     ready
 }
 
+/// Maps the last block's output to the scalar loss.
+pub type LossFn<'a> = dyn Fn(&Tensor) -> Result<Tensor> + 'a;
+
 /// Points between blocks. All default to doing nothing.
 pub trait Hooks {
     fn before_forward(&mut self, _block: usize) -> Result<()> {
@@ -191,7 +194,7 @@ impl Executor {
         blocks: Range<usize>,
         input: &Tensor,
         ctx: &M::Ctx,
-        loss_fn: Option<&dyn Fn(&Tensor) -> Result<Tensor>>,
+        loss_fn: Option<&LossFn<'_>>,
         hooks: &mut dyn Hooks,
     ) -> Result<(Tensor, ChunkState)> {
         let recompute = self.activation_checkpointing || source.sharded();

@@ -3,6 +3,6 @@ mod blocks;
 mod llama;
 
 pub use blocks::{
-    grad_ready_block, BlockModel, ChunkState, Executor, FullParams, GradAccumulator, Hooks,
+    grad_ready_block, BlockModel, ChunkState, Executor, FullParams, GradAccumulator, Hooks, LossFn,
     ParamSource, StepOutput,
 };

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::pipeline::{stage_of, Op, Schedule};
 use super::weight_grad::WeightGradStash;
 use crate::dist::Communicator;
-use crate::exec::{BlockModel, ChunkState, Executor, Hooks, ParamSource};
+use crate::exec::{BlockModel, ChunkState, Executor, Hooks, LossFn, ParamSource};
 use crate::params::Grads;
 use crate::Result;
 
@@ -53,7 +53,7 @@ impl Mailbox<'_> {
 pub struct MicroBatch<'a, C> {
     pub inputs: Tensor,
     pub ctx: C,
-    pub loss_fn: Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>,
+    pub loss_fn: Box<LossFn<'a>>,
 }
 
 /// What one rank measured while running its schedule.
@@ -196,6 +196,50 @@ impl<M: BlockModel> PipelineRank<'_, M> {
         }
         report.total_s = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// Forward only (evaluation): every micro-batch through every stage; returns the sum of
+    /// the losses on the last stage (0 elsewhere).
+    pub fn forward_only(
+        &self,
+        source: &mut dyn ParamSource,
+        mbs: &[MicroBatch<'_, M::Ctx>],
+    ) -> Result<f32> {
+        let (p, r) = (self.comm.size(), self.comm.rank());
+        let last = self.stages.len() - 1;
+        let (prev, next) = ((r + p - 1) % p, (r + 1) % p);
+        let mut mail = Mailbox {
+            comm: self.comm,
+            pending: HashMap::new(),
+        };
+        let mut nothing = crate::exec::GradAccumulator::default();
+        let mut loss = 0.0;
+        for (mb, batch) in mbs.iter().enumerate() {
+            for chunk in 0..self.schedule.chunks() {
+                let s = stage_of(chunk, r, p);
+                let input = if s == 0 {
+                    batch.inputs.clone()
+                } else {
+                    mail.recv(prev, (ACTIVATION, s, mb))?
+                };
+                let loss_fn = (s == last).then_some(&*batch.loss_fn);
+                let blocks = self.stages[s].clone();
+                let (out, state) = self.executor.chunk_forward(
+                    self.model,
+                    source,
+                    blocks,
+                    &input,
+                    &batch.ctx,
+                    loss_fn,
+                    &mut nothing,
+                )?;
+                match state.loss_value()? {
+                    Some(l) => loss += l,
+                    None => mail.send(next, (ACTIVATION, s + 1, mb), &out)?,
+                }
+            }
+        }
+        Ok(loss)
     }
 
     /// Sums the gradient of a weight used by the first and the last stage (tied embeddings)

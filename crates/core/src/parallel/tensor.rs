@@ -24,7 +24,7 @@ use crate::checkpoint::hf::Slice;
 use crate::dist::autograd::{copy_to, gather_from, reduce_from, scatter_reduce};
 use crate::dist::{Communicator, Group, ReduceOp};
 use crate::models::llama::{regions::lookup, Llama, LlamaConfig, Regions};
-use crate::params::{Grads, Params};
+use crate::params::Params;
 use crate::{Error, Result};
 
 /// How one parameter is split over the tensor-parallel group.
@@ -170,27 +170,6 @@ pub fn gather(
             Ok(Tensor::cat(&parts, dim)?)
         }
     }
-}
-
-/// Sum of squared gradients over the whole (unsplit) model: split parameters' squares are
-/// summed over the group, replicated ones counted once.
-pub fn grad_sq_sum(grads: &Grads, plan: &TpPlan, comm: &dyn Communicator) -> Result<f64> {
-    let (mut split, mut replicated) = (0f64, 0f64);
-    for name in grads.names() {
-        let g = grads.get(name).expect("listed");
-        let sq = g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        match plan.split(name) {
-            Split::Replicate => replicated += sq,
-            Split::Dim(_) => split += sq,
-        }
-    }
-    let t = Tensor::new(&[split], &Device::Cpu)?;
-    let split = comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0];
-    Ok(split + replicated)
 }
 
 /// The model's regions under tensor (and optionally Megatron sequence) parallelism.

@@ -14,12 +14,15 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use crate::models::llama::{AttnInputs, Regions};
 use crate::Result;
 
-/// (weight name, X, dY) of each projection whose weight gradient is pending, per key.
+/// A projection whose weight gradient is pending: weight name, its input X, its output's dY.
+type Pending = (String, Tensor, Tensor);
+
+/// The pending projections of each (chunk, micro-batch).
 #[derive(Default)]
 pub struct WeightGradStash {
     /// Where the projections of the backward now running file their pending work.
     current: Mutex<Option<(usize, usize)>>,
-    pending: Mutex<HashMap<(usize, usize), Vec<(String, Tensor, Tensor)>>>,
+    pending: Mutex<HashMap<(usize, usize), Vec<Pending>>>,
 }
 
 impl WeightGradStash {

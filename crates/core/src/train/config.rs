@@ -41,6 +41,18 @@ pub struct ParallelConfig {
     /// along the sequence between tensor-parallel regions).
     #[serde(default = "none")]
     pub sp_mode: String,
+    /// Pipeline stages.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// "gpipe", "1f1b", "interleaved" or "zbh1".
+    #[serde(default = "one_f_one_b")]
+    pub pp_schedule: String,
+    /// Model chunks per rank under the interleaved schedule.
+    #[serde(default = "two")]
+    pub pp_chunks: usize,
+    /// Decoder layers of each stage (default: as even as possible).
+    #[serde(default)]
+    pub layers_per_stage: Option<Vec<usize>>,
     /// ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients),
     /// 3 (+ parameters, gathered block by block).
     #[serde(default)]
@@ -80,6 +92,10 @@ impl Default for ParallelConfig {
             dp: None,
             tp: 1,
             sp_mode: none(),
+            pp: 1,
+            pp_schedule: one_f_one_b(),
+            pp_chunks: 2,
+            layers_per_stage: None,
             zero_stage: 0,
             precision: fp32(),
             offload: none(),
@@ -143,17 +159,30 @@ impl ParallelConfig {
         if self.nproc == 0 {
             return Err("parallel.nproc must be at least 1".into());
         }
-        if self.tp == 0 || !self.nproc.is_multiple_of(self.tp) {
+        let model_parallel = self.tp * self.pp;
+        if model_parallel == 0 || !self.nproc.is_multiple_of(model_parallel) {
             return Err(format!(
-                "parallel.tp ({}) must divide parallel.nproc ({})",
-                self.tp, self.nproc
+                "parallel.tp ({}) × parallel.pp ({}) must divide parallel.nproc ({})",
+                self.tp, self.pp, self.nproc
             ));
         }
         let dp = self.data_parallel();
-        if dp * self.tp != self.nproc {
+        if dp * model_parallel != self.nproc {
             return Err(format!(
-                "parallel.dp ({dp}) × parallel.tp ({}) must equal parallel.nproc ({})",
-                self.tp, self.nproc
+                "parallel.dp ({dp}) × parallel.tp ({}) × parallel.pp ({}) must equal parallel.nproc ({})",
+                self.tp, self.pp, self.nproc
+            ));
+        }
+        crate::parallel::pipeline::Schedule::parse(&self.pp_schedule, self.pp_chunks).map_err(
+            |e| match e {
+                crate::Error::Config(m) => m,
+                e => e.to_string(),
+            },
+        )?;
+        if self.pp > 1 && self.zero_stage == 3 {
+            return Err(format!(
+                "parallel.pp = {} with parallel.zero_stage = 3: a pipeline stage keeps its own layers whole; use zero_stage ≤ 2",
+                self.pp
             ));
         }
         match self.sp_mode.as_str() {
@@ -181,7 +210,7 @@ impl ParallelConfig {
 impl ParallelConfig {
     /// Data-parallel ranks: `dp` if set, else what `nproc` leaves after the other dimensions.
     pub fn data_parallel(&self) -> usize {
-        self.dp.unwrap_or(self.nproc / self.tp.max(1))
+        self.dp.unwrap_or(self.nproc / (self.tp * self.pp).max(1))
     }
 
     /// `memory_budget` in bytes (0 when unset).
@@ -226,6 +255,12 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
     (num >= 0.0).then(|| (num * base.powi(power)) as u64)
 }
 
+fn one_f_one_b() -> String {
+    "1f1b".into()
+}
+fn two() -> usize {
+    2
+}
 fn none() -> String {
     "none".into()
 }

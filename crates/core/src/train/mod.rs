@@ -2,7 +2,9 @@
 mod batch;
 mod checkpoint;
 mod config;
+mod grad_norm;
 mod metrics;
+mod pipeline;
 mod step;
 mod tensor_parallel;
 mod trainer;

@@ -8,7 +8,7 @@ use crate::dist::Group;
 use crate::models::llama::{Llama, LlamaConfig};
 use crate::optim::AdamW;
 use crate::parallel::tensor::{self, TpPlan};
-use crate::params::{Grads, Params};
+use crate::params::Params;
 use crate::Result;
 
 #[derive(Clone)]
@@ -50,14 +50,6 @@ impl TpRank {
             &self.group,
         )?;
         Ok((sum / norm)?)
-    }
-
-    /// Norm of the whole model's gradient.
-    pub fn grad_norm(&self, grads: &Grads) -> Result<f64> {
-        Ok(self
-            .group
-            .with(|c| tensor::grad_sq_sum(grads, &self.plan, c))?
-            .sqrt())
     }
 
     /// This rank's slices of whole parameters.

@@ -10,6 +10,8 @@ use serde_json::json;
 
 use super::batch::{causal_lm_batch, count_targets};
 use super::checkpoint::{self, TrainerState};
+use super::grad_norm::NormGroups;
+use super::pipeline::PpRank;
 use super::step::{Sink, StepGrads, ToF32, Weights};
 use super::tensor_parallel::TpRank;
 use super::{MetricsWriter, TrainConfig};
@@ -42,6 +44,8 @@ pub struct Trainer {
     comm: Option<Box<dyn Communicator>>,
     /// The tensor-parallel group and plan when `parallel.tp > 1`.
     tp: Option<TpRank>,
+    /// The pipeline group, schedule and stages when `parallel.pp > 1`.
+    pp: Option<PpRank>,
     /// Rank in the whole job (rank 0 writes metrics and checkpoints).
     world_rank: usize,
     /// Bytes this rank sent during the last step.
@@ -56,6 +60,8 @@ pub struct Trainer {
     pub inject_overflow_at: Vec<u64>,
     /// Whether the last step was skipped (fp16 overflow).
     pub last_step_skipped: bool,
+    /// Idle fraction of this rank during the last step's pipeline schedule (pp > 1).
+    pub last_bubble: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,15 +92,16 @@ impl Trainer {
     ) -> Result<Self> {
         cfg.parallel.validate().map_err(Error::Config)?;
         let world_rank = comm.as_ref().map_or(0, |c| c.rank());
-        let (comm, tp_group) = match comm {
-            Some(world) if cfg.parallel.tp > 1 => {
+        let (comm, tp_group, pp_comm) = match comm {
+            Some(world) if cfg.parallel.tp > 1 || cfg.parallel.pp > 1 => {
                 let p = &cfg.parallel;
-                let dims = ParallelDims::new(p.data_parallel(), p.tp, 1, 1);
+                let dims = ParallelDims::new(p.data_parallel(), p.tp, p.pp, 1);
                 let mesh = ProcessMesh::new(world, dims)?;
                 let dp = (mesh.dims.dp > 1).then_some(mesh.dp);
-                (dp, Some(Group::new(mesh.tp)))
+                let tp = (p.tp > 1).then(|| Group::new(mesh.tp));
+                (dp, tp, (p.pp > 1).then_some(mesh.pp))
             }
-            c => (c, None),
+            c => (c, None, None),
         };
         // ZeRO (and offload) on one rank: a world of one.
         let comm = match comm {
@@ -216,6 +223,14 @@ impl Trainer {
             let megatron_sp = cfg.parallel.sp_mode == "megatron";
             model = crate::parallel::tensor::parallelize(&model, t.group.clone(), megatron_sp)?;
         }
+        let pp = match pp_comm {
+            Some(c) => Some(PpRank::new(c, &cfg.parallel, &mut model)?),
+            None => None,
+        };
+        let params = match &pp {
+            Some(p) => p.keep_mine(&model, &params, &mut opt)?,
+            None => params,
+        };
         if cfg.parallel.precision == "fp16" && state.loss_scaler.is_none() {
             state.loss_scaler = Some(crate::optim::LossScaler::default());
         }
@@ -281,6 +296,7 @@ impl Trainer {
             device,
             comm,
             tp,
+            pp,
             world_rank,
             last_step_comm_bytes: 0,
             zero,
@@ -288,6 +304,7 @@ impl Trainer {
             fail_at_step: None,
             inject_overflow_at: Vec::new(),
             last_step_skipped: false,
+            last_bubble: None,
         })
     }
 
@@ -312,6 +329,7 @@ impl Trainer {
     fn bytes_sent(&self) -> u64 {
         self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent())
             + self.tp.as_ref().map_or(0, |t| t.group.bytes_sent())
+            + self.pp.as_ref().map_or(0, |p| p.comm.stats().bytes_sent())
     }
 
     /// One optimizer step over the global batch. Returns (loss, grad norm, lr).
@@ -335,7 +353,10 @@ impl Trainer {
         // Rank r runs micro-batches r, r + N, r + 2N, … of the global batch.
         let mine: Vec<_> = batch.seqs.chunks(mbs).skip(rank).step_by(ranks).collect();
         let bucket = (self.cfg.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
-        let ready = grad_ready_block(&self.model);
+        let ready = match &self.pp {
+            Some(p) => p.ready_blocks(&self.model),
+            None => grad_ready_block(&self.model),
+        };
         let mut sink = match (self.comm.as_deref(), &self.zero, &self.zero3) {
             (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
             (Some(c), Some(z), _) => {
@@ -350,7 +371,38 @@ impl Trainer {
         let mut weights = self.weights(dtype)?;
         let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut loss = 0.0f32;
-        for (i, seqs) in mine.iter().enumerate() {
+        let mut bubble = None;
+        if let Some(pp) = &self.pp {
+            // The whole schedule runs into a local accumulator; the data-parallel (or ZeRO)
+            // sink then gets the sums as if from one last micro-batch.
+            let mut mbs = Vec::with_capacity(mine.len());
+            for seqs in &mine {
+                let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
+                let ctx = if dtype == DType::F32 {
+                    mb.inputs
+                } else {
+                    mb.inputs.to_dtype(dtype)?
+                };
+                let targets = mb.targets;
+                let tp = self.tp.as_ref();
+                mbs.push(crate::parallel::pipeline_run::MicroBatch {
+                    inputs: mb.ids,
+                    ctx,
+                    loss_fn: Box::new(move |logits: &Tensor| {
+                        Ok((lm_loss_on(tp, logits, &targets, norm)? * scale)?)
+                    }),
+                });
+            }
+            let runner = pp.runner(&self.model, self.executor);
+            let mut acc = GradAccumulator::default();
+            let report = runner.run(&mut weights, &mbs, &mut ToF32(&mut acc))?;
+            runner.sync_tied(&mut acc.grads, Llama::EMBED)?;
+            pp.hand_over(&self.model, acc.grads, sink.hooks(true))?;
+            let t = Tensor::new(&[report.loss_sum / scale as f32], &Device::Cpu)?;
+            loss = pp.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
+            bubble = Some(report.bubble());
+        }
+        for (i, seqs) in mine.iter().enumerate().filter(|_| self.pp.is_none()) {
             let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
             let inputs = if dtype == DType::F32 {
                 mb.inputs
@@ -379,6 +431,7 @@ impl Trainer {
             Sink::Data(d) => StepGrads::Full(d.finish()?),
             Sink::Local(l) => StepGrads::Full(l.grads),
         };
+        self.last_bubble = bubble;
         if let Some(c) = &self.comm {
             let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
             loss = l.to_vec1::<f32>()?[0];
@@ -390,14 +443,22 @@ impl Trainer {
             grads.scale(1.0 / scale)?;
         }
         // The global norm is identical on every rank, so an inf/nan anywhere skips everywhere.
+        let split_model = self.tp.is_some() || self.pp.is_some();
+        let groups = NormGroups {
+            tp: self.tp.as_ref(),
+            pp: self.pp.as_ref().map(|p| p.comm.as_ref()),
+            duplicate: self.pp.as_ref().and_then(|p| p.duplicate(&self.model)),
+        };
         let grad_norm = match (&grads, &self.zero) {
+            (StepGrads::Shard(shard), Some(z)) if split_model => {
+                let comm = self.comm.as_deref().expect("ZeRO comm");
+                groups.of_shard(&z.layout, comm.rank(), shard, comm)?
+            }
             (StepGrads::Shard(shard), Some(z)) => {
                 z.grad_norm(self.comm.as_deref().expect("ZeRO comm"), shard)?
             }
-            (StepGrads::Full(g), _) => match &self.tp {
-                Some(t) => t.grad_norm(g)?,
-                None => crate::optim::global_grad_norm(g)?,
-            },
+            (StepGrads::Full(g), _) if split_model => groups.of_grads(g)?,
+            (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
             (StepGrads::Chunks(c), _) => {
                 let z3 = self.zero3.as_ref().expect("chunks only under ZeRO-3");
                 z3.grad_norm(self.comm.as_deref().expect("ZeRO comm"), c)?
@@ -473,12 +534,48 @@ impl Trainer {
 
     /// All parameters (gathered from every rank under ZeRO-3 or tensor parallelism, so then
     /// every rank must call it).
+    /// Under pipeline parallelism only the first stage's ranks get them all.
     pub fn full_params(&self) -> Result<Params> {
+        if self.pp.is_some() {
+            return Ok(self.gather_model()?.map(|(p, _)| p).unwrap_or_default());
+        }
         match (&self.zero3, self.comm.as_deref(), &self.tp) {
             (Some(z), Some(c), _) => Ok(z.gather_full(c)?.0),
             (_, _, Some(t)) => t.gather(&self.params),
             _ => Ok(self.params.clone()),
         }
+    }
+
+    /// Whole weights and Adam moments from tensor-parallel slices, pipeline stages and ZeRO
+    /// shards (a collective); `None` on ranks that do not end up holding them all.
+    fn gather_model(&self) -> Result<Option<(Params, AdamW)>> {
+        let comm = self.comm.as_deref();
+        if let (Some(z), Some(c)) = (&self.zero3, comm) {
+            return Ok(Some(z.gather_full(c)?));
+        }
+        let opt = match (&self.zero, comm) {
+            (Some(z), Some(c)) => z.gather_full(c)?,
+            _ => self.opt_copy(),
+        };
+        let (params, opt) = match &self.tp {
+            Some(t) => (
+                t.gather(&self.params)?,
+                t.gather_moments(&opt, &self.params)?,
+            ),
+            None => (self.params.clone(), opt),
+        };
+        match &self.pp {
+            Some(p) => p.gather(&self.model, &params, &opt),
+            None => Ok(Some((params, opt))),
+        }
+    }
+
+    fn opt_copy(&self) -> AdamW {
+        let mut o = AdamW::new(self.opt.cfg.clone());
+        o.step = self.opt.step;
+        o.m = self.opt.m.clone();
+        o.v = self.opt.v.clone();
+        o
     }
 
     /// Bytes of model state this rank keeps on disk.
@@ -527,6 +624,7 @@ impl Trainer {
         let dtype = self.cfg.parallel.compute_dtype();
         let mut weights = self.weights(dtype)?;
         let (mut sum, mut count) = (0.0f64, 0usize);
+        let mut staged = Vec::new();
         for b in (0..batches).skip(rank).step_by(ranks) {
             let start = b * mbs;
             let n = mbs.min(val.len() - start);
@@ -544,12 +642,28 @@ impl Trainer {
             } else {
                 mb.inputs.to_dtype(dtype)?
             };
+            count += mb.loss_tokens;
+            if self.pp.is_some() {
+                let (targets, tp) = (mb.targets, self.tp.as_ref());
+                staged.push(crate::parallel::pipeline_run::MicroBatch {
+                    inputs: mb.ids,
+                    ctx: inputs,
+                    loss_fn: Box::new(move |l: &Tensor| lm_loss_on(tp, l, &targets, 1.0)),
+                });
+                continue;
+            }
             let logits = self
                 .executor
                 .forward_with(&self.model, &mut weights, &mb.ids, &inputs)?;
             let l = lm_loss_on(self.tp.as_ref(), &logits, &mb.targets, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
-            count += mb.loss_tokens;
+        }
+        if let Some(pp) = &self.pp {
+            let local = pp
+                .runner(&self.model, self.executor)
+                .forward_only(&mut weights, &staged)?;
+            let t = Tensor::new(&[local as f64], &Device::Cpu)?;
+            sum = pp.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0];
         }
         if let Some(c) = &self.comm {
             let t = Tensor::new(&[sum, count as f64], &Device::Cpu)?;
@@ -562,25 +676,14 @@ impl Trainer {
     /// Writes a checkpoint (rank 0). Under ZeRO every rank must call it: the moment shards are
     /// gathered first, so the file is the same whatever the layout.
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
-        let gathered = match (&self.zero, self.comm.as_deref()) {
-            (Some(z), Some(c)) => Some(z.gather_full(c)?),
-            _ => None,
-        };
-        let gathered3 = match (&self.zero3, self.comm.as_deref(), &self.tp) {
-            (Some(z), Some(c), _) => Some(z.gather_full(c)?),
-            (_, _, Some(t)) => Some((
-                t.gather(&self.params)?,
-                t.gather_moments(&self.opt, &self.params)?,
-            )),
-            _ => None,
-        };
+        let gathered = self.gather_model()?;
         if !self.is_main() {
             return Ok(None);
         }
-        let (params, opt) = match &gathered3 {
-            Some((p, o)) => (p, o),
-            None => (&self.params, gathered.as_ref().unwrap_or(&self.opt)),
-        };
+        let (params, opt) = gathered
+            .as_ref()
+            .map(|(p, o)| (p, o))
+            .ok_or_else(|| crate::msg!("rank 0 did not receive the whole model"))?;
         let out = &self.cfg.train.out_dir;
         let dir = checkpoint::checkpoint_dir(out, self.state.step);
         let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
@@ -648,6 +751,11 @@ impl Trainer {
             }
             if self.last_step_skipped {
                 rec["skipped"] = json!(true);
+            }
+            if let (Some(b), Some(pp)) = (self.last_bubble, &self.pp) {
+                let m = t.batch_size / t.micro_batch_size / self.ranks();
+                rec["pp_bubble"] = json!(b);
+                rec["pp_bubble_theory"] = json!(pp.schedule.theoretical_bubble(pp.comm.size(), m));
             }
             let (mp, mg, mo) = self.memory_bytes();
             rec["mem_params_bytes"] = json!(mp);

@@ -1,0 +1,88 @@
+//! The global gradient norm when gradients are spread over ranks: ZeRO shards over data
+//! parallel, tensor-parallel slices, pipeline stages. Each rank sums the squares it holds,
+//! weighted so that every element of the logical gradient counts once, and the sums meet in
+//! all-reduces over the groups that split the model.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::tensor_parallel::TpRank;
+use crate::dist::{Communicator, ReduceOp};
+use crate::parallel::tensor::Split;
+use crate::parallel::FlatLayout;
+use crate::params::Grads;
+use crate::Result;
+
+pub(super) struct NormGroups<'a> {
+    pub tp: Option<&'a TpRank>,
+    pub pp: Option<&'a dyn Communicator>,
+    /// A weight a later stage holds a second copy of (tied embeddings): counted on the
+    /// first stage only.
+    pub duplicate: Option<&'a str>,
+}
+
+impl NormGroups<'_> {
+    fn weight(&self, name: &str) -> f64 {
+        if self.duplicate == Some(name) {
+            return 0.0;
+        }
+        match self.tp {
+            // Every tensor-parallel rank holds the whole of a replicated weight.
+            Some(t) if t.plan.split(name) == Split::Replicate => 1.0 / t.size() as f64,
+            _ => 1.0,
+        }
+    }
+
+    fn total(&self, local: f64, dp_sharded: Option<&dyn Communicator>) -> Result<f64> {
+        let mut sq = local;
+        let tp = self.tp.map(|t| &t.group);
+        let sum = |c: &dyn Communicator, x: f64| -> Result<f64> {
+            let t = c.all_reduce(&Tensor::new(&[x], &Device::Cpu)?, ReduceOp::Sum)?;
+            Ok(t.to_vec1::<f64>()?[0])
+        };
+        if let Some(c) = dp_sharded {
+            sq = sum(c, sq)?;
+        }
+        if let Some(g) = tp {
+            sq = g.with(|c| sum(c, sq))?;
+        }
+        if let Some(c) = self.pp {
+            sq = sum(c, sq)?;
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// Norm from whole (data-parallel reduced) gradients.
+    pub fn of_grads(&self, grads: &Grads) -> Result<f64> {
+        let mut names: Vec<&String> = grads.names().collect();
+        names.sort();
+        let mut local = 0f64;
+        for name in names {
+            let g = grads.get(name).expect("listed");
+            let sq = g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            local += self.weight(name) * sq;
+        }
+        self.total(local, None)
+    }
+
+    /// Norm from this rank's ZeRO shard of the flat gradient.
+    pub fn of_shard(
+        &self,
+        layout: &FlatLayout,
+        rank: usize,
+        shard: &[f32],
+        dp: &dyn Communicator,
+    ) -> Result<f64> {
+        let start = layout.shard_range(rank).start;
+        let mut local = 0f64;
+        for (entry, range) in layout.pieces(rank) {
+            let w = self.weight(&entry.name);
+            let part = &shard[range.start - start..range.end - start];
+            local += w * part.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+        }
+        self.total(local, Some(dp))
+    }
+}

@@ -1,0 +1,202 @@
+//! What the trainer does differently on a pipeline rank: keep only its stages' weights, run
+//! micro-batches through the schedule, hand the accumulated gradients to the data-parallel
+//! sink, and bring whole weights to stage 0 for checkpoints.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::config::ParallelConfig;
+use crate::dist::Communicator;
+use crate::exec::{BlockModel, Executor, Hooks};
+use crate::models::llama::Llama;
+use crate::optim::AdamW;
+use crate::parallel::pipeline::{self, stage_of, Schedule};
+use crate::parallel::pipeline_run::PipelineRank;
+use crate::parallel::weight_grad::{defer_weight_grads, WeightGradStash};
+use crate::params::{Grads, Params};
+use crate::{Error, Result};
+
+pub(super) struct PpRank {
+    pub comm: Box<dyn Communicator>,
+    pub schedule: Schedule,
+    pub stages: Vec<Range<usize>>,
+    pub stash: Option<Arc<WeightGradStash>>,
+}
+
+impl PpRank {
+    /// Stages for `model`; under ZB-H1 `model` becomes the one with deferrable weight
+    /// gradients.
+    pub fn new(comm: Box<dyn Communicator>, p: &ParallelConfig, model: &mut Llama) -> Result<Self> {
+        let schedule = Schedule::parse(&p.pp_schedule, p.pp_chunks)?;
+        let stages = pipeline::partition(
+            model.cfg.num_hidden_layers,
+            schedule.chunks() * comm.size(),
+            p.layers_per_stage.as_deref(),
+        )?;
+        let stash = if schedule == Schedule::ZbH1 {
+            let (deferring, stash) = defer_weight_grads(model);
+            *model = deferring;
+            Some(stash)
+        } else {
+            None
+        };
+        Ok(Self {
+            comm,
+            schedule,
+            stages,
+            stash,
+        })
+    }
+
+    pub fn runner<'a>(&'a self, model: &'a Llama, executor: Executor) -> PipelineRank<'a, Llama> {
+        PipelineRank {
+            model,
+            executor,
+            comm: self.comm.as_ref(),
+            schedule: self.schedule,
+            stages: self.stages.clone(),
+            stash: self.stash.clone(),
+        }
+    }
+
+    fn blocks_of(&self, rank: usize) -> Vec<usize> {
+        let p = self.comm.size();
+        (0..self.schedule.chunks())
+            .flat_map(|c| self.stages[stage_of(c, rank, p)].clone())
+            .collect()
+    }
+
+    /// Parameter names used by `rank`'s blocks, in block order, each once.
+    fn names_of(&self, model: &Llama, rank: usize) -> Vec<String> {
+        let mut names = Vec::new();
+        for b in self.blocks_of(rank) {
+            for n in model.block_param_names(b) {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        names
+    }
+
+    /// Drops the weights and moments of other stages.
+    pub fn keep_mine(&self, model: &Llama, params: &Params, opt: &mut AdamW) -> Result<Params> {
+        let mine = self.names_of(model, self.comm.rank());
+        let mut out = Params::new();
+        for (name, var) in params.iter() {
+            if mine.iter().any(|n| n == name) {
+                out.insert(name, var.clone());
+            }
+        }
+        opt.m.retain(|n, _| mine.contains(n));
+        opt.v.retain(|n, _| mine.contains(n));
+        Ok(out)
+    }
+
+    /// For each of this rank's parameters, the block whose backward completes its gradient
+    /// here: the first of this rank's blocks using it.
+    pub fn ready_blocks(&self, model: &Llama) -> HashMap<String, usize> {
+        let mut ready = HashMap::new();
+        for b in self.blocks_of(self.comm.rank()).into_iter().rev() {
+            for n in model.block_param_names(b) {
+                ready.insert(n, b);
+            }
+        }
+        ready
+    }
+
+    /// Gives accumulated gradients to `hooks` block by block, last block first, each at the
+    /// block that completes it (what a data-parallel or ZeRO sink expects).
+    pub fn hand_over(&self, model: &Llama, mut grads: Grads, hooks: &mut dyn Hooks) -> Result<()> {
+        let ready = self.ready_blocks(model);
+        for b in self.blocks_of(self.comm.rank()).into_iter().rev() {
+            let mut block = Vec::new();
+            for n in model.block_param_names(b) {
+                if ready.get(&n) == Some(&b) {
+                    if let Some(g) = grads.take(&n) {
+                        block.push((n, g));
+                    }
+                }
+            }
+            hooks.after_backward(b, block)?;
+        }
+        Ok(())
+    }
+
+    /// The tied embedding's second copy (on the last stage's rank), counted once in norms.
+    pub fn duplicate(&self, model: &Llama) -> Option<&'static str> {
+        let p = self.comm.size();
+        let last_rank = (self.stages.len() - 1) % p;
+        (p > 1 && model.cfg.tie_word_embeddings && self.comm.rank() == last_rank)
+            .then_some(Llama::EMBED)
+    }
+
+    /// Whole weights and moments on pipeline rank 0 (`None` elsewhere): every other rank
+    /// sends the ones rank 0 lacks, in block order.
+    pub fn gather(
+        &self,
+        model: &Llama,
+        params: &Params,
+        opt: &AdamW,
+    ) -> Result<Option<(Params, AdamW)>> {
+        let (p, rank) = (self.comm.size(), self.comm.rank());
+        let first = self.names_of(model, 0);
+        let moments = |name: &str, shape: &[usize]| -> Result<[Tensor; 2]> {
+            let get = |m: &HashMap<String, Vec<f32>>| {
+                let data = m
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; shape.iter().product()]);
+                Tensor::from_vec(data, shape, &Device::Cpu)
+            };
+            Ok([get(&opt.m)?, get(&opt.v)?])
+        };
+        if rank != 0 {
+            for name in self.names_of(model, rank) {
+                if first.contains(&name) {
+                    continue;
+                }
+                let t = params.get(&name)?;
+                let [m, v] = moments(&name, t.dims())?;
+                for x in [t, &m, &v] {
+                    self.comm.send(x, 0)?;
+                }
+            }
+            return Ok(None);
+        }
+        let mut all = Params::new();
+        let mut full = AdamW::new(opt.cfg.clone());
+        full.step = opt.step;
+        let mut keep = |name: &str, t: Tensor, m: Tensor, v: Tensor| -> Result<()> {
+            full.m.insert(name.to_string(), m.flatten_all()?.to_vec1()?);
+            full.v.insert(name.to_string(), v.flatten_all()?.to_vec1()?);
+            all.insert(name, Var::from_tensor(&t)?);
+            Ok(())
+        };
+        for name in &first {
+            let t = params.get(name)?.clone();
+            let [m, v] = moments(name, t.dims())?;
+            keep(name, t, m, v)?;
+        }
+        for r in 1..p {
+            for name in self.names_of(model, r) {
+                if first.contains(&name) {
+                    continue;
+                }
+                let (t, m, v) = (self.comm.recv(r)?, self.comm.recv(r)?, self.comm.recv(r)?);
+                keep(&name, t, m, v)?;
+            }
+        }
+        if all.len() != model.param_shapes().len() {
+            return Err(Error::Config(format!(
+                "pipeline gather: {} of {} parameters",
+                all.len(),
+                model.param_shapes().len()
+            )));
+        }
+        Ok(Some((all, full)))
+    }
+}
