@@ -97,3 +97,65 @@ fn bad_model_dir_and_input_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn convert_round_trips_through_a_distributed_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = tmp.path().join("dist");
+    let back = tmp.path().join("hf");
+    let convert = |from: &std::path::Path, to: &std::path::Path, format: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .arg("convert")
+            .arg("--from")
+            .arg(from)
+            .arg("--to")
+            .arg(to)
+            .args(["--format", format])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    convert(&fixture("llama_tiny/model"), &dist, "distributed");
+    assert!(dist.join("dist/index.json").is_file());
+    convert(&dist, &back, "hf");
+    // Converting the wrong way round is a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["convert", "--format", "distributed", "--from"])
+        .arg(&dist)
+        .arg("--to")
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already distributed"));
+    let input = tmp.path().join("ids.json");
+    std::fs::write(&input, r#"{"input_ids": [[1, 261, 340, 286, 257]]}"#).unwrap();
+    let forward = |model: &std::path::Path, out: &std::path::Path| {
+        let status = Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["forward", "--model"])
+            .arg(model)
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        load_tensors(out)["logits"].clone()
+    };
+    let original = forward(
+        &fixture("llama_tiny/model"),
+        &tmp.path().join("a.safetensors"),
+    );
+    let converted = forward(&back, &tmp.path().join("b.safetensors"));
+    assert_close(
+        "logits after hf → distributed → hf",
+        &converted,
+        &original,
+        0.0,
+    );
+}

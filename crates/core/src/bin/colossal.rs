@@ -2,6 +2,7 @@
 //!
 //! * `colossal forward --model DIR --input IDS.json --out LOGITS.safetensors`
 //! * `colossal generate --model DIR --prompt-ids 1,261,340 --max-new-tokens 10`
+//! * `colossal convert --from DIR --to DIR --format hf|distributed` (checkpoints)
 
 use std::path::PathBuf;
 
@@ -55,6 +56,20 @@ enum Cmd {
         #[arg(long, default_value_t = false)]
         stop_at_eos: bool,
     },
+    /// Converts a checkpoint: a distributed one (dist/index.json) to a whole HF directory
+    /// (with optimizer moments and trainer state), or a whole/HF one to distributed.
+    Convert {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// Output format: hf or distributed.
+        #[arg(long)]
+        format: String,
+        /// Shard HF weight files above this size (MB).
+        #[arg(long, default_value_t = 2000)]
+        max_shard_mb: usize,
+    },
 }
 
 #[derive(serde::Deserialize)]
@@ -72,6 +87,23 @@ fn main() -> Result<()> {
         .init();
     let device = Device::Cpu;
     match Cli::parse().cmd {
+        Cmd::Convert {
+            from,
+            to,
+            format,
+            max_shard_mb,
+        } => {
+            use colossal_core::checkpoint::distributed::is_distributed;
+            use colossal_core::train::{distributed_to_whole, whole_to_distributed};
+            match (format.as_str(), is_distributed(&from)) {
+                ("hf", true) => distributed_to_whole(&from, &to, max_shard_mb << 20)?,
+                ("distributed", false) => whole_to_distributed(&from, &to)?,
+                ("hf", false) => bail!("--from {} is already an HF directory", from.display()),
+                ("distributed", true) => bail!("--from {} is already distributed", from.display()),
+                (other, _) => bail!("--format `{other}`: expected hf or distributed"),
+            }
+            eprintln!("{} → {} ({format})", from.display(), to.display());
+        }
         Cmd::Forward { model, input, out } => {
             let (llama, params) = load_llama(&model, DType::F32, &device)?;
             let text = std::fs::read_to_string(&input)

@@ -65,6 +65,11 @@ pub fn read_tensors(
     Ok(out)
 }
 
+/// A (host) tensor copied out of a safetensors view.
+pub fn view_tensor(view: &TensorView<'_>) -> Result<Tensor> {
+    view_to_tensor(view, &Device::Cpu)
+}
+
 fn view_to_tensor(view: &TensorView<'_>, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_raw_buffer(
         view.data(),

@@ -39,11 +39,18 @@ pub fn save_llama(
         .into_iter()
         .map(|(n, _)| Ok((n.clone(), params.get(&n)?.clone())))
         .collect::<Result<_>>()?;
-    let mut cfg = model.cfg.clone();
     let dtype = tensors
         .first()
         .map(|(_, t)| t.dtype())
         .unwrap_or(DType::F32);
+    save_config(dir, model, dtype)?;
+    hf::save_model(dir, &tensors, max_shard_bytes)
+}
+
+/// `config.json` and `generation_config.json` (weights stored as `dtype`).
+pub fn save_config(dir: &Path, model: &Llama, dtype: DType) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut cfg = model.cfg.clone();
     cfg.dtype = Some(hf_dtype_name(dtype).to_string());
     let json = serde_json::to_string_pretty(&cfg.to_hf_json()).expect("json");
     atomic::write_file(&dir.join("config.json"), json.as_bytes())?;
@@ -58,8 +65,7 @@ pub fn save_llama(
         gen.insert("pad_token_id".into(), p.into());
     }
     let gen = serde_json::to_string_pretty(&gen).expect("json");
-    atomic::write_file(&dir.join("generation_config.json"), gen.as_bytes())?;
-    hf::save_model(dir, &tensors, max_shard_bytes)
+    atomic::write_file(&dir.join("generation_config.json"), gen.as_bytes())
 }
 
 pub fn hf_dtype_name(d: DType) -> &'static str {

@@ -86,6 +86,16 @@ impl ParallelDims {
         ((c.pp * self.dp + c.dp) * self.sp + c.sp) * self.tp + c.tp
     }
 
+    /// World ranks that differ from `rank` only in data and sequence coordinates: they hold
+    /// the same weights, so their gradients are summed together.
+    pub fn data_members(&self, rank: usize) -> Vec<usize> {
+        let c = self.coords(rank);
+        (0..self.dp)
+            .flat_map(|dp| (0..self.sp).map(move |sp| Coords { dp, sp, ..c }))
+            .map(|m| self.rank(m))
+            .collect()
+    }
+
     /// World ranks that differ from `rank` only along `axis`, in axis order.
     pub fn axis_members(&self, rank: usize, axis: Axis) -> Vec<usize> {
         let c = self.coords(rank);
@@ -113,6 +123,8 @@ pub struct ProcessMesh {
     pub dp: Box<dyn Communicator>,
     pub sp: Box<dyn Communicator>,
     pub tp: Box<dyn Communicator>,
+    /// The data × sequence group ([`ParallelDims::data_members`]).
+    pub dp_sp: Box<dyn Communicator>,
 }
 
 impl ProcessMesh {
@@ -129,6 +141,7 @@ impl ProcessMesh {
             axis(Axis::Sp)?,
             axis(Axis::Tp)?,
         );
+        let dp_sp = world.split(&dims.data_members(rank))?;
         Ok(ProcessMesh {
             dims,
             coords: dims.coords(rank),
@@ -137,6 +150,7 @@ impl ProcessMesh {
             dp,
             sp,
             tp,
+            dp_sp,
         })
     }
 

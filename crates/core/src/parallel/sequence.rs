@@ -82,9 +82,11 @@ pub fn shard_tokens(x: &Tensor, sp: usize, rank: usize) -> Result<Tensor> {
     Ok(x.index_select(&mine, 1)?)
 }
 
-/// The model's attention region under sequence parallelism.
+/// The model's attention region under sequence parallelism; every other region is the
+/// model's own (`inner`, e.g. tensor parallel).
 #[derive(Clone)]
 pub struct SequenceParallel {
+    inner: Arc<dyn Regions>,
     group: Group,
     mode: SpMode,
     /// Largest block of attention scores (elements per batch row and head) formed so far.
@@ -112,6 +114,7 @@ pub fn parallelize(model: &Llama, group: Group, mode: SpMode) -> Result<(Llama, 
         )));
     }
     let regions = SequenceParallel {
+        inner: model.regions.clone(),
         group,
         mode,
         peak_block: Arc::new(AtomicUsize::new(0)),
@@ -216,6 +219,21 @@ impl Online {
 }
 
 impl Regions for SequenceParallel {
+    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+        self.inner.embed(w, ids, pad)
+    }
+    fn enter(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.enter(x)
+    }
+    fn exit(&self, y: &Tensor) -> Result<Tensor> {
+        self.inner.exit(y)
+    }
+    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
+        self.inner.replicated(w)
+    }
+    fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        self.inner.linear(name, x, w)
+    }
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
         match self.mode {
             SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias),

@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{atomic, hf, llama as hf_llama};
+use candle_core::Var;
+
+use crate::checkpoint::{atomic, distributed as dist, hf, llama as hf_llama};
 use crate::models::llama::Llama;
 use crate::optim::AdamW;
+use crate::parallel::tensor::TpPlan;
 use crate::params::Params;
 use crate::{Error, Result};
 
@@ -93,6 +96,137 @@ pub fn prune(out: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
     }
     Ok(())
+}
+
+/// The trainer state alone.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(&path, e.to_string()))
+}
+
+/// This rank's weights and moments from a distributed checkpoint: `names` (default: all) of
+/// the model's parameters, each cut to its tensor-parallel slice (`tp`: plan, rank, size).
+pub fn load_distributed(
+    dir: &Path,
+    model: &Llama,
+    tp: Option<(&TpPlan, usize, usize)>,
+    names: Option<&[String]>,
+    opt: &mut AdamW,
+) -> Result<Params> {
+    let mut reader = dist::Reader::open(dir)?;
+    let mut params = Params::new();
+    for (name, shape) in model.param_shapes() {
+        if names.is_some_and(|n| !n.contains(&name)) {
+            continue;
+        }
+        if reader.shape(&name) != Some(shape.as_slice()) {
+            return Err(Error::ShapeMismatch {
+                path: dir.join(dist::DIST),
+                name: name.clone(),
+                found: reader.shape(&name).unwrap_or_default().to_vec(),
+                expected: shape.clone(),
+            });
+        }
+        let (mut start, mut len) = (vec![0; shape.len()], shape.clone());
+        if let Some(s) = tp.and_then(|(plan, rank, size)| plan.slice(&name, &shape, rank, size)) {
+            (start[s.dim], len[s.dim]) = (s.start, s.len);
+        }
+        let t = reader.read(&name, &start, &len)?;
+        params.insert(name.clone(), Var::from_tensor(&t)?);
+        for (prefix, store) in [("exp_avg", &mut opt.m), ("exp_avg_sq", &mut opt.v)] {
+            let key = format!("{prefix}.{name}");
+            if reader.shape(&key).is_some() {
+                let m = reader.read(&key, &start, &len)?;
+                store.insert(name.clone(), m.flatten_all()?.to_vec1()?);
+            }
+        }
+    }
+    Ok(params)
+}
+
+/// The pieces one rank owns: its slice (`start` within the whole `shape`) of a weight and of
+/// its two Adam moments (zeros before the first step, as AdamW starts them).
+pub fn owned_pieces(
+    name: &str,
+    shape: &[usize],
+    start: Vec<usize>,
+    weight: &Tensor,
+    opt: &AdamW,
+) -> Result<Vec<dist::Owned>> {
+    let mut out = vec![dist::Owned {
+        tensor: name.to_string(),
+        global: shape.to_vec(),
+        start: start.clone(),
+        data: weight.to_dtype(DType::F32)?,
+    }];
+    for (prefix, store) in [("exp_avg", &opt.m), ("exp_avg_sq", &opt.v)] {
+        let data = match store.get(name) {
+            Some(v) => Tensor::from_slice(v, weight.dims(), &Device::Cpu)?,
+            None => Tensor::zeros(weight.dims(), DType::F32, &Device::Cpu)?,
+        };
+        out.push(dist::Owned {
+            tensor: format!("{prefix}.{name}"),
+            global: shape.to_vec(),
+            start: start.clone(),
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// A whole checkpoint (HF weights + moments + state) from a distributed one.
+pub fn distributed_to_whole(src: &Path, dst: &Path, max_shard_bytes: usize) -> Result<()> {
+    let model = Llama::new(crate::models::llama::LlamaConfig::from_file(
+        &src.join("config.json"),
+    )?)?;
+    let mut opt = AdamW::new(crate::optim::AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        no_decay: Vec::new(),
+    });
+    let params = load_distributed(src, &model, None, None, &mut opt)?;
+    let state = read_state(src).unwrap_or_default();
+    save(dst, &model, &params, &opt, &state, max_shard_bytes)
+}
+
+/// A distributed checkpoint (one rank owning everything) from a whole one or a plain HF
+/// model directory (then without moments or state).
+pub fn whole_to_distributed(src: &Path, dst: &Path) -> Result<()> {
+    let (model, params) = hf_llama::load_llama(src, DType::F32, &Device::Cpu)?;
+    let mut opt = AdamW::new(crate::optim::AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        no_decay: Vec::new(),
+    });
+    let state = if src.join(STATE).is_file() && src.join(OPTIMIZER).is_file() {
+        Some(load_state(src, &params, &mut opt)?)
+    } else {
+        None
+    };
+    atomic::write_dir(dst, |tmp| {
+        hf_llama::save_config(tmp, &model, DType::F32)?;
+        let mut owned = Vec::new();
+        for (name, shape) in model.param_shapes() {
+            let zeros = vec![0; shape.len()];
+            let mut pieces = owned_pieces(&name, &shape, zeros, params.get(&name)?, &opt)?;
+            if state.is_none() {
+                pieces.truncate(1);
+            }
+            owned.extend(pieces);
+        }
+        dist::write_rank(tmp, 0, &owned)?;
+        dist::write_index(tmp)?;
+        if let Some(state) = &state {
+            let json = serde_json::to_string_pretty(state).expect("json");
+            atomic::write_file(&tmp.join(STATE), json.as_bytes())?;
+        }
+        Ok::<(), Error>(())
+    })
 }
 
 /// Loads state and optimizer moments; the model weights are loaded by the caller.

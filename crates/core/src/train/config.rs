@@ -37,8 +37,12 @@ pub struct ParallelConfig {
     /// Tensor-parallel ranks (Megatron 1D): each holds a slice of every layer.
     #[serde(default = "one")]
     pub tp: usize,
-    /// Sequence parallelism: "none", or "megatron" (with tp > 1: the residual stream split
-    /// along the sequence between tensor-parallel regions).
+    /// Sequence-parallel ranks for `sp_mode` ulysses or ring.
+    #[serde(default = "one")]
+    pub sp: usize,
+    /// Sequence parallelism: "none"; "megatron" (with tp > 1: the residual stream split along
+    /// the sequence between tensor-parallel regions, over the tp group); "ulysses" or "ring"
+    /// (each of `sp` ranks holds part of every sequence).
     #[serde(default = "none")]
     pub sp_mode: String,
     /// Pipeline stages.
@@ -91,6 +95,7 @@ impl Default for ParallelConfig {
             nproc: 1,
             dp: None,
             tp: 1,
+            sp: 1,
             sp_mode: none(),
             pp: 1,
             pp_schedule: one_f_one_b(),
@@ -159,18 +164,18 @@ impl ParallelConfig {
         if self.nproc == 0 {
             return Err("parallel.nproc must be at least 1".into());
         }
-        let model_parallel = self.tp * self.pp;
+        let model_parallel = self.tp * self.pp * self.sp;
         if model_parallel == 0 || !self.nproc.is_multiple_of(model_parallel) {
             return Err(format!(
-                "parallel.tp ({}) × parallel.pp ({}) must divide parallel.nproc ({})",
-                self.tp, self.pp, self.nproc
+                "parallel.tp ({}) × parallel.pp ({}) × parallel.sp ({}) must divide parallel.nproc ({})",
+                self.tp, self.pp, self.sp, self.nproc
             ));
         }
         let dp = self.data_parallel();
         if dp * model_parallel != self.nproc {
             return Err(format!(
-                "parallel.dp ({dp}) × parallel.tp ({}) × parallel.pp ({}) must equal parallel.nproc ({})",
-                self.tp, self.pp, self.nproc
+                "parallel.dp ({dp}) × parallel.tp ({}) × parallel.pp ({}) × parallel.sp ({}) must equal parallel.nproc ({})",
+                self.tp, self.pp, self.sp, self.nproc
             ));
         }
         crate::parallel::pipeline::Schedule::parse(&self.pp_schedule, self.pp_chunks).map_err(
@@ -185,15 +190,24 @@ impl ParallelConfig {
                 self.pp
             ));
         }
-        match self.sp_mode.as_str() {
-            "none" => {}
-            "megatron" if self.tp > 1 => {}
-            "megatron" => {
+        match (self.sp_mode.as_str(), self.sp) {
+            ("none", 1) => {}
+            ("megatron", 1) if self.tp > 1 => {}
+            ("megatron", 1) => {
                 return Err("parallel.sp_mode = \"megatron\" splits the sequence over the tensor-parallel group: it needs parallel.tp > 1".into())
             }
-            other => {
+            ("ulysses" | "ring", sp) if sp > 1 => {}
+            (mode @ ("ulysses" | "ring"), _) => {
+                return Err(format!("parallel.sp_mode = \"{mode}\" needs parallel.sp > 1"))
+            }
+            (mode @ ("none" | "megatron"), sp) => {
                 return Err(format!(
-                    "parallel.sp_mode `{other}`: expected none or megatron"
+                    "parallel.sp = {sp} with parallel.sp_mode = \"{mode}\": set sp_mode to ulysses or ring (megatron uses the tp group)"
+                ))
+            }
+            (other, _) => {
+                return Err(format!(
+                    "parallel.sp_mode `{other}`: expected none, megatron, ulysses or ring"
                 ))
             }
         }
@@ -210,7 +224,8 @@ impl ParallelConfig {
 impl ParallelConfig {
     /// Data-parallel ranks: `dp` if set, else what `nproc` leaves after the other dimensions.
     pub fn data_parallel(&self) -> usize {
-        self.dp.unwrap_or(self.nproc / (self.tp * self.pp).max(1))
+        self.dp
+            .unwrap_or(self.nproc / (self.tp * self.pp * self.sp).max(1))
     }
 
     /// `memory_budget` in bytes (0 when unset).
@@ -360,6 +375,15 @@ pub struct TrainSection {
     /// Shard model files above this size (MB), like `save_pretrained(max_shard_size)`.
     #[serde(default = "shard_mb")]
     pub max_shard_mb: usize,
+    /// "hf": rank 0 gathers and writes an HF model directory plus moments; "distributed":
+    /// every rank writes its own slices and an index (any layout can resume from either;
+    /// `colossal convert` turns one into the other).
+    #[serde(default = "hf_format")]
+    pub checkpoint_format: String,
+}
+
+fn hf_format() -> String {
+    "hf".into()
 }
 
 fn cosine() -> ScheduleKind {

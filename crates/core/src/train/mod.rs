@@ -10,7 +10,9 @@ mod tensor_parallel;
 mod trainer;
 
 pub use batch::{causal_lm_batch, LmBatch};
-pub use checkpoint::{list_checkpoints, TrainerState};
+pub use checkpoint::{
+    distributed_to_whole, list_checkpoints, load_distributed, whole_to_distributed, TrainerState,
+};
 pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };

@@ -27,28 +27,35 @@ pub(super) struct PpRank {
 }
 
 impl PpRank {
-    /// Stages for `model`; under ZB-H1 `model` becomes the one with deferrable weight
-    /// gradients.
-    pub fn new(comm: Box<dyn Communicator>, p: &ParallelConfig, model: &mut Llama) -> Result<Self> {
+    /// Stages for `model` (see [`Self::prepare`] for the model the schedule runs).
+    pub fn new(comm: Box<dyn Communicator>, p: &ParallelConfig, model: &Llama) -> Result<Self> {
         let schedule = Schedule::parse(&p.pp_schedule, p.pp_chunks)?;
         let stages = pipeline::partition(
             model.cfg.num_hidden_layers,
             schedule.chunks() * comm.size(),
             p.layers_per_stage.as_deref(),
         )?;
-        let stash = if schedule == Schedule::ZbH1 {
-            let (deferring, stash) = defer_weight_grads(model);
-            *model = deferring;
-            Some(stash)
-        } else {
-            None
-        };
         Ok(Self {
             comm,
             schedule,
             stages,
-            stash,
+            stash: None,
         })
+    }
+
+    /// Under ZB-H1, `model` becomes the one with deferrable weight gradients (wrapping
+    /// whatever regions it has by now).
+    pub fn prepare(&mut self, model: &mut Llama) {
+        if self.schedule == Schedule::ZbH1 {
+            let (deferring, stash) = defer_weight_grads(model);
+            *model = deferring;
+            self.stash = Some(stash);
+        }
+    }
+
+    /// Names of this rank's parameters.
+    pub fn my_names(&self, model: &Llama) -> Vec<String> {
+        self.names_of(model, self.comm.rank())
     }
 
     pub fn runner<'a>(&'a self, model: &'a Llama, executor: Executor) -> PipelineRank<'a, Llama> {

@@ -37,19 +37,16 @@ impl TpRank {
         self.group.size()
     }
 
-    /// Sum of next-token cross-entropies of this rank's vocabulary slice of `logits`
-    /// (B, T, V/tp), divided by `norm` (the same value on every rank of the group).
-    pub fn lm_loss(&self, logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
-        let (b, t, v) = logits.dims3()?;
-        let rows = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-        let (sum, _) = tensor::vocab_parallel_cross_entropy(
-            &rows,
+    /// Sum of token cross-entropies of rows (N, V/tp) of this rank's vocabulary slice, and
+    /// the number of targets.
+    pub fn cross_entropy(&self, rows: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
+        tensor::vocab_parallel_cross_entropy(
+            rows,
             targets,
             super::batch::IGNORE,
             self.vocab_start,
             &self.group,
-        )?;
-        Ok((sum / norm)?)
+        )
     }
 
     /// This rank's slices of whole parameters.

@@ -22,6 +22,7 @@ use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumu
 use crate::models::llama::{init_each_param, init_params, Llama, LlamaConfig};
 use crate::nn::cross_entropy_sum;
 use crate::optim::{clip_to_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::parallel::sequence::SpMode;
 use crate::parallel::{
     DataParallelSink, FlatLayout, Placement, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink,
     ZeroOptimizer,
@@ -46,8 +47,15 @@ pub struct Trainer {
     tp: Option<TpRank>,
     /// The pipeline group, schedule and stages when `parallel.pp > 1`.
     pp: Option<PpRank>,
+    /// All ranks of the job when they form a mesh (otherwise `comm` is all of them).
+    world: Option<Box<dyn Communicator>>,
     /// Rank in the whole job (rank 0 writes metrics and checkpoints).
     world_rank: usize,
+    /// Which share of each global batch this rank runs: data-parallel rank and size.
+    data_rank: usize,
+    data_ranks: usize,
+    /// The sequence-parallel group (ulysses or ring) when `parallel.sp > 1`.
+    sp: Option<Group>,
     /// Bytes this rank sent during the last step.
     pub last_step_comm_bytes: u64,
     /// Sharded optimizer when `parallel.zero_stage` is 1 or 2 over several ranks.
@@ -92,16 +100,25 @@ impl Trainer {
     ) -> Result<Self> {
         cfg.parallel.validate().map_err(Error::Config)?;
         let world_rank = comm.as_ref().map_or(0, |c| c.rank());
-        let (comm, tp_group, pp_comm) = match comm {
-            Some(world) if cfg.parallel.tp > 1 || cfg.parallel.pp > 1 => {
-                let p = &cfg.parallel;
-                let dims = ParallelDims::new(p.data_parallel(), p.tp, p.pp, 1);
+        let p = &cfg.parallel;
+        let mut world_comm = None;
+        let (comm, tp_group, pp_comm, sp_group, (data_rank, data_ranks)) = match comm {
+            Some(world) if p.tp > 1 || p.pp > 1 || p.sp > 1 => {
+                let dims = ParallelDims::new(p.data_parallel(), p.tp, p.pp, p.sp);
                 let mesh = ProcessMesh::new(world, dims)?;
-                let dp = (mesh.dims.dp > 1).then_some(mesh.dp);
+                let data = (mesh.coords.dp, dims.dp);
+                // Gradients are summed over every rank holding the same weights: data and
+                // sequence ranks alike.
+                let grads = (dims.dp * dims.sp > 1).then_some(mesh.dp_sp);
                 let tp = (p.tp > 1).then(|| Group::new(mesh.tp));
-                (dp, tp, (p.pp > 1).then_some(mesh.pp))
+                let sp = (p.sp > 1).then(|| Group::new(mesh.sp));
+                world_comm = Some(mesh.world);
+                (grads, tp, (p.pp > 1).then_some(mesh.pp), sp, data)
             }
-            c => (c, None, None),
+            c => {
+                let data = c.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
+                (c, None, None, None, data)
+            }
         };
         // ZeRO (and offload) on one rank: a world of one.
         let comm = match comm {
@@ -115,7 +132,7 @@ impl Trainer {
             c => c,
         };
         let t = &cfg.train;
-        let ranks = comm.as_ref().map_or(1, |c| c.size());
+        let ranks = data_ranks;
         let micro = t.batch_size / t.micro_batch_size.max(1);
         if ranks > 1 && !micro.is_multiple_of(ranks) {
             return Err(Error::Config(format!(
@@ -136,7 +153,13 @@ impl Trainer {
             && comm.is_some()
             && resume.is_none()
             && cfg.model.hf_dir.is_none();
+        let distributed = resume.is_some_and(crate::checkpoint::distributed::is_distributed);
         let (mut model, params) = match (resume, &cfg.model.hf_dir, &cfg.model.config) {
+            // Each rank reads its own slices below.
+            (Some(dir), _, _) if distributed => (
+                Llama::new(LlamaConfig::from_file(&dir.join("config.json"))?)?,
+                Params::new(),
+            ),
             (Some(dir), _, _) => hf_llama::load_llama(dir, DType::F32, &device)?,
             (None, Some(_), Some(_)) => {
                 return Err(Error::Config(
@@ -200,20 +223,46 @@ impl Trainer {
             warmup_steps: t.warmup_steps,
             total_steps: t.max_steps,
         };
-        let mut state = match resume {
-            Some(dir) => checkpoint::load_state(dir, &params, &mut opt)?,
-            None => TrainerState {
-                data_seed: t.seed,
-                ..Default::default()
-            },
-        };
         let tp = match tp_group {
             Some(g) => Some(TpRank::new(g, &model.cfg)?),
             None => None,
         };
+        let mut pp = match pp_comm {
+            Some(c) => Some(PpRank::new(c, &cfg.parallel, &model)?),
+            None => None,
+        };
+        let (params, mut state) = match resume {
+            Some(dir) if distributed => {
+                let names = pp.as_ref().map(|p| p.my_names(&model));
+                let params = checkpoint::load_distributed(
+                    dir,
+                    &model,
+                    tp.as_ref().map(|t| (&t.plan, t.rank(), t.size())),
+                    names.as_deref(),
+                    &mut opt,
+                )?;
+                let state = checkpoint::read_state(dir)?;
+                opt.step = state.optimizer_step;
+                (params, state)
+            }
+            Some(dir) => {
+                let state = checkpoint::load_state(dir, &params, &mut opt)?;
+                (params, state)
+            }
+            None => (
+                params,
+                TrainerState {
+                    data_seed: t.seed,
+                    ..Default::default()
+                },
+            ),
+        };
         let params = match &tp {
-            // Checkpoints and fresh inits are whole; an HF load above was already sliced.
-            Some(t) if resume.is_some() || cfg.model.hf_dir.is_none() => {
+            // Checkpoints and fresh inits are whole; HF and distributed loads are sliced.
+            Some(t)
+                if (resume.is_some() && !distributed)
+                    || (resume.is_none() && cfg.model.hf_dir.is_none()) =>
+            {
                 t.shard_moments(&mut opt, &params)?;
                 t.shard(&params)?
             }
@@ -223,10 +272,28 @@ impl Trainer {
             let megatron_sp = cfg.parallel.sp_mode == "megatron";
             model = crate::parallel::tensor::parallelize(&model, t.group.clone(), megatron_sp)?;
         }
-        let pp = match pp_comm {
-            Some(c) => Some(PpRank::new(c, &cfg.parallel, &mut model)?),
-            None => None,
-        };
+        if let Some(g) = &sp_group {
+            let (sp, seq) = (g.size(), train_data.manifest.seq_len);
+            let heads = model.cfg.num_attention_heads / cfg.parallel.tp;
+            if !seq.is_multiple_of(2 * sp) {
+                return Err(Error::Config(format!(
+                    "parallel.sp = {sp} needs the sequence length ({seq}, data.path manifest) to be a multiple of 2 × sp"
+                )));
+            }
+            if cfg.parallel.sp_mode == "ulysses" && !heads.is_multiple_of(sp) {
+                return Err(Error::Config(format!(
+                    "parallel.sp_mode = \"ulysses\" splits each rank's {heads} attention heads over parallel.sp = {sp}: they must divide"
+                )));
+            }
+            let mode = match cfg.parallel.sp_mode.as_str() {
+                "ring" => SpMode::Ring,
+                _ => SpMode::Ulysses,
+            };
+            model = crate::parallel::sequence::parallelize(&model, g.clone(), mode)?.0;
+        }
+        if let Some(p) = &mut pp {
+            p.prepare(&mut model);
+        }
         let params = match &pp {
             Some(p) => p.keep_mine(&model, &params, &mut opt)?,
             None => params,
@@ -243,7 +310,8 @@ impl Trainer {
                     .clone()
                     .unwrap_or_else(|| cfg.train.out_dir.join("offload"));
                 let budget = cfg.parallel.memory_budget_bytes().map_err(Error::Config)?;
-                Placement::disk(base.join(format!("rank{}", c.rank())), budget)
+                let _ = c;
+                Placement::disk(base.join(format!("rank{world_rank}")), budget)
             }
             _ => Placement::Memory,
         };
@@ -297,7 +365,11 @@ impl Trainer {
             comm,
             tp,
             pp,
+            world: world_comm,
             world_rank,
+            data_rank,
+            data_ranks,
+            sp: sp_group,
             last_step_comm_bytes: 0,
             zero,
             zero3,
@@ -313,11 +385,11 @@ impl Trainer {
     }
 
     fn rank(&self) -> usize {
-        self.comm.as_ref().map_or(0, |c| c.rank())
+        self.data_rank
     }
 
     fn ranks(&self) -> usize {
-        self.comm.as_ref().map_or(1, |c| c.size())
+        self.data_ranks
     }
 
     /// Rank 0 writes metrics, checkpoints and plots.
@@ -377,19 +449,14 @@ impl Trainer {
             // sink then gets the sums as if from one last micro-batch.
             let mut mbs = Vec::with_capacity(mine.len());
             for seqs in &mine {
-                let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
-                let ctx = if dtype == DType::F32 {
-                    mb.inputs
-                } else {
-                    mb.inputs.to_dtype(dtype)?
-                };
-                let targets = mb.targets;
-                let tp = self.tp.as_ref();
+                let mb =
+                    self.rank_batch(causal_lm_batch(&self.model, seqs, aware, &self.device)?)?;
+                let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
                 mbs.push(crate::parallel::pipeline_run::MicroBatch {
                     inputs: mb.ids,
-                    ctx,
+                    ctx: mb.ctx,
                     loss_fn: Box::new(move |logits: &Tensor| {
-                        Ok((lm_loss_on(tp, logits, &targets, norm)? * scale)?)
+                        Ok((loss_of(tp, logits, &targets, shifted, norm)? * scale)?)
                     }),
                 });
             }
@@ -403,22 +470,16 @@ impl Trainer {
             bubble = Some(report.bubble());
         }
         for (i, seqs) in mine.iter().enumerate().filter(|_| self.pp.is_none()) {
-            let mb = causal_lm_batch(&self.model, seqs, aware, &self.device)?;
-            let inputs = if dtype == DType::F32 {
-                mb.inputs
-            } else {
-                mb.inputs.to_dtype(dtype)?
-            };
-            let targets = mb.targets;
-            let tp = self.tp.as_ref();
+            let mb = self.rank_batch(causal_lm_batch(&self.model, seqs, aware, &self.device)?)?;
+            let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
             let loss_fn =
-                move |logits: &Tensor| Ok((lm_loss_on(tp, logits, &targets, norm)? * scale)?);
+                move |logits: &Tensor| Ok((loss_of(tp, logits, &targets, shifted, norm)? * scale)?);
             let mut to_f32 = ToF32(sink.hooks(i + 1 == mine.len()));
             let out = self.executor.forward_backward_with(
                 &self.model,
                 &mut weights,
                 &mb.ids,
-                &inputs,
+                &mb.ctx,
                 &loss_fn,
                 &mut to_f32,
             )?;
@@ -570,6 +631,75 @@ impl Trainer {
         }
     }
 
+    /// Waits for every rank of the job.
+    fn barrier(&self) -> Result<()> {
+        match self.world.as_deref().or(self.comm.as_deref()) {
+            Some(w) => w.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    /// Every rank writes the slices it owns (one replica of each: data/sequence rank 0,
+    /// tensor rank 0 for replicated weights, the first stage for a tied embedding), then
+    /// rank 0 writes the index and state and renames the directory into place.
+    fn save_distributed(&self) -> Result<Option<PathBuf>> {
+        use crate::checkpoint::distributed as dist;
+        let out = &self.cfg.train.out_dir;
+        let dir = checkpoint::checkpoint_dir(out, self.state.step);
+        let tmp = dir.with_extension("tmp");
+        let (params, opt) = match (&self.zero3, &self.zero, self.comm.as_deref()) {
+            (Some(z), _, Some(c)) => z.gather_full(c)?,
+            (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
+            _ => (self.params.clone(), self.opt_copy()),
+        };
+        self.barrier()?;
+        if self.is_main() {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        self.barrier()?;
+        if self.comm.as_ref().is_none_or(|c| c.rank() == 0) {
+            let shapes: std::collections::HashMap<String, Vec<usize>> =
+                self.model.param_shapes().into_iter().collect();
+            let duplicate = self.pp.as_ref().and_then(|p| p.duplicate(&self.model));
+            let mut owned = Vec::new();
+            for (name, var) in params.iter() {
+                if duplicate == Some(name) {
+                    continue;
+                }
+                let shape = &shapes[name];
+                let mut start = vec![0; shape.len()];
+                if let Some(t) = &self.tp {
+                    match t.plan.slice(name, shape, t.rank(), t.size()) {
+                        Some(s) => start[s.dim] = s.start,
+                        None if t.rank() != 0 => continue,
+                        None => {}
+                    }
+                }
+                let w = var.as_tensor();
+                owned.extend(checkpoint::owned_pieces(name, shape, start, w, &opt)?);
+            }
+            dist::write_rank(&tmp, self.world_rank, &owned)?;
+        }
+        self.barrier()?;
+        if !self.is_main() {
+            return Ok(None);
+        }
+        hf_llama::save_config(&tmp, &self.model, DType::F32)?;
+        let json = serde_json::to_string_pretty(&self.state).expect("json");
+        crate::checkpoint::atomic::write_file(&tmp.join(checkpoint::STATE), json.as_bytes())?;
+        dist::write_index(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        checkpoint::prune(out, self.cfg.train.keep_last)?;
+        tracing::info!(dir = %dir.display(), "distributed checkpoint saved");
+        Ok(Some(dir))
+    }
+
     fn opt_copy(&self) -> AdamW {
         let mut o = AdamW::new(self.opt.cfg.clone());
         o.step = self.opt.step;
@@ -617,10 +747,7 @@ impl Trainer {
             0 => val.len().div_ceil(mbs),
             n => n.min(val.len().div_ceil(mbs)),
         };
-        let (rank, ranks) = (
-            self.comm.as_ref().map_or(0, |c| c.rank()),
-            self.comm.as_ref().map_or(1, |c| c.size()),
-        );
+        let (rank, ranks) = (self.rank(), self.ranks());
         let dtype = self.cfg.parallel.compute_dtype();
         let mut weights = self.weights(dtype)?;
         let (mut sum, mut count) = (0.0f64, 0usize);
@@ -631,31 +758,26 @@ impl Trainer {
             // A fixed seeded shuffle: the same representative subset at every evaluation
             // (files are concatenated in order, so the first sequences are one source).
             let batch = val.batch(start as u64, n, true)?;
-            let mb = causal_lm_batch(
+            let mb = self.rank_batch(causal_lm_batch(
                 &self.model,
                 &batch.seqs,
                 self.cfg.data.boundary_aware,
                 &self.device,
-            )?;
-            let inputs = if dtype == DType::F32 {
-                mb.inputs.clone()
-            } else {
-                mb.inputs.to_dtype(dtype)?
-            };
+            )?)?;
             count += mb.loss_tokens;
+            let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
             if self.pp.is_some() {
-                let (targets, tp) = (mb.targets, self.tp.as_ref());
                 staged.push(crate::parallel::pipeline_run::MicroBatch {
                     inputs: mb.ids,
-                    ctx: inputs,
-                    loss_fn: Box::new(move |l: &Tensor| lm_loss_on(tp, l, &targets, 1.0)),
+                    ctx: mb.ctx,
+                    loss_fn: Box::new(move |l: &Tensor| loss_of(tp, l, &targets, shifted, 1.0)),
                 });
                 continue;
             }
             let logits = self
                 .executor
-                .forward_with(&self.model, &mut weights, &mb.ids, &inputs)?;
-            let l = lm_loss_on(self.tp.as_ref(), &logits, &mb.targets, 1.0)?;
+                .forward_with(&self.model, &mut weights, &mb.ids, &mb.ctx)?;
+            let l = loss_of(tp, &logits, &targets, shifted, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
         }
         if let Some(pp) = &self.pp {
@@ -676,6 +798,15 @@ impl Trainer {
     /// Writes a checkpoint (rank 0). Under ZeRO every rank must call it: the moment shards are
     /// gathered first, so the file is the same whatever the layout.
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
+        match self.cfg.train.checkpoint_format.as_str() {
+            "hf" => {}
+            "distributed" => return self.save_distributed(),
+            other => {
+                return Err(Error::Config(format!(
+                    "train.checkpoint_format `{other}`: expected hf or distributed"
+                )))
+            }
+        }
         let gathered = self.gather_model()?;
         if !self.is_main() {
             return Ok(None);
@@ -869,11 +1000,78 @@ fn train_mpi(_: TrainConfig, _: Option<&Path>, _: Option<usize>) -> Result<RunSu
     unreachable!("ParallelConfig::validate rejects backend = mpi without the mpi feature")
 }
 
-/// [`lm_loss`], or its vocabulary-parallel form on a tensor-parallel rank.
-fn lm_loss_on(tp: Option<&TpRank>, logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
-    match tp {
-        Some(t) => t.lm_loss(logits, targets, norm),
-        None => lm_loss(logits, targets, norm),
+/// Sum of token cross-entropies of `logits` (B, T, V) — vocabulary-parallel on a
+/// tensor-parallel rank — divided by `norm`. `targets` cover every position, or with
+/// `shifted` the first T − 1 (the next-token targets of a whole sequence).
+fn loss_of(
+    tp: Option<&TpRank>,
+    logits: &Tensor,
+    targets: &[i64],
+    shifted: bool,
+    norm: f64,
+) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let rows = if shifted {
+        logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?
+    } else {
+        logits.reshape((b * t, v))?
+    };
+    let (sum, _) = match tp {
+        Some(tp) => tp.cross_entropy(&rows, targets)?,
+        None => cross_entropy_sum(&rows, targets, super::batch::IGNORE)?,
+    };
+    Ok((sum / norm)?)
+}
+
+/// A micro-batch as one rank sees it.
+struct RankBatch {
+    ids: Tensor,
+    ctx: crate::models::llama::AttnInputs,
+    targets: Vec<i64>,
+    /// `targets` are the next-token targets of the first T − 1 positions (no sequence split).
+    shifted: bool,
+    loss_tokens: usize,
+}
+
+impl Trainer {
+    /// The micro-batch in compute precision; under ulysses/ring only this rank's positions,
+    /// each with its own target.
+    fn rank_batch(&self, mb: super::LmBatch) -> Result<RankBatch> {
+        let dtype = self.cfg.parallel.compute_dtype();
+        let ctx = if dtype == DType::F32 {
+            mb.inputs
+        } else {
+            mb.inputs.to_dtype(dtype)?
+        };
+        let Some(g) = &self.sp else {
+            return Ok(RankBatch {
+                ids: mb.ids,
+                ctx,
+                targets: mb.targets,
+                shifted: true,
+                loss_tokens: mb.loss_tokens,
+            });
+        };
+        use crate::parallel::sequence::{local_positions, shard_inputs, shard_tokens};
+        let (b, t) = mb.ids.dims2()?;
+        let (sp, rank) = (g.size(), g.rank());
+        let positions = local_positions(t, sp, rank)?;
+        let ignore = super::batch::IGNORE;
+        let targets: Vec<i64> = (0..b)
+            .flat_map(|r| {
+                let row = &mb.targets[r * (t - 1)..(r + 1) * (t - 1)];
+                positions
+                    .iter()
+                    .map(move |&p| row.get(p).copied().unwrap_or(ignore))
+            })
+            .collect();
+        Ok(RankBatch {
+            ids: shard_tokens(&mb.ids, sp, rank)?,
+            ctx: shard_inputs(&ctx, sp, rank)?,
+            loss_tokens: targets.iter().filter(|&&x| x != ignore).count(),
+            targets,
+            shifted: false,
+        })
     }
 }
 
