@@ -1,10 +1,14 @@
 //! The single-process trainer for causal LMs: config, batches, loop, checkpoints, metrics.
 mod batch;
+mod build;
 mod checkpoint;
 mod config;
 mod grad_norm;
+mod launch;
 mod metrics;
 mod pipeline;
+mod rank_batch;
+mod save;
 mod step;
 mod tensor_parallel;
 mod trainer;
@@ -16,5 +20,7 @@ pub use checkpoint::{
 pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };
+pub use launch::train;
 pub use metrics::{plot_loss_curve, MetricsWriter};
-pub use trainer::{lm_loss, train, RunSummary, Trainer};
+pub use rank_batch::lm_loss;
+pub use trainer::{RunSummary, Trainer};

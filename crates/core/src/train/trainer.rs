@@ -1,7 +1,7 @@
 //! The training loop: global batch → micro-batches through the block-wise executor →
 //! clip → AdamW → schedule; evaluation, checkpoints, metrics.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -9,23 +9,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::batch::{causal_lm_batch, count_targets};
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint::TrainerState;
 use super::grad_norm::NormGroups;
 use super::pipeline::PpRank;
+use super::rank_batch::loss_of;
 use super::step::{Sink, StepGrads, ToF32, Weights};
 use super::tensor_parallel::TpRank;
 use super::{MetricsWriter, TrainConfig};
-use crate::checkpoint::llama as hf_llama;
 use crate::data::PackedDataset;
-use crate::dist::{run_local, Communicator, Group, ParallelDims, ProcessMesh, ReduceOp};
+use crate::dist::{Communicator, Group, ReduceOp};
 use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
-use crate::models::llama::{init_each_param, init_params, Llama, LlamaConfig};
-use crate::nn::cross_entropy_sum;
-use crate::optim::{clip_to_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::parallel::sequence::SpMode;
+use crate::models::llama::Llama;
+use crate::optim::{clip_to_norm, AdamW, LrSchedule};
 use crate::parallel::{
-    DataParallelSink, FlatLayout, Placement, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink,
-    ZeroOptimizer,
+    DataParallelSink, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
 };
 use crate::params::Params;
 use crate::{Error, Result};
@@ -38,30 +35,30 @@ pub struct Trainer {
     pub schedule: LrSchedule,
     pub state: TrainerState,
     pub executor: Executor,
-    train_data: PackedDataset,
-    val_data: Option<PackedDataset>,
-    device: Device,
+    pub(super) train_data: PackedDataset,
+    pub(super) val_data: Option<PackedDataset>,
+    pub(super) device: Device,
     /// This rank's communicator when data parallel; `None` for one rank.
-    comm: Option<Box<dyn Communicator>>,
+    pub(super) comm: Option<Box<dyn Communicator>>,
     /// The tensor-parallel group and plan when `parallel.tp > 1`.
-    tp: Option<TpRank>,
+    pub(super) tp: Option<TpRank>,
     /// The pipeline group, schedule and stages when `parallel.pp > 1`.
-    pp: Option<PpRank>,
+    pub(super) pp: Option<PpRank>,
     /// All ranks of the job when they form a mesh (otherwise `comm` is all of them).
-    world: Option<Box<dyn Communicator>>,
+    pub(super) world: Option<Box<dyn Communicator>>,
     /// Rank in the whole job (rank 0 writes metrics and checkpoints).
-    world_rank: usize,
+    pub(super) world_rank: usize,
     /// Which share of each global batch this rank runs: data-parallel rank and size.
-    data_rank: usize,
-    data_ranks: usize,
+    pub(super) data_rank: usize,
+    pub(super) data_ranks: usize,
     /// The sequence-parallel group (ulysses or ring) when `parallel.sp > 1`.
-    sp: Option<Group>,
+    pub(super) sp: Option<Group>,
     /// Bytes this rank sent during the last step.
     pub last_step_comm_bytes: u64,
     /// Sharded optimizer when `parallel.zero_stage` is 1 or 2 over several ranks.
-    zero: Option<ZeroOptimizer>,
+    pub(super) zero: Option<ZeroOptimizer>,
     /// Sharded parameters and optimizer under ZeRO-3 (then `params` is empty).
-    zero3: Option<Zero3>,
+    pub(super) zero3: Option<Zero3>,
     /// Test hook: this rank fails when it reaches this step (simulates a crashed rank).
     pub fail_at_step: Option<u64>,
     /// Test hook: an inf is written into the gradients at these steps.
@@ -84,302 +81,6 @@ pub struct RunSummary {
 }
 
 impl Trainer {
-    /// Builds the model (HF directory or from-scratch config), data and optimizer; with
-    /// `resume`, restores weights, moments, step and cursor from that checkpoint.
-    pub fn new(cfg: TrainConfig, resume: Option<&Path>, device: Device) -> Result<Self> {
-        Self::new_rank(cfg, resume, device, None)
-    }
-
-    /// One rank of a job; `comm` spans all its ranks, which `parallel.dp × parallel.tp`
-    /// arranges into a mesh.
-    pub fn new_rank(
-        cfg: TrainConfig,
-        resume: Option<&Path>,
-        device: Device,
-        comm: Option<Box<dyn Communicator>>,
-    ) -> Result<Self> {
-        cfg.parallel.validate().map_err(Error::Config)?;
-        let world_rank = comm.as_ref().map_or(0, |c| c.rank());
-        let p = &cfg.parallel;
-        let mut world_comm = None;
-        let (comm, tp_group, pp_comm, sp_group, (data_rank, data_ranks)) = match comm {
-            Some(world) if p.tp > 1 || p.pp > 1 || p.sp > 1 => {
-                let dims = ParallelDims::new(p.data_parallel(), p.tp, p.pp, p.sp);
-                let mesh = ProcessMesh::new(world, dims)?;
-                let data = (mesh.coords.dp, dims.dp);
-                // Gradients are summed over every rank holding the same weights: data and
-                // sequence ranks alike.
-                let grads = (dims.dp * dims.sp > 1).then_some(mesh.dp_sp);
-                let tp = (p.tp > 1).then(|| Group::new(mesh.tp));
-                let sp = (p.sp > 1).then(|| Group::new(mesh.sp));
-                world_comm = Some(mesh.world);
-                (grads, tp, (p.pp > 1).then_some(mesh.pp), sp, data)
-            }
-            c => {
-                let data = c.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
-                (c, None, None, None, data)
-            }
-        };
-        // ZeRO (and offload) on one rank: a world of one.
-        let comm = match comm {
-            None if cfg.parallel.zero_stage > 0 => {
-                let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
-                let one = crate::dist::LocalComm::world(1, timeout)
-                    .pop()
-                    .expect("one rank");
-                Some(Box::new(one) as Box<dyn Communicator>)
-            }
-            c => c,
-        };
-        let t = &cfg.train;
-        let ranks = data_ranks;
-        let micro = t.batch_size / t.micro_batch_size.max(1);
-        if ranks > 1 && !micro.is_multiple_of(ranks) {
-            return Err(Error::Config(format!(
-                "train.batch_size ({}) / train.micro_batch_size ({}) = {micro} micro-batches do not split over parallel.dp = {ranks} ranks",
-                t.batch_size, t.micro_batch_size
-            )));
-        }
-        if t.batch_size == 0
-            || t.micro_batch_size == 0
-            || !t.batch_size.is_multiple_of(t.micro_batch_size)
-        {
-            return Err(Error::Config(format!(
-                "train.batch_size ({}) must be a positive multiple of train.micro_batch_size ({})",
-                t.batch_size, t.micro_batch_size
-            )));
-        }
-        let stream_init = cfg.parallel.zero_stage == 3
-            && comm.is_some()
-            && resume.is_none()
-            && cfg.model.hf_dir.is_none();
-        let distributed = resume.is_some_and(crate::checkpoint::distributed::is_distributed);
-        let (mut model, params) = match (resume, &cfg.model.hf_dir, &cfg.model.config) {
-            // Each rank reads its own slices below.
-            (Some(dir), _, _) if distributed => (
-                Llama::new(LlamaConfig::from_file(&dir.join("config.json"))?)?,
-                Params::new(),
-            ),
-            (Some(dir), _, _) => hf_llama::load_llama(dir, DType::F32, &device)?,
-            (None, Some(_), Some(_)) => {
-                return Err(Error::Config(
-                    "set only one of model.hf_dir and model.config".into(),
-                ))
-            }
-            (None, Some(dir), None) => match &tp_group {
-                // Each tensor-parallel rank reads only its slices.
-                Some(g) => {
-                    let model = Llama::new(LlamaConfig::from_file(&dir.join("config.json"))?)?;
-                    let params = TpRank::new(g.clone(), &model.cfg)?.load(dir, &model, &device)?;
-                    (model, params)
-                }
-                None => hf_llama::load_llama(dir, DType::F32, &device)?,
-            },
-            (None, None, Some(c)) => {
-                let model = Llama::new(c.clone())
-                    .map_err(|e| Error::Config(format!("model.config: {e}")))?;
-                // ZeRO-3 initialises straight into the shards (below).
-                let params = if stream_init {
-                    Params::new()
-                } else {
-                    init_params(&model, cfg.model.init_seed, &device)?
-                };
-                (model, params)
-            }
-            (None, None, None) => {
-                return Err(Error::Config("set model.hf_dir or model.config".into()))
-            }
-        };
-        let train_data = PackedDataset::open(&cfg.data.path, "train", t.seed)?;
-        let m = &train_data.manifest;
-        if m.vocab_size > model.cfg.vocab_size {
-            return Err(Error::Config(format!(
-                "tokenizer vocab size {} (data.path {}: manifest.json, tokenizer {}) is larger than the model's vocab_size {}",
-                m.vocab_size,
-                cfg.data.path.display(),
-                m.tokenizer,
-                model.cfg.vocab_size
-            )));
-        }
-        if train_data.is_empty() {
-            return Err(Error::file(
-                &cfg.data.path,
-                "training split has no sequences",
-            ));
-        }
-        let val_data = PackedDataset::open(&cfg.data.path, "validation", t.seed)?;
-        let val_data = (!val_data.is_empty()).then_some(val_data);
-        let mut opt = AdamW::new(AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-            no_decay: t.no_decay.clone(),
-        });
-        let schedule = LrSchedule {
-            kind: t.schedule,
-            peak: t.lr,
-            min: t.min_lr,
-            warmup_steps: t.warmup_steps,
-            total_steps: t.max_steps,
-        };
-        let tp = match tp_group {
-            Some(g) => Some(TpRank::new(g, &model.cfg)?),
-            None => None,
-        };
-        let mut pp = match pp_comm {
-            Some(c) => Some(PpRank::new(c, &cfg.parallel, &model)?),
-            None => None,
-        };
-        let (params, mut state) = match resume {
-            Some(dir) if distributed => {
-                let names = pp.as_ref().map(|p| p.my_names(&model));
-                let params = checkpoint::load_distributed(
-                    dir,
-                    &model,
-                    tp.as_ref().map(|t| (&t.plan, t.rank(), t.size())),
-                    names.as_deref(),
-                    &mut opt,
-                )?;
-                let state = checkpoint::read_state(dir)?;
-                opt.step = state.optimizer_step;
-                (params, state)
-            }
-            Some(dir) => {
-                let state = checkpoint::load_state(dir, &params, &mut opt)?;
-                (params, state)
-            }
-            None => (
-                params,
-                TrainerState {
-                    data_seed: t.seed,
-                    ..Default::default()
-                },
-            ),
-        };
-        let params = match &tp {
-            // Checkpoints and fresh inits are whole; HF and distributed loads are sliced.
-            Some(t)
-                if (resume.is_some() && !distributed)
-                    || (resume.is_none() && cfg.model.hf_dir.is_none()) =>
-            {
-                t.shard_moments(&mut opt, &params)?;
-                t.shard(&params)?
-            }
-            _ => params,
-        };
-        if let Some(t) = &tp {
-            let megatron_sp = cfg.parallel.sp_mode == "megatron";
-            model = crate::parallel::tensor::parallelize(&model, t.group.clone(), megatron_sp)?;
-        }
-        if let Some(g) = &sp_group {
-            let (sp, seq) = (g.size(), train_data.manifest.seq_len);
-            let heads = model.cfg.num_attention_heads / cfg.parallel.tp;
-            if !seq.is_multiple_of(2 * sp) {
-                return Err(Error::Config(format!(
-                    "parallel.sp = {sp} needs the sequence length ({seq}, data.path manifest) to be a multiple of 2 × sp"
-                )));
-            }
-            if cfg.parallel.sp_mode == "ulysses" && !heads.is_multiple_of(sp) {
-                return Err(Error::Config(format!(
-                    "parallel.sp_mode = \"ulysses\" splits each rank's {heads} attention heads over parallel.sp = {sp}: they must divide"
-                )));
-            }
-            let mode = match cfg.parallel.sp_mode.as_str() {
-                "ring" => SpMode::Ring,
-                _ => SpMode::Ulysses,
-            };
-            model = crate::parallel::sequence::parallelize(&model, g.clone(), mode)?.0;
-        }
-        if let Some(p) = &mut pp {
-            p.prepare(&mut model);
-        }
-        let params = match &pp {
-            Some(p) => p.keep_mine(&model, &params, &mut opt)?,
-            None => params,
-        };
-        if cfg.parallel.precision == "fp16" && state.loss_scaler.is_none() {
-            state.loss_scaler = Some(crate::optim::LossScaler::default());
-        }
-        let mut params = params;
-        let placement = match (cfg.parallel.offload.as_str(), &comm) {
-            ("disk", Some(c)) => {
-                let base = cfg
-                    .parallel
-                    .offload_dir
-                    .clone()
-                    .unwrap_or_else(|| cfg.train.out_dir.join("offload"));
-                let budget = cfg.parallel.memory_budget_bytes().map_err(Error::Config)?;
-                let _ = c;
-                Placement::disk(base.join(format!("rank{world_rank}")), budget)
-            }
-            _ => Placement::Memory,
-        };
-        let zero3 = match (&comm, cfg.parallel.zero_stage) {
-            (Some(c), 3) => {
-                let fresh = AdamW::new(opt.cfg.clone());
-                let full = std::mem::replace(&mut opt, fresh);
-                let z = if stream_init {
-                    let seed = cfg.model.init_seed;
-                    let init =
-                        |f: &mut crate::models::llama::ParamSink| init_each_param(&model, seed, f);
-                    Zero3::from_init(init, full, c.rank(), c.size(), &placement)?
-                } else {
-                    Zero3::from_full(&params, full, c.rank(), c.size(), &placement)?
-                };
-                // Only the shards stay: the full weights are gathered block by block.
-                params = Params::new();
-                Some(z)
-            }
-            _ => None,
-        };
-        let zero = match (&comm, cfg.parallel.zero_stage) {
-            (Some(c), stage @ 1..=2) => {
-                let fresh = AdamW::new(opt.cfg.clone());
-                let full = std::mem::replace(&mut opt, fresh);
-                let layout = FlatLayout::new(&params, c.size());
-                Some(ZeroOptimizer::from_full(
-                    stage,
-                    layout,
-                    c.rank(),
-                    full,
-                    &placement,
-                )?)
-            }
-            _ => None,
-        };
-        let executor = Executor {
-            activation_checkpointing: t.activation_checkpointing,
-        };
-        Ok(Self {
-            cfg,
-            model,
-            params,
-            opt,
-            schedule,
-            state,
-            executor,
-            train_data,
-            val_data,
-            device,
-            comm,
-            tp,
-            pp,
-            world: world_comm,
-            world_rank,
-            data_rank,
-            data_ranks,
-            sp: sp_group,
-            last_step_comm_bytes: 0,
-            zero,
-            zero3,
-            fail_at_step: None,
-            inject_overflow_at: Vec::new(),
-            last_step_skipped: false,
-            last_bubble: None,
-        })
-    }
-
     fn seq_len(&self) -> usize {
         self.train_data.manifest.seq_len
     }
@@ -593,121 +294,6 @@ impl Trainer {
         })
     }
 
-    /// All parameters (gathered from every rank under ZeRO-3 or tensor parallelism, so then
-    /// every rank must call it).
-    /// Under pipeline parallelism only the first stage's ranks get them all.
-    pub fn full_params(&self) -> Result<Params> {
-        if self.pp.is_some() {
-            return Ok(self.gather_model()?.map(|(p, _)| p).unwrap_or_default());
-        }
-        match (&self.zero3, self.comm.as_deref(), &self.tp) {
-            (Some(z), Some(c), _) => Ok(z.gather_full(c)?.0),
-            (_, _, Some(t)) => t.gather(&self.params),
-            _ => Ok(self.params.clone()),
-        }
-    }
-
-    /// Whole weights and Adam moments from tensor-parallel slices, pipeline stages and ZeRO
-    /// shards (a collective); `None` on ranks that do not end up holding them all.
-    fn gather_model(&self) -> Result<Option<(Params, AdamW)>> {
-        let comm = self.comm.as_deref();
-        if let (Some(z), Some(c)) = (&self.zero3, comm) {
-            return Ok(Some(z.gather_full(c)?));
-        }
-        let opt = match (&self.zero, comm) {
-            (Some(z), Some(c)) => z.gather_full(c)?,
-            _ => self.opt_copy(),
-        };
-        let (params, opt) = match &self.tp {
-            Some(t) => (
-                t.gather(&self.params)?,
-                t.gather_moments(&opt, &self.params)?,
-            ),
-            None => (self.params.clone(), opt),
-        };
-        match &self.pp {
-            Some(p) => p.gather(&self.model, &params, &opt),
-            None => Ok(Some((params, opt))),
-        }
-    }
-
-    /// Waits for every rank of the job.
-    fn barrier(&self) -> Result<()> {
-        match self.world.as_deref().or(self.comm.as_deref()) {
-            Some(w) => w.barrier(),
-            None => Ok(()),
-        }
-    }
-
-    /// Every rank writes the slices it owns (one replica of each: data/sequence rank 0,
-    /// tensor rank 0 for replicated weights, the first stage for a tied embedding), then
-    /// rank 0 writes the index and state and renames the directory into place.
-    fn save_distributed(&self) -> Result<Option<PathBuf>> {
-        use crate::checkpoint::distributed as dist;
-        let out = &self.cfg.train.out_dir;
-        let dir = checkpoint::checkpoint_dir(out, self.state.step);
-        let tmp = dir.with_extension("tmp");
-        let (params, opt) = match (&self.zero3, &self.zero, self.comm.as_deref()) {
-            (Some(z), _, Some(c)) => z.gather_full(c)?,
-            (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
-            _ => (self.params.clone(), self.opt_copy()),
-        };
-        self.barrier()?;
-        if self.is_main() {
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            }
-            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        self.barrier()?;
-        if self.comm.as_ref().is_none_or(|c| c.rank() == 0) {
-            let shapes: std::collections::HashMap<String, Vec<usize>> =
-                self.model.param_shapes().into_iter().collect();
-            let duplicate = self.pp.as_ref().and_then(|p| p.duplicate(&self.model));
-            let mut owned = Vec::new();
-            for (name, var) in params.iter() {
-                if duplicate == Some(name) {
-                    continue;
-                }
-                let shape = &shapes[name];
-                let mut start = vec![0; shape.len()];
-                if let Some(t) = &self.tp {
-                    match t.plan.slice(name, shape, t.rank(), t.size()) {
-                        Some(s) => start[s.dim] = s.start,
-                        None if t.rank() != 0 => continue,
-                        None => {}
-                    }
-                }
-                let w = var.as_tensor();
-                owned.extend(checkpoint::owned_pieces(name, shape, start, w, &opt)?);
-            }
-            dist::write_rank(&tmp, self.world_rank, &owned)?;
-        }
-        self.barrier()?;
-        if !self.is_main() {
-            return Ok(None);
-        }
-        hf_llama::save_config(&tmp, &self.model, DType::F32)?;
-        let json = serde_json::to_string_pretty(&self.state).expect("json");
-        crate::checkpoint::atomic::write_file(&tmp.join(checkpoint::STATE), json.as_bytes())?;
-        dist::write_index(&tmp)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
-        checkpoint::prune(out, self.cfg.train.keep_last)?;
-        tracing::info!(dir = %dir.display(), "distributed checkpoint saved");
-        Ok(Some(dir))
-    }
-
-    fn opt_copy(&self) -> AdamW {
-        let mut o = AdamW::new(self.opt.cfg.clone());
-        o.step = self.opt.step;
-        o.m = self.opt.m.clone();
-        o.v = self.opt.v.clone();
-        o
-    }
-
     /// Bytes of model state this rank keeps on disk.
     pub fn offloaded_bytes(&self) -> u64 {
         self.zero3
@@ -793,35 +379,6 @@ impl Trainer {
             (sum, count) = (v[0], v[1] as usize);
         }
         Ok((count > 0).then(|| sum / count as f64))
-    }
-
-    /// Writes a checkpoint (rank 0). Under ZeRO every rank must call it: the moment shards are
-    /// gathered first, so the file is the same whatever the layout.
-    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
-        match self.cfg.train.checkpoint_format.as_str() {
-            "hf" => {}
-            "distributed" => return self.save_distributed(),
-            other => {
-                return Err(Error::Config(format!(
-                    "train.checkpoint_format `{other}`: expected hf or distributed"
-                )))
-            }
-        }
-        let gathered = self.gather_model()?;
-        if !self.is_main() {
-            return Ok(None);
-        }
-        let (params, opt) = gathered
-            .as_ref()
-            .map(|(p, o)| (p, o))
-            .ok_or_else(|| crate::msg!("rank 0 did not receive the whole model"))?;
-        let out = &self.cfg.train.out_dir;
-        let dir = checkpoint::checkpoint_dir(out, self.state.step);
-        let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
-        checkpoint::save(&dir, &self.model, params, opt, &self.state, shard)?;
-        checkpoint::prune(out, self.cfg.train.keep_last)?;
-        tracing::info!(dir = %dir.display(), "checkpoint saved");
-        Ok(Some(dir))
     }
 
     /// Trains until `stop_at` (default `train.max_steps`), evaluating and checkpointing as
@@ -926,160 +483,4 @@ impl Trainer {
         }
         Ok(summary)
     }
-}
-
-/// Runs training as configured: one rank in this thread, `parallel.nproc` local ranks as
-/// threads, or this process's rank of an MPI job. Returns rank 0's summary (under MPI, each
-/// process returns its own; `RunSummary::rank` tells which).
-pub fn train(
-    cfg: TrainConfig,
-    resume: Option<&Path>,
-    stop_at: Option<usize>,
-) -> Result<RunSummary> {
-    cfg.parallel.validate().map_err(Error::Config)?;
-    if cfg.parallel.backend == "mpi" {
-        return train_mpi(cfg, resume, stop_at);
-    }
-    let n = cfg.parallel.nproc;
-    if n == 1 {
-        return Trainer::new(cfg, resume, Device::Cpu)?.run(stop_at);
-    }
-    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
-    let mut out = run_local(n, timeout, |comm| {
-        let comm: Box<dyn Communicator> = Box::new(comm);
-        Trainer::new_rank(cfg.clone(), resume, Device::Cpu, Some(comm))?.run(stop_at)
-    })?;
-    Ok(out.swap_remove(0))
-}
-
-#[cfg(feature = "mpi")]
-fn train_mpi(
-    mut cfg: TrainConfig,
-    resume: Option<&Path>,
-    stop_at: Option<usize>,
-) -> Result<RunSummary> {
-    use crate::dist::MpiComm;
-    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
-    let world = MpiComm::world(timeout)?;
-    let _mpi = world.keep_alive();
-    let (rank, size) = (world.rank(), world.size());
-    let p = &mut cfg.parallel;
-    if p.nproc != 1 && p.nproc != size {
-        return Err(Error::Config(format!(
-            "parallel.nproc = {} but mpirun started {size} processes",
-            p.nproc
-        )));
-    }
-    p.nproc = size;
-    p.validate()
-        .map_err(|e| Error::Config(format!("{e} (mpirun started {size} processes)")))?;
-    let comm: Option<Box<dyn Communicator>> =
-        (size > 1 || p.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
-    // Test hook for the mpirun failure test: COLOSSAL_TEST_FAIL_AT="RANK:STEP".
-    let fail_at = std::env::var("COLOSSAL_TEST_FAIL_AT").ok().and_then(|v| {
-        let (r, s) = v.split_once(':')?;
-        (r.parse() == Ok(rank)).then(|| s.parse().ok())?
-    });
-    let run = Trainer::new_rank(cfg, resume, Device::Cpu, comm).and_then(|mut t| {
-        t.fail_at_step = fail_at;
-        t.run(stop_at)
-    });
-    match run {
-        Ok(s) => Ok(s),
-        Err(e) if size > 1 => {
-            // Peers may be blocked in a receive: end the whole job now, naming this rank.
-            eprintln!("rank {rank} failed: {e}");
-            crate::dist::mpi_abort(1)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-#[cfg(not(feature = "mpi"))]
-fn train_mpi(_: TrainConfig, _: Option<&Path>, _: Option<usize>) -> Result<RunSummary> {
-    unreachable!("ParallelConfig::validate rejects backend = mpi without the mpi feature")
-}
-
-/// Sum of token cross-entropies of `logits` (B, T, V) — vocabulary-parallel on a
-/// tensor-parallel rank — divided by `norm`. `targets` cover every position, or with
-/// `shifted` the first T − 1 (the next-token targets of a whole sequence).
-fn loss_of(
-    tp: Option<&TpRank>,
-    logits: &Tensor,
-    targets: &[i64],
-    shifted: bool,
-    norm: f64,
-) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let rows = if shifted {
-        logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?
-    } else {
-        logits.reshape((b * t, v))?
-    };
-    let (sum, _) = match tp {
-        Some(tp) => tp.cross_entropy(&rows, targets)?,
-        None => cross_entropy_sum(&rows, targets, super::batch::IGNORE)?,
-    };
-    Ok((sum / norm)?)
-}
-
-/// A micro-batch as one rank sees it.
-struct RankBatch {
-    ids: Tensor,
-    ctx: crate::models::llama::AttnInputs,
-    targets: Vec<i64>,
-    /// `targets` are the next-token targets of the first T − 1 positions (no sequence split).
-    shifted: bool,
-    loss_tokens: usize,
-}
-
-impl Trainer {
-    /// The micro-batch in compute precision; under ulysses/ring only this rank's positions,
-    /// each with its own target.
-    fn rank_batch(&self, mb: super::LmBatch) -> Result<RankBatch> {
-        let dtype = self.cfg.parallel.compute_dtype();
-        let ctx = if dtype == DType::F32 {
-            mb.inputs
-        } else {
-            mb.inputs.to_dtype(dtype)?
-        };
-        let Some(g) = &self.sp else {
-            return Ok(RankBatch {
-                ids: mb.ids,
-                ctx,
-                targets: mb.targets,
-                shifted: true,
-                loss_tokens: mb.loss_tokens,
-            });
-        };
-        use crate::parallel::sequence::{local_positions, shard_inputs, shard_tokens};
-        let (b, t) = mb.ids.dims2()?;
-        let (sp, rank) = (g.size(), g.rank());
-        let positions = local_positions(t, sp, rank)?;
-        let ignore = super::batch::IGNORE;
-        let targets: Vec<i64> = (0..b)
-            .flat_map(|r| {
-                let row = &mb.targets[r * (t - 1)..(r + 1) * (t - 1)];
-                positions
-                    .iter()
-                    .map(move |&p| row.get(p).copied().unwrap_or(ignore))
-            })
-            .collect();
-        Ok(RankBatch {
-            ids: shard_tokens(&mb.ids, sp, rank)?,
-            ctx: shard_inputs(&ctx, sp, rank)?,
-            loss_tokens: targets.iter().filter(|&&x| x != ignore).count(),
-            targets,
-            shifted: false,
-        })
-    }
-}
-
-/// Sum of next-token cross-entropies of `logits` (B, T, V) against flattened targets,
-/// divided by `norm`.
-pub fn lm_loss(logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let shifted = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let (sum, _) = cross_entropy_sum(&shifted, targets, super::batch::IGNORE)?;
-    Ok((sum / norm)?)
 }

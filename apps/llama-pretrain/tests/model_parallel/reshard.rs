@@ -2,17 +2,15 @@
 //! at tp4 and at one rank; the following steps match an uninterrupted tp2×pp2 run (1e-5).
 //! Converted to a whole HF directory, the checkpoint gives the trained model's logits.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use super::common::{config, prepare};
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::models::llama::AttnInputs;
 use colossal_core::train::{distributed_to_whole, load_distributed, whole_to_distributed, Trainer};
-use common::{config, prepare};
 
 const MODEL: [&str; 8] = [
     "model.config.num_hidden_layers=4",

@@ -2,15 +2,13 @@
 //! `parallel.sp_mode`), alone and with data, tensor and pipeline parallelism: the same global
 //! batch gives one rank's losses and parameters (f32, 1e-5 relative, 5 steps).
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use super::common::{config, prepare};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
-use common::{config, prepare};
 
 const STEPS: usize = 5;
 

@@ -3,15 +3,13 @@
 //! 5 steps) at pp 2 under every schedule, pp 4, dp2×pp2 with ZeRO-2, tp2×pp2 and dp2×tp2×pp2
 //! (8 local ranks). The tied embedding lives on the first and the last stage.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use super::common::{config, prepare};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
-use common::{config, prepare};
 
 const STEPS: usize = 5;
 

@@ -2,15 +2,13 @@
 //! batch on tp 2 and 4, Megatron-SP and dp2×tp2 gives one rank's losses and parameters (f32,
 //! 1e-5 relative, 5 steps); a tensor-parallel checkpoint is whole and resumes at another tp.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use super::common::{config, prepare};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
-use common::{config, prepare};
 
 const STEPS: usize = 5;
 
@@ -158,7 +156,7 @@ fn kv_heads_that_do_not_split_name_the_setting() {
         "{err}"
     );
     let bad = colossal_core::config::parse_config::<colossal_core::train::TrainConfig>(
-        &common::config_text(&data, tmp.path(), 32000),
+        &super::common::config_text(&data, tmp.path(), 32000),
         "test.toml",
         &[
             "parallel.nproc=2".into(),

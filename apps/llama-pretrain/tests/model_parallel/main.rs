@@ -1,0 +1,9 @@
+//! Tensor, sequence and pipeline parallelism through the trainer, their hybrids, and
+//! resharding checkpoints — one test binary (each links the whole trainer).
+
+#[path = "../common/mod.rs"]
+mod common;
+mod pipeline_parallel;
+mod reshard;
+mod sequence_parallel;
+mod tensor_parallel;

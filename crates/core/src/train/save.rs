@@ -1,0 +1,158 @@
+//! Checkpoints from any layout: whole (gathered to rank 0) or distributed (each rank's slices).
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+
+use super::checkpoint::{self};
+use super::trainer::Trainer;
+use crate::checkpoint::llama as hf_llama;
+use crate::optim::AdamW;
+use crate::params::Params;
+use crate::{Error, Result};
+
+impl Trainer {
+    /// All parameters (gathered from every rank under ZeRO-3 or tensor parallelism, so then
+    /// every rank must call it).
+    /// Under pipeline parallelism only the first stage's ranks get them all.
+    pub fn full_params(&self) -> Result<Params> {
+        if self.pp.is_some() {
+            return Ok(self.gather_model()?.map(|(p, _)| p).unwrap_or_default());
+        }
+        match (&self.zero3, self.comm.as_deref(), &self.tp) {
+            (Some(z), Some(c), _) => Ok(z.gather_full(c)?.0),
+            (_, _, Some(t)) => t.gather(&self.params),
+            _ => Ok(self.params.clone()),
+        }
+    }
+
+    /// Whole weights and Adam moments from tensor-parallel slices, pipeline stages and ZeRO
+    /// shards (a collective); `None` on ranks that do not end up holding them all.
+    fn gather_model(&self) -> Result<Option<(Params, AdamW)>> {
+        let comm = self.comm.as_deref();
+        if let (Some(z), Some(c)) = (&self.zero3, comm) {
+            return Ok(Some(z.gather_full(c)?));
+        }
+        let opt = match (&self.zero, comm) {
+            (Some(z), Some(c)) => z.gather_full(c)?,
+            _ => self.opt_copy(),
+        };
+        let (params, opt) = match &self.tp {
+            Some(t) => (
+                t.gather(&self.params)?,
+                t.gather_moments(&opt, &self.params)?,
+            ),
+            None => (self.params.clone(), opt),
+        };
+        match &self.pp {
+            Some(p) => p.gather(&self.model, &params, &opt),
+            None => Ok(Some((params, opt))),
+        }
+    }
+
+    /// Waits for every rank of the job.
+    fn barrier(&self) -> Result<()> {
+        match self.world.as_deref().or(self.comm.as_deref()) {
+            Some(w) => w.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a checkpoint (rank 0). Under ZeRO every rank must call it: the moment shards are
+    /// gathered first, so the file is the same whatever the layout.
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
+        match self.cfg.train.checkpoint_format.as_str() {
+            "hf" => {}
+            "distributed" => return self.save_distributed(),
+            other => {
+                return Err(Error::Config(format!(
+                    "train.checkpoint_format `{other}`: expected hf or distributed"
+                )))
+            }
+        }
+        let gathered = self.gather_model()?;
+        if !self.is_main() {
+            return Ok(None);
+        }
+        let (params, opt) = gathered
+            .as_ref()
+            .map(|(p, o)| (p, o))
+            .ok_or_else(|| crate::msg!("rank 0 did not receive the whole model"))?;
+        let out = &self.cfg.train.out_dir;
+        let dir = checkpoint::checkpoint_dir(out, self.state.step);
+        let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
+        checkpoint::save(&dir, &self.model, params, opt, &self.state, shard)?;
+        checkpoint::prune(out, self.cfg.train.keep_last)?;
+        tracing::info!(dir = %dir.display(), "checkpoint saved");
+        Ok(Some(dir))
+    }
+
+    /// Every rank writes the slices it owns (one replica of each: data/sequence rank 0,
+    /// tensor rank 0 for replicated weights, the first stage for a tied embedding), then
+    /// rank 0 writes the index and state and renames the directory into place.
+    fn save_distributed(&self) -> Result<Option<PathBuf>> {
+        use crate::checkpoint::distributed as dist;
+        let out = &self.cfg.train.out_dir;
+        let dir = checkpoint::checkpoint_dir(out, self.state.step);
+        let tmp = dir.with_extension("tmp");
+        let (params, opt) = match (&self.zero3, &self.zero, self.comm.as_deref()) {
+            (Some(z), _, Some(c)) => z.gather_full(c)?,
+            (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
+            _ => (self.params.clone(), self.opt_copy()),
+        };
+        self.barrier()?;
+        if self.is_main() {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        self.barrier()?;
+        if self.comm.as_ref().is_none_or(|c| c.rank() == 0) {
+            let shapes: std::collections::HashMap<String, Vec<usize>> =
+                self.model.param_shapes().into_iter().collect();
+            let duplicate = self.pp.as_ref().and_then(|p| p.duplicate(&self.model));
+            let mut owned = Vec::new();
+            for (name, var) in params.iter() {
+                if duplicate == Some(name) {
+                    continue;
+                }
+                let shape = &shapes[name];
+                let mut start = vec![0; shape.len()];
+                if let Some(t) = &self.tp {
+                    match t.plan.slice(name, shape, t.rank(), t.size()) {
+                        Some(s) => start[s.dim] = s.start,
+                        None if t.rank() != 0 => continue,
+                        None => {}
+                    }
+                }
+                let w = var.as_tensor();
+                owned.extend(checkpoint::owned_pieces(name, shape, start, w, &opt)?);
+            }
+            dist::write_rank(&tmp, self.world_rank, &owned)?;
+        }
+        self.barrier()?;
+        if !self.is_main() {
+            return Ok(None);
+        }
+        hf_llama::save_config(&tmp, &self.model, DType::F32)?;
+        let json = serde_json::to_string_pretty(&self.state).expect("json");
+        crate::checkpoint::atomic::write_file(&tmp.join(checkpoint::STATE), json.as_bytes())?;
+        dist::write_index(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        checkpoint::prune(out, self.cfg.train.keep_last)?;
+        tracing::info!(dir = %dir.display(), "distributed checkpoint saved");
+        Ok(Some(dir))
+    }
+
+    fn opt_copy(&self) -> AdamW {
+        let mut o = AdamW::new(self.opt.cfg.clone());
+        o.step = self.opt.step;
+        o.m = self.opt.m.clone();
+        o.v = self.opt.v.clone();
+        o
+    }
+}

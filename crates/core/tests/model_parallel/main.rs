@@ -1,0 +1,6 @@
+//! Tensor, sequence and pipeline parallelism at the library level against one rank — one test
+//! binary.
+
+mod pipeline_parallel;
+mod sequence_parallel;
+mod tensor_parallel;
