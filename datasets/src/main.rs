@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use std::io::Write;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use colossal_data::pretrain::{self, PretrainArgs};
 use colossal_data::sources::DocSplit;
@@ -48,6 +50,27 @@ enum Cmd {
         #[arg(long)]
         no_eos: bool,
     },
+    /// Colossal-LLaMA vocabulary expansion: appends every piece of `--add` that `--base` lacks
+    /// (shortest first, score 0) and writes tokenizer.model, tokenizer.json,
+    /// tokenizer_config.json and special_tokens_map.json to `--out`.
+    ExpandVocab {
+        /// The base SentencePiece model (LLaMA's tokenizer.model).
+        #[arg(long)]
+        base: PathBuf,
+        /// The SentencePiece model whose pieces are added.
+        #[arg(long)]
+        add: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// One JSON array of ids per input line (no BOS), with the tokenizer data preparation uses.
+    Tokenize {
+        /// A tokenizer directory (tokenizer.model preferred, else tokenizer.json) or file.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -79,6 +102,23 @@ fn main() -> Result<()> {
             };
             let m = pretrain::run(&args)?;
             println!("{}", pretrain::describe(&m, &out));
+        }
+        Cmd::ExpandVocab { base, add, out } => {
+            let added = colossal_data::spm::write_expanded(&base, &add, &out)?;
+            println!(
+                "added {added} pieces to {} → {}",
+                base.display(),
+                out.display()
+            );
+        }
+        Cmd::Tokenize { tokenizer, input } => {
+            let tok = colossal_data::tokenizer::LoadedTokenizer::load(&tokenizer)?;
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("{}: cannot read", input.display()))?;
+            let mut out = std::io::stdout().lock();
+            for line in text.lines() {
+                writeln!(out, "{}", serde_json::to_string(&tok.encode(line)?)?)?;
+            }
         }
     }
     Ok(())
