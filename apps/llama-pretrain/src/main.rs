@@ -3,6 +3,7 @@
 mod bench;
 mod bench_capacity;
 mod bench_parallel;
+mod init_model;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,8 @@ enum Cmd {
     BenchParallel(bench_parallel::BenchParallelArgs),
     /// Largest model trainable within a memory budget, without offload and with disk offload.
     BenchCapacity(bench_capacity::BenchCapacityArgs),
+    /// Resize an HF LLaMA to an expanded tokenizer (new rows: mean of their pieces' rows).
+    InitModel(init_model::InitModelArgs),
 }
 
 fn main() -> Result<()> {
@@ -108,6 +111,7 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => bench::run(&args)?,
         Cmd::BenchParallel(args) => bench_parallel::run(&args)?,
         Cmd::BenchCapacity(args) => bench_capacity::run(&args)?,
+        Cmd::InitModel(args) => init_model::run(&args)?,
     }
     Ok(())
 }
