@@ -3,6 +3,7 @@
 mod bench;
 mod bench_capacity;
 mod bench_parallel;
+mod eval;
 mod init_model;
 
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ enum Cmd {
     BenchCapacity(bench_capacity::BenchCapacityArgs),
     /// Resize an HF LLaMA to an expanded tokenizer (new rows: mean of their pieces' rows).
     InitModel(init_model::InitModelArgs),
+    /// Perplexity and multiple-choice accuracy (MMLU, AGIEval Gaokao, CMMLU).
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> Result<()> {
@@ -112,6 +115,9 @@ fn main() -> Result<()> {
         Cmd::BenchParallel(args) => bench_parallel::run(&args)?,
         Cmd::BenchCapacity(args) => bench_capacity::run(&args)?,
         Cmd::InitModel(args) => init_model::run(&args)?,
+        Cmd::Eval(args) => {
+            eval::run(&args)?;
+        }
     }
     Ok(())
 }
