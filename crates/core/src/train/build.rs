@@ -70,6 +70,19 @@ impl Trainer {
             c => c,
         };
         let t = &cfg.train;
+        match (t.freeze.as_str(), cfg.parallel.zero_stage) {
+            ("none", _) | ("non_embedding", 0) => {}
+            ("non_embedding", z) => {
+                return Err(Error::Config(format!(
+                    "train.freeze = \"non_embedding\" with parallel.zero_stage = {z}: freezing needs zero_stage = 0"
+                )))
+            }
+            (other, _) => {
+                return Err(Error::Config(format!(
+                    "train.freeze `{other}`: expected none or non_embedding"
+                )))
+            }
+        }
         let ranks = data_ranks;
         let micro = t.batch_size / t.micro_batch_size.max(1);
         if ranks > 1 && !micro.is_multiple_of(ranks) {
@@ -229,6 +242,11 @@ impl Trainer {
             };
             model = crate::parallel::sequence::parallelize(&model, g.clone(), mode)?.0;
         }
+        let neftune = (t.neftune_alpha > 0.0).then(|| {
+            let (noisy, handle) = super::neftune::Neftune::wrap(&model, t.neftune_alpha);
+            model = noisy;
+            handle
+        });
         if let Some(p) = &mut pp {
             p.prepare(&mut model);
         }
@@ -315,6 +333,7 @@ impl Trainer {
             inject_overflow_at: Vec::new(),
             last_step_skipped: false,
             last_bubble: None,
+            neftune,
         })
     }
 }

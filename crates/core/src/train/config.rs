@@ -360,6 +360,14 @@ pub struct TrainSection {
     pub seed: u64,
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// "none", or "non_embedding": only the token embedding and LM head train (the first stage
+    /// of Colossal-LLaMA's recipe after a vocabulary expansion).
+    #[serde(default = "none_str")]
+    pub freeze: String,
+    /// NEFTune: uniform noise of scale alpha/√(L·d) on the token embeddings while training
+    /// (L tokens per sequence, d hidden size); 0 disables.
+    #[serde(default)]
+    pub neftune_alpha: f64,
     /// Evaluate every N steps (0: only at the end).
     #[serde(default)]
     pub eval_every: usize,
@@ -380,6 +388,10 @@ pub struct TrainSection {
     /// `colossal convert` turns one into the other).
     #[serde(default = "hf_format")]
     pub checkpoint_format: String,
+}
+
+fn none_str() -> String {
+    "none".into()
 }
 
 fn hf_format() -> String {

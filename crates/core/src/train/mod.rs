@@ -6,6 +6,7 @@ mod config;
 mod grad_norm;
 mod launch;
 mod metrics;
+mod neftune;
 mod pipeline;
 mod rank_batch;
 mod save;

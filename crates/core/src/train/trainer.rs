@@ -67,6 +67,8 @@ pub struct Trainer {
     pub last_step_skipped: bool,
     /// Idle fraction of this rank during the last step's pipeline schedule (pp > 1).
     pub last_bubble: Option<f64>,
+    /// NEFTune's switch (on during training steps), when `train.neftune_alpha > 0`.
+    pub(super) neftune: Option<std::sync::Arc<super::neftune::Neftune>>,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +143,11 @@ impl Trainer {
         // Mixed precision: compute on a low-precision copy of the fp32 masters; gradients come
         // back to fp32 before any sink sees them.
         let dtype = self.cfg.parallel.compute_dtype();
+        // Embedding noise for this step's forward passes only (seeded by the step: resumable).
+        let _noise = NoiseOn::start(
+            self.neftune.as_deref(),
+            self.cfg.train.seed ^ self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let mut weights = self.weights(dtype)?;
         let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let mut loss = 0.0f32;
@@ -197,6 +204,19 @@ impl Trainer {
         if let Some(c) = &self.comm {
             let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
             loss = l.to_vec1::<f32>()?[0];
+        }
+        drop(_noise);
+        if self.cfg.train.freeze == "non_embedding" {
+            if let StepGrads::Full(g) = &mut grads {
+                let frozen: Vec<String> = g
+                    .names()
+                    .filter(|n| !matches!(n.as_str(), Llama::EMBED | "lm_head.weight"))
+                    .cloned()
+                    .collect();
+                for n in frozen {
+                    g.take(&n);
+                }
+            }
         }
         if self.inject_overflow_at.contains(&self.state.step) {
             grads.poison()?;
@@ -482,5 +502,25 @@ impl Trainer {
             }
         }
         Ok(summary)
+    }
+}
+
+/// NEFTune noise on while alive.
+struct NoiseOn<'a>(Option<&'a super::neftune::Neftune>);
+
+impl<'a> NoiseOn<'a> {
+    fn start(n: Option<&'a super::neftune::Neftune>, seed: u64) -> Self {
+        if let Some(n) = n {
+            n.start(seed);
+        }
+        Self(n)
+    }
+}
+
+impl Drop for NoiseOn<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.stop();
+        }
     }
 }
