@@ -1,11 +1,9 @@
 //! The continued-pretraining options: `train.freeze = "non_embedding"` trains only the
 //! embedding (and LM head); NEFTune perturbs training but not evaluation, and resumes exactly.
 
-mod common;
-
+use super::common::{config, prepare};
 use candle_core::Device;
 use colossal_core::train::Trainer;
-use common::{config, prepare};
 
 fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
     t.full_params()
