@@ -58,8 +58,18 @@ enum Cmd {
         #[arg(long)]
         base: PathBuf,
         /// The SentencePiece model whose pieces are added.
+        #[arg(
+            long,
+            required_unless_present = "train_add",
+            conflicts_with = "train_add"
+        )]
+        add: Option<PathBuf>,
+        /// Instead of --add: learn BPE pieces from this text corpus.
+        #[arg(long, requires = "vocab_size")]
+        train_add: Option<PathBuf>,
+        /// Vocabulary size of the BPE model learned with --train-add.
         #[arg(long)]
-        add: PathBuf,
+        vocab_size: Option<usize>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -103,8 +113,20 @@ fn main() -> Result<()> {
             let m = pretrain::run(&args)?;
             println!("{}", pretrain::describe(&m, &out));
         }
-        Cmd::ExpandVocab { base, add, out } => {
-            let added = colossal_data::spm::write_expanded(&base, &add, &out)?;
+        Cmd::ExpandVocab {
+            base,
+            add,
+            train_add,
+            vocab_size,
+            out,
+        } => {
+            use colossal_data::spm::{write_expanded, Addition};
+            let addition = match (&add, &train_add, vocab_size) {
+                (Some(model), _, _) => Addition::Model(model),
+                (None, Some(corpus), Some(n)) => Addition::Corpus(corpus, n),
+                _ => anyhow::bail!("give --add MODEL, or --train-add CORPUS with --vocab-size N"),
+            };
+            let added = write_expanded(&base, addition, &out)?;
             println!(
                 "added {added} pieces to {} → {}",
                 base.display(),

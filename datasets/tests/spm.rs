@@ -185,3 +185,53 @@ fn expand_vocab_and_tokenize_commands() {
         assert_eq!(tok.decode(&tok.encode(text).unwrap()).unwrap(), text);
     }
 }
+
+#[test]
+fn pieces_learned_from_a_corpus_extend_the_vocabulary() {
+    let text: String = std::fs::read_to_string(
+        shared().join("data/pretrain_text/zh_hongloumeng_dream_of_the_red_chamber.txt"),
+    )
+    .unwrap()
+    .lines()
+    .take(300)
+    .map(|l| format!("{l}\n"))
+    .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("zh.txt");
+    std::fs::write(&corpus, &text).unwrap();
+    let out = tmp.path().join("tok");
+    let base = shared().join("data/tokenizers/llama2_32k/tokenizer.model");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_colossal-data"))
+        .arg("expand-vocab")
+        .arg("--base")
+        .arg(&base)
+        .arg("--train-add")
+        .arg(&corpus)
+        .args(["--vocab-size", "1500"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let merged = ModelProto::load(&out.join("tokenizer.model")).unwrap();
+    let added = merged.pieces.len() - 32000;
+    assert!(added > 100, "{added} pieces added");
+    // Every added piece occurs in the corpus (▁ standing for the word start), and the corpus
+    // now takes fewer tokens.
+    for p in &merged.pieces[32000..] {
+        let bare = p.piece.trim_start_matches('\u{2581}');
+        assert!(bare.is_empty() || text.contains(bare), "{}", p.piece);
+    }
+    let (old, new) = (
+        SpmBpe::new(&ModelProto::load(&base).unwrap()).unwrap(),
+        SpmBpe::new(&merged).unwrap(),
+    );
+    let count = |m: &SpmBpe| text.lines().map(|l| m.encode(l).len()).sum::<usize>();
+    let (before, after) = (count(&old), count(&new));
+    println!("{added} learned pieces: {before} → {after} tokens");
+    assert!(after * 10 < before * 8, "{before} → {after}");
+}

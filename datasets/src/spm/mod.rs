@@ -3,6 +3,7 @@
 pub mod bpe;
 pub mod hf;
 pub mod proto;
+pub mod train;
 
 pub use bpe::SpmBpe;
 pub use proto::{ModelProto, Piece, PieceType};
@@ -33,16 +34,33 @@ pub fn expand(base: &ModelProto, add: &ModelProto) -> (ModelProto, Vec<String>) 
     (merged, added)
 }
 
-/// [`expand`] on two model files, writing the merged model and its HF files to `out`
-/// (created if needed, each file atomically). Returns the number of pieces added.
+/// Where the added pieces come from.
+pub enum Addition<'a> {
+    /// Another SentencePiece model's pieces.
+    Model(&'a std::path::Path),
+    /// BPE pieces learned from a text corpus: (file, vocabulary size of the learned model).
+    Corpus(&'a std::path::Path, usize),
+}
+
+/// [`expand`] of the base model file by `add`, writing the merged model and its HF files to
+/// `out` (created if needed, each file atomically). Returns the number of pieces added.
 pub fn write_expanded(
     base: &std::path::Path,
-    add: &std::path::Path,
+    add: Addition<'_>,
     out: &std::path::Path,
 ) -> anyhow::Result<usize> {
     use anyhow::Context;
     use colossal_core::checkpoint::atomic::write_file;
-    let (merged, added) = expand(&ModelProto::load(base)?, &ModelProto::load(add)?);
+    let base = ModelProto::load(base)?;
+    let add = match add {
+        Addition::Model(path) => ModelProto::load(path)?,
+        Addition::Corpus(path, size) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read the corpus", path.display()))?;
+            train::as_model(&base, &train::train_pieces(&text, size, 16))
+        }
+    };
+    let (merged, added) = expand(&base, &add);
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     write_file(&out.join("tokenizer.model"), &merged.to_bytes())?;
     let json = serde_json::to_string(&hf::tokenizer_json(&merged))?;
