@@ -219,21 +219,10 @@ impl Online {
 }
 
 impl Regions for SequenceParallel {
-    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
-        self.inner.embed(w, ids, pad)
+    fn inner(&self) -> Option<&dyn Regions> {
+        Some(self.inner.as_ref())
     }
-    fn enter(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.enter(x)
-    }
-    fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        self.inner.exit(y)
-    }
-    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
-        self.inner.replicated(w)
-    }
-    fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        self.inner.linear(name, x, w)
-    }
+
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
         match self.mode {
             SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::models::llama::{AttnInputs, Regions};
+use crate::models::llama::Regions;
 use crate::Result;
 
 /// A projection whose weight gradient is pending: weight name, its input X, its output's dY.
@@ -158,21 +158,10 @@ impl std::fmt::Debug for DeferWeightGrads {
 }
 
 impl Regions for DeferWeightGrads {
-    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
-        self.inner.embed(w, ids, pad)
+    fn inner(&self) -> Option<&dyn Regions> {
+        Some(self.inner.as_ref())
     }
-    fn enter(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.enter(x)
-    }
-    fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        self.inner.exit(y)
-    }
-    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
-        self.inner.replicated(w)
-    }
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
-        self.inner.attention(q, k, v, inp)
-    }
+
     fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         if !x.device().is_cpu() {
             // The custom op is host-only; on a GPU the weight gradient comes with B.

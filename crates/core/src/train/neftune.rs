@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::models::llama::{AttnInputs, Llama, Regions};
+use crate::models::llama::{Llama, Regions};
 use crate::Result;
 
 pub struct Neftune {
@@ -47,6 +47,10 @@ impl Neftune {
 }
 
 impl Regions for Neftune {
+    fn inner(&self) -> Option<&dyn Regions> {
+        Some(self.inner.as_ref())
+    }
+
     fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
         let e = self.inner.embed(w, ids, pad)?;
         let mut guard = self.rng.lock().expect("neftune lock");
@@ -60,20 +64,5 @@ impl Regions for Neftune {
             .collect();
         let noise = Tensor::from_vec(noise, e.dims(), e.device())?.to_dtype(e.dtype())?;
         Ok((e + noise)?)
-    }
-    fn enter(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.enter(x)
-    }
-    fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        self.inner.exit(y)
-    }
-    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
-        self.inner.replicated(w)
-    }
-    fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        self.inner.linear(name, x, w)
-    }
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
-        self.inner.attention(q, k, v, inp)
     }
 }

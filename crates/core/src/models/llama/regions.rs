@@ -11,38 +11,63 @@ use super::AttnInputs;
 use crate::nn::softmax;
 use crate::Result;
 
+/// Every region defaults to the wrapped regions ([`Regions::inner`]) when there are some, else
+/// to the one-rank computation; an implementation overrides only what it changes.
 pub trait Regions: Send + Sync + Debug {
+    /// The regions this one wraps (a wrapper changes some regions and passes the rest on).
+    fn inner(&self) -> Option<&dyn Regions> {
+        None
+    }
+
     /// Embedding lookup of `ids` (B, T) in table `w` → (B, T, H); rows of `pad` get no
     /// gradient.
     fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
-        lookup(w, ids, pad)
+        match self.inner() {
+            Some(r) => r.embed(w, ids, pad),
+            None => lookup(w, ids, pad),
+        }
     }
 
     /// The normalised residual entering a block of column-split projections (attention, MLP,
     /// LM head).
     fn enter(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.clone())
+        match self.inner() {
+            Some(r) => r.enter(x),
+            None => Ok(x.clone()),
+        }
     }
 
     /// The output of a row-split projection (before its bias) returning to the residual.
     fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        Ok(y.clone())
+        match self.inner() {
+            Some(r) => r.exit(y),
+            None => Ok(y.clone()),
+        }
     }
 
     /// `x @ W^T` for the weight named `name`.
-    fn linear(&self, _name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(crate::nn::linear(x, w, None)?)
+    fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.inner() {
+            Some(r) => r.linear(name, x, w),
+            None => Ok(crate::nn::linear(x, w, None)?),
+        }
     }
 
     /// A weight every rank holds whole but may apply to part of the data (norm weights).
     fn replicated(&self, w: &Tensor) -> Result<Tensor> {
-        Ok(w.clone())
+        match self.inner() {
+            Some(r) => r.replicated(w),
+            None => Ok(w.clone()),
+        }
     }
 
     /// Attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D) → (B, Hq, T, D); q is already
     /// scaled by 1/√D.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
-        attention(q, k, v, &inp.bias)
+        match self.inner() {
+            Some(r) => r.attention(q, k, v, inp),
+            None => attention(q, k, v, &inp.bias),
+        }
     }
 }
 
