@@ -3,6 +3,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod compare;
 mod pipeline_parallel;
 mod reshard;
 mod sequence_parallel;

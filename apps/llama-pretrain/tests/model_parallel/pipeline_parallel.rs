@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::common::{config, prepare};
+use super::compare::{flat, rel, Flat};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -23,8 +24,6 @@ const MODEL: [&str; 7] = [
     "train.lr=1e-3",
     "train.min_lr=1e-4",
 ];
-
-type Flat = Vec<(String, Vec<f32>)>;
 
 /// Losses, whole final parameters (from world rank 0) and rank 0's measured bubble.
 fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat, f64) {
@@ -43,24 +42,11 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat
             losses.push(t.train_step()?.0);
             bubble += t.last_bubble.unwrap_or(0.0) / STEPS as f64;
         }
-        let params = t
-            .full_params()?
-            .iter()
-            .map(|(n, v)| {
-                let flat = v.as_tensor().flatten_all().unwrap();
-                (n.to_string(), flat.to_vec1::<f32>().unwrap())
-            })
-            .collect();
+        let params = flat(&t.full_params()?);
         Ok((losses, params, bubble))
     })
     .unwrap();
     results.swap_remove(0)
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let n = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
-    (n(&mut a.iter().zip(b).map(|(x, y)| x - y)) / n(&mut b.iter().copied()).max(1e-30)) as f32
 }
 
 fn assert_close(what: &str, got: &(Vec<f32>, Flat, f64), want: &(Vec<f32>, Flat, f64)) {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::common::{config, prepare};
+use super::compare::{flat, rel, Flat};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -22,8 +23,6 @@ const MODEL: [&str; 7] = [
     "train.min_lr=1e-4",
 ];
 
-type Flat = Vec<(String, Vec<f32>)>;
-
 fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat, Option<f64>) {
     let nproc_set = format!("parallel.nproc={nproc}");
     let mut overrides: Vec<&str> = MODEL.to_vec();
@@ -37,24 +36,11 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat
             .map(|_| t.train_step().map(|s| s.0))
             .collect::<colossal_core::Result<Vec<_>>>()?;
         let val = t.evaluate()?;
-        let params = t
-            .full_params()?
-            .iter()
-            .map(|(n, v)| {
-                let flat = v.as_tensor().flatten_all().unwrap();
-                (n.to_string(), flat.to_vec1::<f32>().unwrap())
-            })
-            .collect();
+        let params = flat(&t.full_params()?);
         Ok((losses, params, val))
     })
     .unwrap();
     results.swap_remove(0)
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let n = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
-    (n(&mut a.iter().zip(b).map(|(x, y)| x - y)) / n(&mut b.iter().copied()).max(1e-30)) as f32
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::common::{config, prepare};
+use super::compare::{flat, rel, Flat};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -21,18 +22,6 @@ const MODEL: [&str; 6] = [
     "train.lr=1e-3",
     "train.min_lr=1e-4",
 ];
-
-type Flat = Vec<(String, Vec<f32>)>;
-
-fn flat(params: &colossal_core::params::Params) -> Flat {
-    params
-        .iter()
-        .map(|(n, v)| {
-            let t = v.as_tensor().flatten_all().unwrap();
-            (n.to_string(), t.to_vec1::<f32>().unwrap())
-        })
-        .collect()
-}
 
 /// Losses of `steps` steps and the whole final parameters, on `nproc` local ranks.
 fn run(
@@ -71,12 +60,6 @@ fn run(
         assert_eq!(other.0, results[0].0, "ranks report different losses");
     }
     results.swap_remove(0)
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let n = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
-    (n(&mut a.iter().zip(b).map(|(x, y)| x - y)) / n(&mut b.iter().copied()).max(1e-30)) as f32
 }
 
 fn assert_close(what: &str, (losses, params): &(Vec<f32>, Flat), (rl, rp): &(Vec<f32>, Flat)) {
