@@ -3,4 +3,5 @@
 
 mod pipeline_parallel;
 mod sequence_parallel;
+mod shared;
 mod tensor_parallel;

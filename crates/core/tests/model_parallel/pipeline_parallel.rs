@@ -4,15 +4,16 @@
 
 use std::time::Duration;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use colossal_core::dist::{run_local, Communicator, ReduceOp};
 use colossal_core::exec::{BlockModel, Executor, FullParams, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
-use colossal_core::optim::{AdamW, AdamWConfig};
 use colossal_core::parallel::pipeline::{self, Schedule};
 use colossal_core::parallel::pipeline_run::{MicroBatch, PipelineRank};
 use colossal_core::parallel::weight_grad;
+
+use super::shared::{adamw, copy_where, rel};
 use colossal_core::params::Params;
 
 const T: Duration = Duration::from_secs(60);
@@ -26,16 +27,6 @@ fn config(tie: bool) -> LlamaConfig {
         "initializer_range": 0.2
     }))
     .unwrap()
-}
-
-fn adamw() -> AdamW {
-    AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        no_decay: vec!["norm".into()],
-    })
 }
 
 /// Micro-batch `mb` of step `step`: one row of LEN tokens and its next-token targets.
@@ -58,21 +49,8 @@ fn loss_fn(targets: Vec<i64>, norm: f64) -> impl Fn(&Tensor) -> colossal_core::R
     }
 }
 
-fn copy_of(p: &Params, names: &[String]) -> Params {
-    let mut out = Params::new();
-    for (name, var) in p.iter() {
-        if names.iter().any(|n| n == name) {
-            out.insert(
-                name,
-                Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap(),
-            );
-        }
-    }
-    out
-}
-
 fn reference(model: &Llama, init: &Params, m: usize) -> (Vec<f32>, Params) {
-    let params = copy_of(init, init.names());
+    let params = copy_where(init, |_| true);
     let mut opt = adamw();
     let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 1, LEN, None, &Device::Cpu).unwrap();
     let norm = (m * (LEN - 1)) as f64;
@@ -92,19 +70,6 @@ fn reference(model: &Llama, init: &Params, m: usize) -> (Vec<f32>, Params) {
         opt.step(&params, &acc.grads, 1e-3).unwrap();
     }
     (losses, params)
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let n = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    n(&(a - b).unwrap()) / n(b).max(1e-12)
 }
 
 fn check(tie: bool, schedule: Schedule, p: usize, m: usize) {
@@ -131,7 +96,7 @@ fn check(tie: bool, schedule: Schedule, p: usize, m: usize) {
             .iter()
             .flat_map(|&b| model.block_param_names(b))
             .collect();
-        let params = copy_of(&init, &names);
+        let params = copy_where(&init, |n| names.iter().any(|x| x == n));
         let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 1, LEN, None, &Device::Cpu)?;
         let norm = (m * (LEN - 1)) as f64;
         let mut opt = adamw();

@@ -5,14 +5,15 @@
 
 use std::time::Duration;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use colossal_core::dist::{run_local, Group, ReduceOp};
 use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
-use colossal_core::optim::{AdamW, AdamWConfig};
 use colossal_core::parallel::sequence::{self, SpMode};
 use colossal_core::params::Params;
+
+use super::shared::{adamw, copy_where, rel};
 
 const T: Duration = Duration::from_secs(60);
 const STEPS: usize = 5;
@@ -55,13 +56,7 @@ fn batch(step: usize, len: usize) -> (Tensor, Vec<Vec<i64>>) {
 /// `STEPS` AdamW steps. With `sp = Some(group)`, this rank sees only its positions; the
 /// per-rank loss sums and gradients are summed over the group.
 fn train(model: &Llama, params: Params, sp: Option<&Group>) -> (Vec<f32>, Params) {
-    let mut opt = AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        no_decay: vec!["norm".into()],
-    });
+    let mut opt = adamw();
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let (ids, targets) = batch(step % 2, SEQ);
@@ -112,40 +107,15 @@ fn train(model: &Llama, params: Params, sp: Option<&Group>) -> (Vec<f32>, Params
     (losses, params)
 }
 
-/// ‖a − b‖ / ‖b‖.
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let n = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    n(&(a - b).unwrap()) / n(b).max(1e-12)
-}
-
-fn copy(p: &Params) -> Params {
-    let mut out = Params::new();
-    for (name, var) in p.iter() {
-        out.insert(
-            name,
-            Var::from_tensor(&var.as_tensor().copy().unwrap()).unwrap(),
-        );
-    }
-    out
-}
-
 fn check(mode: SpMode, sp: usize, kv_heads: usize) {
     let model = Llama::new(config(kv_heads)).unwrap();
     let init = init_params(&model, 9, &Device::Cpu).unwrap();
-    let (ref_losses, ref_params) = train(&model, copy(&init), None);
+    let (ref_losses, ref_params) = train(&model, copy_where(&init, |_| true), None);
     assert!(ref_losses[STEPS - 1] < ref_losses[0], "{ref_losses:?}");
     let results = run_local(sp, T, |comm| {
         let group = Group::new(Box::new(comm));
         let (sp_model, _) = sequence::parallelize(&model, group.clone(), mode)?;
-        Ok(train(&sp_model, copy(&init), Some(&group)))
+        Ok(train(&sp_model, copy_where(&init, |_| true), Some(&group)))
     })
     .unwrap();
     for (rank, (losses, params)) in results.iter().enumerate() {

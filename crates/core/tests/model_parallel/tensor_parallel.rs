@@ -9,8 +9,9 @@ use colossal_core::dist::{run_local, Communicator, Group};
 use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
-use colossal_core::optim::{AdamW, AdamWConfig};
 use colossal_core::parallel::tensor::{self, TpPlan};
+
+use super::shared::{adamw, rel};
 use colossal_core::params::Params;
 
 const T: Duration = Duration::from_secs(60);
@@ -23,16 +24,6 @@ fn config(tie: bool, bias: bool) -> LlamaConfig {
         "attention_bias": bias, "mlp_bias": bias, "initializer_range": 0.2, "pad_token_id": 0
     }))
     .unwrap()
-}
-
-fn adamw() -> AdamW {
-    AdamW::new(AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        no_decay: vec!["norm".into()],
-    })
 }
 
 /// Batch `step`: (ids (B, T), next-token targets flattened over the first T-1 positions).
@@ -106,20 +97,6 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
 }
 
-/// ‖a − b‖ / ‖b‖ (Frobenius).
-fn norm_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let n = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-    };
-    n(&(a - b).unwrap()) / n(b).max(1e-12)
-}
-
 fn check_tp(cfg: LlamaConfig, tp: usize, sequence_parallel: bool) {
     let model = Llama::new(cfg).unwrap();
     // Two initialisations: the optimizer updates its parameters' variables in place.
@@ -148,7 +125,7 @@ fn check_tp(cfg: LlamaConfig, tp: usize, sequence_parallel: bool) {
             if name.ends_with("k_proj.bias") {
                 continue;
             }
-            let rel = norm_rel(params.get(name).unwrap(), var.as_tensor());
+            let rel = rel(params.get(name).unwrap(), var.as_tensor());
             assert!(
                 rel < 1e-5,
                 "tp {tp} sp {sequence_parallel} rank {rank} {name}: {rel:e}"
