@@ -116,29 +116,10 @@ impl<M: BlockModel> PipelineRank<'_, M> {
         for op in self.schedule.ops(r, p, mbs.len())? {
             match op {
                 Op::F { chunk, mb } => {
-                    let s = stage_of(chunk, r, p);
-                    let input = if s == 0 {
-                        mbs[mb].inputs.clone()
-                    } else {
-                        mail.recv(prev, (ACTIVATION, s, mb))?
-                    };
-                    let t0 = Instant::now();
-                    let loss_fn = (s == last).then_some(&*mbs[mb].loss_fn);
-                    let blocks = self.stages[s].clone();
-                    let (out, state) = self.executor.chunk_forward(
-                        self.model,
-                        source,
-                        blocks,
-                        &input,
-                        &mbs[mb].ctx,
-                        loss_fn,
-                        hooks,
-                    )?;
-                    report.busy_s += t0.elapsed().as_secs_f64();
-                    match state.loss_value()? {
-                        Some(l) => report.loss_sum += l,
-                        None => mail.send(next, (ACTIVATION, s + 1, mb), &out)?,
-                    }
+                    let (state, loss, busy) =
+                        self.forward_chunk(&mut mail, source, chunk, mb, mbs, hooks)?;
+                    report.busy_s += busy;
+                    report.loss_sum += loss.unwrap_or(0.0);
                     states.insert((chunk, mb), state);
                 }
                 Op::B { chunk, mb } => {
@@ -205,41 +186,60 @@ impl<M: BlockModel> PipelineRank<'_, M> {
         source: &mut dyn ParamSource,
         mbs: &[MicroBatch<'_, M::Ctx>],
     ) -> Result<f32> {
-        let (p, r) = (self.comm.size(), self.comm.rank());
-        let last = self.stages.len() - 1;
-        let (prev, next) = ((r + p - 1) % p, (r + 1) % p);
         let mut mail = Mailbox {
             comm: self.comm,
             pending: HashMap::new(),
         };
         let mut nothing = crate::exec::GradAccumulator::default();
         let mut loss = 0.0;
-        for (mb, batch) in mbs.iter().enumerate() {
+        for mb in 0..mbs.len() {
             for chunk in 0..self.schedule.chunks() {
-                let s = stage_of(chunk, r, p);
-                let input = if s == 0 {
-                    batch.inputs.clone()
-                } else {
-                    mail.recv(prev, (ACTIVATION, s, mb))?
-                };
-                let loss_fn = (s == last).then_some(&*batch.loss_fn);
-                let blocks = self.stages[s].clone();
-                let (out, state) = self.executor.chunk_forward(
-                    self.model,
-                    source,
-                    blocks,
-                    &input,
-                    &batch.ctx,
-                    loss_fn,
-                    &mut nothing,
-                )?;
-                match state.loss_value()? {
-                    Some(l) => loss += l,
-                    None => mail.send(next, (ACTIVATION, s + 1, mb), &out)?,
-                }
+                let (_, l, _) =
+                    self.forward_chunk(&mut mail, source, chunk, mb, mbs, &mut nothing)?;
+                loss += l.unwrap_or(0.0);
             }
         }
         Ok(loss)
+    }
+
+    /// F of (chunk, micro-batch): input from the previous stage (or the batch itself), the
+    /// chunk's forward, output on to the next stage. Returns the chunk's state, the loss when
+    /// the chunk ends the model, and the seconds spent computing.
+    fn forward_chunk(
+        &self,
+        mail: &mut Mailbox<'_>,
+        source: &mut dyn ParamSource,
+        chunk: usize,
+        mb: usize,
+        mbs: &[MicroBatch<'_, M::Ctx>],
+        hooks: &mut dyn Hooks,
+    ) -> Result<(ChunkState, Option<f32>, f64)> {
+        let (p, r) = (self.comm.size(), self.comm.rank());
+        let s = stage_of(chunk, r, p);
+        let last = s + 1 == self.stages.len();
+        let input = if s == 0 {
+            mbs[mb].inputs.clone()
+        } else {
+            mail.recv((r + p - 1) % p, (ACTIVATION, s, mb))?
+        };
+        let t0 = Instant::now();
+        let loss_fn = last.then_some(&*mbs[mb].loss_fn);
+        let blocks = self.stages[s].clone();
+        let (out, state) = self.executor.chunk_forward(
+            self.model,
+            source,
+            blocks,
+            &input,
+            &mbs[mb].ctx,
+            loss_fn,
+            hooks,
+        )?;
+        let busy = t0.elapsed().as_secs_f64();
+        let loss = state.loss_value()?;
+        if loss.is_none() {
+            mail.send((r + 1) % p, (ACTIVATION, s + 1, mb), &out)?;
+        }
+        Ok((state, loss, busy))
     }
 
     /// Sums the gradient of a weight used by the first and the last stage (tied embeddings)
