@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::common::{config, prepare};
-use super::compare::{flat, rel, Flat};
+use super::compare::{flat, layout_config, rel, Flat};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -27,11 +27,7 @@ const MODEL: [&str; 7] = [
 
 /// Losses, whole final parameters (from world rank 0) and rank 0's measured bubble.
 fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat, f64) {
-    let nproc_set = format!("parallel.nproc={nproc}");
-    let mut overrides: Vec<&str> = MODEL.to_vec();
-    overrides.push(&nproc_set);
-    overrides.extend_from_slice(extra);
-    let cfg = config(data, out, &overrides);
+    let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let mut results = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let comm = (nproc > 1).then_some(comm);

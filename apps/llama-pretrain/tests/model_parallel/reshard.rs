@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::common::{config, prepare};
+use super::common::prepare;
+use super::compare::layout_config;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::dist::{run_local, Communicator};
@@ -32,11 +33,7 @@ fn run(
     resume: Option<&Path>,
     steps: usize,
 ) -> Vec<f32> {
-    let nproc_set = format!("parallel.nproc={nproc}");
-    let mut overrides: Vec<&str> = MODEL.to_vec();
-    overrides.push(&nproc_set);
-    overrides.extend_from_slice(extra);
-    let cfg = config(data, out, &overrides);
+    let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let mut results = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let mut t = Trainer::new_rank(

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::common::{config, prepare};
-use super::compare::{flat, rel, Flat};
+use super::common::prepare;
+use super::compare::{flat, layout_config, rel, Flat};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -24,11 +24,7 @@ const MODEL: [&str; 7] = [
 ];
 
 fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat, Option<f64>) {
-    let nproc_set = format!("parallel.nproc={nproc}");
-    let mut overrides: Vec<&str> = MODEL.to_vec();
-    overrides.push(&nproc_set);
-    overrides.extend_from_slice(extra);
-    let cfg = config(data, out, &overrides);
+    let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let mut results = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let mut t = Trainer::new_rank(cfg.clone(), None, Device::Cpu, (nproc > 1).then_some(comm))?;

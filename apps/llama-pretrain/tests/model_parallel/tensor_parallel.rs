@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::common::{config, prepare};
-use super::compare::{flat, rel, Flat};
+use super::compare::{flat, layout_config, rel, Flat};
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -32,11 +32,7 @@ fn run(
     resume: Option<&Path>,
     steps: usize,
 ) -> (Vec<f32>, Flat) {
-    let nproc_set = format!("parallel.nproc={nproc}");
-    let mut overrides: Vec<&str> = MODEL.to_vec();
-    overrides.push(&nproc_set);
-    overrides.extend_from_slice(extra);
-    let cfg = config(data, out, &overrides);
+    let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let mut results = run_local(nproc, Duration::from_secs(60), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let mut t = Trainer::new_rank(
