@@ -129,7 +129,15 @@ fn multiple_choice(
 fn load(args: &EvalArgs) -> Result<Ctx> {
     let (model, params) = load_llama(&args.model, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let tok = LoadedTokenizer::load(args.tokenizer.as_deref().unwrap_or(&args.model))?;
+    let tok = match &args.tokenizer {
+        Some(t) => LoadedTokenizer::load(t)?,
+        None => LoadedTokenizer::load(&args.model).with_context(|| {
+            format!(
+                "--model {} has no tokenizer; pass --tokenizer DIR",
+                args.model.display()
+            )
+        })?,
+    };
     if tok.vocab_size() > model.cfg.vocab_size {
         bail!(
             "tokenizer {} has {} tokens, the model only {}",
