@@ -2,3 +2,4 @@
 //! colossal-core parallel trainer.
 
 pub mod loss;
+pub mod reward;

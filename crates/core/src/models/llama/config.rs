@@ -95,6 +95,45 @@ impl LlamaConfig {
         }
     }
 
+    /// `Some(num_labels)` for `LlamaForSequenceClassification` (a reward model or critic):
+    /// the head is `score.weight` (num_labels, hidden), no bias, instead of the LM head.
+    pub fn score_labels(&self) -> Option<usize> {
+        let archs = self.extra.get("architectures")?.as_array()?;
+        if !archs
+            .iter()
+            .any(|a| a.as_str() == Some("LlamaForSequenceClassification"))
+        {
+            return None;
+        }
+        let from_map = self
+            .extra
+            .get("id2label")
+            .and_then(|m| m.as_object())
+            .map(|m| m.len());
+        let n = self.extra.get("num_labels").and_then(|n| n.as_u64());
+        Some(n.map(|n| n as usize).or(from_map).unwrap_or(2))
+    }
+
+    /// This config as `LlamaForSequenceClassification` with `num_labels` outputs (transformers
+    /// records them as `id2label`/`label2id`).
+    pub fn with_score_head(&self, num_labels: usize) -> Self {
+        let mut c = self.clone();
+        c.extra.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForSequenceClassification"]),
+        );
+        let id2label: serde_json::Map<String, serde_json::Value> = (0..num_labels)
+            .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = (0..num_labels)
+            .map(|i| (format!("LABEL_{i}"), i.into()))
+            .collect();
+        c.extra.insert("id2label".into(), id2label.into());
+        c.extra.insert("label2id".into(), label2id.into());
+        c.extra.remove("num_labels");
+        c
+    }
+
     /// EOS ids (HF allows an int or a list).
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {

@@ -44,8 +44,14 @@ impl Llama {
     pub const EMBED: &'static str = "model.embed_tokens.weight";
     pub const NORM: &'static str = "model.norm.weight";
 
+    pub const SCORE: &'static str = "score.weight";
+
+    /// The output projection: the score head of a sequence classifier, else the LM head
+    /// (the embedding when tied).
     pub fn head_weight_name(&self) -> &'static str {
-        if self.cfg.tie_word_embeddings {
+        if self.cfg.score_labels().is_some() {
+            Self::SCORE
+        } else if self.cfg.tie_word_embeddings {
             Self::EMBED
         } else {
             "lm_head.weight"
@@ -86,7 +92,9 @@ impl Llama {
             push("post_attention_layernorm.weight", vec![h]);
         }
         out.push((Self::NORM.to_string(), vec![h]));
-        if !c.tie_word_embeddings && c.has_lm_head() {
+        if let Some(labels) = c.score_labels() {
+            out.push((Self::SCORE.to_string(), vec![labels, h]));
+        } else if !c.tie_word_embeddings && c.has_lm_head() {
             out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
         }
         out
@@ -217,7 +225,8 @@ impl Llama {
     }
 
     /// Final RMSNorm and LM head: logits (B, T, V) (under tensor parallelism, this rank's
-    /// slice of the vocabulary).
+    /// slice of the vocabulary); for a sequence classifier, scores of every position
+    /// (B, T, num_labels).
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
         let h = self.regions.enter(&self.final_norm(p, x)?)?;
         self.proj(p, self.head_weight_name(), &h, None)
