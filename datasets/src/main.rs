@@ -6,6 +6,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use colossal_data::chat::raw::{Kind, RawFormat};
 use colossal_data::pretrain::{self, PretrainArgs};
 use colossal_data::sources::DocSplit;
 
@@ -81,6 +82,89 @@ enum Cmd {
         #[arg(long)]
         input: PathBuf,
     },
+    /// Chat conversations → ids with labels on the assistant turns (Parquet).
+    Sft(ChatPrep),
+    /// Prompt + chosen + rejected → ids and labels of both continuations (Parquet).
+    Preference(ChatPrep),
+    /// Prompts (with the generation prompt) for PPO/GRPO rollouts, and reference answers.
+    Prompt(ChatPrep),
+}
+
+#[derive(clap::Args)]
+struct ChatPrep {
+    /// Input JSONL files (`.gz` too); repeatable.
+    #[arg(long = "input", required = true)]
+    inputs: Vec<PathBuf>,
+    /// Row layout: auto (TRL or ColossalChat schema) or a raw public format.
+    #[arg(long, value_enum, default_value_t = RawFormat::Auto)]
+    format: RawFormat,
+    /// Tokenizer directory (tokenizer.model preferred, else tokenizer.json).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// A `.jinja` template file or a `tokenizer_config.json` with `chat_template`
+    /// (default: the tokenizer directory's tokenizer_config.json).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Longest row in tokens: SFT rows are cut at the end, preference responses are cut,
+    /// longer prompts are reported and skipped.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn chat_prep(kind: Kind, a: ChatPrep) -> Result<()> {
+    use colossal_data::chat::{encode::ChatEncoder, prep, template::ChatTemplate};
+    let tok = colossal_data::tokenizer::LoadedTokenizer::load(&a.tokenizer)?;
+    let template_path = match a.chat_template {
+        Some(p) => p,
+        None => {
+            let cfg = a.tokenizer.join("tokenizer_config.json");
+            let has = std::fs::read_to_string(&cfg).is_ok_and(|t| t.contains("\"chat_template\""));
+            if !has {
+                anyhow::bail!(
+                    "--chat-template: {} has no chat_template; pass a template file (e.g. datasets/templates/llama2.jinja)",
+                    cfg.display()
+                );
+            }
+            cfg
+        }
+    };
+    let template = ChatTemplate::load(&template_path)?;
+    let enc = ChatEncoder::new(tok, template);
+    let args = prep::PrepArgs {
+        kind,
+        inputs: a.inputs,
+        format: a.format,
+        max_len: a.max_len,
+        val_fraction: a.val_fraction,
+        out: a.out.clone(),
+    };
+    let summary = prep::run(&args, &enc)?;
+    let m = &summary["manifest"];
+    println!(
+        "{} rows → {} (train {}, validation {})",
+        m["kind"].as_str().unwrap_or(""),
+        a.out.display(),
+        m["train_rows"],
+        m["validation_rows"]
+    );
+    for (file, r) in summary["report"]["files"].as_object().into_iter().flatten() {
+        println!(
+            "  {file}: {} lines, {} rows, {} written, {} truncated, not kept: {}",
+            r["lines"], r["rows"], r["written"], r["truncated"], r["problems"]
+        );
+        for d in r["dropped"].as_array().into_iter().flatten().take(5) {
+            println!("    {}", d.as_str().unwrap_or(""));
+        }
+    }
+    println!(
+        "  every row not kept: {}",
+        a.out.join("report.json").display()
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -142,6 +226,9 @@ fn main() -> Result<()> {
                 writeln!(out, "{}", serde_json::to_string(&tok.encode(line)?)?)?;
             }
         }
+        Cmd::Sft(a) => chat_prep(Kind::Sft, a)?,
+        Cmd::Preference(a) => chat_prep(Kind::Preference, a)?,
+        Cmd::Prompt(a) => chat_prep(Kind::Prompt, a)?,
     }
     Ok(())
 }

@@ -25,12 +25,20 @@ pub fn rewards(scores: &Tensor, index: &[usize]) -> candle_core::Result<Tensor> 
 }
 
 /// Right-padded batch of rows as a (B, T) u32 tensor and its attention mask.
-pub fn right_padded(rows: &[Vec<u32>], pad: u32, device: &Device) -> candle_core::Result<(Tensor, Vec<Vec<u8>>)> {
+pub fn right_padded(
+    rows: &[Vec<u32>],
+    pad: u32,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Vec<Vec<u8>>)> {
     let t = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut flat = Vec::with_capacity(rows.len() * t);
     let mut mask = Vec::with_capacity(rows.len());
     for r in rows {
-        flat.extend(r.iter().copied().chain(std::iter::repeat_n(pad, t - r.len())));
+        flat.extend(
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, t - r.len())),
+        );
         mask.push((0..t).map(|i| (i < r.len()) as u8).collect());
     }
     Ok((Tensor::from_vec(flat, (rows.len(), t), device)?, mask))

@@ -31,7 +31,13 @@ fn scores_and_pairwise_loss_match_transformers() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect();
     let pad = reference["pad_token_id"].as_u64().unwrap() as u32;
     let index = last_token_index(&rows, pad);
@@ -44,11 +50,14 @@ fn scores_and_pairwise_loss_match_transformers() {
     assert_eq!(index, want_index);
     let (ids, mask) = right_padded(&rows, pad, &Device::Cpu).unwrap();
     let (b, t) = ids.dims2().unwrap();
-    let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), &Device::Cpu)
-        .unwrap();
+    let inp =
+        AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), &Device::Cpu).unwrap();
     let per_position = model.forward(&params, &ids, &inp).unwrap();
     assert_eq!(per_position.dims(), &[4, 12, 1]);
-    let scores = rewards(&per_position, &index).unwrap().to_vec1::<f32>().unwrap();
+    let scores = rewards(&per_position, &index)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let want: Vec<f32> = reference["scores"]
         .as_array()
         .unwrap()
@@ -60,15 +69,21 @@ fn scores_and_pairwise_loss_match_transformers() {
         assert!(rel(*s, *w) <= 1e-4, "score {s} vs {w}");
     }
     let s = Tensor::new(scores.as_slice(), &Device::Cpu).unwrap();
-    let chosen = s.index_select(&Tensor::new(&[0u32, 2], &Device::Cpu).unwrap(), 0).unwrap();
-    let rejected = s.index_select(&Tensor::new(&[1u32, 3], &Device::Cpu).unwrap(), 0).unwrap();
+    let chosen = s
+        .index_select(&Tensor::new(&[0u32, 2], &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let rejected = s
+        .index_select(&Tensor::new(&[1u32, 3], &Device::Cpu).unwrap(), 0)
+        .unwrap();
     let loss = pairwise_reward_loss(&chosen, &rejected)
         .unwrap()
         .mean_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let want_loss = reference["pairwise_log_sigmoid_loss"]["value"].as_f64().unwrap() as f32;
+    let want_loss = reference["pairwise_log_sigmoid_loss"]["value"]
+        .as_f64()
+        .unwrap() as f32;
     println!("pairwise loss {loss} (transformers {want_loss})");
     assert!(rel(loss, want_loss) <= 1e-4, "loss {loss} vs {want_loss}");
 }

@@ -17,7 +17,10 @@ pub use preference::{log_sigmoid, PairLogps, PreferenceLoss};
 pub fn token_logprobs(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let (_, t, _) = logits.dims3()?;
     let logp = log_softmax(&logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?)?;
-    let next = ids.narrow(1, 1, t - 1)?.to_dtype(DType::U32)?.unsqueeze(2)?;
+    let next = ids
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::U32)?
+        .unsqueeze(2)?;
     logp.gather(&next.contiguous()?, 2)?.squeeze(2)
 }
 
@@ -81,7 +84,10 @@ mod tests {
         )
         .unwrap();
         let ids = Tensor::from_vec(vec![7u32, 2, 0], (1, 3), &Device::Cpu).unwrap();
-        let lp = token_logprobs(&logits, &ids).unwrap().to_vec2::<f32>().unwrap();
+        let lp = token_logprobs(&logits, &ids)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let z0 = (1f32 + 1f32.exp() + 2f32.exp()).ln();
         close(lp[0][0], 2.0 - z0, "log p(2 | row 0)");
         close(lp[0][1], -(3f32).ln(), "log p(0 | uniform)");

@@ -21,7 +21,7 @@ impl KlEstimator {
         match self {
             KlEstimator::K1 => log_r.neg(),
             KlEstimator::K2 => log_r.sqr()? * 0.5,
-            KlEstimator::K3 => ((log_r.exp()? - &log_r)? - 1.0),
+            KlEstimator::K3 => (log_r.exp()? - &log_r)? - 1.0,
         }
     }
 
@@ -126,7 +126,7 @@ pub fn value_loss_sum(
     let v_clip = (old_values + (values - old_values)?.clamp(-clip_eps, clip_eps)?)?;
     let a = (values - returns)?.sqr()?;
     let b = (v_clip - returns)?.sqr()?;
-    ((a.maximum(&b)? * mask)?.sum_all()? * 0.5)
+    (a.maximum(&b)? * mask)?.sum_all()? * 0.5
 }
 
 /// GRPO's group-relative advantages: `rewards` holds groups of `k` samples of one prompt
@@ -162,7 +162,11 @@ mod tests {
         close(k(KlEstimator::K1), 0.5, "k1");
         close(k(KlEstimator::K2), 0.125, "k2");
         close(k(KlEstimator::K3), (-0.5f32).exp() - 1.0 + 0.5, "k3"); // 0.1065307
-        close(KlEstimator::K3.estimate_f32(-1.0, -1.5), 0.10653066, "k3 on f32");
+        close(
+            KlEstimator::K3.estimate_f32(-1.0, -1.5),
+            0.10653066,
+            "k3 on f32",
+        );
         // k3 is never negative, k1 can be.
         assert!(KlEstimator::K1.estimate_f32(-2.0, -1.0) < 0.0);
         assert!(KlEstimator::K3.estimate_f32(-2.0, -1.0) > 0.0);

@@ -52,7 +52,10 @@ pub enum PreferenceLoss {
 
 impl PreferenceLoss {
     pub fn needs_reference(&self) -> bool {
-        matches!(self, PreferenceLoss::Dpo { .. } | PreferenceLoss::Ipo { .. })
+        matches!(
+            self,
+            PreferenceLoss::Dpo { .. } | PreferenceLoss::Ipo { .. }
+        )
     }
 
     /// Loss of each pair (B,).
@@ -62,7 +65,9 @@ impl PreferenceLoss {
         reference: Option<&PairLogps>,
     ) -> candle_core::Result<Tensor> {
         let need_ref = || {
-            reference.ok_or_else(|| candle_core::Error::Msg(format!("{self:?} needs reference log-probs")))
+            reference.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{self:?} needs reference log-probs"))
+            })
         };
         match *self {
             PreferenceLoss::Dpo {
@@ -73,7 +78,7 @@ impl PreferenceLoss {
                 let h = ((&policy.chosen - &r.chosen)? - (&policy.rejected - &r.rejected)?)?;
                 let pos = log_sigmoid(&(&h * beta)?)?;
                 let neg = log_sigmoid(&(&h * -beta)?)?;
-                ((pos * -(1.0 - label_smoothing))? - (neg * label_smoothing)?)
+                (pos * -(1.0 - label_smoothing))? - (neg * label_smoothing)?
             }
             PreferenceLoss::Ipo { beta } => {
                 let r = need_ref()?;
@@ -94,7 +99,7 @@ impl PreferenceLoss {
                     avg - rest
                 };
                 let ratio = log_sigmoid(&(log_odds(&pc)? - log_odds(&pr)?)?)?;
-                (pc.neg()? - (ratio * lambda)?)
+                pc.neg()? - (ratio * lambda)?
             }
         }
     }
@@ -112,7 +117,10 @@ pub fn kto_per_example(
     w_undesirable: f64,
 ) -> candle_core::Result<Tensor> {
     let dev = log_ratio.device();
-    let sign: Vec<f32> = desirable.iter().map(|&d| if d { 1.0 } else { -1.0 }).collect();
+    let sign: Vec<f32> = desirable
+        .iter()
+        .map(|&d| if d { 1.0 } else { -1.0 })
+        .collect();
     let weight: Vec<f32> = desirable
         .iter()
         .map(|&d| if d { w_desirable } else { w_undesirable } as f32)
@@ -158,7 +166,10 @@ mod tests {
 
     #[test]
     fn log_sigmoid_is_stable() {
-        let v = log_sigmoid(&t1(&[-100.0, 0.0, 100.0])).unwrap().to_vec1::<f32>().unwrap();
+        let v = log_sigmoid(&t1(&[-100.0, 0.0, 100.0]))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         close(v[0], -100.0, "log σ(−100)");
         close(v[1], -(2f32).ln(), "log σ(0)");
         close(v[2], 0.0, "log σ(100)");
@@ -204,12 +215,18 @@ mod tests {
         });
         close(l, -ls(1.5) as f32, "simpo");
         let (p, _) = pair();
-        assert!(PreferenceLoss::Simpo { beta: 2.0, gamma: 0.5 }
-            .per_pair(&p, None)
-            .is_ok());
-        assert!(PreferenceLoss::Dpo { beta: 0.1, label_smoothing: 0.0 }
-            .per_pair(&p, None)
-            .is_err());
+        assert!(PreferenceLoss::Simpo {
+            beta: 2.0,
+            gamma: 0.5
+        }
+        .per_pair(&p, None)
+        .is_ok());
+        assert!(PreferenceLoss::Dpo {
+            beta: 0.1,
+            label_smoothing: 0.0
+        }
+        .per_pair(&p, None)
+        .is_err());
     }
 
     #[test]
@@ -217,7 +234,11 @@ mod tests {
         // avg_c = −2, avg_r = −3; log odds = a − log(1 − e^a).
         let lo = |a: f64| a - (1.0 - a.exp()).ln();
         let want = 2.0 - 0.25 * ls(lo(-2.0) - lo(-3.0));
-        close(loss(PreferenceLoss::Orpo { lambda: 0.25 }), want as f32, "orpo");
+        close(
+            loss(PreferenceLoss::Orpo { lambda: 0.25 }),
+            want as f32,
+            "orpo",
+        );
     }
 
     #[test]
