@@ -36,6 +36,34 @@ impl Trainer {
         device: Device,
         comm: Option<Box<dyn Communicator>>,
     ) -> Result<Self> {
+        Self::build(cfg, resume, device, comm, true)
+    }
+
+    /// A rank without pretraining data: the caller brings its micro-batches
+    /// ([`Trainer::step_on`]) and `data.path` is not read. Sequence parallelism needs the
+    /// packed data's fixed length and is rejected here.
+    pub fn new_rank_without_data(
+        cfg: TrainConfig,
+        resume: Option<&Path>,
+        device: Device,
+        comm: Option<Box<dyn Communicator>>,
+    ) -> Result<Self> {
+        if cfg.parallel.sp > 1 {
+            return Err(Error::Config(format!(
+                "parallel.sp = {}: sequence parallelism needs packed pretraining data",
+                cfg.parallel.sp
+            )));
+        }
+        Self::build(cfg, resume, device, comm, false)
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        resume: Option<&Path>,
+        device: Device,
+        comm: Option<Box<dyn Communicator>>,
+        with_data: bool,
+    ) -> Result<Self> {
         cfg.parallel.validate().map_err(Error::Config)?;
         let world_rank = comm.as_ref().map_or(0, |c| c.rank());
         let p = &cfg.parallel;
@@ -141,25 +169,12 @@ impl Trainer {
                 return Err(Error::Config("set model.hf_dir or model.config".into()))
             }
         };
-        let train_data = PackedDataset::open(&cfg.data.path, "train", t.seed)?;
-        let m = &train_data.manifest;
-        if m.vocab_size > model.cfg.vocab_size {
-            return Err(Error::Config(format!(
-                "tokenizer vocab size {} (data.path {}: manifest.json, tokenizer {}) is larger than the model's vocab_size {}",
-                m.vocab_size,
-                cfg.data.path.display(),
-                m.tokenizer,
-                model.cfg.vocab_size
-            )));
-        }
-        if train_data.is_empty() {
-            return Err(Error::file(
-                &cfg.data.path,
-                "training split has no sequences",
-            ));
-        }
-        let val_data = PackedDataset::open(&cfg.data.path, "validation", t.seed)?;
-        let val_data = (!val_data.is_empty()).then_some(val_data);
+        let (train_data, val_data) = if with_data {
+            let (train, val) = open_data(&cfg, &model)?;
+            (Some(train), val)
+        } else {
+            (None, None)
+        };
         let mut opt = AdamW::new(AdamWConfig {
             beta1: t.beta1,
             beta2: t.beta2,
@@ -224,7 +239,8 @@ impl Trainer {
             model = crate::parallel::tensor::parallelize(&model, t.group.clone(), megatron_sp)?;
         }
         if let Some(g) = &sp_group {
-            let (sp, seq) = (g.size(), train_data.manifest.seq_len);
+            let seq = train_data.as_ref().map_or(0, |d| d.manifest.seq_len);
+            let sp = g.size();
             let heads = model.cfg.num_attention_heads / cfg.parallel.tp;
             if !seq.is_multiple_of(2 * sp) {
                 return Err(Error::Config(format!(
@@ -336,4 +352,29 @@ impl Trainer {
             neftune,
         })
     }
+}
+
+/// The packed training split (checked against the model's vocabulary) and the validation split
+/// when it has sequences.
+fn open_data(cfg: &TrainConfig, model: &Llama) -> Result<(PackedDataset, Option<PackedDataset>)> {
+    let seed = cfg.train.seed;
+    let train_data = PackedDataset::open(&cfg.data.path, "train", seed)?;
+    let m = &train_data.manifest;
+    if m.vocab_size > model.cfg.vocab_size {
+        return Err(Error::Config(format!(
+            "tokenizer vocab size {} (data.path {}: manifest.json, tokenizer {}) is larger than the model's vocab_size {}",
+            m.vocab_size,
+            cfg.data.path.display(),
+            m.tokenizer,
+            model.cfg.vocab_size
+        )));
+    }
+    if train_data.is_empty() {
+        return Err(Error::file(
+            &cfg.data.path,
+            "training split has no sequences",
+        ));
+    }
+    let val_data = PackedDataset::open(&cfg.data.path, "validation", seed)?;
+    Ok((train_data, (!val_data.is_empty()).then_some(val_data)))
 }

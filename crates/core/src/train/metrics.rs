@@ -49,9 +49,13 @@ impl MetricsWriter {
 
 /// Reads `metrics.jsonl` and draws train loss (and validation loss where present) against step.
 pub fn plot_loss_curve(metrics: &Path, png: &Path) -> Result<()> {
+    plot_curves(metrics, png, "loss", &["loss", "val_loss"])
+}
+
+/// Draws each of `keys` of `metrics.jsonl` against step (records without the key are skipped).
+pub fn plot_curves(metrics: &Path, png: &Path, title: &str, keys: &[&str]) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
-    let mut train = Vec::new();
-    let mut val = Vec::new();
+    let mut series: Vec<Vec<(f64, f64)>> = vec![Vec::new(); keys.len()];
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -59,27 +63,20 @@ pub fn plot_loss_curve(metrics: &Path, png: &Path) -> Result<()> {
         let Some(step) = v.get("step").and_then(|s| s.as_f64()) else {
             continue;
         };
-        if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
-            train.push((step, l));
-        }
-        if let Some(l) = v.get("val_loss").and_then(|l| l.as_f64()) {
-            val.push((step, l));
+        for (k, s) in keys.iter().zip(series.iter_mut()) {
+            if let Some(x) = v.get(*k).and_then(|l| l.as_f64()).filter(|x| x.is_finite()) {
+                s.push((step, x));
+            }
         }
     }
-    if train.is_empty() {
-        return Err(Error::file(metrics, "no training loss to plot"));
+    if series.iter().all(Vec::is_empty) {
+        return Err(Error::file(metrics, format!("none of {keys:?} to plot")));
     }
-    let ymax = train
-        .iter()
-        .chain(&val)
-        .map(|p| p.1)
-        .fold(f64::MIN, f64::max);
-    let ymin = train
-        .iter()
-        .chain(&val)
-        .map(|p| p.1)
-        .fold(f64::MAX, f64::min);
-    let xmax = train.iter().map(|p| p.0).fold(1.0, f64::max);
+    let all = || series.iter().flatten();
+    let ymax = all().map(|p| p.1).fold(f64::MIN, f64::max);
+    let ymin = all().map(|p| p.1).fold(f64::MAX, f64::min);
+    let pad = ((ymax - ymin) * 0.05).max(1e-6);
+    let xmax = all().map(|p| p.0).fold(1.0, f64::max);
     let tmp = png.with_extension("png.tmp.png");
     {
         register_font();
@@ -87,32 +84,33 @@ pub fn plot_loss_curve(metrics: &Path, png: &Path) -> Result<()> {
         let draw = |e: &dyn std::fmt::Display| crate::msg!("plotting {}: {e}", png.display());
         root.fill(&WHITE).map_err(|e| draw(&e))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("loss", ("sans-serif", 24))
+            .caption(title, ("sans-serif", 24))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(52)
-            .build_cartesian_2d(0f64..xmax, (ymin * 0.95)..(ymax * 1.05))
+            .build_cartesian_2d(0f64..xmax, (ymin - pad)..(ymax + pad))
             .map_err(|e| draw(&e))?;
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc("loss")
             .draw()
             .map_err(|e| draw(&e))?;
-        chart
-            .draw_series(LineSeries::new(train, &BLUE))
-            .map_err(|e| draw(&e))?
-            .label("train")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-        if !val.is_empty() {
+        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        for (i, (k, s)) in keys.iter().zip(series).enumerate() {
+            if s.is_empty() {
+                continue;
+            }
+            let c = colors[i % colors.len()];
             chart
-                .draw_series(LineSeries::new(val.clone(), &RED))
+                .draw_series(LineSeries::new(s.clone(), &c))
                 .map_err(|e| draw(&e))?
-                .label("validation")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
-            chart
-                .draw_series(val.iter().map(|p| Circle::new(*p, 3, RED.filled())))
-                .map_err(|e| draw(&e))?;
+                .label(k.to_string())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c));
+            if s.len() < 50 {
+                chart
+                    .draw_series(s.iter().map(|p| Circle::new(*p, 3, c.filled())))
+                    .map_err(|e| draw(&e))?;
+            }
         }
         chart
             .configure_series_labels()

@@ -19,8 +19,9 @@ use super::{MetricsWriter, TrainConfig};
 use crate::data::PackedDataset;
 use crate::dist::{Communicator, Group, ReduceOp};
 use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
-use crate::models::llama::Llama;
+use crate::models::llama::{AttnInputs, Llama};
 use crate::optim::{clip_to_norm, AdamW, LrSchedule};
+use crate::parallel::pipeline_run::MicroBatch;
 use crate::parallel::{
     DataParallelSink, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
 };
@@ -35,7 +36,8 @@ pub struct Trainer {
     pub schedule: LrSchedule,
     pub state: TrainerState,
     pub executor: Executor,
-    pub(super) train_data: PackedDataset,
+    /// The packed pretraining data (`None` when the caller brings its own batches).
+    pub(super) train_data: Option<PackedDataset>,
     pub(super) val_data: Option<PackedDataset>,
     pub(super) device: Device,
     /// This rank's communicator when data parallel; `None` for one rank.
@@ -71,6 +73,15 @@ pub struct Trainer {
     pub(super) neftune: Option<std::sync::Arc<super::neftune::Neftune>>,
 }
 
+/// What a step's forward and backward leave for the optimizer.
+struct Backward {
+    grads: StepGrads,
+    loss: f32,
+    bubble: Option<f64>,
+    sent_before: u64,
+    scale: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     pub first_loss: Option<f32>,
@@ -84,15 +95,43 @@ pub struct RunSummary {
 
 impl Trainer {
     fn seq_len(&self) -> usize {
-        self.train_data.manifest.seq_len
+        self.train_data.as_ref().map_or(0, |d| d.manifest.seq_len)
     }
 
-    fn rank(&self) -> usize {
+    /// This rank's share of each global batch: data-parallel rank …
+    pub fn rank(&self) -> usize {
         self.data_rank
     }
 
-    fn ranks(&self) -> usize {
+    /// … out of this many.
+    pub fn ranks(&self) -> usize {
         self.data_ranks
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Sums `values` over the data-parallel ranks (metrics, global counts).
+    pub fn sum_over_ranks(&self, values: &[f64]) -> Result<Vec<f64>> {
+        match &self.comm {
+            Some(c) if c.size() > 1 => {
+                let t = Tensor::new(values, &Device::Cpu)?;
+                Ok(c.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?)
+            }
+            _ => Ok(values.to_vec()),
+        }
+    }
+
+    /// The model's output for `inputs` with the current weights, no gradient.
+    pub fn forward(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
+        let mut weights = self.weights(self.cfg.parallel.compute_dtype())?;
+        let ctx = match self.cfg.parallel.compute_dtype() {
+            DType::F32 => ctx.clone(),
+            d => ctx.to_dtype(d)?,
+        };
+        self.executor
+            .forward_with(&self.model, &mut weights, inputs, &ctx)
     }
 
     /// Rank 0 writes metrics, checkpoints and plots.
@@ -109,24 +148,71 @@ impl Trainer {
 
     /// One optimizer step over the global batch. Returns (loss, grad norm, lr).
     pub fn train_step(&mut self) -> Result<(f32, f64, f64)> {
-        if self.fail_at_step == Some(self.state.step) {
-            return Err(crate::msg!(
-                "injected failure at step {} (test hook)",
-                self.state.step
-            ));
-        }
         let (bs, mbs) = (self.cfg.train.batch_size, self.cfg.train.micro_batch_size);
         let (rank, ranks) = (self.rank(), self.ranks());
-        let sent_before = self.bytes_sent();
+        let shuffle = self.cfg.data.shuffle;
+        let cursor = self.state.cursor;
         let batch = self
             .train_data
-            .batch(self.state.cursor, bs, self.cfg.data.shuffle)?;
+            .as_mut()
+            .ok_or_else(|| crate::msg!("this trainer was built without pretraining data"))?
+            .batch(cursor, bs, shuffle)?;
         let aware = self.cfg.data.boundary_aware;
         // Normalise by the global batch's target count, so accumulation and any number of
         // ranks compute the same mean as one big batch.
         let norm = count_targets(&batch.seqs, aware).max(1) as f64;
         // Rank r runs micro-batches r, r + N, r + 2N, … of the global batch.
         let mine: Vec<_> = batch.seqs.chunks(mbs).skip(rank).step_by(ranks).collect();
+        // Embedding noise for this step's forward passes only (seeded by the step: resumable).
+        let neftune = self.neftune.clone();
+        let noise = NoiseOn::start(
+            neftune.as_deref(),
+            self.cfg.train.seed ^ self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let tp = self.tp.clone();
+        let backward = self.accumulate(mine.len(), |me: &Self, i| {
+            let mb = me.rank_batch(causal_lm_batch(&me.model, mine[i], aware, &me.device)?)?;
+            let (targets, shifted, tp) = (mb.targets, mb.shifted, tp.clone());
+            Ok(MicroBatch {
+                inputs: mb.ids,
+                ctx: mb.ctx,
+                loss_fn: Box::new(move |logits: &Tensor| {
+                    loss_of(tp.as_ref(), logits, &targets, shifted, norm)
+                }),
+            })
+        })?;
+        drop(noise);
+        let out = self.apply(backward)?;
+        self.state.cursor += bs as u64;
+        self.state.tokens_seen += (bs * self.seq_len()) as u64;
+        Ok(out)
+    }
+
+    /// One optimizer step on micro-batches someone else built (`make(self, i)` gives this
+    /// rank's i-th of `n`): each one's `loss_fn` maps the model output to its share of the
+    /// global loss (a sum divided by a global count), so N ranks step exactly as one would.
+    /// The RLHF trainers drive the parallel machinery through this.
+    pub fn step_on<F>(&mut self, n: usize, make: F) -> Result<(f32, f64, f64)>
+    where
+        F: FnMut(&Self, usize) -> Result<MicroBatch<'static, AttnInputs>>,
+    {
+        let backward = self.accumulate(n, make)?;
+        self.apply(backward)
+    }
+
+    /// Forward and backward over this rank's `n` micro-batches, gradients handed to the
+    /// data-parallel / ZeRO sink as each block finishes.
+    fn accumulate<'m, F>(&self, n: usize, mut make: F) -> Result<Backward>
+    where
+        F: FnMut(&Self, usize) -> Result<MicroBatch<'m, AttnInputs>>,
+    {
+        if self.fail_at_step == Some(self.state.step) {
+            return Err(crate::msg!(
+                "injected failure at step {} (test hook)",
+                self.state.step
+            ));
+        }
+        let sent_before = self.bytes_sent();
         let bucket = (self.cfg.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
         let ready = match &self.pp {
             Some(p) => p.ready_blocks(&self.model),
@@ -143,31 +229,24 @@ impl Trainer {
         // Mixed precision: compute on a low-precision copy of the fp32 masters; gradients come
         // back to fp32 before any sink sees them.
         let dtype = self.cfg.parallel.compute_dtype();
-        // Embedding noise for this step's forward passes only (seeded by the step: resumable).
-        let _noise = NoiseOn::start(
-            self.neftune.as_deref(),
-            self.cfg.train.seed ^ self.state.step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
         let mut weights = self.weights(dtype)?;
         let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+        let scaled = |mb: MicroBatch<'m, AttnInputs>| -> MicroBatch<'m, AttnInputs> {
+            let f = mb.loss_fn;
+            MicroBatch {
+                inputs: mb.inputs,
+                ctx: mb.ctx,
+                loss_fn: Box::new(move |x: &Tensor| Ok((f(x)? * scale)?)),
+            }
+        };
         let mut loss = 0.0f32;
         let mut bubble = None;
         if let Some(pp) = &self.pp {
             // The whole schedule runs into a local accumulator; the data-parallel (or ZeRO)
             // sink then gets the sums as if from one last micro-batch.
-            let mut mbs = Vec::with_capacity(mine.len());
-            for seqs in &mine {
-                let mb =
-                    self.rank_batch(causal_lm_batch(&self.model, seqs, aware, &self.device)?)?;
-                let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
-                mbs.push(crate::parallel::pipeline_run::MicroBatch {
-                    inputs: mb.ids,
-                    ctx: mb.ctx,
-                    loss_fn: Box::new(move |logits: &Tensor| {
-                        Ok((loss_of(tp, logits, &targets, shifted, norm)? * scale)?)
-                    }),
-                });
-            }
+            let mbs = (0..n)
+                .map(|i| Ok(scaled(make(self, i)?)))
+                .collect::<Result<Vec<_>>>()?;
             let runner = pp.runner(&self.model, self.executor);
             let mut acc = GradAccumulator::default();
             let report = runner.run(&mut weights, &mbs, &mut ToF32(&mut acc))?;
@@ -177,35 +256,50 @@ impl Trainer {
             loss = pp.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
             bubble = Some(report.bubble());
         }
-        for (i, seqs) in mine.iter().enumerate().filter(|_| self.pp.is_none()) {
-            let mb = self.rank_batch(causal_lm_batch(&self.model, seqs, aware, &self.device)?)?;
-            let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
-            let loss_fn =
-                move |logits: &Tensor| Ok((loss_of(tp, logits, &targets, shifted, norm)? * scale)?);
-            let mut to_f32 = ToF32(sink.hooks(i + 1 == mine.len()));
+        for i in (0..n).filter(|_| self.pp.is_none()) {
+            let mb = scaled(make(self, i)?);
+            let mut to_f32 = ToF32(sink.hooks(i + 1 == n));
             let out = self.executor.forward_backward_with(
                 &self.model,
                 &mut weights,
-                &mb.ids,
+                &mb.inputs,
                 &mb.ctx,
-                &loss_fn,
+                &*mb.loss_fn,
                 &mut to_f32,
             )?;
             loss += out.loss / scale as f32;
         }
         drop(weights);
-        let mut grads = match sink {
+        let grads = match sink {
             Sink::Zero3(z) => StepGrads::Chunks(z.finish()?),
             Sink::Zero(z) => StepGrads::Shard(z.finish()?),
             Sink::Data(d) => StepGrads::Full(d.finish()?),
             Sink::Local(l) => StepGrads::Full(l.grads),
         };
-        self.last_bubble = bubble;
         if let Some(c) = &self.comm {
             let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
             loss = l.to_vec1::<f32>()?[0];
         }
-        drop(_noise);
+        Ok(Backward {
+            grads,
+            loss,
+            bubble,
+            sent_before,
+            scale,
+        })
+    }
+
+    /// Clip, skip on overflow, and step the (possibly sharded) optimizer. Returns (loss,
+    /// grad norm, lr).
+    fn apply(&mut self, backward: Backward) -> Result<(f32, f64, f64)> {
+        let Backward {
+            mut grads,
+            loss,
+            bubble,
+            sent_before,
+            scale,
+        } = backward;
+        self.last_bubble = bubble;
         if self.cfg.train.freeze == "non_embedding" {
             if let StepGrads::Full(g) = &mut grads {
                 let frozen: Vec<String> = g
@@ -287,8 +381,6 @@ impl Trainer {
             );
         }
         self.state.step += 1;
-        self.state.cursor += bs as u64;
-        self.state.tokens_seen += (bs * self.seq_len()) as u64;
         self.last_step_comm_bytes = self.bytes_sent() - sent_before;
         Ok((loss, grad_norm, lr))
     }
