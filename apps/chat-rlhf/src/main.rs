@@ -1,8 +1,112 @@
-use mimalloc::MiMalloc;
+//! `chat-rlhf`: SFT → reward model → PPO / DPO / GRPO → chat, on the colossal-rs trainer.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use chat_rlhf::config::ChatConfig;
+use clap::{Parser, Subcommand};
+use colossal_core::config::load_config;
 
 #[global_allocator]
-static GLOBAL: MiMalloc = MiMalloc;
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+#[derive(Parser)]
+#[command(
+    name = "chat-rlhf",
+    about = "SFT, reward model, PPO, DPO family and GRPO for chat models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key: section.key=value (repeatable).
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+    /// Resume from a checkpoint directory, or the newest checkpoint of an output directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Stop after this optimizer step (the schedule still spans train.max_steps).
+    #[arg(long)]
+    max_steps: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Supervised fine-tuning on `colossal-data sft` output.
+    Sft(TrainArgs),
+    /// Reward model on `colossal-data preference` output.
+    Rm(TrainArgs),
+    /// DPO, IPO, SimPO, ORPO or KTO (`[dpo] loss = …`) on preference data.
+    Dpo(TrainArgs),
+}
+
+fn train(method: &str, a: TrainArgs) -> Result<()> {
+    let cfg: ChatConfig = load_config(&a.config, &a.overrides)?;
+    let resume = match a.resume {
+        Some(p) if p.join("trainer_state.json").exists() => Some(p),
+        Some(p) => Some(
+            colossal_core::train::list_checkpoints(&p)
+                .pop()
+                .with_context(|| {
+                    format!(
+                        "--resume {}: no checkpoint (trainer_state.json) there",
+                        p.display()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let summary = chat_rlhf::run::train(method, &cfg, resume.as_deref(), a.max_steps)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let first = summary.records.first();
+    let last = summary.records.last();
+    if let (Some(f), Some(l)) = (first, last) {
+        println!("{method}: {} steps", summary.records.len());
+        for key in [
+            "loss",
+            "val_loss",
+            "accuracy",
+            "val_accuracy",
+            "reward_margin",
+            "val_reward_margin",
+            "reward_mean",
+            "kl",
+        ] {
+            if let (Some(a), Some(b)) = (f[key].as_f64(), l[key].as_f64()) {
+                println!("  {key}: first {a:.4} → last {b:.4}");
+            } else if let Some(b) = l[key].as_f64() {
+                println!("  {key}: {b:.4}");
+            }
+        }
+    }
+    if let Some(d) = &summary.final_dir {
+        println!("checkpoint: {}", d.display());
+    }
+    println!(
+        "metrics: {}",
+        cfg.train.out_dir.join("metrics.jsonl").display()
+    );
     Ok(())
+}
+
+fn main() -> Result<()> {
+    colossal_core::runtime::tune_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Sft(a) => train("sft", a),
+        Cmd::Rm(a) => train("rm", a),
+        Cmd::Dpo(a) => train("dpo", a),
+    }
 }

@@ -1,0 +1,118 @@
+//! Prepared chat data (`colossal-data sft | preference | prompt`) and the batches built from
+//! it: the global batch of a step (the same on every rank), this rank's micro-batches of it,
+//! and right-padded model inputs.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use colossal_core::models::llama::{AttnInputs, Llama};
+use colossal_data::chat::encode::IGNORE;
+use colossal_data::chat::prep::{read_records, Record};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+pub struct ChatSet {
+    pub train: Vec<Record>,
+    pub validation: Vec<Record>,
+    pub manifest: serde_json::Value,
+}
+
+impl ChatSet {
+    /// Opens a prepared directory, checking it holds `kind` rows (sft, preference, prompt).
+    pub fn open(dir: &Path, kind: &str) -> Result<Self> {
+        let mpath = dir.join("manifest.json");
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&mpath)
+                .with_context(|| format!("{}: cannot read (data.path)", mpath.display()))?,
+        )
+        .with_context(|| format!("{}: not JSON", mpath.display()))?;
+        let found = manifest["kind"].as_str().unwrap_or("?");
+        if found != kind {
+            bail!(
+                "{}: field `kind` is `{found}`, this trainer needs `{kind}` data (colossal-data {kind})",
+                mpath.display()
+            );
+        }
+        let train = read_records(&dir.join("train.parquet"))?;
+        if train.is_empty() {
+            bail!("{}: no training rows", dir.join("train.parquet").display());
+        }
+        let validation = read_records(&dir.join("validation.parquet"))?;
+        Ok(Self {
+            train,
+            validation,
+            manifest,
+        })
+    }
+}
+
+/// The `size` rows of the global batch starting at `cursor` rows into the run: epochs of a
+/// seeded shuffle, one after another (so a resumed run sees the same rows).
+pub fn global_batch(rows: &[Record], cursor: u64, size: usize, seed: u64) -> Vec<&Record> {
+    let n = rows.len();
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    (cursor..cursor + size as u64)
+        .map(|k| {
+            let (epoch, at) = (k / n as u64, (k % n as u64) as usize);
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let mut idx: Vec<usize> = (0..n).collect();
+                let mut rng =
+                    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9));
+                idx.shuffle(&mut rng);
+                order = Some((epoch, idx));
+            }
+            &rows[order.as_ref().expect("set").1[at]]
+        })
+        .collect()
+}
+
+/// This rank's micro-batches: r, r + N, r + 2N, … of the global batch.
+pub fn my_micro_batches<T>(batch: &[T], mbs: usize, rank: usize, ranks: usize) -> Vec<&[T]> {
+    batch.chunks(mbs).skip(rank).step_by(ranks).collect()
+}
+
+/// Right-padded ids (B, T) and attention inputs (causal, padding keys masked).
+pub fn padded(
+    model: &Llama,
+    rows: &[Vec<u32>],
+    pad: u32,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, AttnInputs)> {
+    let (ids, mask) = crate::reward::right_padded(rows, pad, device)?;
+    let (b, t) = ids.dims2()?;
+    let ctx = AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), device)?;
+    let ctx = if dtype == DType::F32 {
+        ctx
+    } else {
+        ctx.to_dtype(dtype)?
+    };
+    Ok((ids, ctx))
+}
+
+/// Next-token targets of right-padded rows, flattened (B·(T − 1)): `labels[t + 1]`, IGNORE
+/// past each row's end.
+pub fn shifted_targets(labels: &[Vec<i64>], t: usize) -> Vec<i64> {
+    labels
+        .iter()
+        .flat_map(|l| (1..t).map(move |i| l.get(i).copied().unwrap_or(IGNORE)))
+        .collect()
+}
+
+/// 1.0 where the shifted target is learned, else 0.0: (B, T − 1).
+pub fn shifted_mask(labels: &[Vec<i64>], t: usize, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = shifted_targets(labels, t)
+        .iter()
+        .map(|&x| (x != IGNORE) as u8 as f32)
+        .collect();
+    Ok(Tensor::from_vec(m, (labels.len(), t - 1), device)?)
+}
+
+/// Learned targets in rows (what a loss over them is divided by).
+pub fn count_learned(labels: &[Vec<i64>]) -> usize {
+    labels
+        .iter()
+        .map(|l| l.iter().skip(1).filter(|&&x| x != IGNORE).count())
+        .sum()
+}
