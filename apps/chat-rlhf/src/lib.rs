@@ -4,10 +4,13 @@
 pub mod config;
 pub mod data;
 pub mod dpo;
+pub mod grpo;
 pub mod loss;
+pub mod ppo;
 pub mod reference;
 pub mod reward;
 pub mod rm;
+pub mod rollout;
 pub mod run;
 pub mod session;
 pub mod sft;

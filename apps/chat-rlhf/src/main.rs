@@ -43,6 +43,10 @@ enum Cmd {
     Rm(TrainArgs),
     /// DPO, IPO, SimPO, ORPO or KTO (`[dpo] loss = …`) on preference data.
     Dpo(TrainArgs),
+    /// PPO with a critic, reference and reward model (`[ppo]`) on prompt data.
+    Ppo(TrainArgs),
+    /// GRPO (`[grpo]`): group-relative advantages, GSM8K or reward-model rewards.
+    Grpo(TrainArgs),
 }
 
 fn train(method: &str, a: TrainArgs) -> Result<()> {
@@ -108,5 +112,7 @@ fn main() -> Result<()> {
         Cmd::Sft(a) => train("sft", a),
         Cmd::Rm(a) => train("rm", a),
         Cmd::Dpo(a) => train("dpo", a),
+        Cmd::Ppo(a) => train("ppo", a),
+        Cmd::Grpo(a) => train("grpo", a),
     }
 }

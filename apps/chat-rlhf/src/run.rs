@@ -24,7 +24,7 @@ pub fn train(
 ) -> Result<Summary> {
     let mut cfg = cfg.clone();
     let make: Box<Factory<'_>> = match method {
-        "sft" => Box::new(|c, p| Ok(Box::new(crate::sft::Sft { pad: pad_id(c, p) }))),
+        "sft" => Box::new(|c, p, _| Ok(Box::new(crate::sft::Sft { pad: pad_id(c, p) }))),
         "rm" => {
             // A causal LM starts as a reward model with a fresh score head.
             if resume.is_none() {
@@ -36,11 +36,11 @@ pub fn train(
                 let start = cfg.train.out_dir.join("init");
                 cfg.model.hf_dir = Some(crate::rm::with_score_head(&base, &start, cfg.train.seed)?);
             }
-            Box::new(|c, p| Ok(Box::new(crate::rm::RewardModel { pad: pad_id(c, p) })))
+            Box::new(|c, p, _| Ok(Box::new(crate::rm::RewardModel { pad: pad_id(c, p) })))
         }
         "dpo" => {
             let section = cfg.dpo.map(|d| d.choice()).context("[dpo]: missing (loss = \"dpo\" | \"ipo\" | \"simpo\" | \"orpo\" | \"kto\" and its coefficients)")?;
-            Box::new(move |c, p| {
+            Box::new(move |c, p, _| {
                 let needs_ref = match section {
                     LossChoice::Pairwise(l) => l.needs_reference(),
                     LossChoice::Kto { .. } => true,
@@ -59,6 +59,18 @@ pub fn train(
                 }))
             })
         }
+        "ppo" => {
+            let resume = resume.map(Path::to_path_buf);
+            Box::new(move |c, p, comm| {
+                Ok(Box::new(crate::ppo::Ppo::new(
+                    c,
+                    p,
+                    comm,
+                    resume.as_deref(),
+                )?))
+            })
+        }
+        "grpo" => Box::new(|c, p, _| Ok(Box::new(crate::grpo::Grpo::new(c, p)?))),
         other => bail!("unknown method `{other}` (sft, rm, dpo, ppo, grpo)"),
     };
     launch(&cfg, resume, stop_at, &*make)

@@ -53,7 +53,11 @@ impl Summary {
     }
 }
 
-pub type Factory<'a> = dyn Fn(&ChatConfig, &Trainer) -> Result<Box<dyn Method>> + Sync + 'a;
+/// Builds a rank's method from the config, its policy trainer and a second communicator over
+/// the same ranks (PPO's critic trains on it).
+pub type Factory<'a> = dyn Fn(&ChatConfig, &Trainer, Option<Box<dyn Communicator>>) -> Result<Box<dyn Method>>
+    + Sync
+    + 'a;
 
 /// Runs `cfg.parallel.nproc` local ranks (or one), each building its method with `make`.
 pub fn launch(
@@ -96,9 +100,13 @@ fn run_rank(
     comm: Option<Box<dyn Communicator>>,
     make: &Factory<'_>,
 ) -> Result<Summary> {
+    let extra = match &comm {
+        Some(c) => Some(c.split(&(0..c.size()).collect::<Vec<_>>())?),
+        None => None,
+    };
     let mut policy =
         Trainer::new_rank_without_data(cfg.trainer_config(), resume, Device::Cpu, comm)?;
-    let mut method = make(cfg, &policy)?;
+    let mut method = make(cfg, &policy, extra)?;
     let data = ChatSet::open(&cfg.data.path, method.kind())?;
     let t = &cfg.train;
     let end = stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64;
