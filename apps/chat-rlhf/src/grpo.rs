@@ -27,7 +27,7 @@ use crate::session::{Method, Metrics};
 
 enum Reward {
     Gsm8k(LoadedTokenizer),
-    Model(Frozen),
+    Model(Box<Frozen>),
 }
 
 pub struct Grpo {
@@ -59,7 +59,7 @@ impl Grpo {
                     .context("[data] tokenizer: the gsm8k reward decodes responses")?;
                 Reward::Gsm8k(LoadedTokenizer::load(&tok)?)
             }
-            ("model", Some(dir)) => Reward::Model(Frozen::load(dir)?),
+            ("model", Some(dir)) => Reward::Model(Box::new(Frozen::load(dir)?)),
             ("model", None) => bail!("[grpo] reward = \"model\" needs reward_model = \"DIR\""),
             (other, _) => bail!("[grpo] reward `{other}`: expected gsm8k or model"),
         };
