@@ -1,9 +1,11 @@
 //! chat-rlhf: SFT, reward modelling, PPO, the DPO family and GRPO for chat models on the
 //! colossal-core parallel trainer.
 
+pub mod chat;
 pub mod config;
 pub mod data;
 pub mod dpo;
+pub mod eval;
 pub mod grpo;
 pub mod loss;
 pub mod ppo;

@@ -47,6 +47,10 @@ enum Cmd {
     Ppo(TrainArgs),
     /// GRPO (`[grpo]`): group-relative advantages, GSM8K or reward-model rewards.
     Grpo(TrainArgs),
+    /// Interactive chat with streamed tokens and the model's chat template.
+    Chat(chat_rlhf::chat::ChatArgs),
+    /// Mean reward / win-rate on held-out prompts, GSM8K accuracy.
+    Eval(chat_rlhf::eval::EvalArgs),
 }
 
 fn train(method: &str, a: TrainArgs) -> Result<()> {
@@ -114,5 +118,11 @@ fn main() -> Result<()> {
         Cmd::Dpo(a) => train("dpo", a),
         Cmd::Ppo(a) => train("ppo", a),
         Cmd::Grpo(a) => train("grpo", a),
+        Cmd::Chat(a) => chat_rlhf::chat::run(&a),
+        Cmd::Eval(a) => {
+            let r = chat_rlhf::eval::run(&a)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
     }
 }

@@ -146,15 +146,30 @@ impl ChatEncoder {
         Ok(ids)
     }
 
-    /// `prompt` followed by `response`, labels on the response; the response is cut (never
-    /// the prompt) to fit `max_len`.
+    /// `prompt` followed by `response`, labels on the response. A prompt that leaves fewer
+    /// than `max_len / 4` (at most 16) tokens for the response loses its oldest exchanges
+    /// (a user turn and the reply to it; a leading system message stays); the response is then
+    /// cut to fit. Only a last turn that alone is too long is a `PromptTooLong`.
     pub fn continuation(
         &self,
         prompt: &[Message],
         response: &[Message],
         max_len: usize,
     ) -> Result<Encoded, Problem> {
-        let p = self.prompt(prompt, max_len)?;
+        let room = (max_len / 4).clamp(1, 16);
+        let system = prompt.first().is_some_and(|m| m.role == "system") as usize;
+        let mut kept: Vec<Message> = prompt.to_vec();
+        let mut cut_prompt = false;
+        let p = loop {
+            match self.prompt(&kept, max_len.saturating_sub(room)) {
+                Err(Problem::PromptTooLong) if kept.len() > system + 2 => {
+                    kept.drain(system..system + 2);
+                    cut_prompt = true;
+                }
+                other => break other?,
+            }
+        };
+        let prompt = kept.as_slice();
         let all: Vec<Message> = prompt.iter().chain(response).cloned().collect();
         let text = self.render(&all, false)?;
         let ids = self.ids(&text)?;
@@ -163,7 +178,7 @@ impl ChatEncoder {
                 "the prompt's tokens are not a prefix of prompt + response".into(),
             ));
         }
-        let truncated = ids.len() > max_len;
+        let truncated = cut_prompt || ids.len() > max_len;
         let ids = ids[..ids.len().min(max_len)].to_vec();
         let labels = ids
             .iter()

@@ -38,6 +38,31 @@ pub fn generate(
     opts: &GenerateOptions,
     device: &Device,
 ) -> Result<Generated> {
+    generate_with(model, params, prompts, opts, device, &mut |_| Ok(()))
+}
+
+/// One prompt's continuation, handing each new id to `on_token` as soon as it is chosen
+/// (a chat streams its reply).
+pub fn generate_stream(
+    model: &Llama,
+    params: &Params,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    device: &Device,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    let (mut out, _) = generate_with(model, params, &[prompt.to_vec()], opts, device, on_token)?;
+    Ok(out.swap_remove(0))
+}
+
+fn generate_with(
+    model: &Llama,
+    params: &Params,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    device: &Device,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Generated> {
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut key_valid: Vec<Vec<u8>> = Vec::with_capacity(b);
@@ -89,6 +114,9 @@ pub fn generate(
             };
             if !done[r] {
                 out[r].push(id);
+                if r == 0 {
+                    on_token(id)?;
+                }
                 done[r] = opts.stop_ids.contains(&id);
             }
             next.push(id);

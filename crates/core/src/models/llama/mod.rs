@@ -10,7 +10,7 @@ pub mod regions;
 mod rope;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use generate::{generate, GenerateOptions, Sampling};
+pub use generate::{generate, generate_stream, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
 pub use model::{init_each_param, init_params, Llama, ParamSink};
 pub use regions::{Local, Regions};
