@@ -1,12 +1,12 @@
 //! Every trainer on a tiny model and slices of the shared data: it learns (its key metric
 //! moves the right way), and two ranks under ZeRO-2 give one rank's first-step loss.
 
-mod common;
+
 
 use chat_rlhf::config::ChatConfig;
 use chat_rlhf::run::train;
 use colossal_data::chat::raw::{Kind, RawFormat};
-use common::*;
+use crate::common::*;
 
 /// Runs `method` at one rank and at two ranks with ZeRO-2; the first-step losses agree.
 fn same_first_step(method: &str, cfg: &ChatConfig, out: &std::path::Path) -> Vec<f64> {

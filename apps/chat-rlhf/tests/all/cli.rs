@@ -1,0 +1,83 @@
+//! The binary: `chat` streams a reply per piped line, `eval` scores answers with a reward
+//! model against a baseline, and bad configs name the key.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use colossal_data::chat::raw::{Kind, RawFormat};
+
+use crate::common::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_chat-rlhf"))
+}
+
+#[test]
+fn chat_answers_each_piped_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 4);
+    let mut child = bin()
+        .args(["chat", "--model"])
+        .arg(&model)
+        .arg("--tokenizer")
+        .arg(tokenizer_dir())
+        .arg("--chat-template")
+        .arg(template_path())
+        .args(["--temperature", "0", "--max-new-tokens", "5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello there\nAnd again\n/quit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success());
+    assert_eq!(text.matches("assistant> ").count(), 2, "{text}");
+}
+
+#[test]
+fn eval_scores_against_a_baseline_and_grades_gsm8k() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 5);
+    let base = tiny_model(&dir.path().join("b"), 6);
+    let rm = chat_rlhf::rm::with_score_head(&model, &dir.path().join("rm"), 1).unwrap();
+    let prompts = prepared(Kind::Prompt, RawFormat::Gsm8k, "data/sft/gsm8k_test.jsonl", 6, 200, &dir.path().join("p"));
+    let out = dir.path().join("eval.json");
+    let status = bin()
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--baseline")
+        .arg(&base)
+        .arg("--reward-model")
+        .arg(&rm)
+        .arg("--prompts")
+        .arg(&prompts)
+        .args(["--split", "train", "--max-new-tokens", "4", "--out"])
+        .arg(&out)
+        .arg("--tokenizer")
+        .arg(tokenizer_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    println!("{r:#}");
+    let n = r["prompts"].as_u64().unwrap();
+    assert!(n > 0);
+    assert_eq!(r["gsm8k_questions"].as_u64(), Some(n));
+    let win = r["win_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&win));
+    let answers = std::fs::read_to_string(out.with_extension("answers.jsonl")).unwrap();
+    assert_eq!(answers.lines().count() as u64, n);
+}
+
+#[test]
+fn a_bad_config_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[model]\n[data]\npath = \"x\"\n[train]\nout_dir = \"o\"\nbatch_size = 4\nmicro_batch_size = 1\nmax_steps = 1\nlr = 1e-3\n[dpo]\nloss = \"dpo\"\nbeta = 0.1\ngama = 1\n").unwrap();
+    let out = bin().args(["dpo", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("gama") && err.contains("dpo"), "{err}");
+}

@@ -1,0 +1,6 @@
+//! chat-rlhf's integration tests, one binary (each test binary costs CI a link).
+
+mod cli;
+mod common;
+mod reward_fixture;
+mod trainers;
