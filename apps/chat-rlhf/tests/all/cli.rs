@@ -28,7 +28,12 @@ fn chat_answers_each_piped_line() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"Hello there\nAnd again\n/quit\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\nAnd again\n/quit\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
@@ -42,7 +47,14 @@ fn eval_scores_against_a_baseline_and_grades_gsm8k() {
     let model = tiny_model(&dir.path().join("m"), 5);
     let base = tiny_model(&dir.path().join("b"), 6);
     let rm = chat_rlhf::rm::with_score_head(&model, &dir.path().join("rm"), 1).unwrap();
-    let prompts = prepared(Kind::Prompt, RawFormat::Gsm8k, "data/sft/gsm8k_test.jsonl", 6, 200, &dir.path().join("p"));
+    let prompts = prepared(
+        Kind::Prompt,
+        RawFormat::Gsm8k,
+        "data/sft/gsm8k_test.jsonl",
+        6,
+        200,
+        &dir.path().join("p"),
+    );
     let out = dir.path().join("eval.json");
     let status = bin()
         .args(["eval", "--model"])
@@ -60,7 +72,8 @@ fn eval_scores_against_a_baseline_and_grades_gsm8k() {
         .status()
         .unwrap();
     assert!(status.success());
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     println!("{r:#}");
     let n = r["prompts"].as_u64().unwrap();
     assert!(n > 0);
@@ -80,4 +93,29 @@ fn a_bad_config_key_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("gama") && err.contains("dpo"), "{err}");
+}
+
+#[test]
+fn grpo_with_the_gsm8k_reward_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 8);
+    let gsm = prepared(
+        Kind::Prompt,
+        RawFormat::Gsm8k,
+        "data/sft/gsm8k_train.jsonl.gz",
+        8,
+        200,
+        &dir.path().join("g"),
+    );
+    let extra =
+        format!("[grpo]\ngroup_size = 2\nreward = \"gsm8k\"\n[generation]\nmax_new_tokens = 4\n",);
+    let mut cfg = config(&model, &gsm, &dir.path().join("run"), &extra);
+    cfg.data.tokenizer = Some(tokenizer_dir());
+    let s = chat_rlhf::run::train("grpo", &cfg, None, Some(1)).unwrap();
+    let r = s.series("reward_mean")[0];
+    assert!((0.0..=1.0).contains(&r), "{r}");
+    let mut no_tok = cfg.clone();
+    no_tok.data.tokenizer = None;
+    let err = chat_rlhf::run::train("grpo", &no_tok, None, Some(1)).unwrap_err();
+    assert!(format!("{err:#}").contains("[data] tokenizer"), "{err:#}");
 }

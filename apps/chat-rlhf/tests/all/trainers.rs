@@ -1,12 +1,10 @@
 //! Every trainer on a tiny model and slices of the shared data: it learns (its key metric
 //! moves the right way), and two ranks under ZeRO-2 give one rank's first-step loss.
 
-
-
+use crate::common::*;
 use chat_rlhf::config::ChatConfig;
 use chat_rlhf::run::train;
 use colossal_data::chat::raw::{Kind, RawFormat};
-use crate::common::*;
 
 /// Runs `method` at one rank and at two ranks with ZeRO-2; the first-step losses agree.
 fn same_first_step(method: &str, cfg: &ChatConfig, out: &std::path::Path) -> Vec<f64> {
@@ -105,9 +103,18 @@ fn ppo_and_grpo_match_across_ranks() {
         &dir.path().join("prompts"),
     );
     let gen = "[generation]\nmax_new_tokens = 6\ntemperature = 1.0\n";
+    let sft = prepared(
+        Kind::Sft,
+        RawFormat::Dolly,
+        "data/sft/dolly15k_open_qa_3742.jsonl",
+        20,
+        64,
+        &dir.path().join("sft"),
+    );
     let ppo = format!(
-        "[ppo]\nreward_model = \"{}\"\nkl_coef = 0.1\nentropy_coef = 0.01\nppo_epochs = 1\n{gen}",
-        rm.display()
+        "[ppo]\nreward_model = \"{}\"\nkl_coef = 0.1\nkl_estimator = \"k3\"\nentropy_coef = 0.01\nppo_epochs = 2\nptx_coef = 0.5\nptx_data = \"{}\"\n{gen}",
+        rm.display(),
+        sft.display()
     );
     let cfg = config(&model, &prompts, &dir.path().join("ppo"), &ppo);
     same_first_step("ppo", &cfg, &dir.path().join("p"));
@@ -125,4 +132,44 @@ fn ppo_and_grpo_match_across_ranks() {
     );
     let cfg = config(&model, &gsm, &dir.path().join("grpo"), &grpo);
     same_first_step("grpo", &cfg, &dir.path().join("g"));
+}
+
+#[test]
+fn a_resumed_run_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("base"), 7);
+    let data = prepared(
+        Kind::Preference,
+        RawFormat::HhRlhf,
+        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
+        30,
+        96,
+        &dir.path().join("pref"),
+    );
+    let mut cfg = config(
+        &model,
+        &data,
+        &dir.path().join("straight"),
+        "[dpo]\nloss = \"dpo\"\nbeta = 0.1",
+    );
+    cfg.train.max_steps = 4;
+    cfg.train.save_every = 2;
+    let straight = train("dpo", &cfg, None, None).unwrap().series("loss");
+    let mut first = cfg.clone();
+    first.train.out_dir = dir.path().join("halves");
+    train("dpo", &first, None, Some(2)).unwrap();
+    let ckpt = colossal_core::train::list_checkpoints(&first.train.out_dir)
+        .pop()
+        .unwrap();
+    let rest = train("dpo", &first, Some(&ckpt), None)
+        .unwrap()
+        .series("loss");
+    println!(
+        "straight {straight:?}\nresumed from {} {rest:?}",
+        ckpt.display()
+    );
+    assert_eq!(rest.len(), 2);
+    for (a, b) in straight[2..].iter().zip(&rest) {
+        assert!(rel(*a, *b) < 1e-6, "{straight:?} vs {rest:?}");
+    }
 }
