@@ -29,6 +29,11 @@ CHAT=./target/release/chat-rlhf
 echo "== SFT from $BASE"
 $CHAT sft --config configs/rlhf/sft.toml --set "model.hf_dir=\"$BASE\"" "$@"
 SFT=$(latest $OUT/sft)
+python3 - "$OUT/sft/metrics.jsonl" <<'PY' 2>/dev/null || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if "val_loss" in l]
+print("  SFT validation loss by step:", " ".join(f"{r['step']}:{r['val_loss']:.4f}" for r in rows))
+PY
 echo "== reward model from $SFT"
 $CHAT rm --config configs/rlhf/rm.toml --set "model.hf_dir=\"$SFT\"" "$@"
 RM=$(latest $OUT/rm)
