@@ -107,8 +107,8 @@ fn grpo_with_the_gsm8k_reward_runs() {
         200,
         &dir.path().join("g"),
     );
-    let extra =
-        "[grpo]\ngroup_size = 2\nreward = \"gsm8k\"\n[generation]\nmax_new_tokens = 4\n".to_string();
+    let extra = "[grpo]\ngroup_size = 2\nreward = \"gsm8k\"\n[generation]\nmax_new_tokens = 4\n"
+        .to_string();
     let mut cfg = config(&model, &gsm, &dir.path().join("run"), &extra);
     cfg.data.tokenizer = Some(tokenizer_dir());
     let s = chat_rlhf::run::train("grpo", &cfg, None, Some(1)).unwrap();
