@@ -147,6 +147,10 @@ pub struct PpoSection {
     /// Whitens advantages within each micro-batch.
     #[serde(default = "yes")]
     pub whiten_advantages: bool,
+    /// Keep the frozen reference and reward models on disk, streaming each block's weights
+    /// when it runs (memory: one block instead of two whole models).
+    #[serde(default)]
+    pub offload_frozen: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -94,8 +94,8 @@ impl Ppo {
             _ => None,
         };
         Ok(Self {
-            reference: Frozen::load(&start)?,
-            reward: Frozen::load(&cfg.reward_model)?,
+            reference: Frozen::open(&start, cfg.offload_frozen)?,
+            reward: Frozen::open(&cfg.reward_model, cfg.offload_frozen)?,
             cfg,
             gen: c.generation.clone(),
             pad: crate::run::pad_id(c, policy),

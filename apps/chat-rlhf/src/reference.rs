@@ -1,33 +1,97 @@
 //! Frozen models: the reference policy (DPO, PPO and GRPO's KL anchor) and the reward model,
-//! run forward only, block by block, without gradients.
+//! run forward only, block by block, without gradients. Offloaded, a frozen model keeps no
+//! weights in memory: each block's are read from its safetensors files when the block runs.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use colossal_core::checkpoint::hf::load_expected;
 use colossal_core::checkpoint::llama::load_llama;
-use colossal_core::exec::Executor;
-use colossal_core::models::llama::{AttnInputs, Llama};
+use colossal_core::exec::{BlockModel, Executor, FullParams, ParamSource};
+use colossal_core::models::llama::{AttnInputs, Llama, LlamaConfig};
 use colossal_core::params::Params;
 
 use crate::loss::token_logprobs;
 
+enum Weights {
+    Resident(Params),
+    /// Streamed block by block from this HF directory.
+    Disk(PathBuf),
+}
+
 pub struct Frozen {
     pub model: Llama,
-    pub params: Params,
+    weights: Weights,
+}
+
+/// A block's weights read from disk when it runs, dropped after.
+struct DiskBlocks<'a> {
+    model: &'a Llama,
+    dir: &'a Path,
+    shapes: HashMap<String, Vec<usize>>,
+}
+
+impl ParamSource for DiskBlocks<'_> {
+    fn acquire(&mut self, block: usize) -> colossal_core::Result<Params> {
+        let expected: Vec<(String, Vec<usize>)> = self
+            .model
+            .block_param_names(block)
+            .into_iter()
+            .map(|n| {
+                let s = self.shapes[&n].clone();
+                (n, s)
+            })
+            .collect();
+        let mut p = Params::new();
+        for (name, t) in load_expected(self.dir, &expected, DType::F32, &Device::Cpu)? {
+            p.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(p)
+    }
 }
 
 impl Frozen {
+    /// All weights in memory.
     pub fn load(dir: &Path) -> Result<Self> {
         let (model, params) = load_llama(dir, DType::F32, &Device::Cpu)
             .with_context(|| format!("loading the frozen model {}", dir.display()))?;
-        Ok(Self { model, params })
+        Ok(Self {
+            model,
+            weights: Weights::Resident(params),
+        })
+    }
+
+    /// Resident, or (`offload`) streamed from `dir` block by block.
+    pub fn open(dir: &Path, offload: bool) -> Result<Self> {
+        if !offload {
+            return Self::load(dir);
+        }
+        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+        Ok(Self {
+            model: Llama::new(cfg)?,
+            weights: Weights::Disk(dir.to_path_buf()),
+        })
     }
 
     /// The model's output (logits, or scores for a reward model).
     pub fn forward(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
         let ctx = ctx.to_dtype(DType::F32)?;
-        Ok(Executor::default().forward(&self.model, &self.params, inputs, &ctx)?)
+        let exec = Executor::default();
+        Ok(match &self.weights {
+            Weights::Resident(p) => {
+                exec.forward_with(&self.model, &mut FullParams(p), inputs, &ctx)?
+            }
+            Weights::Disk(dir) => {
+                let mut source = DiskBlocks {
+                    model: &self.model,
+                    dir,
+                    shapes: self.model.param_shapes().into_iter().collect(),
+                };
+                exec.forward_with(&self.model, &mut source, inputs, &ctx)?
+            }
+        })
     }
 
     /// Log-probability of each next token (B, T − 1).

@@ -117,7 +117,18 @@ fn ppo_and_grpo_match_across_ranks() {
         sft.display()
     );
     let cfg = config(&model, &prompts, &dir.path().join("ppo"), &ppo);
-    same_first_step("ppo", &cfg, &dir.path().join("p"));
+    let resident = same_first_step("ppo", &cfg, &dir.path().join("p"));
+    // Reference and reward model streamed from disk block by block: the same step.
+    let mut offloaded = cfg.clone();
+    offloaded.ppo.as_mut().unwrap().offload_frozen = true;
+    offloaded.train.out_dir = dir.path().join("ppo-offload");
+    let o = train("ppo", &offloaded, None, Some(1))
+        .unwrap()
+        .series("loss");
+    assert!(
+        rel(o[0], resident[0]) < 1e-6,
+        "offloaded {o:?} vs resident {resident:?}"
+    );
     let gsm = prepared(
         Kind::Prompt,
         RawFormat::Gsm8k,
