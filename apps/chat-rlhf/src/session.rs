@@ -79,7 +79,7 @@ pub fn launch(
         }
     }
     if cfg.parallel.backend == "mpi" {
-        anyhow::bail!("parallel.backend = \"mpi\": chat-rlhf runs local ranks (threads) for now");
+        return launch_mpi(cfg, resume, stop_at, make);
     }
     let n = cfg.parallel.nproc;
     if n == 1 {
@@ -91,6 +91,42 @@ pub fn launch(
         run_rank(cfg, resume, stop_at, Some(comm), make).map_err(|e| colossal_core::msg!("{e:#}"))
     })?;
     Ok(out.swap_remove(0))
+}
+
+/// This process's rank of an `mpirun` job.
+#[cfg(feature = "mpi")]
+fn launch_mpi(
+    cfg: &ChatConfig,
+    resume: Option<&Path>,
+    stop_at: Option<usize>,
+    make: &Factory<'_>,
+) -> Result<Summary> {
+    use colossal_core::dist::MpiComm;
+    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+    let world = MpiComm::world(timeout)?;
+    let _mpi = world.keep_alive();
+    let size = world.size();
+    let mut cfg = cfg.clone();
+    if cfg.parallel.nproc != 1 && cfg.parallel.nproc != size {
+        anyhow::bail!(
+            "parallel.nproc = {} but mpirun started {size} processes",
+            cfg.parallel.nproc
+        );
+    }
+    cfg.parallel.nproc = size;
+    let comm =
+        (size > 1 || cfg.parallel.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
+    run_rank(&cfg, resume, stop_at, comm, make)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn launch_mpi(
+    _: &ChatConfig,
+    _: Option<&Path>,
+    _: Option<usize>,
+    _: &Factory<'_>,
+) -> Result<Summary> {
+    anyhow::bail!("parallel.backend = \"mpi\" needs chat-rlhf built with --features mpi")
 }
 
 fn run_rank(

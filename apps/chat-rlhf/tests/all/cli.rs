@@ -119,3 +119,68 @@ fn grpo_with_the_gsm8k_reward_runs() {
     let err = chat_rlhf::run::train("grpo", &no_tok, None, Some(1)).unwrap_err();
     assert!(format!("{err:#}").contains("[data] tokenizer"), "{err:#}");
 }
+
+/// `mpirun -n 2 chat-rlhf dpo --set parallel.backend="mpi"` = two local ranks, ZeRO-2.
+#[cfg(feature = "mpi")]
+#[test]
+fn mpirun_two_processes_match_two_local_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 9);
+    let data = prepared(
+        Kind::Preference,
+        RawFormat::HhRlhf,
+        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
+        20,
+        96,
+        &dir.path().join("pref"),
+    );
+    let cfg = dir.path().join("dpo.toml");
+    let text = config_text(
+        &model,
+        &data,
+        &dir.path().join("unused"),
+        "[dpo]\nloss = \"dpo\"\nbeta = 0.1\n[parallel]\nzero_stage = 2\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let losses = |mpi: bool| -> Vec<f64> {
+        let out = dir.path().join(if mpi { "mpi" } else { "local" });
+        let bin = env!("CARGO_BIN_EXE_chat-rlhf");
+        let mut cmd = if mpi {
+            let mut c = Command::new("mpirun");
+            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "2", bin]);
+            c
+        } else {
+            Command::new(bin)
+        };
+        let backend = if mpi {
+            "parallel.backend=\"mpi\""
+        } else {
+            "parallel.nproc=2"
+        };
+        let res = cmd
+            .args(["dpo", "--config"])
+            .arg(&cfg)
+            .args(["--set", backend, "--set"])
+            .arg(format!("train.out_dir=\"{}\"", out.display()))
+            .output()
+            .expect("mpirun on PATH (the mpi feature needs Open MPI)");
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (local, mpi) = (losses(false), losses(true));
+    println!("local {local:?}\nmpi   {mpi:?}");
+    assert_eq!(local.len(), 2);
+    assert_eq!(local, mpi);
+}

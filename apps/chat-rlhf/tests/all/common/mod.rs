@@ -81,9 +81,9 @@ pub fn prepared(
     out.join("data")
 }
 
-/// A config for `model` on `data` (extra TOML appended, e.g. a `[dpo]` section).
-pub fn config(model: &Path, data: &Path, out: &Path, extra: &str) -> ChatConfig {
-    let text = format!(
+/// The TOML of a config for `model` on `data` (extra TOML appended, e.g. a `[dpo]` section).
+pub fn config_text(model: &Path, data: &Path, out: &Path, extra: &str) -> String {
+    format!(
         r#"
 [model]
 hf_dir = "{}"
@@ -103,7 +103,12 @@ seed = 3
         model.display(),
         data.display(),
         out.display()
-    );
+    )
+}
+
+/// A config for `model` on `data` (extra TOML appended, e.g. a `[dpo]` section).
+pub fn config(model: &Path, data: &Path, out: &Path, extra: &str) -> ChatConfig {
+    let text = config_text(model, data, out, extra);
     colossal_core::config::parse_config(&text, "test config", &[]).unwrap()
 }
 
