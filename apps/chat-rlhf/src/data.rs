@@ -7,6 +7,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use colossal_core::models::llama::{AttnInputs, Llama};
+use colossal_core::parallel::pipeline_run::MicroBatch;
+use colossal_core::train::Trainer;
 use colossal_data::chat::encode::IGNORE;
 use colossal_data::chat::prep::{read_records, Record};
 use rand::seq::SliceRandom;
@@ -115,4 +117,23 @@ pub fn count_learned(labels: &[Vec<i64>]) -> usize {
         .iter()
         .map(|l| l.iter().skip(1).filter(|&&x| x != IGNORE).count())
         .sum()
+}
+
+/// Runs this rank's share of `rows` forward, micro-batch by micro-batch as `make` builds them,
+/// and returns the sum of their loss values (evaluation: the loss closures also tally).
+pub fn forward_each<F>(policy: &Trainer, rows: &[Record], mut make: F) -> Result<f64>
+where
+    F: FnMut(&[&Record]) -> colossal_core::Result<MicroBatch<'static, AttnInputs>>,
+{
+    let rows: Vec<&Record> = rows.iter().collect();
+    let mbs = policy.cfg.train.micro_batch_size;
+    let mut sum = 0.0;
+    for chunk in my_micro_batches(&rows, mbs, policy.rank(), policy.ranks()) {
+        let mb = make(chunk)?;
+        let out = policy.forward(&mb.inputs, &mb.ctx)?;
+        sum += (mb.loss_fn)(&out)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok(sum)
 }

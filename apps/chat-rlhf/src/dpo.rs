@@ -14,7 +14,7 @@ use colossal_data::chat::prep::Record;
 use serde_json::json;
 
 use crate::config::LossChoice;
-use crate::data::{my_micro_batches, padded, shifted_mask};
+use crate::data::{forward_each, my_micro_batches, padded, shifted_mask};
 use crate::loss::preference::kto_per_example;
 use crate::loss::{row_sum, token_logprobs, PairLogps, PreferenceLoss};
 use crate::reference::Frozen;
@@ -181,18 +181,10 @@ impl Method for Dpo {
 
     fn evaluate(&mut self, policy: &Trainer, val: &[Record]) -> Result<Metrics> {
         let mut m = Metrics::new();
-        let rows: Vec<&Record> = val.iter().collect();
         let tally: Tally = Rc::default();
-        for chunk in my_micro_batches(
-            &rows,
-            policy.cfg.train.micro_batch_size,
-            policy.rank(),
-            policy.ranks(),
-        ) {
-            let mb = self.micro_batch(policy, chunk, 1.0, tally.clone())?;
-            let logits = policy.forward(&mb.inputs, &mb.ctx)?;
-            (mb.loss_fn)(&logits)?;
-        }
+        forward_each(policy, val, |chunk| {
+            self.micro_batch(policy, chunk, 1.0, tally.clone())
+        })?;
         let v = policy.sum_over_ranks(&*tally.borrow())?;
         if v[0] > 0.0 {
             m.insert("val_loss".into(), json!(v[5] / v[0]));

@@ -22,7 +22,7 @@ use crate::loss::ppo::{group_advantages, policy_loss_sum};
 use crate::loss::{token_logprobs, KlEstimator};
 use crate::reference::Frozen;
 use crate::reward::rewards;
-use crate::rollout::{gsm8k_reward, rollout, Rollout};
+use crate::rollout::{gsm8k_reward, my_rollouts, Rollout};
 use crate::session::{Method, Metrics};
 
 enum Reward {
@@ -158,23 +158,10 @@ impl Method for Grpo {
         let params = policy.full_params()?;
         let (rank, ranks) = (policy.rank(), policy.ranks());
         let mine = my_micro_batches(batch, policy.cfg.train.micro_batch_size, rank, ranks);
-        let step = policy.state.step;
         let k = self.cfg.group_size;
         let mut work = Vec::new();
         let mut local = [0f64; 4]; // responses, reward sum, correct groups (any reward > 0), response tokens
-        for (i, prompts) in mine.iter().enumerate() {
-            let g = (rank + i * ranks) as u64;
-            let seed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (g << 40);
-            let ro = rollout(
-                &policy.model,
-                &params,
-                prompts,
-                k,
-                &self.gen,
-                self.pad,
-                seed,
-                policy.device(),
-            )?;
+        for ro in my_rollouts(policy, &params, &mine, k, &self.gen, self.pad, self.seed)? {
             let scores = self.score(&ro, policy)?;
             let adv = group_advantages(&scores, k, 1e-4, self.cfg.scale_rewards);
             let (ids, ctx) = ro.inputs(&policy.model, self.pad, DType::F32, policy.device())?;

@@ -22,7 +22,7 @@ use crate::loss::ppo::{gae, policy_loss_sum, shaped_rewards, value_loss_sum, whi
 use crate::loss::{entropy, masked_sum, token_logprobs};
 use crate::reference::Frozen;
 use crate::reward::rewards;
-use crate::rollout::{rollout, Rollout};
+use crate::rollout::{my_rollouts, Rollout};
 use crate::session::{Method, Metrics};
 
 /// One micro-batch of experience: the rollout and, per response token, the old log-probs,
@@ -230,20 +230,8 @@ impl Method for Ppo {
         let step = policy.state.step;
         let mut exps = Vec::new();
         let mut local = [0f64; 4]; // response tokens, reward sum, rows, KL sum
-        for (i, prompts) in mine.iter().enumerate() {
-            // Seeded by step and global micro-batch: any rank count samples the same responses.
-            let g = (rank + i * ranks) as u64;
-            let seed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (g << 40);
-            let ro = rollout(
-                &policy.model,
-                &params,
-                prompts,
-                1,
-                &self.gen,
-                self.pad,
-                seed,
-                policy.device(),
-            )?;
+        let rollouts = my_rollouts(policy, &params, &mine, 1, &self.gen, self.pad, self.seed)?;
+        for ro in rollouts {
             local[0] += ro.response_tokens() as f64;
             local[2] += ro.len() as f64;
             let (e, scores, kl) = self.experience(policy, ro)?;

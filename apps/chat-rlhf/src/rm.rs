@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde_json::json;
 
-use crate::data::{my_micro_batches, padded};
+use crate::data::{forward_each, my_micro_batches, padded};
 use crate::loss::preference::pairwise_reward_loss;
 use crate::reward::rewards;
 use crate::session::{Method, Metrics};
@@ -101,18 +101,10 @@ impl Method for RewardModel {
 
     fn evaluate(&mut self, policy: &Trainer, val: &[Record]) -> Result<Metrics> {
         let mut m = Metrics::new();
-        let rows: Vec<&Record> = val.iter().collect();
         let tally: Tally = Rc::default();
-        for chunk in my_micro_batches(
-            &rows,
-            policy.cfg.train.micro_batch_size,
-            policy.rank(),
-            policy.ranks(),
-        ) {
-            let mb = pair_micro_batch(policy, chunk, self.pad, 1.0, tally.clone())?;
-            let scores = policy.forward(&mb.inputs, &mb.ctx)?;
-            (mb.loss_fn)(&scores)?;
-        }
+        forward_each(policy, val, |chunk| {
+            pair_micro_batch(policy, chunk, self.pad, 1.0, tally.clone())
+        })?;
         let t = *tally.borrow();
         let v = policy.sum_over_ranks(&t)?;
         if v[0] > 0.0 {

@@ -78,6 +78,38 @@ pub fn rollout(
     })
 }
 
+/// This rank's rollouts of a step: one per micro-batch of prompts, each seeded by the step and
+/// its global micro-batch index, so any number of ranks samples the same responses.
+#[allow(clippy::too_many_arguments)]
+pub fn my_rollouts(
+    policy: &colossal_core::train::Trainer,
+    params: &Params,
+    mine: &[&[&Record]],
+    repeat: usize,
+    gen: &GenerationSection,
+    pad: u32,
+    seed: u64,
+) -> Result<Vec<Rollout>> {
+    let (rank, ranks, step) = (policy.rank(), policy.ranks(), policy.state.step);
+    mine.iter()
+        .enumerate()
+        .map(|(i, prompts)| {
+            let g = (rank + i * ranks) as u64;
+            let seed = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (g << 40);
+            rollout(
+                &policy.model,
+                params,
+                prompts,
+                repeat,
+                gen,
+                pad,
+                seed,
+                policy.device(),
+            )
+        })
+        .collect()
+}
+
 impl Rollout {
     pub fn len(&self) -> usize {
         self.rows.len()

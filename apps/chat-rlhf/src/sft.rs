@@ -10,7 +10,7 @@ use colossal_data::chat::encode::IGNORE;
 use colossal_data::chat::prep::Record;
 use serde_json::json;
 
-use crate::data::{count_learned, my_micro_batches, padded, shifted_targets};
+use crate::data::{count_learned, forward_each, my_micro_batches, padded, shifted_targets};
 use crate::session::{Method, Metrics};
 
 pub struct Sft {
@@ -72,16 +72,12 @@ impl Method for Sft {
         if val.is_empty() {
             return Ok(m);
         }
-        let rows: Vec<&Record> = val.iter().collect();
-        let mbs = policy.cfg.train.micro_batch_size;
-        let (mut sum, mut count) = (0.0f64, 0.0f64);
-        for chunk in my_micro_batches(&rows, mbs, policy.rank(), policy.ranks()) {
-            let mb = sft_micro_batch(policy, chunk, self.pad, 1.0)?;
-            let logits = policy.forward(&mb.inputs, &mb.ctx)?;
-            sum += (mb.loss_fn)(&logits)?.to_scalar::<f32>()? as f64;
+        let mut count = 0.0f64;
+        let sum = forward_each(policy, val, |chunk| {
             let labels: Vec<Vec<i64>> = chunk.iter().map(|r| r.labels("labels")).collect();
             count += count_learned(&labels) as f64;
-        }
+            sft_micro_batch(policy, chunk, self.pad, 1.0)
+        })?;
         let v = policy.sum_over_ranks(&[sum, count])?;
         if v[1] > 0.0 {
             m.insert("val_loss".into(), json!(v[0] / v[1]));
