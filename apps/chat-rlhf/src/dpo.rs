@@ -18,7 +18,7 @@ use crate::data::{forward_each, my_micro_batches, padded, shifted_mask};
 use crate::loss::preference::kto_per_example;
 use crate::loss::{row_sum, token_logprobs, PairLogps, PreferenceLoss};
 use crate::reference::Frozen;
-use crate::session::{Method, Metrics};
+use crate::session::{step_metrics, Method, Metrics};
 
 pub struct Dpo {
     pub loss: LossChoice,
@@ -166,16 +166,12 @@ impl Method for Dpo {
             policy.ranks(),
         );
         let tally: Tally = Rc::default();
-        let (loss, grad_norm, lr) = policy.step_on(mine.len(), |me, i| {
+        let mut m = step_metrics(policy.step_on(mine.len(), |me, i| {
             self.micro_batch(me, mine[i], norm, tally.clone())
-        })?;
+        })?);
         let t = *tally.borrow();
         let v = policy.sum_over_ranks(&t)?;
-        let mut m = Metrics::new();
-        m.insert("loss".into(), json!(loss));
         Self::report("", &v, &mut m);
-        m.insert("grad_norm".into(), json!(grad_norm));
-        m.insert("lr".into(), json!(lr));
         Ok(m)
     }
 

@@ -23,7 +23,7 @@ use crate::loss::{token_logprobs, KlEstimator};
 use crate::reference::Frozen;
 use crate::reward::rewards;
 use crate::rollout::{gsm8k_reward, my_rollouts, Rollout};
-use crate::session::{Method, Metrics};
+use crate::session::{step_metrics, Method, Metrics};
 
 enum Reward {
     Gsm8k(LoadedTokenizer),
@@ -178,13 +178,11 @@ impl Method for Grpo {
         let global = policy.sum_over_ranks(&local)?;
         let norm = global[0].max(1.0);
         let kl: Rc<RefCell<f64>> = Rc::default();
-        let (loss, gn, lr) = policy.step_on(work.len(), |me, i| {
+        let mut m = step_metrics(policy.step_on(work.len(), |me, i| {
             let (ro, adv, refl) = &work[i];
             self.micro_batch(me, ro, adv, refl, norm, kl.clone())
-        })?;
+        })?);
         let kl = policy.sum_over_ranks(&[*kl.borrow()])?[0] / norm;
-        let mut m = Metrics::new();
-        m.insert("loss".into(), json!(loss));
         m.insert("reward_mean".into(), json!(global[1] / norm));
         m.insert("kl".into(), json!(kl));
         m.insert(
@@ -192,8 +190,6 @@ impl Method for Grpo {
             json!(global[2] / (norm / k as f64)),
         );
         m.insert("response_len".into(), json!(global[3] / norm));
-        m.insert("grad_norm".into(), json!(gn));
-        m.insert("lr".into(), json!(lr));
         Ok(m)
     }
 

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::data::{forward_each, my_micro_batches, padded};
 use crate::loss::preference::pairwise_reward_loss;
 use crate::reward::rewards;
-use crate::session::{Method, Metrics};
+use crate::session::{step_metrics, Method, Metrics};
 
 pub struct RewardModel {
     pub pad: u32,
@@ -85,17 +85,13 @@ impl Method for RewardModel {
         );
         let tally: Tally = Rc::default();
         let pad = self.pad;
-        let (loss, grad_norm, lr) = policy.step_on(mine.len(), |me, i| {
+        let mut m = step_metrics(policy.step_on(mine.len(), |me, i| {
             pair_micro_batch(me, mine[i], pad, norm, tally.clone())
-        })?;
+        })?);
         let t = *tally.borrow();
         let v = policy.sum_over_ranks(&t)?;
-        let mut m = Metrics::new();
-        m.insert("loss".into(), json!(loss));
         m.insert("accuracy".into(), json!(v[1] / v[0]));
         m.insert("margin".into(), json!(v[2] / v[0]));
-        m.insert("grad_norm".into(), json!(grad_norm));
-        m.insert("lr".into(), json!(lr));
         Ok(m)
     }
 

@@ -5,18 +5,26 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
-use colossal_core::train::{plot_curves, MetricsWriter, Trainer};
+use colossal_core::train::{plot_curves, run_outputs, Trainer};
 use colossal_data::chat::prep::Record;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 
 use crate::config::ChatConfig;
 use crate::data::{global_batch, ChatSet};
 
 pub type Metrics = Map<String, Value>;
+
+/// The record every optimizer step starts from: loss, gradient norm and learning rate.
+pub fn step_metrics((loss, grad_norm, lr): (f32, f64, f64)) -> Metrics {
+    let mut m = Metrics::new();
+    m.insert("loss".into(), json!(loss));
+    m.insert("grad_norm".into(), json!(grad_norm));
+    m.insert("lr".into(), json!(lr));
+    m
+}
 
 pub trait Method {
     /// Data kind the method trains on: sft, preference or prompt.
@@ -148,25 +156,7 @@ fn run_rank(
     let end = stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64;
     let main = policy.is_main();
     let metrics_path = t.out_dir.join("metrics.jsonl");
-    let mut metrics = if main {
-        std::fs::create_dir_all(&t.out_dir)
-            .with_context(|| format!("{}: cannot create", t.out_dir.display()))?;
-        Some(MetricsWriter::open(&metrics_path, Some(policy.state.step))?)
-    } else {
-        None
-    };
-    let bar = if main {
-        ProgressBar::new(end)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("template"),
-    );
-    bar.set_position(policy.state.step);
+    let (mut metrics, bar) = run_outputs(&t.out_dir, main, policy.state.step, end)?;
     let mut summary = Summary {
         rank: if main { 0 } else { 1 },
         ..Default::default()

@@ -11,7 +11,7 @@ use colossal_data::chat::prep::Record;
 use serde_json::json;
 
 use crate::data::{count_learned, forward_each, my_micro_batches, padded, shifted_targets};
-use crate::session::{Method, Metrics};
+use crate::session::{step_metrics, Method, Metrics};
 
 pub struct Sft {
     pub pad: u32,
@@ -57,12 +57,9 @@ impl Method for Sft {
         let mbs = policy.cfg.train.micro_batch_size;
         let mine = my_micro_batches(batch, mbs, policy.rank(), policy.ranks());
         let pad = self.pad;
-        let (loss, grad_norm, lr) =
-            policy.step_on(mine.len(), |me, i| sft_micro_batch(me, mine[i], pad, norm))?;
-        let mut m = Metrics::new();
-        m.insert("loss".into(), json!(loss));
-        m.insert("grad_norm".into(), json!(grad_norm));
-        m.insert("lr".into(), json!(lr));
+        let mut m = step_metrics(
+            policy.step_on(mine.len(), |me, i| sft_micro_batch(me, mine[i], pad, norm))?,
+        );
         m.insert("tokens".into(), json!(norm));
         Ok(m)
     }

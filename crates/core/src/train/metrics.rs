@@ -7,6 +7,39 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
+/// What rank 0 shows and keeps of a run from step `start` to `end`: `OUT/metrics.jsonl`
+/// (records after `start` dropped, so a resumed run rewrites what follows) and a progress bar;
+/// other ranks get no writer and a hidden bar.
+pub fn run_outputs(
+    out_dir: &Path,
+    main: bool,
+    start: u64,
+    end: u64,
+) -> Result<(Option<MetricsWriter>, indicatif::ProgressBar)> {
+    let metrics = if main {
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        Some(MetricsWriter::open(
+            &out_dir.join("metrics.jsonl"),
+            Some(start),
+        )?)
+    } else {
+        None
+    };
+    let bar = if main {
+        indicatif::ProgressBar::new(end)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
+    bar.set_position(start);
+    Ok((metrics, bar))
+}
+
 pub struct MetricsWriter {
     file: std::fs::File,
     path: std::path::PathBuf,

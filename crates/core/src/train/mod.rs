@@ -22,6 +22,6 @@ pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };
 pub use launch::train;
-pub use metrics::{plot_curves, plot_loss_curve, MetricsWriter};
+pub use metrics::{plot_curves, plot_loss_curve, run_outputs, MetricsWriter};
 pub use rank_batch::lm_loss;
 pub use trainer::{RunSummary, Trainer};

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::batch::{causal_lm_batch, count_targets};
@@ -15,7 +14,7 @@ use super::pipeline::PpRank;
 use super::rank_batch::loss_of;
 use super::step::{Sink, StepGrads, ToF32, Weights};
 use super::tensor_parallel::TpRank;
-use super::{MetricsWriter, TrainConfig};
+use super::TrainConfig;
 use crate::data::PackedDataset;
 use crate::dist::{Communicator, Group, ReduceOp};
 use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
@@ -26,7 +25,7 @@ use crate::parallel::{
     DataParallelSink, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
 };
 use crate::params::Params;
-use crate::{Error, Result};
+use crate::Result;
 
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -500,24 +499,8 @@ impl Trainer {
         let end = stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64;
         let main = self.is_main();
         let metrics_path = t.out_dir.join("metrics.jsonl");
-        let mut metrics = if main {
-            std::fs::create_dir_all(&t.out_dir).map_err(|e| Error::io(&t.out_dir, e))?;
-            Some(MetricsWriter::open(&metrics_path, Some(self.state.step))?)
-        } else {
-            None
-        };
-        let bar = if main {
-            ProgressBar::new(end)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("template"),
-        );
-        bar.set_position(self.state.step);
+        let (mut metrics, bar) =
+            super::metrics::run_outputs(&t.out_dir, main, self.state.step, end)?;
         let tokens_per_step = (t.batch_size * self.seq_len()) as f64;
         let mut summary = RunSummary {
             first_loss: None,
