@@ -106,12 +106,7 @@ fn train(method: &str, a: TrainArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    colossal_core::runtime::init_logging();
     match Cli::parse().cmd {
         Cmd::Sft(a) => train("sft", a),
         Cmd::Rm(a) => train("rm", a),

@@ -61,12 +61,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    colossal_core::runtime::init_logging();
     match Cli::parse().cmd {
         Cmd::Train {
             config,
