@@ -74,16 +74,20 @@ pub fn my_micro_batches<T>(batch: &[T], mbs: usize, rank: usize, ranks: usize) -
     batch.chunks(mbs).skip(rank).step_by(ranks).collect()
 }
 
-/// Right-padded ids (B, T) and attention inputs (causal, padding keys masked).
+/// Right-padded ids (B, T) and attention inputs (causal, padding keys masked); T is rounded up
+/// to a multiple of `multiple` (sequence parallelism cuts rows into equal chunks).
 pub fn padded(
     model: &Llama,
     rows: &[Vec<u32>],
     pad: u32,
     dtype: DType,
     device: &Device,
+    multiple: usize,
 ) -> Result<(Tensor, AttnInputs)> {
-    let (ids, mask) = crate::reward::right_padded(rows, pad, device)?;
-    let (b, t) = ids.dims2()?;
+    let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let t = longest.div_ceil(multiple.max(1)) * multiple.max(1);
+    let (ids, mask) = crate::reward::right_padded_to(rows, pad, t, device)?;
+    let b = rows.len();
     let ctx = AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), device)?;
     let ctx = if dtype == DType::F32 {
         ctx
@@ -91,6 +95,22 @@ pub fn padded(
         ctx.to_dtype(dtype)?
     };
     Ok((ids, ctx))
+}
+
+/// [`padded`] rows for `trainer`: its model, compute precision and sequence split.
+pub fn trainer_inputs(
+    trainer: &Trainer,
+    rows: &[Vec<u32>],
+    pad: u32,
+) -> Result<(Tensor, AttnInputs)> {
+    padded(
+        &trainer.model,
+        rows,
+        pad,
+        trainer.cfg.parallel.compute_dtype(),
+        trainer.device(),
+        trainer.output_layout().seq_multiple(),
+    )
 }
 
 /// Next-token targets of right-padded rows, flattened (B·(T − 1)): `labels[t + 1]`, IGNORE
@@ -120,7 +140,8 @@ pub fn count_learned(labels: &[Vec<i64>]) -> usize {
 }
 
 /// Runs this rank's share of `rows` forward, micro-batch by micro-batch as `make` builds them,
-/// and returns the sum of their loss values (evaluation: the loss closures also tally).
+/// and returns the sum of their loss values (evaluation: the loss closures also tally, on the
+/// ranks where the model's output is — see [`Trainer::sum_over_ranks`]).
 pub fn forward_each<F>(policy: &Trainer, rows: &[Record], mut make: F) -> Result<f64>
 where
     F: FnMut(&[&Record]) -> colossal_core::Result<MicroBatch<'static, AttnInputs>>,
@@ -130,10 +151,10 @@ where
     let mut sum = 0.0;
     for chunk in my_micro_batches(&rows, mbs, policy.rank(), policy.ranks()) {
         let mb = make(chunk)?;
-        let out = policy.forward(&mb.inputs, &mb.ctx)?;
-        sum += (mb.loss_fn)(&out)?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()? as f64;
+        let loss = policy.forward_map(&mb.inputs, &mb.ctx, |out| {
+            Ok((mb.loss_fn)(out)?.to_dtype(DType::F32)?)
+        })?;
+        sum += loss.flatten_all()?.to_vec1::<f32>()?[0] as f64;
     }
     Ok(sum)
 }

@@ -14,9 +14,9 @@ use colossal_data::chat::prep::Record;
 use serde_json::json;
 
 use crate::config::LossChoice;
-use crate::data::{forward_each, my_micro_batches, padded, shifted_mask};
+use crate::data::{forward_each, my_micro_batches, shifted_mask, trainer_inputs};
 use crate::loss::preference::kto_per_example;
-use crate::loss::{row_sum, token_logprobs, PairLogps, PreferenceLoss};
+use crate::loss::{row_sum, PairLogps, PreferenceLoss};
 use crate::reference::Frozen;
 use crate::session::{step_metrics, Method, Metrics};
 
@@ -60,9 +60,7 @@ impl Dpo {
             .map(|r| r.labels("chosen_labels"))
             .chain(pairs.iter().map(|r| r.labels("rejected_labels")))
             .collect();
-        let dtype = policy.cfg.parallel.compute_dtype();
-        let (inputs, ctx) =
-            padded(&policy.model, &rows, self.pad, dtype, policy.device()).map_err(err)?;
+        let (inputs, ctx) = trainer_inputs(policy, &rows, self.pad).map_err(err)?;
         let mask = shifted_mask(&labels, inputs.dim(1)?, policy.device()).map_err(err)?;
         let lens = mask.sum(1)?;
         let reference = match &self.reference {
@@ -79,11 +77,12 @@ impl Dpo {
             })
         };
         let input_ids = inputs.clone();
+        let layout = policy.output_layout();
         Ok(MicroBatch {
             inputs,
             ctx,
             loss_fn: Box::new(move |logits: &Tensor| {
-                let lp = token_logprobs(logits, &input_ids)?;
+                let lp = layout.token_log_probs(logits, &input_ids)?;
                 let seq = row_sum(&lp, &mask)?;
                 let pol = split(&seq, &lens)?;
                 let refp = match &reference {

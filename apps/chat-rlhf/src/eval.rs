@@ -16,6 +16,7 @@ use colossal_data::tokenizer::LoadedTokenizer;
 use serde_json::{json, Value};
 
 use crate::config::GenerationSection;
+use crate::data::padded;
 use crate::reference::Frozen;
 use crate::reward::rewards;
 use crate::rollout::{gsm8k_reward, rollout, Rollout};
@@ -74,7 +75,7 @@ fn answers(
 fn scores(rm: &Frozen, ros: &[Rollout], pad: u32) -> Result<Vec<f32>> {
     let mut out = Vec::new();
     for ro in ros {
-        let (ids, ctx) = ro.inputs(&rm.model, pad, DType::F32, &Device::Cpu)?;
+        let (ids, ctx) = padded(&rm.model, &ro.rows, pad, DType::F32, &Device::Cpu, 1)?;
         out.extend(rewards(&rm.forward(&ids, &ctx)?, &ro.last_index())?.to_vec1::<f32>()?);
     }
     Ok(out)

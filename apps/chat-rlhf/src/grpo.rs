@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::config::{ChatConfig, GenerationSection, GrpoSection};
 use crate::data::my_micro_batches;
 use crate::loss::ppo::{group_advantages, policy_loss_sum};
-use crate::loss::{token_logprobs, KlEstimator};
+use crate::loss::KlEstimator;
 use crate::reference::Frozen;
 use crate::reward::rewards;
 use crate::rollout::{gsm8k_reward, my_rollouts, Rollout};
@@ -90,7 +90,7 @@ impl Grpo {
                 })
                 .collect(),
             Reward::Model(rm) => {
-                let (ids, ctx) = ro.inputs(&policy.model, self.pad, DType::F32, policy.device())?;
+                let (ids, ctx) = ro.inputs(policy, self.pad, DType::F32)?;
                 Ok(rewards(&rm.forward(&ids, &ctx)?, &ro.last_index())?.to_vec1()?)
             }
         }
@@ -109,13 +109,9 @@ impl Grpo {
         let err = |x: anyhow::Error| colossal_core::msg!("{x:#}");
         let dev = policy.device();
         let (inputs, ctx) = ro
-            .inputs(
-                &policy.model,
-                self.pad,
-                policy.cfg.parallel.compute_dtype(),
-                dev,
-            )
+            .inputs(policy, self.pad, policy.cfg.parallel.compute_dtype())
             .map_err(err)?;
+        let layout = policy.output_layout();
         let t = inputs.dim(1)?;
         // Each token weighs 1/|response|: a per-response mean.
         let weights: Vec<Vec<f32>> = ro
@@ -138,7 +134,7 @@ impl Grpo {
             inputs,
             ctx,
             loss_fn: Box::new(move |logits: &Tensor| {
-                let lp = token_logprobs(logits, &ids)?;
+                let lp = layout.token_log_probs(logits, &ids)?;
                 // One update per rollout: the old policy is this one (ratio 1, gradient ∇log π).
                 let (pl, _) = policy_loss_sum(&lp, &lp.detach(), &adv, &weight, clip)?;
                 let kl = (KlEstimator::K3.estimate(&lp, &refl)? * &weight)?.sum_all()?;
@@ -155,16 +151,15 @@ impl Method for Grpo {
     }
 
     fn step(&mut self, policy: &mut Trainer, batch: &[&Record]) -> Result<Metrics> {
-        let params = policy.full_params()?;
         let (rank, ranks) = (policy.rank(), policy.ranks());
         let mine = my_micro_batches(batch, policy.cfg.train.micro_batch_size, rank, ranks);
         let k = self.cfg.group_size;
         let mut work = Vec::new();
         let mut local = [0f64; 4]; // responses, reward sum, correct groups (any reward > 0), response tokens
-        for ro in my_rollouts(policy, &params, &mine, k, &self.gen, self.pad, self.seed)? {
+        for ro in my_rollouts(policy, &mine, k, &self.gen, self.pad, self.seed)? {
             let scores = self.score(&ro, policy)?;
             let adv = group_advantages(&scores, k, 1e-4, self.cfg.scale_rewards);
-            let (ids, ctx) = ro.inputs(&policy.model, self.pad, DType::F32, policy.device())?;
+            let (ids, ctx) = ro.inputs(policy, self.pad, DType::F32)?;
             let ref_logp = ro.gather(&self.reference.token_logps(&ids, &ctx)?)?;
             local[0] += ro.len() as f64;
             local[1] += scores.iter().map(|&s| s as f64).sum::<f64>();

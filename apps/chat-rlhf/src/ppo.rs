@@ -18,8 +18,8 @@ use serde_json::json;
 
 use crate::config::{ChatConfig, GenerationSection, PpoSection};
 use crate::data::{count_learned, global_batch, my_micro_batches, ChatSet};
+use crate::loss::masked_sum;
 use crate::loss::ppo::{gae, policy_loss_sum, shaped_rewards, value_loss_sum, whiten};
-use crate::loss::{entropy, masked_sum, token_logprobs};
 use crate::reference::Frozen;
 use crate::reward::rewards;
 use crate::rollout::{my_rollouts, Rollout};
@@ -107,17 +107,17 @@ impl Ppo {
     }
 
     fn experience(&self, policy: &Trainer, ro: Rollout) -> Result<(Experience, Vec<f32>, f32)> {
-        let dev = policy.device();
-        let (ids, ctx) = ro.inputs(&policy.model, self.pad, DType::F32, dev)?;
+        let (ids, ctx) = ro.inputs(policy, self.pad, DType::F32)?;
         let t = ids.dim(1)?;
-        let old_logp = ro.gather(&token_logprobs(&policy.forward(&ids, &ctx)?, &ids)?)?;
+        let layout = policy.output_layout();
+        let old_logp = policy.forward_map(&ids, &ctx, |out| layout.token_log_probs(out, &ids))?;
+        let old_logp = ro.gather(&old_logp)?;
         let ref_logp = ro.gather(&self.reference.token_logps(&ids, &ctx)?)?;
-        let values = self
-            .critic
-            .forward(&ids, &ctx)?
-            .to_dtype(DType::F32)?
-            .squeeze(2)?
-            .narrow(1, 0, t - 1)?;
+        let critic = self.critic.output_layout();
+        let values = self.critic.forward_map(&ids, &ctx, |out| {
+            let v = critic.whole_positions(&out.to_dtype(DType::F32)?)?;
+            Ok(v.squeeze(2)?.narrow(1, 0, t - 1)?)
+        })?;
         let old_values = ro.gather(&values)?;
         let scores: Vec<f32> =
             rewards(&self.reward.forward(&ids, &ctx)?, &ro.last_index())?.to_vec1()?;
@@ -166,7 +166,8 @@ impl Ppo {
         let err = |x: anyhow::Error| colossal_core::msg!("{x:#}");
         let dev = policy.device();
         let dtype = policy.cfg.parallel.compute_dtype();
-        let (inputs, ctx) = e.ro.inputs(&policy.model, pad, dtype, dev).map_err(err)?;
+        let (inputs, ctx) = e.ro.inputs(policy, pad, dtype).map_err(err)?;
+        let layout = policy.output_layout();
         let t = inputs.dim(1)?;
         let old = e.ro.scatter(&e.old_logp, t, dev).map_err(err)?;
         let adv = e.ro.scatter(&e.advantages, t, dev).map_err(err)?;
@@ -177,9 +178,9 @@ impl Ppo {
             inputs,
             ctx,
             loss_fn: Box::new(move |logits: &Tensor| {
-                let lp = token_logprobs(logits, &ids)?;
+                let lp = layout.token_log_probs(logits, &ids)?;
                 let (pl, clipped) = policy_loss_sum(&lp, &old, &adv, &mask, clip)?;
-                let ent = masked_sum(&entropy(&logits.narrow(1, 0, t - 1)?)?, &mask)?;
+                let ent = masked_sum(&layout.entropy(logits)?.narrow(1, 0, t - 1)?, &mask)?;
                 let mut tl = tally.borrow_mut();
                 tl[0] += clipped as f64;
                 tl[1] += ent.to_scalar::<f32>()? as f64;
@@ -198,8 +199,9 @@ impl Ppo {
         let err = |x: anyhow::Error| colossal_core::msg!("{x:#}");
         let dev = critic.device();
         let (inputs, ctx) =
-            e.ro.inputs(&critic.model, pad, critic.cfg.parallel.compute_dtype(), dev)
+            e.ro.inputs(critic, pad, critic.cfg.parallel.compute_dtype())
                 .map_err(err)?;
+        let layout = critic.output_layout();
         let t = inputs.dim(1)?;
         let old = e.ro.scatter(&e.old_values, t, dev).map_err(err)?;
         let ret = e.ro.scatter(&e.returns, t, dev).map_err(err)?;
@@ -208,8 +210,8 @@ impl Ppo {
             inputs,
             ctx,
             loss_fn: Box::new(move |scores: &Tensor| {
-                let v = scores
-                    .to_dtype(DType::F32)?
+                let v = layout
+                    .whole_positions(&scores.to_dtype(DType::F32)?)?
                     .squeeze(2)?
                     .narrow(1, 0, t - 1)?;
                 Ok((value_loss_sum(&v, &old, &ret, &mask, clip)? / norm)?)
@@ -224,13 +226,12 @@ impl Method for Ppo {
     }
 
     fn step(&mut self, policy: &mut Trainer, batch: &[&Record]) -> Result<Metrics> {
-        let params = policy.full_params()?;
         let (rank, ranks) = (policy.rank(), policy.ranks());
         let mine = my_micro_batches(batch, policy.cfg.train.micro_batch_size, rank, ranks);
         let step = policy.state.step;
         let mut exps = Vec::new();
         let mut local = [0f64; 4]; // response tokens, reward sum, rows, KL sum
-        let rollouts = my_rollouts(policy, &params, &mine, 1, &self.gen, self.pad, self.seed)?;
+        let rollouts = my_rollouts(policy, &mine, 1, &self.gen, self.pad, self.seed)?;
         for ro in rollouts {
             local[0] += ro.response_tokens() as f64;
             local[2] += ro.len() as f64;

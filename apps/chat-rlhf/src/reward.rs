@@ -31,6 +31,17 @@ pub fn right_padded(
     device: &Device,
 ) -> candle_core::Result<(Tensor, Vec<Vec<u8>>)> {
     let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    right_padded_to(rows, pad, t, device)
+}
+
+/// [`right_padded`] to `t` columns (at least the longest row).
+pub fn right_padded_to(
+    rows: &[Vec<u32>],
+    pad: u32,
+    t: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Vec<Vec<u8>>)> {
+    let t = t.max(rows.iter().map(Vec::len).max().unwrap_or(0));
     let mut flat = Vec::with_capacity(rows.len() * t);
     let mut mask = Vec::with_capacity(rows.len());
     for r in rows {

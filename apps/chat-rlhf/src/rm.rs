@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde_json::json;
 
-use crate::data::{forward_each, my_micro_batches, padded};
+use crate::data::{forward_each, my_micro_batches, trainer_inputs};
 use crate::loss::preference::pairwise_reward_loss;
 use crate::reward::rewards;
 use crate::session::{step_metrics, Method, Metrics};
@@ -48,14 +48,15 @@ fn pair_micro_batch(
 ) -> colossal_core::Result<MicroBatch<'static, AttnInputs>> {
     let (rows, last) = pair_rows(pairs);
     let m = pairs.len();
-    let dtype = policy.cfg.parallel.compute_dtype();
-    let (inputs, ctx) = padded(&policy.model, &rows, pad, dtype, policy.device())
-        .map_err(|e| colossal_core::msg!("{e}"))?;
+    let (inputs, ctx) =
+        trainer_inputs(policy, &rows, pad).map_err(|e| colossal_core::msg!("{e:#}"))?;
+    let layout = policy.output_layout();
     Ok(MicroBatch {
         inputs,
         ctx,
         loss_fn: Box::new(move |scores: &Tensor| {
-            let r = rewards(&scores.to_dtype(DType::F32)?, &last)?;
+            let scores = layout.whole_positions(&scores.to_dtype(DType::F32)?)?;
+            let r = rewards(&scores, &last)?;
             let (c, x) = (r.narrow(0, 0, m)?, r.narrow(0, m, m)?);
             let per_pair = pairwise_reward_loss(&c, &x)?;
             let margin: Vec<f32> = (&c - &x)?.to_vec1()?;

@@ -6,6 +6,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Llama, Sampling};
 use colossal_core::params::Params;
+use colossal_core::train::Trainer;
 use colossal_data::chat::prep::Record;
 
 use crate::config::GenerationSection;
@@ -79,11 +80,11 @@ pub fn rollout(
 }
 
 /// This rank's rollouts of a step: one per micro-batch of prompts, each seeded by the step and
-/// its global micro-batch index, so any number of ranks samples the same responses.
-#[allow(clippy::too_many_arguments)]
+/// its global micro-batch index, so any number of ranks samples the same responses. The
+/// policy's whole weights are gathered onto every rank first (generation runs unsplit, as
+/// hybrid engines reshard training weights for inference).
 pub fn my_rollouts(
-    policy: &colossal_core::train::Trainer,
-    params: &Params,
+    policy: &Trainer,
     mine: &[&[&Record]],
     repeat: usize,
     gen: &GenerationSection,
@@ -91,14 +92,16 @@ pub fn my_rollouts(
     seed: u64,
 ) -> Result<Vec<Rollout>> {
     let (rank, ranks, step) = (policy.rank(), policy.ranks(), policy.state.step);
+    let params = policy.replica_params()?;
+    let model = policy.plain_model()?;
     mine.iter()
         .enumerate()
         .map(|(i, prompts)| {
             let g = (rank + i * ranks) as u64;
             let seed = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (g << 40);
             rollout(
-                &policy.model,
-                params,
+                &model,
+                &params,
                 prompts,
                 repeat,
                 gen,
@@ -119,14 +122,22 @@ impl Rollout {
         self.rows.is_empty()
     }
 
+    /// The rows as `trainer`'s inputs (its model and sequence split) in `dtype`.
     pub fn inputs(
         &self,
-        model: &Llama,
+        trainer: &Trainer,
         pad: u32,
         dtype: DType,
-        device: &Device,
     ) -> Result<(Tensor, AttnInputs)> {
-        padded(model, &self.rows, pad, dtype, device)
+        let multiple = trainer.output_layout().seq_multiple();
+        padded(
+            &trainer.model,
+            &self.rows,
+            pad,
+            dtype,
+            trainer.device(),
+            multiple,
+        )
     }
 
     /// Position of each row's last token (where a reward model reads its score).

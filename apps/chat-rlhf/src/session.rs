@@ -77,15 +77,6 @@ pub fn launch(
     cfg.parallel
         .validate()
         .map_err(|e| anyhow::anyhow!("[parallel]: {e}"))?;
-    for (k, v) in [
-        ("tp", cfg.parallel.tp),
-        ("pp", cfg.parallel.pp),
-        ("sp", cfg.parallel.sp),
-    ] {
-        if v > 1 {
-            anyhow::bail!("parallel.{k} = {v}: the chat trainers run data parallel and ZeRO for now; set parallel.{k} = 1");
-        }
-    }
     if cfg.parallel.backend == "mpi" {
         return launch_mpi(cfg, resume, stop_at, make);
     }

@@ -3,27 +3,17 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use colossal_core::nn::cross_entropy_sum;
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::Trainer;
-use colossal_data::chat::encode::IGNORE;
 use colossal_data::chat::prep::Record;
 use serde_json::json;
 
-use crate::data::{count_learned, forward_each, my_micro_batches, padded, shifted_targets};
+use crate::data::{count_learned, forward_each, my_micro_batches, shifted_mask, trainer_inputs};
+use crate::loss::masked_sum;
 use crate::session::{step_metrics, Method, Metrics};
 
 pub struct Sft {
     pub pad: u32,
-}
-
-/// Summed next-token cross-entropy of right-padded `logits` (B, T, V) against `targets`
-/// (B·(T − 1)), divided by `norm`.
-pub fn lm_loss_sum(logits: &Tensor, targets: &[i64], norm: f64) -> candle_core::Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let rows = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let (sum, _) = cross_entropy_sum(&rows, targets, IGNORE)?;
-    sum / norm
 }
 
 /// The micro-batch of SFT rows with its loss (sum over learned tokens / `norm`).
@@ -35,14 +25,19 @@ pub fn sft_micro_batch(
 ) -> colossal_core::Result<MicroBatch<'static, colossal_core::models::llama::AttnInputs>> {
     let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.ids("input_ids")).collect();
     let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.labels("labels")).collect();
-    let dtype = policy.cfg.parallel.compute_dtype();
-    let (inputs, ctx) = padded(&policy.model, &ids, pad, dtype, policy.device())
-        .map_err(|e| colossal_core::msg!("{e}"))?;
-    let targets = shifted_targets(&labels, inputs.dim(1)?);
+    let err = |e: anyhow::Error| colossal_core::msg!("{e:#}");
+    let (inputs, ctx) = trainer_inputs(policy, &ids, pad).map_err(err)?;
+    let mask = shifted_mask(&labels, inputs.dim(1)?, policy.device()).map_err(err)?;
+    let layout = policy.output_layout();
+    let ids = inputs.clone();
     Ok(MicroBatch {
         inputs,
         ctx,
-        loss_fn: Box::new(move |logits: &Tensor| Ok(lm_loss_sum(logits, &targets, norm)?)),
+        // Σ −log p over the learned tokens (vocabulary- and sequence-split alike).
+        loss_fn: Box::new(move |logits: &Tensor| {
+            let lp = layout.token_log_probs(logits, &ids)?;
+            Ok((masked_sum(&lp, &mask)?.neg()? / norm)?)
+        }),
     })
 }
 

@@ -5,11 +5,17 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-/// log σ(x), stable for large |x|: min(x, 0) − log(1 + e^{−|x|}).
+/// log σ(x) = −softplus(−x), stable for large |x| and smooth at 0. (The usual
+/// min(x, 0) − log(1 + e^{−|x|}) has a kink-free value but not gradient there: candle takes
+/// relu'(0) = 1 and sign(0) = 1, which gives 1.5 instead of 0.5 at exactly x = 0 — where DPO
+/// and KTO start, when the policy is its reference.)
 pub fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    let min0 = x.neg()?.relu()?.neg()?;
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    min0 - tail
+    // softplus(y) = log(1 + e^y), with e^y capped at e^20 and the rest of y added linearly
+    // (log(1 + e^20) = 20 + 2e-9).
+    let y = x.neg()?;
+    let capped = y.minimum(20f32)?;
+    let softplus = ((capped.exp()? + 1.0)?.log()? + (&y - &capped)?)?;
+    softplus.neg()
 }
 
 /// The reward model's pairwise loss per pair: −log σ(r_chosen − r_rejected).
@@ -162,6 +168,22 @@ mod tests {
     fn loss(kind: PreferenceLoss) -> f32 {
         let (p, r) = pair();
         scalar(&kind.per_pair(&p, Some(&r)).unwrap().sum_all().unwrap())
+    }
+
+    #[test]
+    fn log_sigmoid_has_the_right_gradient_at_zero() {
+        let x = candle_core::Var::from_tensor(&t1(&[0.0, -1e-3, 1e-3, 3.0, -30.0])).unwrap();
+        let g = log_sigmoid(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got: Vec<f32> = g.get(&x).unwrap().to_vec1().unwrap();
+        // d/dx log σ(x) = σ(−x).
+        for (x, d) in [0.0f32, -1e-3, 1e-3, 3.0, -30.0].iter().zip(got) {
+            close(d, 1.0 / (1.0 + x.exp()), "σ(−x)");
+        }
     }
 
     #[test]

@@ -2,5 +2,6 @@
 
 mod cli;
 mod common;
+mod model_parallel;
 mod reward_fixture;
 mod trainers;

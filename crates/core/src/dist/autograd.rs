@@ -223,6 +223,12 @@ pub fn gather_from(x: &Tensor, dim: usize, g: &Group) -> Result<Tensor> {
     )
 }
 
+/// All-gather along `dim` forward; backward keeps this rank's chunk of the gradient. For a
+/// result every rank then uses alike (a replicated loss), whose gradient is whole everywhere.
+pub fn gather_whole(x: &Tensor, dim: usize, g: &Group) -> Result<Tensor> {
+    apply(x, g, Collective::AllGather(dim), Collective::Split(dim))
+}
+
 /// Reduce-scatter along `dim` forward, all-gather backward (sequence-parallel exit).
 pub fn scatter_reduce(x: &Tensor, dim: usize, g: &Group) -> Result<Tensor> {
     apply(

@@ -13,11 +13,15 @@ use super::comm::{CommStats, Communicator};
 use crate::{Error, Result};
 
 type Endpoints = (Vec<Sender<Tensor>>, Vec<Receiver<Tensor>>);
+/// A group being created: its members' global ranks and its lineage.
+type GroupKey = (Vec<usize>, Vec<u64>);
 
-/// Channels of groups being created, keyed by (member list, creation count).
+/// Channels of groups being created, keyed by (member list, lineage): the lineage — the
+/// split counts from the world down to the new group — tells apart groups of the same members
+/// made from different communicators.
 #[derive(Default)]
 struct Registry {
-    pending: HashMap<(Vec<usize>, u64), Vec<Option<Endpoints>>>,
+    pending: HashMap<GroupKey, Vec<Option<Endpoints>>>,
 }
 
 pub struct LocalComm {
@@ -30,6 +34,7 @@ pub struct LocalComm {
     stats: CommStats,
     registry: Arc<Mutex<Registry>>,
     splits: std::cell::Cell<u64>,
+    lineage: Vec<u64>,
 }
 
 fn mesh(n: usize) -> Vec<Endpoints> {
@@ -68,6 +73,7 @@ impl LocalComm {
                 stats: CommStats::default(),
                 registry: registry.clone(),
                 splits: std::cell::Cell::new(0),
+                lineage: Vec::new(),
             })
             .collect()
     }
@@ -121,7 +127,9 @@ impl Communicator for LocalComm {
         let global: Vec<usize> = members.iter().map(|&m| self.global[m]).collect();
         let count = self.splits.get();
         self.splits.set(count + 1);
-        let key = (global.clone(), count);
+        let mut lineage = self.lineage.clone();
+        lineage.push(count);
+        let key = (global.clone(), lineage.clone());
         let (to, from) = {
             let mut reg = self.registry.lock().expect("registry lock");
             let slot = reg
@@ -145,6 +153,7 @@ impl Communicator for LocalComm {
             stats: CommStats::default(),
             registry: self.registry.clone(),
             splits: std::cell::Cell::new(0),
+            lineage,
         }))
     }
 }

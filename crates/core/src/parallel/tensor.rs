@@ -21,7 +21,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::hf::Slice;
-use crate::dist::autograd::{copy_to, gather_from, reduce_from, scatter_reduce};
+use crate::dist::autograd::{copy_to, gather_from, gather_whole, reduce_from, scatter_reduce};
 use crate::dist::{Communicator, Group, ReduceOp};
 use crate::models::llama::{regions::lookup, Llama, LlamaConfig, Regions};
 use crate::params::Params;
@@ -234,6 +234,14 @@ impl Regions for TensorParallel {
             gather_from(x, 1, &self.group)
         } else {
             copy_to(x, &self.group)
+        }
+    }
+
+    fn whole(&self, x: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            gather_whole(x, 1, &self.group)
+        } else {
+            Ok(x.clone())
         }
     }
 

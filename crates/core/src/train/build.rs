@@ -40,20 +40,13 @@ impl Trainer {
     }
 
     /// A rank without pretraining data: the caller brings its micro-batches
-    /// ([`Trainer::step_on`]) and `data.path` is not read. Sequence parallelism needs the
-    /// packed data's fixed length and is rejected here.
+    /// ([`Trainer::step_on`]) and `data.path` is not read.
     pub fn new_rank_without_data(
         cfg: TrainConfig,
         resume: Option<&Path>,
         device: Device,
         comm: Option<Box<dyn Communicator>>,
     ) -> Result<Self> {
-        if cfg.parallel.sp > 1 {
-            return Err(Error::Config(format!(
-                "parallel.sp = {}: sequence parallelism needs packed pretraining data",
-                cfg.parallel.sp
-            )));
-        }
         Self::build(cfg, resume, device, comm, false)
     }
 

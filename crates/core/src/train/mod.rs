@@ -7,8 +7,10 @@ mod grad_norm;
 mod launch;
 mod metrics;
 mod neftune;
+mod output;
 mod pipeline;
 mod rank_batch;
+mod replica;
 mod save;
 mod step;
 mod tensor_parallel;
@@ -23,5 +25,6 @@ pub use config::{
 };
 pub use launch::train;
 pub use metrics::{plot_curves, plot_loss_curve, run_outputs, MetricsWriter};
+pub use output::OutputLayout;
 pub use rank_batch::lm_loss;
 pub use trainer::{RunSummary, Trainer};

@@ -133,6 +133,30 @@ impl PpRank {
         Ok(())
     }
 
+    /// Every stage's weights on every rank of the pipeline group (`mine` are this rank's): each
+    /// weight travels from the first rank holding it to the ranks that lack it.
+    pub fn all_params(&self, model: &Llama, mine: Params) -> Result<Params> {
+        let (p, me) = (self.comm.size(), self.comm.rank());
+        let held: Vec<Vec<String>> = (0..p).map(|r| self.names_of(model, r)).collect();
+        let mut all = mine;
+        for (owner, names) in held.iter().enumerate() {
+            for name in names {
+                if held[..owner].iter().any(|h| h.contains(name)) {
+                    continue;
+                }
+                if owner == me {
+                    let t = all.get(name)?.clone();
+                    for dst in (0..p).filter(|&d| !held[d].contains(name)) {
+                        self.comm.send(&t, dst)?;
+                    }
+                } else if !held[me].contains(name) {
+                    all.insert(name, Var::from_tensor(&self.comm.recv(owner)?)?);
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// The tied embedding's second copy (on the last stage's rank), counted once in norms.
     pub fn duplicate(&self, model: &Llama) -> Option<&'static str> {
         let p = self.comm.size();

@@ -111,28 +111,6 @@ impl Trainer {
         &self.device
     }
 
-    /// Sums `values` over the data-parallel ranks (metrics, global counts).
-    pub fn sum_over_ranks(&self, values: &[f64]) -> Result<Vec<f64>> {
-        match &self.comm {
-            Some(c) if c.size() > 1 => {
-                let t = Tensor::new(values, &Device::Cpu)?;
-                Ok(c.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?)
-            }
-            _ => Ok(values.to_vec()),
-        }
-    }
-
-    /// The model's output for `inputs` with the current weights, no gradient.
-    pub fn forward(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
-        let mut weights = self.weights(self.cfg.parallel.compute_dtype())?;
-        let ctx = match self.cfg.parallel.compute_dtype() {
-            DType::F32 => ctx.clone(),
-            d => ctx.to_dtype(d)?,
-        };
-        self.executor
-            .forward_with(&self.model, &mut weights, inputs, &ctx)
-    }
-
     /// Rank 0 writes metrics, checkpoints and plots.
     pub fn is_main(&self) -> bool {
         self.world_rank == 0
@@ -188,14 +166,28 @@ impl Trainer {
     }
 
     /// One optimizer step on micro-batches someone else built (`make(self, i)` gives this
-    /// rank's i-th of `n`): each one's `loss_fn` maps the model output to its share of the
-    /// global loss (a sum divided by a global count), so N ranks step exactly as one would.
-    /// The RLHF trainers drive the parallel machinery through this.
-    pub fn step_on<F>(&mut self, n: usize, make: F) -> Result<(f32, f64, f64)>
+    /// rank's i-th of `n`, whole sequences: under sequence parallelism each rank runs its
+    /// positions). Each one's `loss_fn` maps this rank's model output to its share of the
+    /// global loss (a sum divided by a global count), the same on every rank of a model
+    /// replica ([`super::OutputLayout`] makes whole per-token quantities of the output), so N
+    /// ranks step exactly as one would. The RLHF trainers drive the parallel machinery
+    /// through this.
+    pub fn step_on<F>(&mut self, n: usize, mut make: F) -> Result<(f32, f64, f64)>
     where
         F: FnMut(&Self, usize) -> Result<MicroBatch<'static, AttnInputs>>,
     {
-        let backward = self.accumulate(n, make)?;
+        let layout = self.output_layout();
+        let mut backward = self.accumulate(n, |me: &Self, i| {
+            let mb = make(me, i)?;
+            let (inputs, ctx) = layout.shard(&mb.inputs, &mb.ctx)?;
+            Ok(MicroBatch {
+                inputs,
+                ctx,
+                loss_fn: mb.loss_fn,
+            })
+        })?;
+        // Every sequence-parallel rank computed the whole loss; the sum counted it sp times.
+        backward.loss /= self.sp.as_ref().map_or(1, |g| g.size()) as f32;
         self.apply(backward)
     }
 
@@ -386,7 +378,7 @@ impl Trainer {
 
     /// Where blocks get their weights this step: the fp32 masters, a low-precision copy of them,
     /// or ZeRO-3 gathers.
-    fn weights(&self, dtype: DType) -> Result<Weights<'_>> {
+    pub(super) fn weights(&self, dtype: DType) -> Result<Weights<'_>> {
         if let (Some(z), Some(comm)) = (&self.zero3, self.comm.as_deref()) {
             let blocks = (0..self.model.num_blocks())
                 .map(|b| self.model.block_param_names(b))

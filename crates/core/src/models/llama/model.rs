@@ -228,7 +228,12 @@ impl Llama {
     /// slice of the vocabulary); for a sequence classifier, scores of every position
     /// (B, T, num_labels).
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
-        let h = self.regions.enter(&self.final_norm(p, x)?)?;
+        let h = self.final_norm(p, x)?;
+        // The score head is small and held whole by every rank; the LM head is split.
+        let h = match self.cfg.score_labels() {
+            Some(_) => self.regions.whole(&h)?,
+            None => self.regions.enter(&h)?,
+        };
         self.proj(p, self.head_weight_name(), &h, None)
     }
 

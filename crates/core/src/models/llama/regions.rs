@@ -37,6 +37,16 @@ pub trait Regions: Send + Sync + Debug {
         }
     }
 
+    /// The normalised residual entering work every rank does alike on the whole sequence
+    /// (a sequence classifier's score head): its gradient is already whole on each rank, so
+    /// it is not summed over the group.
+    fn whole(&self, x: &Tensor) -> Result<Tensor> {
+        match self.inner() {
+            Some(r) => r.whole(x),
+            None => Ok(x.clone()),
+        }
+    }
+
     /// The output of a row-split projection (before its bias) returning to the residual.
     fn exit(&self, y: &Tensor) -> Result<Tensor> {
         match self.inner() {

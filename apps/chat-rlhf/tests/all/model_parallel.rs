@@ -1,0 +1,173 @@
+//! The chat trainers under tensor, pipeline and sequence parallelism: each layout gives one
+//! rank's losses and gradient norms (the same global batch, the same update).
+
+use crate::common::*;
+use chat_rlhf::config::ChatConfig;
+use chat_rlhf::run::train;
+use colossal_data::chat::raw::{Kind, RawFormat};
+
+/// `cfg` split as `layout` says (tp, pp, sp, sp_mode, dp) over its own output directory.
+fn split(cfg: &ChatConfig, layout: &str, out: &std::path::Path) -> ChatConfig {
+    let mut c = cfg.clone();
+    let p = &mut c.parallel;
+    let (mut dp, mut tp, mut pp, mut sp) = (1, 1, 1, 1);
+    for part in layout.split('-') {
+        let name = part.trim_end_matches(|c: char| c.is_ascii_digit());
+        let n = part[name.len()..].parse::<usize>().unwrap_or(1);
+        match name {
+            "dp" => dp = n,
+            "tp" => tp = n,
+            "pp" => pp = n,
+            "ring" | "ulysses" => {
+                sp = n;
+                p.sp_mode = name.to_string();
+            }
+            "megatron" => p.sp_mode = "megatron".into(),
+            other => panic!("layout part {other}"),
+        }
+    }
+    (p.tp, p.pp, p.sp, p.nproc) = (tp, pp, sp, dp * tp * pp * sp);
+    p.dp = Some(dp);
+    c.train.out_dir = out.join(layout);
+    c
+}
+
+/// One rank's run of `steps` steps against each layout's: losses and gradient norms agree.
+fn same_steps(
+    method: &str,
+    cfg: &ChatConfig,
+    layouts: &[&str],
+    steps: usize,
+    out: &std::path::Path,
+) {
+    let mut one = cfg.clone();
+    one.train.out_dir = out.join("one");
+    let base = train(method, &one, None, Some(steps)).unwrap();
+    let (l1, g1) = (base.series("loss"), base.series("grad_norm"));
+    for layout in layouts {
+        let s = train(method, &split(cfg, layout, out), None, Some(steps)).unwrap();
+        let (l, g) = (s.series("loss"), s.series("grad_norm"));
+        println!("{method} {layout}: losses {l:?} vs one rank {l1:?}; grad norms {g:?} vs {g1:?}");
+        assert_eq!(l.len(), steps, "{method} {layout}");
+        for i in 0..steps {
+            assert!(
+                rel(l[i], l1[i]) < 2e-5 || (l[i] - l1[i]).abs() < 1e-6,
+                "{method} {layout} step {}: loss {} vs {}",
+                i + 1,
+                l[i],
+                l1[i]
+            );
+            assert!(
+                rel(g[i], g1[i]) < 2e-4,
+                "{method} {layout} step {}: grad norm {} vs {}",
+                i + 1,
+                g[i],
+                g1[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("base"), 11);
+    let sft = prepared(
+        Kind::Sft,
+        RawFormat::Dolly,
+        "data/sft/dolly15k_open_qa_3742.jsonl",
+        40,
+        96,
+        &dir.path().join("sft"),
+    );
+    let cfg = config(&model, &sft, &dir.path().join("sft-run"), "");
+    same_steps(
+        "sft",
+        &cfg,
+        &["tp2", "pp2", "ring2", "tp2-pp2"],
+        2,
+        &dir.path().join("s"),
+    );
+    let pref = prepared(
+        Kind::Preference,
+        RawFormat::HhRlhf,
+        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
+        30,
+        96,
+        &dir.path().join("pref"),
+    );
+    let rm = config(&model, &pref, &dir.path().join("rm-run"), "");
+    same_steps(
+        "rm",
+        &rm,
+        &["tp2", "tp2-megatron", "pp2", "ulysses2"],
+        2,
+        &dir.path().join("r"),
+    );
+    for (i, loss) in ["loss = \"dpo\"\nbeta = 0.1", "loss = \"kto\"\nbeta = 0.1"]
+        .iter()
+        .enumerate()
+    {
+        let c = config(
+            &model,
+            &pref,
+            &dir.path().join("dpo-run"),
+            &format!("[dpo]\n{loss}"),
+        );
+        same_steps(
+            "dpo",
+            &c,
+            &["tp2", "pp2", "ring2", "dp2-tp2"],
+            2,
+            &dir.path().join(format!("d{i}")),
+        );
+    }
+}
+
+#[test]
+fn ppo_and_grpo_under_tensor_pipeline_and_sequence_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("base"), 12);
+    let rm = chat_rlhf::rm::with_score_head(&model, &dir.path().join("rm"), 5).unwrap();
+    let prompts = prepared(
+        Kind::Prompt,
+        RawFormat::PromptLines,
+        "data/sft/oasst_prompt_lottery_en_250.jsonl",
+        24,
+        64,
+        &dir.path().join("prompts"),
+    );
+    let gen = "[generation]\nmax_new_tokens = 6\ntemperature = 1.0\n";
+    let ppo = format!(
+        "[ppo]\nreward_model = \"{}\"\nkl_coef = 0.1\nkl_estimator = \"k3\"\nentropy_coef = 0.01\nppo_epochs = 2\n{gen}",
+        rm.display()
+    );
+    let cfg = config(&model, &prompts, &dir.path().join("ppo"), &ppo);
+    same_steps(
+        "ppo",
+        &cfg,
+        &["tp2", "pp2", "ring2"],
+        1,
+        &dir.path().join("p"),
+    );
+    let gsm = prepared(
+        Kind::Prompt,
+        RawFormat::Gsm8k,
+        "data/sft/gsm8k_test.jsonl",
+        16,
+        200,
+        &dir.path().join("gsm"),
+    );
+    let grpo = format!(
+        "[grpo]\ngroup_size = 2\nreward = \"model\"\nreward_model = \"{}\"\n{gen}",
+        rm.display()
+    );
+    let cfg = config(&model, &gsm, &dir.path().join("grpo"), &grpo);
+    same_steps(
+        "grpo",
+        &cfg,
+        &["tp2", "pp2", "ulysses2"],
+        1,
+        &dir.path().join("g"),
+    );
+}
