@@ -46,6 +46,7 @@ impl Dpo {
         policy: &Trainer,
         pairs: &[&Record],
         norm: f64,
+        z0: f64,
         tally: Tally,
     ) -> colossal_core::Result<MicroBatch<'static, AttnInputs>> {
         let err = |e: anyhow::Error| colossal_core::msg!("{e:#}");
@@ -100,8 +101,6 @@ impl Dpo {
                             candle_core::Error::Msg("KTO needs a reference".into())
                         })?;
                         let ratio = (&seq - r)?;
-                        // Reference point: the batch's mean log ratio, detached and ≥ 0.
-                        let z0 = (ratio.detach().mean_all()?.to_scalar::<f32>()? as f64).max(0.0);
                         let desirable: Vec<bool> = (0..2 * m).map(|i| i < m).collect();
                         kto_per_example(
                             &ratio,
@@ -138,6 +137,17 @@ impl Dpo {
         })
     }
 
+    /// KTO's z0 over `batch` (0 for the pairwise losses, which have none).
+    fn reference_point(&self, policy: &Trainer, batch: &[&Record]) -> Result<f64> {
+        match (self.loss, &self.reference) {
+            (LossChoice::Kto { .. }, Some(r)) => {
+                let z0 = crate::kto::reference_point(policy, r, batch, self.pad)?;
+                Ok(z0)
+            }
+            _ => Ok(0.0),
+        }
+    }
+
     fn report(prefix: &str, v: &[f64], m: &mut Metrics) {
         let n = v[0].max(1.0);
         m.insert(format!("{prefix}reward_accuracy"), json!(v[1] / n));
@@ -164,21 +174,27 @@ impl Method for Dpo {
             policy.rank(),
             policy.ranks(),
         );
+        let z0 = self.reference_point(policy, batch)?;
         let tally: Tally = Rc::default();
         let mut m = step_metrics(policy.step_on(mine.len(), |me, i| {
-            self.micro_batch(me, mine[i], norm, tally.clone())
+            self.micro_batch(me, mine[i], norm, z0, tally.clone())
         })?);
         let t = *tally.borrow();
         let v = policy.sum_over_ranks(&t)?;
         Self::report("", &v, &mut m);
+        if let LossChoice::Kto { .. } = self.loss {
+            m.insert("kl".into(), json!(z0));
+        }
         Ok(m)
     }
 
     fn evaluate(&mut self, policy: &Trainer, val: &[Record]) -> Result<Metrics> {
         let mut m = Metrics::new();
+        let rows: Vec<&Record> = val.iter().collect();
+        let z0 = self.reference_point(policy, &rows)?;
         let tally: Tally = Rc::default();
         forward_each(policy, val, |chunk| {
-            self.micro_batch(policy, chunk, 1.0, tally.clone())
+            self.micro_batch(policy, chunk, 1.0, z0, tally.clone())
         })?;
         let v = policy.sum_over_ranks(&*tally.borrow())?;
         if v[0] > 0.0 {

@@ -7,6 +7,7 @@ pub mod data;
 pub mod dpo;
 pub mod eval;
 pub mod grpo;
+pub mod kto;
 pub mod loss;
 pub mod ppo;
 pub mod reference;

@@ -74,12 +74,13 @@ pub fn launch(
     stop_at: Option<usize>,
     make: &Factory<'_>,
 ) -> Result<Summary> {
-    cfg.parallel
-        .validate()
-        .map_err(|e| anyhow::anyhow!("[parallel]: {e}"))?;
+    // Under mpirun the world size is parallel.nproc: checked once it is known.
     if cfg.parallel.backend == "mpi" {
         return launch_mpi(cfg, resume, stop_at, make);
     }
+    cfg.parallel
+        .validate()
+        .map_err(|e| anyhow::anyhow!("[parallel]: {e}"))?;
     let n = cfg.parallel.nproc;
     if n == 1 {
         return run_rank(cfg, resume, stop_at, None, make);
@@ -113,6 +114,9 @@ fn launch_mpi(
         );
     }
     cfg.parallel.nproc = size;
+    cfg.parallel
+        .validate()
+        .map_err(|e| anyhow::anyhow!("[parallel]: {e} (mpirun started {size} processes)"))?;
     let comm =
         (size > 1 || cfg.parallel.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
     run_rank(&cfg, resume, stop_at, comm, make)

@@ -120,7 +120,8 @@ fn grpo_with_the_gsm8k_reward_runs() {
     assert!(format!("{err:#}").contains("[data] tokenizer"), "{err:#}");
 }
 
-/// `mpirun -n 2 chat-rlhf dpo --set parallel.backend="mpi"` = two local ranks, ZeRO-2.
+/// `mpirun -n 2 chat-rlhf dpo --set parallel.backend="mpi"` = two local ranks, with ZeRO-2
+/// and with tensor parallelism.
 #[cfg(feature = "mpi")]
 #[test]
 fn mpirun_two_processes_match_two_local_ranks() {
@@ -142,8 +143,12 @@ fn mpirun_two_processes_match_two_local_ranks() {
         "[dpo]\nloss = \"dpo\"\nbeta = 0.1\n[parallel]\nzero_stage = 2\n",
     );
     std::fs::write(&cfg, text).unwrap();
-    let losses = |mpi: bool| -> Vec<f64> {
-        let out = dir.path().join(if mpi { "mpi" } else { "local" });
+    let losses = |mpi: bool, split: &str| -> Vec<f64> {
+        let out = dir.path().join(format!(
+            "{}{}",
+            if mpi { "mpi" } else { "local" },
+            split.replace(['.', '=', ' '], "_")
+        ));
         let bin = env!("CARGO_BIN_EXE_chat-rlhf");
         let mut cmd = if mpi {
             let mut c = Command::new("mpirun");
@@ -162,6 +167,7 @@ fn mpirun_two_processes_match_two_local_ranks() {
             .arg(&cfg)
             .args(["--set", backend, "--set"])
             .arg(format!("train.out_dir=\"{}\"", out.display()))
+            .args(split.split_whitespace().flat_map(|s| ["--set", s]))
             .output()
             .expect("mpirun on PATH (the mpi feature needs Open MPI)");
         assert!(
@@ -179,8 +185,10 @@ fn mpirun_two_processes_match_two_local_ranks() {
             })
             .collect()
     };
-    let (local, mpi) = (losses(false), losses(true));
-    println!("local {local:?}\nmpi   {mpi:?}");
-    assert_eq!(local.len(), 2);
-    assert_eq!(local, mpi);
+    for split in ["", "parallel.tp=2 parallel.zero_stage=0"] {
+        let (local, mpi) = (losses(false, split), losses(true, split));
+        println!("[{split}] local {local:?}\nmpi   {mpi:?}");
+        assert_eq!(local.len(), 2);
+        assert_eq!(local, mpi, "{split}");
+    }
 }

@@ -17,10 +17,11 @@ pub fn train(
     resume: Option<&Path>,
     stop_at: Option<usize>,
 ) -> Result<RunSummary> {
-    cfg.parallel.validate().map_err(Error::Config)?;
-    if cfg.parallel.backend == "mpi" {
+    // Under mpirun the world size is parallel.nproc: checked once it is known.
+    if cfg.parallel.backend == "mpi" && cfg!(feature = "mpi") {
         return train_mpi(cfg, resume, stop_at);
     }
+    cfg.parallel.validate().map_err(Error::Config)?;
     let n = cfg.parallel.nproc;
     if n == 1 {
         return Trainer::new(cfg, resume, Device::Cpu)?.run(stop_at);
