@@ -6,7 +6,8 @@ use chat_rlhf::config::ChatConfig;
 use chat_rlhf::run::train;
 use colossal_data::chat::raw::{Kind, RawFormat};
 
-/// `cfg` split as `layout` says (tp, pp, sp, sp_mode, dp) over its own output directory.
+/// `cfg` split as `layout` says (dp, tp, pp, ring/ulysses sp, megatron, ZeRO stage) over its
+/// own output directory.
 fn split(cfg: &ChatConfig, layout: &str, out: &std::path::Path) -> ChatConfig {
     let mut c = cfg.clone();
     let p = &mut c.parallel;
@@ -23,6 +24,7 @@ fn split(cfg: &ChatConfig, layout: &str, out: &std::path::Path) -> ChatConfig {
                 p.sp_mode = name.to_string();
             }
             "megatron" => p.sp_mode = "megatron".into(),
+            "zero" => p.zero_stage = n as u8,
             other => panic!("layout part {other}"),
         }
     }
@@ -84,7 +86,14 @@ fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
     same_steps(
         "sft",
         &cfg,
-        &["tp2", "pp2", "ring2", "tp2-pp2"],
+        &[
+            "tp2",
+            "pp2",
+            "ring2",
+            "tp2-pp2",
+            "dp2-tp2-zero2",
+            "tp2-pp2-zero1",
+        ],
         2,
         &dir.path().join("s"),
     );

@@ -121,8 +121,11 @@ impl Trainer {
                 t.batch_size, t.micro_batch_size
             )));
         }
+        // Streamed initialisation makes whole parameters; tensor parallelism shards whole
+        // ones first (below), so it initialises them whole.
         let stream_init = cfg.parallel.zero_stage == 3
             && comm.is_some()
+            && tp_group.is_none()
             && resume.is_none()
             && cfg.model.hf_dir.is_none();
         let distributed = resume.is_some_and(crate::checkpoint::distributed::is_distributed);

@@ -211,12 +211,6 @@ impl ParallelConfig {
                 ))
             }
         }
-        if self.tp > 1 && self.zero_stage > 0 {
-            return Err(format!(
-                "parallel.tp = {} with parallel.zero_stage = {}: ZeRO over tensor-parallel shards is not supported yet; use zero_stage = 0",
-                self.tp, self.zero_stage
-            ));
-        }
         Ok(())
     }
 }

@@ -19,10 +19,13 @@ impl Trainer {
         if self.pp.is_some() {
             return Ok(self.gather_model()?.map(|(p, _)| p).unwrap_or_default());
         }
-        match (&self.zero3, self.comm.as_deref(), &self.tp) {
-            (Some(z), Some(c), _) => Ok(z.gather_full(c)?.0),
-            (_, _, Some(t)) => t.gather(&self.params),
-            _ => Ok(self.params.clone()),
+        let mine = match (&self.zero3, self.comm.as_deref()) {
+            (Some(z), Some(c)) => z.gather_full(c)?.0,
+            _ => self.params.clone(),
+        };
+        match &self.tp {
+            Some(t) => t.gather(&mine),
+            None => Ok(mine),
         }
     }
 
@@ -30,19 +33,15 @@ impl Trainer {
     /// shards (a collective); `None` on ranks that do not end up holding them all.
     fn gather_model(&self) -> Result<Option<(Params, AdamW)>> {
         let comm = self.comm.as_deref();
-        if let (Some(z), Some(c)) = (&self.zero3, comm) {
-            return Ok(Some(z.gather_full(c)?));
-        }
-        let opt = match (&self.zero, comm) {
-            (Some(z), Some(c)) => z.gather_full(c)?,
-            _ => self.opt_copy(),
+        // This rank's (tensor-parallel slices of the) weights and moments, whole over ZeRO.
+        let (mine, opt) = match (&self.zero3, &self.zero, comm) {
+            (Some(z), _, Some(c)) => z.gather_full(c)?,
+            (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
+            _ => (self.params.clone(), self.opt_copy()),
         };
         let (params, opt) = match &self.tp {
-            Some(t) => (
-                t.gather(&self.params)?,
-                t.gather_moments(&opt, &self.params)?,
-            ),
-            None => (self.params.clone(), opt),
+            Some(t) => (t.gather(&mine)?, t.gather_moments(&opt, &mine)?),
+            None => (mine, opt),
         };
         match &self.pp {
             Some(p) => p.gather(&self.model, &params, &opt),
