@@ -141,8 +141,7 @@ impl Dpo {
     fn reference_point(&self, policy: &Trainer, batch: &[&Record]) -> Result<f64> {
         match (self.loss, &self.reference) {
             (LossChoice::Kto { .. }, Some(r)) => {
-                let z0 = crate::kto::reference_point(policy, r, batch, self.pad)?;
-                Ok(z0)
+                crate::kto::reference_point(policy, r, batch, self.pad)
             }
             _ => Ok(0.0),
         }

@@ -13,7 +13,7 @@ use colossal_core::exec::{BlockModel, Executor, FullParams, ParamSource};
 use colossal_core::models::llama::{AttnInputs, Llama, LlamaConfig};
 use colossal_core::params::Params;
 
-use crate::loss::token_logprobs;
+use colossal_core::train::OutputLayout;
 
 enum Weights {
     Resident(Params),
@@ -96,6 +96,7 @@ impl Frozen {
 
     /// Log-probability of each next token (B, T − 1).
     pub fn token_logps(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
-        Ok(token_logprobs(&self.forward(inputs, ctx)?, inputs)?)
+        let whole = OutputLayout::default();
+        Ok(whole.token_log_probs(&self.forward(inputs, ctx)?, inputs)?)
     }
 }
