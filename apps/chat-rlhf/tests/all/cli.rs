@@ -127,14 +127,7 @@ fn grpo_with_the_gsm8k_reward_runs() {
 fn mpirun_two_processes_match_two_local_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(&dir.path().join("m"), 9);
-    let data = prepared(
-        Kind::Preference,
-        RawFormat::HhRlhf,
-        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
-        20,
-        96,
-        &dir.path().join("pref"),
-    );
+    let data = hh_pairs(&dir.path().join("pref"), 20, 96);
     let cfg = dir.path().join("dpo.toml");
     let text = config_text(
         &model,

@@ -4,7 +4,6 @@
 use crate::common::*;
 use chat_rlhf::config::ChatConfig;
 use chat_rlhf::run::train;
-use colossal_data::chat::raw::{Kind, RawFormat};
 
 /// `cfg` split as `layout` says (dp, tp, pp, ring/ulysses sp, megatron, ZeRO stage) over its
 /// own output directory.
@@ -74,14 +73,7 @@ fn same_steps(
 fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(&dir.path().join("base"), 11);
-    let sft = prepared(
-        Kind::Sft,
-        RawFormat::Dolly,
-        "data/sft/dolly15k_open_qa_3742.jsonl",
-        40,
-        96,
-        &dir.path().join("sft"),
-    );
+    let sft = dolly_sft(&dir.path().join("sft"), 40, 96);
     let cfg = config(&model, &sft, &dir.path().join("sft-run"), "");
     same_steps(
         "sft",
@@ -97,14 +89,7 @@ fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
         2,
         &dir.path().join("s"),
     );
-    let pref = prepared(
-        Kind::Preference,
-        RawFormat::HhRlhf,
-        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
-        30,
-        96,
-        &dir.path().join("pref"),
-    );
+    let pref = hh_pairs(&dir.path().join("pref"), 30, 96);
     let rm = config(&model, &pref, &dir.path().join("rm-run"), "");
     same_steps(
         "rm",
@@ -136,47 +121,9 @@ fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
 #[test]
 fn ppo_and_grpo_under_tensor_pipeline_and_sequence_parallelism() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("base"), 12);
-    let rm = chat_rlhf::rm::with_score_head(&model, &dir.path().join("rm"), 5).unwrap();
-    let prompts = prepared(
-        Kind::Prompt,
-        RawFormat::PromptLines,
-        "data/sft/oasst_prompt_lottery_en_250.jsonl",
-        24,
-        64,
-        &dir.path().join("prompts"),
-    );
-    let gen = "[generation]\nmax_new_tokens = 6\ntemperature = 1.0\n";
-    let ppo = format!(
-        "[ppo]\nreward_model = \"{}\"\nkl_coef = 0.1\nkl_estimator = \"k3\"\nentropy_coef = 0.01\nppo_epochs = 2\n{gen}",
-        rm.display()
-    );
-    let cfg = config(&model, &prompts, &dir.path().join("ppo"), &ppo);
-    same_steps(
-        "ppo",
-        &cfg,
-        &["tp2", "pp2", "ring2"],
-        1,
-        &dir.path().join("p"),
-    );
-    let gsm = prepared(
-        Kind::Prompt,
-        RawFormat::Gsm8k,
-        "data/sft/gsm8k_test.jsonl",
-        16,
-        200,
-        &dir.path().join("gsm"),
-    );
-    let grpo = format!(
-        "[grpo]\ngroup_size = 2\nreward = \"model\"\nreward_model = \"{}\"\n{gen}",
-        rm.display()
-    );
-    let cfg = config(&model, &gsm, &dir.path().join("grpo"), &grpo);
-    same_steps(
-        "grpo",
-        &cfg,
-        &["tp2", "pp2", "ulysses2"],
-        1,
-        &dir.path().join("g"),
-    );
+    let rl = rl_setup(dir.path(), 12, "");
+    let ppo_layouts = ["tp2", "pp2", "ring2"];
+    same_steps("ppo", &rl.ppo, &ppo_layouts, 1, &dir.path().join("p"));
+    let grpo_layouts = ["tp2", "pp2", "ulysses2"];
+    same_steps("grpo", &rl.grpo, &grpo_layouts, 1, &dir.path().join("g"));
 }

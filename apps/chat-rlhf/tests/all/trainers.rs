@@ -4,7 +4,6 @@
 use crate::common::*;
 use chat_rlhf::config::ChatConfig;
 use chat_rlhf::run::train;
-use colossal_data::chat::raw::{Kind, RawFormat};
 
 /// Runs `method` at one rank and at two ranks with ZeRO-2; the first-step losses agree.
 fn same_first_step(method: &str, cfg: &ChatConfig, out: &std::path::Path) -> Vec<f64> {
@@ -25,14 +24,7 @@ fn same_first_step(method: &str, cfg: &ChatConfig, out: &std::path::Path) -> Vec
 fn sft_learns_and_matches_across_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(&dir.path().join("base"), 1);
-    let data = prepared(
-        Kind::Sft,
-        RawFormat::Dolly,
-        "data/sft/dolly15k_open_qa_3742.jsonl",
-        60,
-        96,
-        &dir.path().join("sft"),
-    );
+    let data = dolly_sft(&dir.path().join("sft"), 60, 96);
     let cfg = config(&model, &data, &dir.path().join("run"), "");
     same_first_step("sft", &cfg, dir.path());
     let mut long = cfg.clone();
@@ -51,14 +43,7 @@ fn sft_learns_and_matches_across_ranks() {
 fn reward_model_and_preference_losses_match_across_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(&dir.path().join("base"), 2);
-    let data = prepared(
-        Kind::Preference,
-        RawFormat::HhRlhf,
-        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
-        40,
-        128,
-        &dir.path().join("pref"),
-    );
+    let data = hh_pairs(&dir.path().join("pref"), 40, 128);
     let rm = config(&model, &data, &dir.path().join("rm"), "");
     same_first_step("rm", &rm, dir.path());
     let cfg = |loss: &str| {
@@ -92,34 +77,12 @@ fn reward_model_and_preference_losses_match_across_ranks() {
 #[test]
 fn ppo_and_grpo_match_across_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("base"), 3);
-    let rm = chat_rlhf::rm::with_score_head(&model, &dir.path().join("rm"), 5).unwrap();
-    let prompts = prepared(
-        Kind::Prompt,
-        RawFormat::PromptLines,
-        "data/sft/oasst_prompt_lottery_en_250.jsonl",
-        24,
-        64,
-        &dir.path().join("prompts"),
-    );
-    let gen = "[generation]\nmax_new_tokens = 6\ntemperature = 1.0\n";
-    let sft = prepared(
-        Kind::Sft,
-        RawFormat::Dolly,
-        "data/sft/dolly15k_open_qa_3742.jsonl",
-        20,
-        64,
-        &dir.path().join("sft"),
-    );
-    let ppo = format!(
-        "[ppo]\nreward_model = \"{}\"\nkl_coef = 0.1\nkl_estimator = \"k3\"\nentropy_coef = 0.01\nppo_epochs = 2\nptx_coef = 0.5\nptx_data = \"{}\"\n{gen}",
-        rm.display(),
-        sft.display()
-    );
-    let cfg = config(&model, &prompts, &dir.path().join("ppo"), &ppo);
-    let resident = same_first_step("ppo", &cfg, &dir.path().join("p"));
+    let sft = dolly_sft(&dir.path().join("sft"), 20, 64);
+    let ptx = format!("ptx_coef = 0.5\nptx_data = \"{}\"", sft.display());
+    let rl = rl_setup(dir.path(), 3, &ptx);
+    let resident = same_first_step("ppo", &rl.ppo, &dir.path().join("p"));
     // Reference and reward model streamed from disk block by block: the same step.
-    let mut offloaded = cfg.clone();
+    let mut offloaded = rl.ppo.clone();
     offloaded.ppo.as_mut().unwrap().offload_frozen = true;
     offloaded.train.out_dir = dir.path().join("ppo-offload");
     let o = train("ppo", &offloaded, None, Some(1))
@@ -129,34 +92,14 @@ fn ppo_and_grpo_match_across_ranks() {
         rel(o[0], resident[0]) < 1e-6,
         "offloaded {o:?} vs resident {resident:?}"
     );
-    let gsm = prepared(
-        Kind::Prompt,
-        RawFormat::Gsm8k,
-        "data/sft/gsm8k_test.jsonl",
-        16,
-        200,
-        &dir.path().join("gsm"),
-    );
-    let grpo = format!(
-        "[grpo]\ngroup_size = 2\nreward = \"model\"\nreward_model = \"{}\"\n{gen}",
-        rm.display()
-    );
-    let cfg = config(&model, &gsm, &dir.path().join("grpo"), &grpo);
-    same_first_step("grpo", &cfg, &dir.path().join("g"));
+    same_first_step("grpo", &rl.grpo, &dir.path().join("g"));
 }
 
 #[test]
 fn a_resumed_run_continues_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(&dir.path().join("base"), 7);
-    let data = prepared(
-        Kind::Preference,
-        RawFormat::HhRlhf,
-        "data/preference/hh-rlhf_harmless-base_test.jsonl.gz",
-        30,
-        96,
-        &dir.path().join("pref"),
-    );
+    let data = hh_pairs(&dir.path().join("pref"), 30, 96);
     let mut cfg = config(
         &model,
         &data,

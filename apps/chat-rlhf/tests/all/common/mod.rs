@@ -81,6 +81,25 @@ pub fn prepared(
     out.join("data")
 }
 
+/// The first `lines` Dolly open_qa rows as SFT data (at most `max_len` tokens) under `out`.
+pub fn dolly_sft(out: &Path, lines: usize, max_len: usize) -> PathBuf {
+    let file = "data/sft/dolly15k_open_qa_3742.jsonl";
+    prepared(Kind::Sft, RawFormat::Dolly, file, lines, max_len, out)
+}
+
+/// The first `lines` hh-rlhf harmless pairs as preference data under `out`.
+pub fn hh_pairs(out: &Path, lines: usize, max_len: usize) -> PathBuf {
+    let file = "data/preference/hh-rlhf_harmless-base_test.jsonl.gz";
+    prepared(
+        Kind::Preference,
+        RawFormat::HhRlhf,
+        file,
+        lines,
+        max_len,
+        out,
+    )
+}
+
 /// The TOML of a config for `model` on `data` (extra TOML appended, e.g. a `[dpo]` section).
 pub fn config_text(model: &Path, data: &Path, out: &Path, extra: &str) -> String {
     format!(
@@ -123,4 +142,46 @@ pub fn zero2(cfg: &ChatConfig, out: &Path) -> ChatConfig {
 
 pub fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-8)
+}
+
+/// The RL trainers' set-up in `dir`: a tiny base model (`seed`), a reward model (a score head
+/// on it), PPO on OASST prompts (k3 KL, 2 PPO epochs; `ppo_extra` appended to `[ppo]`) and
+/// GRPO on GSM8K questions (groups of 2, the reward model's reward); short sampled answers.
+pub struct RlSetup {
+    pub ppo: ChatConfig,
+    pub grpo: ChatConfig,
+}
+
+pub fn rl_setup(dir: &Path, seed: u64, ppo_extra: &str) -> RlSetup {
+    let model = tiny_model(&dir.join("base"), seed);
+    let rm = chat_rlhf::rm::with_score_head(&model, &dir.join("rm"), 5).unwrap();
+    let prompts = prepared(
+        Kind::Prompt,
+        RawFormat::PromptLines,
+        "data/sft/oasst_prompt_lottery_en_250.jsonl",
+        24,
+        64,
+        &dir.join("prompts"),
+    );
+    let gsm = prepared(
+        Kind::Prompt,
+        RawFormat::Gsm8k,
+        "data/sft/gsm8k_test.jsonl",
+        16,
+        200,
+        &dir.join("gsm"),
+    );
+    let gen = "[generation]\nmax_new_tokens = 6\ntemperature = 1.0\n";
+    let ppo = format!(
+        "[ppo]\nreward_model = \"{}\"\nkl_coef = 0.1\nkl_estimator = \"k3\"\nentropy_coef = 0.01\nppo_epochs = 2\n{ppo_extra}\n{gen}",
+        rm.display()
+    );
+    let grpo = format!(
+        "[grpo]\ngroup_size = 2\nreward = \"model\"\nreward_model = \"{}\"\n{gen}",
+        rm.display()
+    );
+    RlSetup {
+        ppo: config(&model, &prompts, &dir.join("ppo"), &ppo),
+        grpo: config(&model, &gsm, &dir.join("grpo"), &grpo),
+    }
 }
