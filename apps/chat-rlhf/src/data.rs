@@ -103,14 +103,18 @@ pub fn trainer_inputs(
     rows: &[Vec<u32>],
     pad: u32,
 ) -> Result<(Tensor, AttnInputs)> {
-    padded(
-        &trainer.model,
-        rows,
-        pad,
-        trainer.cfg.parallel.compute_dtype(),
-        trainer.device(),
-        trainer.output_layout().seq_multiple(),
-    )
+    trainer_inputs_in(trainer, rows, pad, trainer.cfg.parallel.compute_dtype())
+}
+
+/// [`trainer_inputs`] in `dtype` (f32 for inputs the frozen models share).
+pub fn trainer_inputs_in(
+    trainer: &Trainer,
+    rows: &[Vec<u32>],
+    pad: u32,
+    dtype: DType,
+) -> Result<(Tensor, AttnInputs)> {
+    let multiple = trainer.output_layout().seq_multiple();
+    padded(&trainer.model, rows, pad, dtype, trainer.device(), multiple)
 }
 
 /// Next-token targets of right-padded rows, flattened (B·(T − 1)): `labels[t + 1]`, IGNORE

@@ -10,7 +10,7 @@ use colossal_core::train::Trainer;
 use colossal_data::chat::prep::Record;
 
 use crate::config::GenerationSection;
-use crate::data::padded;
+use crate::data::trainer_inputs_in;
 
 pub struct Rollout {
     /// Prompt followed by response, unpadded.
@@ -129,15 +129,7 @@ impl Rollout {
         pad: u32,
         dtype: DType,
     ) -> Result<(Tensor, AttnInputs)> {
-        let multiple = trainer.output_layout().seq_multiple();
-        padded(
-            &trainer.model,
-            &self.rows,
-            pad,
-            dtype,
-            trainer.device(),
-            multiple,
-        )
+        trainer_inputs_in(trainer, &self.rows, pad, dtype)
     }
 
     /// Position of each row's last token (where a reward model reads its score).

@@ -99,16 +99,10 @@ impl Trainer {
     /// Whole weights on every rank (a collective over the replica's groups and, under ZeRO-3,
     /// the data-parallel group): what generation runs on.
     pub fn replica_params(&self) -> Result<Params> {
-        let mut params = match (&self.zero3, self.comm.as_deref()) {
-            (Some(z), Some(c)) => z.gather_full(c)?.0,
-            _ => self.params.clone(),
-        };
-        if let Some(t) = &self.tp {
-            params = t.gather(&params)?;
+        let params = self.stage_params()?;
+        match &self.pp {
+            Some(p) => p.all_params(&self.model, params),
+            None => Ok(params),
         }
-        if let Some(p) = &self.pp {
-            params = p.all_params(&self.model, params)?;
-        }
-        Ok(params)
     }
 }

@@ -19,6 +19,12 @@ impl Trainer {
         if self.pp.is_some() {
             return Ok(self.gather_model()?.map(|(p, _)| p).unwrap_or_default());
         }
+        self.stage_params()
+    }
+
+    /// This pipeline stage's whole weights: gathered over ZeRO-3 shards, then over
+    /// tensor-parallel slices (collectives over those groups).
+    pub(super) fn stage_params(&self) -> Result<Params> {
         let mine = match (&self.zero3, self.comm.as_deref()) {
             (Some(z), Some(c)) => z.gather_full(c)?.0,
             _ => self.params.clone(),
