@@ -88,7 +88,7 @@ pub fn padded(
     let t = longest.div_ceil(multiple.max(1)) * multiple.max(1);
     let (ids, mask) = crate::reward::right_padded_to(rows, pad, t, device)?;
     let b = rows.len();
-    let ctx = AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), device)?;
+    let ctx = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), device)?;
     let ctx = if dtype == DType::F32 {
         ctx
     } else {
@@ -155,8 +155,10 @@ where
     let mut sum = 0.0;
     for chunk in my_micro_batches(&rows, mbs, policy.rank(), policy.ranks()) {
         let mb = make(chunk)?;
-        let loss = policy.forward_map(&mb.inputs, &mb.ctx, |out| {
-            Ok((mb.loss_fn)(out)?.to_dtype(DType::F32)?)
+        let ids = mb.inputs.get(colossal_core::exec::IDS)?;
+        let loss = policy.forward_map(ids, &mb.ctx, |out| {
+            let out = colossal_core::exec::Acts::one(colossal_core::exec::LOGITS, out.clone());
+            Ok((mb.loss_fn)(&out)?.to_dtype(DType::F32)?)
         })?;
         sum += loss.flatten_all()?.to_vec1::<f32>()?[0] as f64;
     }

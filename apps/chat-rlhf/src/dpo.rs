@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
+use colossal_core::exec::{llama_inputs, on_output};
 use colossal_core::models::llama::AttnInputs;
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::Trainer;
@@ -80,9 +81,9 @@ impl Dpo {
         let input_ids = inputs.clone();
         let layout = policy.output_layout();
         Ok(MicroBatch {
-            inputs,
+            inputs: llama_inputs(&inputs),
             ctx,
-            loss_fn: Box::new(move |logits: &Tensor| {
+            loss_fn: on_output(move |logits: &Tensor| {
                 let lp = layout.token_log_probs(logits, &input_ids)?;
                 let seq = row_sum(&lp, &mask)?;
                 let pol = split(&seq, &lens)?;

@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+use colossal_core::exec::{llama_inputs, on_output};
 use colossal_core::models::llama::AttnInputs;
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::Trainer;
@@ -131,9 +132,9 @@ impl Grpo {
         let (clip, beta) = (self.cfg.clip_eps, self.cfg.beta);
         let ids = inputs.clone();
         Ok(MicroBatch {
-            inputs,
+            inputs: llama_inputs(&inputs),
             ctx,
-            loss_fn: Box::new(move |logits: &Tensor| {
+            loss_fn: on_output(move |logits: &Tensor| {
                 let lp = layout.token_log_probs(logits, &ids)?;
                 // One update per rollout: the old policy is this one (ratio 1, gradient ∇log π).
                 let (pl, _) = policy_loss_sum(&lp, &lp.detach(), &adv, &weight, clip)?;

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use colossal_core::dist::Communicator;
+use colossal_core::exec::{llama_inputs, on_output};
 use colossal_core::models::llama::AttnInputs;
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::Trainer;
@@ -175,9 +176,9 @@ impl Ppo {
         let (clip, ent_coef) = (cfg.clip_eps, cfg.entropy_coef);
         let ids = inputs.clone();
         Ok(MicroBatch {
-            inputs,
+            inputs: llama_inputs(&inputs),
             ctx,
-            loss_fn: Box::new(move |logits: &Tensor| {
+            loss_fn: on_output(move |logits: &Tensor| {
                 let lp = layout.token_log_probs(logits, &ids)?;
                 let (pl, clipped) = policy_loss_sum(&lp, &old, &adv, &mask, clip)?;
                 let ent = masked_sum(&layout.entropy(logits)?.narrow(1, 0, t - 1)?, &mask)?;
@@ -207,9 +208,9 @@ impl Ppo {
         let ret = e.ro.scatter(&e.returns, t, dev).map_err(err)?;
         let mask = e.ro.mask(t, dev).map_err(err)?;
         Ok(MicroBatch {
-            inputs,
+            inputs: llama_inputs(&inputs),
             ctx,
-            loss_fn: Box::new(move |scores: &Tensor| {
+            loss_fn: on_output(move |scores: &Tensor| {
                 let v = layout
                     .whole_positions(&scores.to_dtype(DType::F32)?)?
                     .squeeze(2)?

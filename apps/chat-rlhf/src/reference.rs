@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use colossal_core::checkpoint::hf::load_expected;
 use colossal_core::checkpoint::llama::load_llama;
-use colossal_core::exec::{BlockModel, Executor, FullParams, ParamSource};
+use colossal_core::exec::{llama_inputs, BlockModel, Executor, FullParams, ParamSource};
 use colossal_core::models::llama::{AttnInputs, Llama, LlamaConfig};
 use colossal_core::params::Params;
 
@@ -79,7 +79,8 @@ impl Frozen {
     pub fn forward(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
         let ctx = ctx.to_dtype(DType::F32)?;
         let exec = Executor::default();
-        Ok(match &self.weights {
+        let inputs = &llama_inputs(inputs);
+        let out = match &self.weights {
             Weights::Resident(p) => {
                 exec.forward_with(&self.model, &mut FullParams(p), inputs, &ctx)?
             }
@@ -91,7 +92,8 @@ impl Frozen {
                 };
                 exec.forward_with(&self.model, &mut source, inputs, &ctx)?
             }
-        })
+        };
+        Ok(out.single()?.clone())
     }
 
     /// Log-probability of each next token (B, T − 1).

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
+use colossal_core::exec::{llama_inputs, on_output};
 use colossal_core::models::llama::{AttnInputs, Llama};
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::Trainer;
@@ -52,9 +53,9 @@ fn pair_micro_batch(
         trainer_inputs(policy, &rows, pad).map_err(|e| colossal_core::msg!("{e:#}"))?;
     let layout = policy.output_layout();
     Ok(MicroBatch {
-        inputs,
+        inputs: llama_inputs(&inputs),
         ctx,
-        loss_fn: Box::new(move |scores: &Tensor| {
+        loss_fn: on_output(move |scores: &Tensor| {
             let scores = layout.whole_positions(&scores.to_dtype(DType::F32)?)?;
             let r = rewards(&scores, &last)?;
             let (c, x) = (r.narrow(0, 0, m)?, r.narrow(0, m, m)?);

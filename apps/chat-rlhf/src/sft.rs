@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
+use colossal_core::exec::{llama_inputs, on_output};
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::Trainer;
 use colossal_data::chat::prep::Record;
@@ -31,10 +32,10 @@ pub fn sft_micro_batch(
     let layout = policy.output_layout();
     let ids = inputs.clone();
     Ok(MicroBatch {
-        inputs,
+        inputs: llama_inputs(&inputs),
         ctx,
         // Σ −log p over the learned tokens (vocabulary- and sequence-split alike).
-        loss_fn: Box::new(move |logits: &Tensor| {
+        loss_fn: on_output(move |logits: &Tensor| {
             let lp = layout.token_log_probs(logits, &ids)?;
             Ok((masked_sum(&lp, &mask)?.neg()? / norm)?)
         }),

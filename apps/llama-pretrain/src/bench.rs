@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use colossal_core::exec::{Executor, GradAccumulator};
+use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::optim::{AdamW, AdamWConfig};
 use colossal_core::train::lm_loss;
@@ -62,7 +62,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         })
         .collect();
     let ids = Tensor::from_vec(ids, (a.batch, a.seq), &device)?;
-    let ctx = AttnInputs::causal(&model.cfg, &model.inv_freq, a.batch, a.seq, None, &device)?;
+    let ctx = AttnInputs::causal(&model.cfg, &model.rope, a.batch, a.seq, None, &device)?;
     let exec = Executor {
         activation_checkpointing: a.activation_checkpointing,
     };
@@ -80,8 +80,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         let mut sink = GradAccumulator::default();
         let tg = targets.clone();
-        let loss_fn = move |l: &Tensor| lm_loss(l, &tg, norm);
-        let out = exec.forward_backward(&model, &params, &ids, &ctx, &loss_fn, &mut sink)?;
+        let loss_fn = on_output(move |l: &Tensor| lm_loss(l, &tg, norm));
+        let inputs = llama_inputs(&ids);
+        let out = exec.forward_backward(&model, &params, &inputs, &ctx, &*loss_fn, &mut sink)?;
         opt.step(&params, &sink.grads, 1e-3)?;
         last_loss = out.loss;
         if i >= a.warmup {

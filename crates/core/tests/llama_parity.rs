@@ -3,7 +3,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
-use colossal_core::exec::{Executor, GradAccumulator};
+use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Llama, Sampling};
 use colossal_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use colossal_core::params::Params;
@@ -49,8 +49,7 @@ fn batch(model: &Llama, f: &Fixture) -> (Tensor, AttnInputs, Vec<i64>, Vec<Vec<u
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
     let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
-    let inp =
-        AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
     let targets: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
     (ids, inp, targets, mask)
 }
@@ -110,7 +109,7 @@ fn hidden_states_rope_and_layer_outputs_match() {
     let (model, params) =
         load_llama(&fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap();
     let (ids, inp, _, mask) = batch(&model, &f);
-    let inv = Tensor::new(model.inv_freq.as_slice(), &Device::Cpu).unwrap();
+    let inv = Tensor::new(model.rope.inv_freq(1).as_slice(), &Device::Cpu).unwrap();
     assert_close("rope.inv_freq", &inv, &f.tensors["rope.inv_freq"], 1e-6);
     assert_close(
         "rope.cos",
@@ -167,7 +166,14 @@ fn grads_blockwise(
     Executor {
         activation_checkpointing: checkpointing,
     }
-    .forward_backward(model, params, &ids, &inp, &loss_fn, &mut sink)
+    .forward_backward(
+        model,
+        params,
+        &llama_inputs(&ids),
+        &inp,
+        &*on_output(&loss_fn),
+        &mut sink,
+    )
     .unwrap();
     sink
 }
@@ -344,8 +350,7 @@ fn reward_model_checkpoint_loads_as_base_model() {
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
     let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
-    let inp =
-        AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
     let mut x = model.embed(&params, &ids).unwrap();
     for l in 0..model.cfg.num_hidden_layers {
         x = model.layer(l, &params, &x, &inp, None).unwrap();

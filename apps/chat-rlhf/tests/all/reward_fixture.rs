@@ -50,8 +50,7 @@ fn scores_and_pairwise_loss_match_transformers() {
     assert_eq!(index, want_index);
     let (ids, mask) = right_padded(&rows, pad, &Device::Cpu).unwrap();
     let (b, t) = ids.dims2().unwrap();
-    let inp =
-        AttnInputs::causal(&model.cfg, &model.inv_freq, b, t, Some(&mask), &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
     let per_position = model.forward(&params, &ids, &inp).unwrap();
     assert_eq!(per_position.dims(), &[4, 12, 1]);
     let scores = rewards(&per_position, &index)

@@ -30,14 +30,7 @@ pub fn next_token_logprobs(
             mask.push((0..len).map(|i| u8::from(i < p.len())).collect::<Vec<u8>>());
         }
         let ids = Tensor::from_vec(ids, (chunk.len(), len), &dev)?;
-        let inp = AttnInputs::causal(
-            &model.cfg,
-            &model.inv_freq,
-            chunk.len(),
-            len,
-            Some(&mask),
-            &dev,
-        )?;
+        let inp = AttnInputs::causal(&model.cfg, &model.rope, chunk.len(), len, Some(&mask), &dev)?;
         let mut x = model.embed(params, &ids)?;
         for l in 0..model.cfg.num_hidden_layers {
             x = model.layer(l, params, &x, &inp, None)?;
@@ -72,7 +65,7 @@ pub fn perplexity(
     for group in windows.chunks(batch.max(1)) {
         for w in group {
             let t = Tensor::new(*w, &dev)?.unsqueeze(0)?;
-            let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 1, w.len(), None, &dev)?;
+            let inp = AttnInputs::causal(&model.cfg, &model.rope, 1, w.len(), None, &dev)?;
             let logits = model.forward(params, &t, &inp)?.squeeze(0)?;
             let logp = log_softmax(&logits.narrow(0, 0, w.len() - 1)?.to_dtype(DType::F32)?)?;
             let next = Tensor::new(&w[1..], &dev)?.unsqueeze(1)?;

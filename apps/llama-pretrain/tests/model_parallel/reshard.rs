@@ -115,7 +115,7 @@ fn tp2_pp2_checkpoint_resumes_at_dp4_tp4_and_one_rank() {
     );
     let (model, params) = load_llama(&hf, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 5, 9, 200, 31000, 7]], &Device::Cpu).unwrap();
-    let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 1, 6, None, &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, 1, 6, None, &Device::Cpu).unwrap();
     let logits = model.forward(&params, &ids, &inp).unwrap();
     // The same model from the one-rank resume's starting point: load the distributed
     // checkpoint whole.

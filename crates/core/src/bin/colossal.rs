@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use colossal_core::checkpoint::{hf, llama::load_llama};
-use colossal_core::exec::Executor;
+use colossal_core::exec::{llama_inputs, Executor};
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Sampling};
 
 #[global_allocator]
@@ -145,13 +145,15 @@ fn main() -> Result<()> {
             let ids = Tensor::from_vec(inp.input_ids.concat(), (b, t), &device)?;
             let ctx = AttnInputs::causal(
                 &llama.cfg,
-                &llama.inv_freq,
+                &llama.rope,
                 b,
                 t,
                 inp.attention_mask.as_deref(),
                 &device,
             )?;
-            let logits = Executor::default().forward(&llama, &params, &ids, &ctx)?;
+            let outputs =
+                Executor::default().forward(&llama, &params, &llama_inputs(&ids), &ctx)?;
+            let logits = outputs.single()?.clone();
             hf::save_file(&out, &[("logits".to_string(), logits)])?;
             eprintln!(
                 "wrote logits ({b}, {t}, {}) to {}",

@@ -1,34 +1,38 @@
 //! Block-wise forward and backward.
 //!
 //! Candle's autograd keeps a graph (and every tensor it touched) alive until `backward()`.
-//! Running the model as a chain of blocks, each with a detached input, bounds what is alive:
-//! forward keeps only each block's input (with activation checkpointing) or each block's own
-//! graph; backward walks the blocks in reverse, seeding each block with the gradient of its
-//! output (`sum(y · g)` has gradient `g` w.r.t. `y`), so a block's parameter gradients exist —
-//! and are handed to the hooks — as soon as that block is done. ZeRO-3 gathers, offload,
-//! pipeline send/recv and gradient reduction attach at these points.
+//! Running the model as a chain of blocks, each with detached inputs, bounds what is alive:
+//! forward keeps only each block's inputs (with activation checkpointing) or each block's own
+//! graph; backward walks the blocks in reverse, seeding each block with the gradients of its
+//! outputs (`Σ sum(y_k · g_k)` has gradient `g_k` w.r.t. each `y_k`), so a block's parameter
+//! gradients exist — and are handed to the hooks — as soon as that block is done. ZeRO-3
+//! gathers, offload, pipeline send/recv and gradient reduction attach at these points.
+//!
+//! Between blocks flows a named set of tensors ([`Acts`]): a tensor a block does not touch
+//! (a skip connection on its way to the block that reads it) passes through, and its gradient
+//! passes back the same way.
 
 use std::ops::Range;
 
 use candle_core::{Tensor, Var};
 
+use super::Acts;
 use crate::params::{Grads, Params};
 use crate::Result;
 
-/// A model the executor can run: `num_blocks` blocks, block `i` mapping its input
-/// activation to its output. Block 0 receives the raw inputs (token ids), which get no gradient.
+/// A model the executor can run: `num_blocks` blocks, block `i` mapping the set of tensors
+/// between blocks to the next set. Block 0 receives the model's inputs.
 pub trait BlockModel {
     /// Per-batch inputs shared by all blocks (masks, position tables).
     type Ctx;
     fn num_blocks(&self) -> usize;
     fn block_param_names(&self, block: usize) -> Vec<String>;
-    fn block_forward(
-        &self,
-        block: usize,
-        p: &Params,
-        x: &Tensor,
-        ctx: &Self::Ctx,
-    ) -> Result<Tensor>;
+    fn block_forward(&self, block: usize, p: &Params, x: &Acts, ctx: &Self::Ctx) -> Result<Acts>;
+    /// Whether the tensor `name` between blocks takes a gradient. Inputs such as token ids,
+    /// timesteps or masks carried along say no; integer tensors never take one.
+    fn takes_grad(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 /// For each parameter, the block after whose backward its gradient is complete: the first
@@ -44,8 +48,13 @@ pub fn grad_ready_block<M: BlockModel>(model: &M) -> std::collections::HashMap<S
     ready
 }
 
-/// Maps the last block's output to the scalar loss.
-pub type LossFn<'a> = dyn Fn(&Tensor) -> Result<Tensor> + 'a;
+/// Maps the last block's outputs to the scalar loss.
+pub type LossFn<'a> = dyn Fn(&Acts) -> Result<Tensor> + 'a;
+
+/// A loss computed from the model's one output tensor (a LLaMA's logits or scores).
+pub fn on_output<'a>(f: impl Fn(&Tensor) -> Result<Tensor> + 'a) -> Box<LossFn<'a>> {
+    Box::new(move |out: &Acts| f(out.single()?))
+}
 
 /// Points between blocks. All default to doing nothing.
 pub trait Hooks {
@@ -110,15 +119,15 @@ impl ParamSource for FullParams<'_> {
 }
 
 enum Saved {
-    /// The block's input (a Var so its gradient can be read), output with its graph, and the
-    /// parameters the graph was built on.
+    /// The block's inputs that take a gradient (as Vars, so it can be read), outputs with
+    /// their graph, and the parameters the graph was built on.
     Graph {
-        input: Option<Var>,
-        output: Tensor,
+        inputs: Vec<(String, Var)>,
+        output: Acts,
         params: Params,
     },
-    /// Only the (detached) input; the block is recomputed in backward.
-    Input(Tensor),
+    /// Only the (detached) inputs; the block is recomputed in backward.
+    Input(Acts),
 }
 
 impl Executor {
@@ -127,9 +136,9 @@ impl Executor {
         &self,
         model: &M,
         params: &Params,
-        inputs: &Tensor,
+        inputs: &Acts,
         ctx: &M::Ctx,
-    ) -> Result<Tensor> {
+    ) -> Result<Acts> {
         self.forward_with(model, &mut FullParams(params), inputs, ctx)
     }
 
@@ -138,9 +147,9 @@ impl Executor {
         &self,
         model: &M,
         source: &mut dyn ParamSource,
-        inputs: &Tensor,
+        inputs: &Acts,
         ctx: &M::Ctx,
-    ) -> Result<Tensor> {
+    ) -> Result<Acts> {
         let mut x = inputs.clone();
         for i in 0..model.num_blocks() {
             let params = source.acquire(i)?;
@@ -155,9 +164,9 @@ impl Executor {
         &self,
         model: &M,
         params: &Params,
-        inputs: &Tensor,
+        inputs: &Acts,
         ctx: &M::Ctx,
-        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+        loss_fn: &LossFn<'_>,
         hooks: &mut dyn Hooks,
     ) -> Result<StepOutput> {
         self.forward_backward_with(model, &mut FullParams(params), inputs, ctx, loss_fn, hooks)
@@ -168,9 +177,9 @@ impl Executor {
         &self,
         model: &M,
         source: &mut dyn ParamSource,
-        inputs: &Tensor,
+        inputs: &Acts,
         ctx: &M::Ctx,
-        loss_fn: &dyn Fn(&Tensor) -> Result<Tensor>,
+        loss_fn: &LossFn<'_>,
         hooks: &mut dyn Hooks,
     ) -> Result<StepOutput> {
         let all = 0..model.num_blocks();
@@ -184,19 +193,19 @@ impl Executor {
     }
 
     /// Forward through blocks `blocks` (a pipeline stage's chunk) from `input`: returns the
-    /// chunk's output (detached) and what its backward needs. With `loss_fn`, the chunk ends
-    /// the model and the loss is computed on its output.
+    /// chunk's outputs (detached) and what its backward needs. With `loss_fn`, the chunk ends
+    /// the model and the loss is computed on its outputs.
     #[allow(clippy::too_many_arguments)]
     pub fn chunk_forward<M: BlockModel>(
         &self,
         model: &M,
         source: &mut dyn ParamSource,
         blocks: Range<usize>,
-        input: &Tensor,
+        input: &Acts,
         ctx: &M::Ctx,
         loss_fn: Option<&LossFn<'_>>,
         hooks: &mut dyn Hooks,
-    ) -> Result<(Tensor, ChunkState)> {
+    ) -> Result<(Acts, ChunkState)> {
         let recompute = self.activation_checkpointing || source.sharded();
         let mut saved: Vec<Saved> = Vec::with_capacity(blocks.len());
         let mut x = input.clone();
@@ -212,13 +221,13 @@ impl Executor {
                 saved.push(Saved::Input(x));
                 x = y;
             } else {
-                let (input, y) = tracked_forward(model, i, &params, &x, ctx)?;
+                let (inputs, y) = tracked_forward(model, i, &params, &x, ctx)?;
                 if let (true, Some(f)) = (last, loss_fn) {
                     loss = Some(f(&y)?);
                 }
                 x = y.detach();
                 saved.push(Saved::Graph {
-                    input,
+                    inputs,
                     output: y,
                     params,
                 });
@@ -236,60 +245,66 @@ impl Executor {
     }
 
     /// Backward through a chunk run by [`Self::chunk_forward`], seeded by the loss (chunk
-    /// ending the model) or by `grad_out`, the gradient of the chunk's output. Returns the
-    /// gradient of the chunk's input (`None` for the chunk starting at block 0).
+    /// ending the model) or by `grad_out`, the gradients of the chunk's outputs. Returns the
+    /// gradients of the chunk's inputs (`None` when none takes one, as for block 0's).
     pub fn chunk_backward<M: BlockModel>(
         &self,
         model: &M,
         source: &mut dyn ParamSource,
         state: ChunkState,
-        grad_out: Option<&Tensor>,
+        grad_out: Option<&Acts>,
         ctx: &M::Ctx,
         hooks: &mut dyn Hooks,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<Acts>> {
         let ChunkState {
             blocks,
             mut saved,
             loss,
         } = state;
-        let mut grad_out: Option<Tensor> = grad_out.cloned();
+        let mut grad_out: Option<Acts> = grad_out.cloned();
         for i in blocks.rev() {
             hooks.before_backward(i)?;
-            let (input, root, params) = match saved.pop().expect("one entry per block") {
+            let (inputs, root, params) = match saved.pop().expect("one entry per block") {
                 Saved::Graph {
-                    input,
+                    inputs,
                     output,
                     params,
                 } => {
                     let root = match (&grad_out, &loss) {
-                        (Some(g), _) => (output * g)?.sum_all()?,
-                        (None, Some(l)) => l.clone(),
+                        (Some(g), _) => seed(&output, g)?,
+                        (None, Some(l)) => Some(l.clone()),
                         (None, None) => {
                             return Err(crate::msg!("chunk backward needs a loss or a gradient"))
                         }
                     };
-                    (input, root, params)
+                    (inputs, root, params)
                 }
                 Saved::Input(x) => {
                     let params = source.acquire(i)?;
-                    let (input, y) = tracked_forward(model, i, &params, &x, ctx)?;
+                    let (inputs, y) = tracked_forward(model, i, &params, &x, ctx)?;
                     let g = grad_out.as_ref().expect("recomputed blocks are not last");
-                    (input, (y * g)?.sum_all()?, params)
+                    (inputs, seed(&y, g)?, params)
                 }
             };
-            let mut store = root.backward()?;
             let mut block_grads = Vec::new();
-            for name in model.block_param_names(i) {
-                let var = params.var(&name)?;
-                if let Some(g) = store.remove(var.as_tensor()) {
-                    block_grads.push((name, g));
+            let mut grad_in = Acts::new();
+            // No output of this block reaches the loss: neither its weights nor its inputs
+            // get a gradient from it.
+            if let Some(root) = root {
+                let mut store = root.backward()?;
+                for name in model.block_param_names(i) {
+                    let var = params.var(&name)?;
+                    if let Some(g) = store.remove(var.as_tensor()) {
+                        block_grads.push((name, g));
+                    }
+                }
+                for (name, v) in &inputs {
+                    if let Some(g) = store.remove(v.as_tensor()) {
+                        grad_in.insert(name, g);
+                    }
                 }
             }
-            grad_out = match &input {
-                Some(v) => store.remove(v.as_tensor()),
-                None => None,
-            };
-            drop(store);
+            grad_out = (!grad_in.is_empty()).then_some(grad_in);
             drop(params);
             hooks.after_backward(i, block_grads)?;
         }
@@ -316,21 +331,40 @@ impl ChunkState {
     }
 }
 
-/// Runs block `i` on `x` with the graph kept; the input becomes a `Var` (except for block 0,
-/// whose input is token ids) so its gradient can be read after backward.
+/// Runs block `i` on `x` with the graph kept; each input that takes a gradient becomes a
+/// `Var` so its gradient can be read after backward.
 fn tracked_forward<M: BlockModel>(
     model: &M,
     i: usize,
     params: &Params,
-    x: &Tensor,
+    x: &Acts,
     ctx: &M::Ctx,
-) -> Result<(Option<Var>, Tensor)> {
-    let input = if i == 0 {
-        None
-    } else {
-        Some(Var::from_tensor(x)?)
-    };
-    let xin = input.as_ref().map_or(x, |v| v.as_tensor());
-    let y = model.block_forward(i, params, xin, ctx)?;
-    Ok((input, y))
+) -> Result<(Vec<(String, Var)>, Acts)> {
+    let mut vars = Vec::new();
+    let mut xin = Acts::new();
+    for (name, t) in x.iter() {
+        if model.takes_grad(name) && t.dtype().is_float() {
+            let v = Var::from_tensor(t)?;
+            xin.insert(name, v.as_tensor().clone());
+            vars.push((name.to_string(), v));
+        } else {
+            xin.insert(name, t.clone());
+        }
+    }
+    let y = model.block_forward(i, params, &xin, ctx)?;
+    Ok((vars, y))
+}
+
+/// The scalar whose gradient w.r.t. each output `y_k` is `g_k`: `Σ_k sum(y_k · g_k)` over the
+/// outputs that received a gradient (`None` when none did).
+fn seed(output: &Acts, grads: &Acts) -> Result<Option<Tensor>> {
+    let mut root: Option<Tensor> = None;
+    for (name, g) in grads.iter() {
+        let term = (output.get(name)? * g)?.sum_all()?;
+        root = Some(match root {
+            None => term,
+            Some(r) => (r + term)?,
+        });
+    }
+    Ok(root)
 }

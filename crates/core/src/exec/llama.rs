@@ -1,8 +1,9 @@
-//! LLaMA as blocks: `[embedding, layer 0, …, layer N-1, final norm + LM head]`.
+//! LLaMA as blocks: `[embedding, layer 0, …, layer N-1, final norm + LM head]`, carrying
+//! `ids` → `h` (the residual stream) → `logits`.
 
 use candle_core::Tensor;
 
-use super::BlockModel;
+use super::{Acts, BlockModel};
 use crate::models::llama::{AttnInputs, Llama};
 use crate::params::Params;
 use crate::Result;
@@ -27,20 +28,28 @@ impl BlockModel for Llama {
         }
     }
 
-    fn block_forward(
-        &self,
-        block: usize,
-        p: &Params,
-        x: &Tensor,
-        ctx: &AttnInputs,
-    ) -> Result<Tensor> {
+    fn block_forward(&self, block: usize, p: &Params, x: &Acts, ctx: &AttnInputs) -> Result<Acts> {
         let layers = self.cfg.num_hidden_layers;
-        if block == 0 {
-            self.embed(p, x)
+        Ok(if block == 0 {
+            Acts::one(H, self.embed(p, x.get(IDS)?)?)
         } else if block <= layers {
-            self.layer(block - 1, p, x, ctx, None)
+            Acts::one(H, self.layer(block - 1, p, x.get(H)?, ctx, None)?)
         } else {
-            self.head(p, x)
-        }
+            Acts::one(LOGITS, self.head(p, x.get(H)?)?)
+        })
     }
+
+    fn takes_grad(&self, name: &str) -> bool {
+        name != IDS
+    }
+}
+
+/// Names of the tensors between LLaMA's blocks.
+pub const IDS: &str = "ids";
+pub const H: &str = "h";
+pub const LOGITS: &str = "logits";
+
+/// The model's input set for token ids (B, T).
+pub fn llama_inputs(ids: &Tensor) -> Acts {
+    Acts::one(IDS, ids.clone())
 }

@@ -1,7 +1,8 @@
 //! Executes one rank's pipeline schedule with the block-wise executor: each F runs a chunk of
 //! blocks and sends its output on, each B runs the chunk's backward from the gradient that
 //! came back and sends the input gradient further back. Messages carry a (kind, stage,
-//! micro-batch) header, so a rank may receive them in any order its schedule needs.
+//! micro-batch) header, so a rank may receive them in any order its schedule needs; each
+//! carries the whole set of tensors between blocks (or their gradients), by name.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use super::pipeline::{stage_of, Op, Schedule};
 use super::weight_grad::WeightGradStash;
 use crate::dist::Communicator;
-use crate::exec::{BlockModel, ChunkState, Executor, Hooks, LossFn, ParamSource};
+use crate::exec::{Acts, BlockModel, ChunkState, Executor, Hooks, LossFn, ParamSource};
 use crate::params::Grads;
 use crate::Result;
 
@@ -26,32 +27,44 @@ type Key = (u32, usize, usize);
 /// Point-to-point messages with a header; out-of-order arrivals wait in `pending`.
 struct Mailbox<'a> {
     comm: &'a dyn Communicator,
-    pending: HashMap<Key, Tensor>,
+    pending: HashMap<Key, Acts>,
 }
 
 impl Mailbox<'_> {
-    fn send(&self, dst: usize, (kind, stage, mb): Key, t: &Tensor) -> Result<()> {
-        let header = Tensor::new(&[kind as f32, stage as f32, mb as f32], &Device::Cpu)?;
+    /// Header (kind, stage, micro-batch, count), then each tensor's name and the tensor.
+    fn send(&self, dst: usize, (kind, stage, mb): Key, acts: &Acts) -> Result<()> {
+        let n = acts.len() as f32;
+        let header = Tensor::new(&[kind as f32, stage as f32, mb as f32, n], &Device::Cpu)?;
         self.comm.send(&header, dst)?;
-        self.comm.send(&t.contiguous()?, dst)
+        for (name, t) in acts.iter() {
+            let bytes: Vec<f32> = name.bytes().map(f32::from).collect();
+            self.comm.send(&Tensor::new(bytes, &Device::Cpu)?, dst)?;
+            self.comm.send(&t.contiguous()?, dst)?;
+        }
+        Ok(())
     }
 
-    fn recv(&mut self, src: usize, key: Key) -> Result<Tensor> {
+    fn recv(&mut self, src: usize, key: Key) -> Result<Acts> {
         loop {
             if let Some(t) = self.pending.remove(&key) {
                 return Ok(t);
             }
             let h: Vec<f32> = self.comm.recv(src)?.to_vec1()?;
-            let payload = self.comm.recv(src)?;
+            let mut acts = Acts::new();
+            for _ in 0..h[3] as usize {
+                let name: Vec<f32> = self.comm.recv(src)?.to_vec1()?;
+                let name: String = name.iter().map(|&b| b as u8 as char).collect();
+                acts.insert(&name, self.comm.recv(src)?);
+            }
             self.pending
-                .insert((h[0] as u32, h[1] as usize, h[2] as usize), payload);
+                .insert((h[0] as u32, h[1] as usize, h[2] as usize), acts);
         }
     }
 }
 
 /// One micro-batch: the model's inputs, its per-batch context and, for the last stage, the loss.
 pub struct MicroBatch<'a, C> {
-    pub inputs: Tensor,
+    pub inputs: Acts,
     pub ctx: C,
     pub loss_fn: Box<LossFn<'a>>,
 }

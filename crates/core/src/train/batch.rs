@@ -77,15 +77,7 @@ pub fn causal_lm_batch(
     }
     let ids = Tensor::from_vec(flat, (seqs.len(), t), device)?;
     let segs = boundary_aware.then_some(segments.as_slice());
-    let inputs = AttnInputs::new(
-        &model.cfg,
-        &model.inv_freq,
-        &positions,
-        0,
-        None,
-        segs,
-        device,
-    )?;
+    let inputs = AttnInputs::new(&model.cfg, &model.rope, &positions, 0, None, segs, device)?;
     let loss_tokens = targets.iter().filter(|&&x| x != IGNORE).count();
     Ok(LmBatch {
         ids,

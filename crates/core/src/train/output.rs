@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 
 use crate::dist::autograd::{gather_whole, reduce_from};
 use crate::dist::{Group, ReduceOp};
+use crate::exec::Acts;
 use crate::models::llama::AttnInputs;
 use crate::parallel::sequence::{gathered_order, local_positions, shard_inputs, shard_tokens};
 use crate::Result;
@@ -45,12 +46,12 @@ impl OutputLayout {
     }
 
     /// This rank's positions of whole-sequence model inputs (all of them without sequence
-    /// parallelism).
-    pub fn shard(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<(Tensor, AttnInputs)> {
+    /// parallelism): every input is split along its sequence dimension (1).
+    pub fn shard(&self, inputs: &Acts, ctx: &AttnInputs) -> Result<(Acts, AttnInputs)> {
         match &self.sp {
             None => Ok((inputs.clone(), ctx.clone())),
             Some(g) => Ok((
-                shard_tokens(inputs, g.size(), g.rank())?,
+                inputs.map(|t| shard_tokens(t, g.size(), g.rank()))?,
                 shard_inputs(ctx, g.size(), g.rank())?,
             )),
         }

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::output::OutputLayout;
 use super::trainer::Trainer;
 use crate::dist::{Communicator, ReduceOp};
+use crate::exec::{llama_inputs, on_output};
 use crate::models::llama::{AttnInputs, Llama};
 use crate::parallel::pipeline_run::MicroBatch;
 use crate::params::Params;
@@ -62,19 +63,19 @@ impl Trainer {
             DType::F32 => ctx.clone(),
             d => ctx.to_dtype(d)?,
         };
-        let (inputs, ctx) = self.output_layout().shard(inputs, &ctx)?;
+        let (inputs, ctx) = self.output_layout().shard(&llama_inputs(inputs), &ctx)?;
         let mut weights = self.weights(dtype)?;
         let Some(pp) = &self.pp else {
             let out = self
                 .executor
                 .forward_with(&self.model, &mut weights, &inputs, &ctx)?;
-            return f(&out);
+            return f(out.single()?);
         };
         let result = RefCell::new(None);
         let mb = MicroBatch {
             inputs,
             ctx,
-            loss_fn: Box::new(|out: &Tensor| {
+            loss_fn: on_output(|out: &Tensor| {
                 *result.borrow_mut() = Some(f(out)?.to_dtype(DType::F32)?.detach());
                 Ok(Tensor::new(0f32, out.device())?)
             }),

@@ -17,7 +17,10 @@ use super::tensor_parallel::TpRank;
 use super::TrainConfig;
 use crate::data::PackedDataset;
 use crate::dist::{Communicator, Group, ReduceOp};
-use crate::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
+use crate::exec::{
+    grad_ready_block, llama_inputs, on_output, Acts, BlockModel, Executor, FullParams,
+    GradAccumulator,
+};
 use crate::models::llama::{AttnInputs, Llama};
 use crate::optim::{clip_to_norm, AdamW, LrSchedule};
 use crate::parallel::pipeline_run::MicroBatch;
@@ -151,9 +154,9 @@ impl Trainer {
             let mb = me.rank_batch(causal_lm_batch(&me.model, mine[i], aware, &me.device)?)?;
             let (targets, shifted, tp) = (mb.targets, mb.shifted, tp.clone());
             Ok(MicroBatch {
-                inputs: mb.ids,
+                inputs: llama_inputs(&mb.ids),
                 ctx: mb.ctx,
-                loss_fn: Box::new(move |logits: &Tensor| {
+                loss_fn: on_output(move |logits: &Tensor| {
                     loss_of(tp.as_ref(), logits, &targets, shifted, norm)
                 }),
             })
@@ -227,7 +230,7 @@ impl Trainer {
             MicroBatch {
                 inputs: mb.inputs,
                 ctx: mb.ctx,
-                loss_fn: Box::new(move |x: &Tensor| Ok((f(x)? * scale)?)),
+                loss_fn: Box::new(move |x: &Acts| Ok((f(x)? * scale)?)),
             }
         };
         let mut loss = 0.0f32;
@@ -457,16 +460,19 @@ impl Trainer {
             let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
             if self.pp.is_some() {
                 staged.push(crate::parallel::pipeline_run::MicroBatch {
-                    inputs: mb.ids,
+                    inputs: llama_inputs(&mb.ids),
                     ctx: mb.ctx,
-                    loss_fn: Box::new(move |l: &Tensor| loss_of(tp, l, &targets, shifted, 1.0)),
+                    loss_fn: on_output(move |l: &Tensor| loss_of(tp, l, &targets, shifted, 1.0)),
                 });
                 continue;
             }
-            let logits = self
-                .executor
-                .forward_with(&self.model, &mut weights, &mb.ids, &mb.ctx)?;
-            let l = loss_of(tp, &logits, &targets, shifted, 1.0)?;
+            let out = self.executor.forward_with(
+                &self.model,
+                &mut weights,
+                &llama_inputs(&mb.ids),
+                &mb.ctx,
+            )?;
+            let l = loss_of(tp, out.single()?, &targets, shifted, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
         }
         if let Some(pp) = &self.pp {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use colossal_core::dist::{run_local, Communicator, ReduceOp};
-use colossal_core::exec::{BlockModel, Executor, FullParams, GradAccumulator};
+use colossal_core::exec::{
+    llama_inputs, on_output, BlockModel, Executor, FullParams, GradAccumulator,
+};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
 use colossal_core::parallel::pipeline::{self, Schedule};
@@ -52,7 +54,7 @@ fn loss_fn(targets: Vec<i64>, norm: f64) -> impl Fn(&Tensor) -> colossal_core::R
 fn reference(model: &Llama, init: &Params, m: usize) -> (Vec<f32>, Params) {
     let params = copy_where(init, |_| true);
     let mut opt = adamw();
-    let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 1, LEN, None, &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, 1, LEN, None, &Device::Cpu).unwrap();
     let norm = (m * (LEN - 1)) as f64;
     let mut losses = Vec::new();
     for step in 0..STEPS {
@@ -62,7 +64,14 @@ fn reference(model: &Llama, init: &Params, m: usize) -> (Vec<f32>, Params) {
             let (ids, targets) = micro_batch(step, mb);
             let f = loss_fn(targets, norm);
             let out = Executor::default()
-                .forward_backward(model, &params, &ids, &inp, &f, &mut acc)
+                .forward_backward(
+                    model,
+                    &params,
+                    &llama_inputs(&ids),
+                    &inp,
+                    &*on_output(&f),
+                    &mut acc,
+                )
                 .unwrap();
             loss += out.loss;
         }
@@ -97,7 +106,7 @@ fn check(tie: bool, schedule: Schedule, p: usize, m: usize) {
             .flat_map(|&b| model.block_param_names(b))
             .collect();
         let params = copy_where(&init, |n| names.iter().any(|x| x == n));
-        let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 1, LEN, None, &Device::Cpu)?;
+        let inp = AttnInputs::causal(&model.cfg, &model.rope, 1, LEN, None, &Device::Cpu)?;
         let norm = (m * (LEN - 1)) as f64;
         let mut opt = adamw();
         let (mut losses, mut bubbles) = (Vec::new(), Vec::new());
@@ -106,9 +115,9 @@ fn check(tie: bool, schedule: Schedule, p: usize, m: usize) {
                 .map(|mb| {
                     let (ids, targets) = micro_batch(step, mb);
                     MicroBatch {
-                        inputs: ids,
+                        inputs: llama_inputs(&ids),
                         ctx: inp.clone(),
-                        loss_fn: Box::new(loss_fn(targets, norm)),
+                        loss_fn: on_output(loss_fn(targets, norm)),
                     }
                 })
                 .collect();

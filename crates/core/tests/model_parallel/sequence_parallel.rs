@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use colossal_core::dist::{run_local, Group, ReduceOp};
-use colossal_core::exec::{Executor, GradAccumulator};
+use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
 use colossal_core::parallel::sequence::{self, SpMode};
@@ -60,8 +60,7 @@ fn train(model: &Llama, params: Params, sp: Option<&Group>) -> (Vec<f32>, Params
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let (ids, targets) = batch(step % 2, SEQ);
-        let inp =
-            AttnInputs::causal(&model.cfg, &model.inv_freq, 2, SEQ, None, &Device::Cpu).unwrap();
+        let inp = AttnInputs::causal(&model.cfg, &model.rope, 2, SEQ, None, &Device::Cpu).unwrap();
         let n = (2 * (SEQ - 1)) as f64;
         let (ids, inp, targets): (Tensor, AttnInputs, Vec<i64>) = match sp {
             None => (ids, inp, targets.concat()),
@@ -85,7 +84,14 @@ fn train(model: &Llama, params: Params, sp: Option<&Group>) -> (Vec<f32>, Params
         };
         let mut acc = GradAccumulator::default();
         let out = Executor::default()
-            .forward_backward(model, &params, &ids, &inp, &loss_fn, &mut acc)
+            .forward_backward(
+                model,
+                &params,
+                &llama_inputs(&ids),
+                &inp,
+                &*on_output(&loss_fn),
+                &mut acc,
+            )
             .unwrap();
         let mut loss = out.loss;
         if let Some(g) = sp {
@@ -160,7 +166,7 @@ fn ring_attention_on_a_sequence_four_times_the_attention_budget() {
     let model = Llama::new(config(4)).unwrap();
     let params = init_params(&model, 3, &Device::Cpu).unwrap();
     let (ids, _) = batch(0, len);
-    let inp = AttnInputs::causal(&model.cfg, &model.inv_freq, 2, len, None, &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, 2, len, None, &Device::Cpu).unwrap();
     let full = model.forward(&params, &ids, &inp).unwrap();
     let sp = 4;
     let peaks = run_local(sp, T, |comm| {

@@ -4,25 +4,77 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::rope::RopeParameters;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RopeScaling {
-    #[serde(alias = "type")]
-    pub rope_type: String,
-    #[serde(default)]
-    pub factor: Option<f64>,
-    #[serde(default)]
-    pub low_freq_factor: Option<f64>,
-    #[serde(default)]
-    pub high_freq_factor: Option<f64>,
-    #[serde(default)]
-    pub original_max_position_embeddings: Option<usize>,
-}
+/// config.json keys that a LLaMA checkpoint may carry and that do not change its math here
+/// (metadata, generation and serving hints, the ones read elsewhere).
+const HARMLESS_KEYS: &[&str] = &[
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "pretraining_tp",
+    "_name_or_path",
+    "name_or_path",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "prefix",
+    "task_specific_params",
+    "finetuning_task",
+    "tokenizer_class",
+    "max_length",
+    "decoder_start_token_id",
+    "sep_token_id",
+];
 
-fn default_rope_theta() -> f64 {
-    10000.0
-}
+/// Keys that change the model's math in transformers (or another library's LLaMA variant)
+/// and that this LLaMA does not implement: an error unless they hold their no-op value.
+const UNIMPLEMENTED_KEYS: &[&str] = &[
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "embedding_multiplier",
+    "residual_multiplier",
+    "attention_multiplier",
+    "query_pre_attn_scalar",
+    "qk_layernorm",
+    "use_qk_norm",
+    "partial_rotary_factor",
+    "rope_interleave",
+    "quantization_config",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "auto_map",
+    "no_rope_layers",
+];
+
+/// Architectures read as this LLaMA.
+const ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+];
+
 fn default_eps() -> f64 {
     1e-6
 }
@@ -46,10 +98,15 @@ pub struct LlamaConfig {
     pub head_dim: Option<usize>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
-    #[serde(default)]
-    pub rope_scaling: Option<RopeScaling>,
+    /// RoPE as transformers 4.x writes it: `rope_theta` and `rope_scaling`; 5.x moves both into
+    /// `rope_parameters`. Kept as written (a saved config round-trips); read through
+    /// [`LlamaConfig::rope`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
     #[serde(default)]
@@ -177,15 +234,73 @@ impl LlamaConfig {
                 self.head_dim()
             ));
         }
-        if let Some(rs) = &self.rope_scaling {
-            if !matches!(rs.rope_type.as_str(), "default" | "linear" | "llama3") {
+        self.rope()?;
+        if let Some(t) = self.extra.get("model_type").and_then(|t| t.as_str()) {
+            if t != "llama" {
                 return bad(format!(
-                    "rope_scaling.rope_type `{}` unsupported (default, linear, llama3)",
-                    rs.rope_type
+                    "model_type `{t}` is not implemented here (llama); its weights and math differ"
+                ));
+            }
+        }
+        if let Some(archs) = self.extra.get("architectures").and_then(|a| a.as_array()) {
+            for a in archs {
+                let a = a.as_str().unwrap_or_default();
+                if !ARCHITECTURES.contains(&a) {
+                    return bad(format!(
+                        "architectures entry `{a}` is not implemented (one of {})",
+                        ARCHITECTURES.join(", ")
+                    ));
+                }
+            }
+        }
+        if let Some(p) = self.extra.get("attention_dropout").and_then(|p| p.as_f64()) {
+            if p != 0.0 {
+                return bad(format!(
+                    "attention_dropout = {p}: dropout is not implemented (set it to 0.0)"
+                ));
+            }
+        }
+        for k in UNIMPLEMENTED_KEYS {
+            let noop = match self.extra.get(*k) {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => true,
+                Some(serde_json::Value::Number(n)) => {
+                    *k == "partial_rotary_factor" && n.as_f64() == Some(1.0)
+                }
+                _ => false,
+            };
+            if !noop {
+                return bad(format!(
+                    "`{k}` = {}: not implemented for LLaMA here, and it changes the model",
+                    self.extra[*k]
                 ));
             }
         }
         Ok(())
+    }
+
+    /// Keys of config.json this LLaMA neither reads nor knows to be harmless: kept for saving,
+    /// and worth a warning when a model is loaded.
+    pub fn unread_keys(&self) -> Vec<&str> {
+        self.extra
+            .keys()
+            .map(String::as_str)
+            .filter(|k| {
+                !HARMLESS_KEYS.contains(k)
+                    && !UNIMPLEMENTED_KEYS.contains(k)
+                    && *k != "attention_dropout"
+            })
+            .collect()
+    }
+
+    /// The RoPE settings, from whichever spelling the config uses.
+    pub fn rope(&self) -> Result<RopeParameters> {
+        RopeParameters::from_config(
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.rope_parameters.as_ref(),
+            self.max_position_embeddings,
+        )
+        .map_err(Error::Config)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -194,6 +309,14 @@ impl LlamaConfig {
             serde_json::from_str(&text).map_err(|e| Error::file(path, e.to_string()))?;
         cfg.validate()
             .map_err(|e| Error::file(path, e.to_string()))?;
+        let unread = cfg.unread_keys();
+        if !unread.is_empty() {
+            tracing::warn!(
+                "{}: keys not read by this LLaMA (kept when saving): {}",
+                path.display(),
+                unread.join(", ")
+            );
+        }
         Ok(cfg)
     }
 
@@ -247,7 +370,10 @@ mod tests {
         assert_eq!(c.eos_ids(), vec![128001, 128008]);
         assert_eq!(c.head_dim(), 64);
         assert_eq!(c.num_kv_heads(), 8);
-        assert_eq!(c.rope_scaling.as_ref().unwrap().factor, Some(32.0));
+        assert!(matches!(
+            c.rope().unwrap().rope_type,
+            super::super::rope::RopeType::Llama3 { factor, .. } if factor == 32.0
+        ));
         assert!(c.has_lm_head());
         // Llama-3.2-1B: 1.236 B parameters with tied embeddings.
         assert_eq!(c.num_params(), 1_235_814_400);

@@ -92,7 +92,7 @@ fn generate_with(
     for _ in 0..opts.max_new_tokens {
         let inp = AttnInputs::new(
             &model.cfg,
-            &model.inv_freq,
+            &model.rope,
             &positions,
             past,
             Some(&key_valid),

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::LlamaConfig;
+use super::{LlamaConfig, Rope};
 use crate::Result;
 
 /// Everything attention needs besides the weights, built once per (micro-)batch.
@@ -26,7 +26,7 @@ impl AttnInputs {
     ///   tokens attend only within their document. `None` = one document per row.
     pub fn new(
         cfg: &LlamaConfig,
-        inv_freq: &[f32],
+        rope: &Rope,
         positions: &[Vec<u32>],
         past_len: usize,
         key_valid: Option<&[Vec<u8>]>,
@@ -35,6 +35,14 @@ impl AttnInputs {
     ) -> Result<Self> {
         let b = positions.len();
         let t = positions.first().map_or(0, |p| p.len());
+        // transformers' length for dynamic RoPE: the largest position id in the batch, plus one.
+        let seq_len = positions
+            .iter()
+            .flatten()
+            .max()
+            .map_or(0, |&p| p as usize + 1);
+        let inv_freq = rope.inv_freq(seq_len);
+        let scale = rope.attention_scaling();
         let half = inv_freq.len();
         let d = cfg.head_dim();
         let mut cos = Vec::with_capacity(b * t * d);
@@ -43,8 +51,8 @@ impl AttnInputs {
             for &p in row {
                 let freqs: Vec<f32> = inv_freq.iter().map(|f| f * p as f32).collect();
                 for _ in 0..2 {
-                    cos.extend(freqs.iter().map(|x| x.cos()));
-                    sin.extend(freqs.iter().map(|x| x.sin()));
+                    cos.extend(freqs.iter().map(|x| x.cos() * scale));
+                    sin.extend(freqs.iter().map(|x| x.sin() * scale));
                 }
             }
         }
@@ -73,14 +81,14 @@ impl AttnInputs {
     /// Plain causal batch with optional right/left padding (`attention_mask` as HF).
     pub fn causal(
         cfg: &LlamaConfig,
-        inv_freq: &[f32],
+        rope: &Rope,
         batch: usize,
         len: usize,
         attention_mask: Option<&[Vec<u8>]>,
         device: &Device,
     ) -> Result<Self> {
         let positions: Vec<Vec<u32>> = (0..batch).map(|_| (0..len as u32).collect()).collect();
-        Self::new(cfg, inv_freq, &positions, 0, attention_mask, None, device)
+        Self::new(cfg, rope, &positions, 0, attention_mask, None, device)
     }
 
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {

@@ -9,9 +9,9 @@ mod model;
 pub mod regions;
 mod rope;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::LlamaConfig;
 pub use generate::{generate, generate_stream, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
 pub use model::{init_each_param, init_params, Llama, ParamSink};
 pub use regions::{Local, Regions};
-pub use rope::inv_freq;
+pub use rope::{Rope, RopeParameters, RopeType};

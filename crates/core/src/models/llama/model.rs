@@ -7,28 +7,28 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use super::regions::{Local, Regions};
-use super::{inputs::KvCache, AttnInputs, LlamaConfig};
+use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
 use crate::nn::{apply_rotary, rms_norm};
 use crate::params::Params;
 use crate::Result;
 
-/// A LLaMA model description: config and rotary frequencies. Weights are passed in
+/// A LLaMA model description: config and rotary tables. Weights are passed in
 /// (`Params`), so whoever runs the model decides where they live; `regions` is where a
 /// parallel plan hooks in (the plain model: [`Local`]).
 #[derive(Clone, Debug)]
 pub struct Llama {
     pub cfg: LlamaConfig,
-    pub inv_freq: Vec<f32>,
+    pub rope: Rope,
     pub regions: Arc<dyn Regions>,
 }
 
 impl Llama {
     pub fn new(cfg: LlamaConfig) -> Result<Self> {
         cfg.validate()?;
-        let inv_freq = super::rope::inv_freq(&cfg);
+        let rope = Rope::new(cfg.rope()?, cfg.head_dim(), cfg.max_position_embeddings);
         Ok(Self {
             cfg,
-            inv_freq,
+            rope,
             regions: Arc::new(Local),
         })
     }

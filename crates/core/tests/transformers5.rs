@@ -1,0 +1,237 @@
+//! Checkpoints as transformers 5 writes them (`shared/fixtures/llama_tf5`: RoPE under
+//! `rope_parameters`, Llama-3 scaling, sequence 48 > original 32), and config.json entries we
+//! do not implement.
+mod common;
+
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use colossal_core::checkpoint::llama::load_llama;
+use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
+use colossal_core::models::llama::{
+    generate, AttnInputs, GenerateOptions, LlamaConfig, RopeType, Sampling,
+};
+use colossal_core::train::lm_loss;
+use common::*;
+use serde_json::Value;
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixture("llama_tf5/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn rows(v: &Value) -> Vec<Vec<i64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Logits at valid positions only (padding zeroed).
+fn masked(t: &Tensor, mask: &[Vec<u8>]) -> Tensor {
+    let m: Vec<f32> = mask.concat().iter().map(|&x| x as f32).collect();
+    let m = Tensor::from_vec(m, (mask.len(), mask[0].len(), 1), &Device::Cpu).unwrap();
+    t.broadcast_mul(&m).unwrap()
+}
+
+#[test]
+fn rope_parameters_llama3_logits_loss_grad_and_greedy_ids_match() {
+    let r = reference();
+    let refs = load_tensors(&fixture("llama_tf5/reference.safetensors"));
+    let (model, params) =
+        load_llama(&fixture("llama_tf5/model"), DType::F32, &Device::Cpu).unwrap();
+    let rope = model.cfg.rope().unwrap();
+    assert_eq!(rope.theta, 500000.0);
+    assert!(
+        matches!(rope.rope_type, RopeType::Llama3 { factor, original_max_position_embeddings: 32, .. } if factor == 8.0)
+    );
+
+    let ids = rows(&r["input_ids"]);
+    let mask: Vec<Vec<u8>> = rows(&r["attention_mask"])
+        .iter()
+        .map(|row| row.iter().map(|&x| x as u8).collect())
+        .collect();
+    let (b, t) = (ids.len(), ids[0].len());
+    let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
+    let logits = model.forward(&params, &ids, &inp).unwrap();
+    let e = assert_close(
+        "logits",
+        &masked(&logits, &mask),
+        &masked(&refs["logits"], &mask),
+        1e-4,
+    );
+    println!("llama_tf5 logits: relative error {e:e}");
+
+    let labels = rows(&r["labels"]);
+    let targets: Vec<i64> = labels.iter().flat_map(|row| row[1..].to_vec()).collect();
+    let n = targets.iter().filter(|&&x| x != -100).count() as f64;
+    let want = r["loss"].as_f64().unwrap() as f32;
+    let loss = lm_loss(&logits, &targets, n)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("llama_tf5 loss {loss} (transformers {want})");
+    assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
+
+    let mut sink = GradAccumulator::default();
+    let loss_fn = move |l: &Tensor| lm_loss(l, &targets, n);
+    Executor {
+        activation_checkpointing: false,
+    }
+    .forward_backward(
+        &model,
+        &params,
+        &llama_inputs(&ids),
+        &inp,
+        &*on_output(&loss_fn),
+        &mut sink,
+    )
+    .unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let want = &refs[&format!("grad.{name}")];
+    let d = max_diff(sink.grads.get(name).unwrap(), want) / max_abs(want);
+    println!("llama_tf5 grad {name}: relative error {d:e}");
+    assert!(d <= 1e-4, "{d:e}");
+
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        sampling: Sampling::Greedy,
+        stop_ids: vec![],
+        pad_id: 0,
+    };
+    let prompt = ids_of(&r["prompt_ids"]);
+    let (out, _) = generate(&model, &params, &[prompt], &opts, &Device::Cpu).unwrap();
+    assert_eq!(out[0], ids_of(&r["greedy_ids"]));
+}
+
+#[test]
+fn cli_forward_and_generate_on_a_transformers5_checkpoint() {
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("ids.json");
+    let body =
+        serde_json::json!({"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]});
+    std::fs::write(&input, body.to_string()).unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let run = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["forward", "--model"])
+        .arg(fixture("llama_tf5/model"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mask: Vec<Vec<u8>> = rows(&r["attention_mask"])
+        .iter()
+        .map(|row| row.iter().map(|&x| x as u8).collect())
+        .collect();
+    let ours = load_tensors(&out);
+    let theirs = load_tensors(&fixture("llama_tf5/reference.safetensors"));
+    let e = assert_close(
+        "cli logits",
+        &masked(&ours["logits"], &mask),
+        &masked(&theirs["logits"], &mask),
+        1e-4,
+    );
+    println!("colossal forward on llama_tf5: relative error {e:e}");
+
+    let prompt: Vec<String> = ids_of(&r["prompt_ids"])
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let run = Command::new(env!("CARGO_BIN_EXE_colossal"))
+        .args(["generate", "--model"])
+        .arg(fixture("llama_tf5/model"))
+        .args(["--prompt-ids", &prompt.join(","), "--max-new-tokens", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: Value = serde_json::from_slice(&run.stdout).unwrap();
+    println!("colossal generate on llama_tf5: {}", v["ids"]);
+    assert_eq!(v["ids"], r["greedy_ids"]);
+}
+
+#[test]
+fn a_mixtral_directory_is_an_error_naming_what_we_lack() {
+    let e = load_llama(&fixture("mixtral_tiny/model"), DType::F32, &Device::Cpu)
+        .err()
+        .expect("Mixtral is not a LLaMA")
+        .to_string();
+    assert!(e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("mixtral") || e.contains("MixtralForCausalLM"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_keys_that_change_the_math_are_errors() {
+    let base = serde_json::json!({
+        "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2
+    });
+    let with = |k: &str, v: Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        serde_json::from_value::<LlamaConfig>(c).unwrap().validate()
+    };
+    with("sliding_window", Value::Null).unwrap();
+    with("attention_dropout", 0.0.into()).unwrap();
+    with("pretraining_tp", 1.into()).unwrap();
+    for (k, v, needle) in [
+        ("sliding_window", Value::from(4096), "sliding_window"),
+        ("attention_dropout", 0.1.into(), "attention_dropout"),
+        (
+            "architectures",
+            serde_json::json!(["Qwen2ForCausalLM"]),
+            "Qwen2ForCausalLM",
+        ),
+        ("model_type", "gemma".into(), "model_type `gemma`"),
+        (
+            "final_logit_softcapping",
+            30.0.into(),
+            "final_logit_softcapping",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "longrope"}),
+            "longrope",
+        ),
+    ] {
+        let e = with(k, v).unwrap_err().to_string();
+        assert!(e.contains(needle), "{k}: {e}");
+    }
+    // A key nobody knows is kept (saving round-trips it) and reported, not an error.
+    let mut c = base.clone();
+    c["my_note"] = "x".into();
+    let cfg: LlamaConfig = serde_json::from_value(c).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.unread_keys(), vec!["my_note"]);
+}
