@@ -40,3 +40,25 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f32 {
     };
     n(&(a - b).unwrap()) / n(b).max(1e-12)
 }
+
+/// Every parameter of `want` is in `got` under the same name, with as many elements, and
+/// within `tol` (relative, Frobenius); `got` has no others.
+pub fn assert_same_params(what: &str, got: &Params, want: &Params, tol: f32) {
+    let mut names: Vec<&str> = got.iter().map(|(n, _)| n).collect();
+    let mut expected: Vec<&str> = want.iter().map(|(n, _)| n).collect();
+    names.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{what}: parameter names");
+    let mut worst = 0f32;
+    for (name, var) in want.iter() {
+        let g = got.get(name).unwrap();
+        assert_eq!(g.elem_count(), var.elem_count(), "{what}: {name} length");
+        let e = rel(g, var.as_tensor());
+        assert!(e <= tol, "{what}: {name} differs by {e:e}");
+        worst = worst.max(e);
+    }
+    println!(
+        "{what}: {} parameters, worst relative difference {worst:e}",
+        want.len()
+    );
+}
