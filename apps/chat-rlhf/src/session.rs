@@ -74,8 +74,16 @@ pub fn launch(
     stop_at: Option<usize>,
     make: &Factory<'_>,
 ) -> Result<Summary> {
+    // Rollouts, frozen models and metrics are host-side here: a GPU is refused, not ignored.
+    if cfg.train.device != colossal_core::train::DeviceSpec::Cpu {
+        cfg.train.device.device(0)?;
+        anyhow::bail!(
+            "train.device = \"{}\": the chat trainers run on the CPU for now; set train.device = \"cpu\" (llama-pretrain trains on a GPU)",
+            cfg.train.device
+        );
+    }
     // Under mpirun the world size is parallel.nproc: checked once it is known.
-    if cfg.parallel.backend == "mpi" {
+    if cfg.parallel.backend == colossal_core::train::Backend::Mpi {
         return launch_mpi(cfg, resume, stop_at, make);
     }
     cfg.parallel

@@ -197,3 +197,35 @@ fn evaluation_loss_is_the_training_loss_on_the_same_data() {
     let (l, _, _) = t.train_step().unwrap();
     assert!((v - l as f64).abs() < 1e-5 * v, "eval {v} vs train {l}");
 }
+
+/// `train.device = "cuda"` on a build or machine without CUDA ends the run at once with a
+/// reason, before any data is read; a mode misspelt is an error naming the field and values.
+#[test]
+fn unavailable_device_and_unknown_modes_fail_fast_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, config_text(&data, &tmp.path().join("o"), 32000)).unwrap();
+    let run = |set: &str| {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-pretrain"))
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{set}: expected a failure");
+        (err, started.elapsed())
+    };
+    let (err, took) = run("train.device=\"cuda\"");
+    println!("train.device=cuda: {took:?}: {}", err.trim());
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    assert!(err.contains("train.device = \"cuda\""), "{err}");
+    // This test binary is built without CUDA (the cuda feature is only type-checked in CI).
+    assert!(err.contains("without CUDA") && err.contains("--features cuda"), "{err}");
+    let (err, _) = run("train.device=\"gpu\"");
+    assert!(err.contains("train.device") && err.contains("cuda:N"), "{err}");
+    let (err, _) = run("parallel.precision=\"fp8\"");
+    assert!(err.contains("parallel.precision") && err.contains("bf16"), "{err}");
+}

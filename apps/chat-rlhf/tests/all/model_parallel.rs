@@ -20,9 +20,9 @@ fn split(cfg: &ChatConfig, layout: &str, out: &std::path::Path) -> ChatConfig {
             "pp" => pp = n,
             "ring" | "ulysses" => {
                 sp = n;
-                p.sp_mode = name.to_string();
+                p.sp_mode = serde_json::from_value(name.into()).unwrap();
             }
-            "megatron" => p.sp_mode = "megatron".into(),
+            "megatron" => p.sp_mode = colossal_core::train::SpMode::Megatron,
             "zero" => p.zero_stage = n as u8,
             other => panic!("layout part {other}"),
         }

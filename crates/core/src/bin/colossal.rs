@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use colossal_core::train::DeviceSpec;
 use clap::{Parser, Subcommand};
 use colossal_core::checkpoint::{hf, llama::load_llama};
 use colossal_core::exec::{llama_inputs, Executor};
@@ -21,6 +22,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Where forward and generate run: cpu, cuda or cuda:N (a build with the cuda feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 #[derive(Subcommand)]
@@ -85,8 +89,9 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let device = Device::Cpu;
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let device = cli.device.device_for(0, "--device")?;
+    match cli.cmd {
         Cmd::Convert {
             from,
             to,

@@ -16,7 +16,8 @@ use crate::dist::{Communicator, Group, ParallelDims, ProcessMesh};
 use crate::exec::Executor;
 use crate::models::llama::{init_each_param, init_params, Llama, LlamaConfig};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
-use crate::parallel::sequence::SpMode;
+use super::{Freeze, Offload, Precision, SpMode};
+use crate::parallel::sequence::SpMode as SeqSplit;
 use crate::parallel::{FlatLayout, Placement, Zero3, ZeroOptimizer};
 use crate::params::Params;
 use crate::{Error, Result};
@@ -91,16 +92,11 @@ impl Trainer {
             c => c,
         };
         let t = &cfg.train;
-        match (t.freeze.as_str(), cfg.parallel.zero_stage) {
-            ("none", _) | ("non_embedding", 0) => {}
-            ("non_embedding", z) => {
+        match (t.freeze, cfg.parallel.zero_stage) {
+            (Freeze::None, _) | (Freeze::NonEmbedding, 0) => {}
+            (Freeze::NonEmbedding, z) => {
                 return Err(Error::Config(format!(
                     "train.freeze = \"non_embedding\" with parallel.zero_stage = {z}: freezing needs zero_stage = 0"
-                )))
-            }
-            (other, _) => {
-                return Err(Error::Config(format!(
-                    "train.freeze `{other}`: expected none or non_embedding"
                 )))
             }
         }
@@ -231,7 +227,7 @@ impl Trainer {
             _ => params,
         };
         if let Some(t) = &tp {
-            let megatron_sp = cfg.parallel.sp_mode == "megatron";
+            let megatron_sp = cfg.parallel.sp_mode == SpMode::Megatron;
             model = crate::parallel::tensor::parallelize(&model, t.group.clone(), megatron_sp)?;
         }
         if let Some(g) = &sp_group {
@@ -243,14 +239,14 @@ impl Trainer {
                     "parallel.sp = {sp} needs the sequence length ({seq}, data.path manifest) to be a multiple of 2 × sp"
                 )));
             }
-            if cfg.parallel.sp_mode == "ulysses" && !heads.is_multiple_of(sp) {
+            if cfg.parallel.sp_mode == SpMode::Ulysses && !heads.is_multiple_of(sp) {
                 return Err(Error::Config(format!(
                     "parallel.sp_mode = \"ulysses\" splits each rank's {heads} attention heads over parallel.sp = {sp}: they must divide"
                 )));
             }
-            let mode = match cfg.parallel.sp_mode.as_str() {
-                "ring" => SpMode::Ring,
-                _ => SpMode::Ulysses,
+            let mode = match cfg.parallel.sp_mode {
+                SpMode::Ring => SeqSplit::Ring,
+                _ => SeqSplit::Ulysses,
             };
             model = crate::parallel::sequence::parallelize(&model, g.clone(), mode)?.0;
         }
@@ -266,12 +262,12 @@ impl Trainer {
             Some(p) => p.keep_mine(&model, &params, &mut opt)?,
             None => params,
         };
-        if cfg.parallel.precision == "fp16" && state.loss_scaler.is_none() {
+        if cfg.parallel.precision == Precision::Fp16 && state.loss_scaler.is_none() {
             state.loss_scaler = Some(crate::optim::LossScaler::default());
         }
         let mut params = params;
-        let placement = match (cfg.parallel.offload.as_str(), &comm) {
-            ("disk", Some(c)) => {
+        let placement = match (cfg.parallel.offload, &comm) {
+            (Offload::Disk, Some(c)) => {
                 let base = cfg
                     .parallel
                     .offload_dir

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::modes::{
+    Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,
+};
 use crate::models::llama::LlamaConfig;
 use crate::optim::ScheduleKind;
 
@@ -25,9 +28,9 @@ pub struct TrainConfig {
 pub struct ParallelConfig {
     /// `local`: ranks are threads of this process (`nproc` of them). `mpi`: ranks are the
     /// processes of an `mpirun`/`srun` job (needs a build with `--features mpi`; `nproc`, if
-    /// set, must equal the job's size).
-    #[serde(default = "local")]
-    pub backend: String,
+    /// set, must equal the job's size). `nccl`: GPU ranks with NCCL collectives.
+    #[serde(default)]
+    pub backend: Backend,
     /// Number of ranks.
     #[serde(default = "one")]
     pub nproc: usize,
@@ -43,14 +46,14 @@ pub struct ParallelConfig {
     /// Sequence parallelism: "none"; "megatron" (with tp > 1: the residual stream split along
     /// the sequence between tensor-parallel regions, over the tp group); "ulysses" or "ring"
     /// (each of `sp` ranks holds part of every sequence).
-    #[serde(default = "none")]
-    pub sp_mode: String,
+    #[serde(default)]
+    pub sp_mode: SpMode,
     /// Pipeline stages.
     #[serde(default = "one")]
     pub pp: usize,
     /// "gpipe", "1f1b", "interleaved" or "zbh1".
-    #[serde(default = "one_f_one_b")]
-    pub pp_schedule: String,
+    #[serde(default)]
+    pub pp_schedule: PpSchedule,
     /// Model chunks per rank under the interleaved schedule.
     #[serde(default = "two")]
     pub pp_chunks: usize,
@@ -66,8 +69,8 @@ pub struct ParallelConfig {
     /// AdamW) or `disk` (memory-mapped files, pages dropped after each use). Needs
     /// `zero_stage` ≥ 1. On the CPU device `none` and `cpu` hold the same bytes in the same
     /// place; they differ once compute runs on a GPU.
-    #[serde(default = "none")]
-    pub offload: String,
+    #[serde(default)]
+    pub offload: Offload,
     /// With `offload = "disk"`: bytes of that state each rank may keep resident (a number, or a
     /// string such as "512MiB" / "2GB"); buffers are placed in memory until the budget is
     /// spent, the rest on disk. Default 0: everything offloadable goes to disk.
@@ -78,8 +81,8 @@ pub struct ParallelConfig {
     pub offload_dir: Option<std::path::PathBuf>,
     /// Compute precision: `fp32`, `bf16` or `fp16` (fp32 master weights and moments; fp16
     /// adds dynamic loss scaling).
-    #[serde(default = "fp32")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: Precision,
     /// Gradient all-reduce bucket size (MB).
     #[serde(default = "bucket_mb")]
     pub bucket_mb: f64,
@@ -91,19 +94,19 @@ pub struct ParallelConfig {
 impl Default for ParallelConfig {
     fn default() -> Self {
         Self {
-            backend: local(),
+            backend: Backend::Local,
             nproc: 1,
             dp: None,
             tp: 1,
             sp: 1,
-            sp_mode: none(),
+            sp_mode: SpMode::None,
             pp: 1,
-            pp_schedule: one_f_one_b(),
+            pp_schedule: PpSchedule::OneFOneB,
             pp_chunks: 2,
             layers_per_stage: None,
             zero_stage: 0,
-            precision: fp32(),
-            offload: none(),
+            precision: Precision::Fp32,
+            offload: Offload::None,
             memory_budget: None,
             offload_dir: None,
             bucket_mb: bucket_mb(),
@@ -114,21 +117,19 @@ impl Default for ParallelConfig {
 
 impl ParallelConfig {
     pub fn compute_dtype(&self) -> candle_core::DType {
-        match self.precision.as_str() {
-            "bf16" => candle_core::DType::BF16,
-            "fp16" => candle_core::DType::F16,
-            _ => candle_core::DType::F32,
-        }
+        self.precision.dtype()
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        match self.backend.as_str() {
-            "local" => {}
-            "mpi" if cfg!(feature = "mpi") => {}
-            "mpi" => {
+        match self.backend {
+            Backend::Local => {}
+            Backend::Mpi if cfg!(feature = "mpi") => {}
+            Backend::Mpi => {
                 return Err("parallel.backend = \"mpi\" needs a build with `--features mpi` (Open MPI and libclang installed)".into())
             }
-            other => return Err(format!("parallel.backend `{other}`: expected local or mpi")),
+            Backend::Nccl => {
+                return Err("parallel.backend = \"nccl\": NCCL ranks are not wired into the trainer yet; use local or mpi".into())
+            }
         }
         if self.zero_stage > 3 {
             return Err(format!(
@@ -136,26 +137,11 @@ impl ParallelConfig {
                 self.zero_stage
             ));
         }
-        if !matches!(self.precision.as_str(), "fp32" | "bf16" | "fp16") {
-            return Err(format!(
-                "parallel.precision `{}`: expected fp32, bf16 or fp16",
-                self.precision
-            ));
-        }
-        match (self.offload.as_str(), self.zero_stage) {
-            ("none", _) => {}
-            (o @ ("cpu" | "disk"), 0) => {
-                return Err(format!("parallel.offload = \"{o}\" needs parallel.zero_stage >= 1 (the offloaded state is the ZeRO shard)"))
-            }
-            ("cpu" | "disk", _) => {}
-            (other, _) => {
-                return Err(format!(
-                    "parallel.offload `{other}`: expected none, cpu or disk"
-                ))
-            }
+        if self.offload != Offload::None && self.zero_stage == 0 {
+            return Err(format!("parallel.offload = \"{}\" needs parallel.zero_stage >= 1 (the offloaded state is the ZeRO shard)", self.offload));
         }
         let budget = self.memory_budget_bytes()?;
-        if budget > 0 && self.offload != "disk" {
+        if budget > 0 && self.offload != Offload::Disk {
             return Err(format!(
                 "parallel.memory_budget is set but parallel.offload is `{}`: the budget splits the state between memory and disk, so it needs offload = \"disk\"",
                 self.offload
@@ -178,36 +164,25 @@ impl ParallelConfig {
                 self.tp, self.pp, self.sp, self.nproc
             ));
         }
-        crate::parallel::pipeline::Schedule::parse(&self.pp_schedule, self.pp_chunks).map_err(
-            |e| match e {
-                crate::Error::Config(m) => m,
-                e => e.to_string(),
-            },
-        )?;
         if self.pp > 1 && self.zero_stage == 3 {
             return Err(format!(
                 "parallel.pp = {} with parallel.zero_stage = 3: a pipeline stage keeps its own layers whole; use zero_stage ≤ 2",
                 self.pp
             ));
         }
-        match (self.sp_mode.as_str(), self.sp) {
-            ("none", 1) => {}
-            ("megatron", 1) if self.tp > 1 => {}
-            ("megatron", 1) => {
+        match (self.sp_mode, self.sp) {
+            (SpMode::None, 1) => {}
+            (SpMode::Megatron, 1) if self.tp > 1 => {}
+            (SpMode::Megatron, 1) => {
                 return Err("parallel.sp_mode = \"megatron\" splits the sequence over the tensor-parallel group: it needs parallel.tp > 1".into())
             }
-            ("ulysses" | "ring", sp) if sp > 1 => {}
-            (mode @ ("ulysses" | "ring"), _) => {
+            (SpMode::Ulysses | SpMode::Ring, sp) if sp > 1 => {}
+            (mode @ (SpMode::Ulysses | SpMode::Ring), _) => {
                 return Err(format!("parallel.sp_mode = \"{mode}\" needs parallel.sp > 1"))
             }
-            (mode @ ("none" | "megatron"), sp) => {
+            (mode @ (SpMode::None | SpMode::Megatron), sp) => {
                 return Err(format!(
                     "parallel.sp = {sp} with parallel.sp_mode = \"{mode}\": set sp_mode to ulysses or ring (megatron uses the tp group)"
-                ))
-            }
-            (other, _) => {
-                return Err(format!(
-                    "parallel.sp_mode `{other}`: expected none, megatron, ulysses or ring"
                 ))
             }
         }
@@ -264,20 +239,8 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
     (num >= 0.0).then(|| (num * base.powi(power)) as u64)
 }
 
-fn one_f_one_b() -> String {
-    "1f1b".into()
-}
 fn two() -> usize {
     2
-}
-fn none() -> String {
-    "none".into()
-}
-fn fp32() -> String {
-    "fp32".into()
-}
-fn local() -> String {
-    "local".into()
 }
 fn one() -> usize {
     1
@@ -356,8 +319,12 @@ pub struct TrainSection {
     pub activation_checkpointing: bool,
     /// "none", or "non_embedding": only the token embedding and LM head train (the first stage
     /// of Colossal-LLaMA's recipe after a vocabulary expansion).
-    #[serde(default = "none_str")]
-    pub freeze: String,
+    #[serde(default)]
+    pub freeze: Freeze,
+    /// Where parameters, gradients and compute live: "cpu", "cuda" (each rank its local
+    /// rank's GPU) or "cuda:N".
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// NEFTune: uniform noise of scale alpha/√(L·d) on the token embeddings while training
     /// (L tokens per sequence, d hidden size); 0 disables.
     #[serde(default)]
@@ -380,16 +347,8 @@ pub struct TrainSection {
     /// "hf": rank 0 gathers and writes an HF model directory plus moments; "distributed":
     /// every rank writes its own slices and an index (any layout can resume from either;
     /// `colossal convert` turns one into the other).
-    #[serde(default = "hf_format")]
-    pub checkpoint_format: String,
-}
-
-fn none_str() -> String {
-    "none".into()
-}
-
-fn hf_format() -> String {
-    "hf".into()
+    #[serde(default)]
+    pub checkpoint_format: CheckpointFormat,
 }
 
 fn cosine() -> ScheduleKind {

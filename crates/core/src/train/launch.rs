@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::Device;
 
 use super::trainer::{RunSummary, Trainer};
-use super::TrainConfig;
+use super::{Backend, TrainConfig};
 use crate::dist::{run_local, Communicator};
 use crate::{Error, Result};
 
@@ -18,18 +18,23 @@ pub fn train(
     stop_at: Option<usize>,
 ) -> Result<RunSummary> {
     // Under mpirun the world size is parallel.nproc: checked once it is known.
-    if cfg.parallel.backend == "mpi" && cfg!(feature = "mpi") {
+    if cfg.parallel.backend == Backend::Mpi && cfg!(feature = "mpi") {
         return train_mpi(cfg, resume, stop_at);
     }
     cfg.parallel.validate().map_err(Error::Config)?;
     let n = cfg.parallel.nproc;
+    // Before any data or weights are read: a device we cannot have ends the run at once.
+    let devices = (0..n)
+        .map(|r| cfg.train.device.device(r))
+        .collect::<Result<Vec<Device>>>()?;
     if n == 1 {
-        return Trainer::new(cfg, resume, Device::Cpu)?.run(stop_at);
+        return Trainer::new(cfg, resume, devices[0].clone())?.run(stop_at);
     }
     let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
     let mut out = run_local(n, timeout, |comm| {
+        let device = devices[comm.rank()].clone();
         let comm: Box<dyn Communicator> = Box::new(comm);
-        Trainer::new_rank(cfg.clone(), resume, Device::Cpu, Some(comm))?.run(stop_at)
+        Trainer::new_rank(cfg.clone(), resume, device, Some(comm))?.run(stop_at)
     })?;
     Ok(out.swap_remove(0))
 }
@@ -62,7 +67,14 @@ fn train_mpi(
         let (r, s) = v.split_once(':')?;
         (r.parse() == Ok(rank)).then(|| s.parse().ok())?
     });
-    let run = Trainer::new_rank(cfg, resume, Device::Cpu, comm).and_then(|mut t| {
+    // Each process of the job takes its node-local rank's GPU.
+    let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+        .or_else(|_| std::env::var("SLURM_LOCALID"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let device = cfg.train.device.device(local_rank)?;
+    let run = Trainer::new_rank(cfg, resume, device, comm).and_then(|mut t| {
         t.fail_at_step = fail_at;
         t.run(stop_at)
     });

@@ -6,6 +6,7 @@ mod config;
 mod grad_norm;
 mod launch;
 mod metrics;
+mod modes;
 mod neftune;
 mod output;
 mod pipeline;
@@ -25,6 +26,9 @@ pub use config::{
 };
 pub use launch::train;
 pub use metrics::{plot_curves, plot_loss_curve, run_outputs, MetricsWriter};
+pub use modes::{
+    Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,
+};
 pub use output::OutputLayout;
 pub use rank_batch::lm_loss;
 pub use trainer::{RunSummary, Trainer};

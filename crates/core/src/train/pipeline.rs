@@ -29,7 +29,7 @@ pub(super) struct PpRank {
 impl PpRank {
     /// Stages for `model` (see [`Self::prepare`] for the model the schedule runs).
     pub fn new(comm: Box<dyn Communicator>, p: &ParallelConfig, model: &Llama) -> Result<Self> {
-        let schedule = Schedule::parse(&p.pp_schedule, p.pp_chunks)?;
+        let schedule = p.pp_schedule.schedule(p.pp_chunks);
         let stages = pipeline::partition(
             model.cfg.num_hidden_layers,
             schedule.chunks() * comm.size(),

@@ -22,8 +22,8 @@ impl Trainer {
         OutputLayout {
             vocab: self.tp.as_ref().map(|t| (t.group.clone(), t.vocab_start)),
             sp: self.sp.clone(),
-            inner_seq_split: match (&self.tp, self.cfg.parallel.sp_mode.as_str()) {
-                (Some(t), "megatron") => t.size(),
+            inner_seq_split: match (&self.tp, self.cfg.parallel.sp_mode) {
+                (Some(t), super::SpMode::Megatron) => t.size(),
                 _ => 1,
             },
         }

@@ -66,14 +66,8 @@ impl Trainer {
     /// Writes a checkpoint (rank 0). Under ZeRO every rank must call it: the moment shards are
     /// gathered first, so the file is the same whatever the layout.
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
-        match self.cfg.train.checkpoint_format.as_str() {
-            "hf" => {}
-            "distributed" => return self.save_distributed(),
-            other => {
-                return Err(Error::Config(format!(
-                    "train.checkpoint_format `{other}`: expected hf or distributed"
-                )))
-            }
+        if self.cfg.train.checkpoint_format == super::CheckpointFormat::Distributed {
+            return self.save_distributed();
         }
         let gathered = self.gather_model()?;
         if !self.is_main() {

@@ -294,7 +294,7 @@ impl Trainer {
             scale,
         } = backward;
         self.last_bubble = bubble;
-        if self.cfg.train.freeze == "non_embedding" {
+        if self.cfg.train.freeze == super::Freeze::NonEmbedding {
             if let StepGrads::Full(g) = &mut grads {
                 let frozen: Vec<String> = g
                     .names()

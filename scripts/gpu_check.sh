@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one short script (run it where a GPU is lent):
+#   1. build colossal and llama-pretrain with `--features cuda` (real nvcc: CUDA toolkit on PATH)
+#   2. parity on the GPU: `colossal --device cuda generate` on shared/fixtures/llama_tiny and
+#      llama_tf5 must give transformers' greedy ids exactly
+#   3. the quickstart for 20 steps with train.device = "cuda": prints tokens/s and MFU
+#      (6·params·tokens/s over PEAK_TFLOPS, default 989 = H100/H200 dense bf16; the quickstart
+#      trains in fp32, so expect a small MFU on a 4-layer 128-wide model)
+#
+#   scripts/gpu_check.sh            run it (fails at once without nvidia-smi or nvcc)
+#   scripts/gpu_check.sh --plan     print the one line of what it would run, and exit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED="${SHARED:-../shared}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+plan="build --release --features colossal-core/cuda; colossal --device cuda generate on llama_tiny + llama_tf5 (greedy ids = transformers); llama-pretrain quickstart 20 steps on cuda → tokens/s, MFU vs ${PEAK_TFLOPS} TFLOP/s"
+echo "gpu_check: $plan"
+[ "${1:-}" = --plan ] && exit 0
+command -v nvidia-smi >/dev/null || { echo "gpu_check: no nvidia-smi: this machine has no NVIDIA GPU" >&2; exit 1; }
+command -v nvcc >/dev/null || { echo "gpu_check: no nvcc on PATH: candle's CUDA kernels need the CUDA toolkit" >&2; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+cargo build --release --features colossal-core/cuda -p colossal-core -p llama-pretrain -p colossal-data
+
+ids() { python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))$2))" "$1"; }
+greedy() { # MODEL_DIR PROMPT_IDS WANT_JSON
+  got=$(./target/release/colossal --device cuda generate --model "$1" --prompt-ids "$2" --max-new-tokens 10 |
+    python3 -c "import json,sys; print(json.dumps(json.load(sys.stdin)['ids']))")
+  if [ "$got" = "$3" ]; then echo "parity $1: greedy ids $got = transformers"; else
+    echo "parity $1: greedy ids $got, transformers $3" >&2; exit 1; fi
+}
+tiny="$SHARED/fixtures/llama_tiny"
+greedy "$tiny/model" "$(ids "$tiny/reference.json" "['generation']['prompt_ids']" | tr -d '[] ')" \
+  "$(ids "$tiny/reference.json" "['generation']['new_token_ids']")"
+tf5="$SHARED/fixtures/llama_tf5"
+greedy "$tf5/model" "$(ids "$tf5/reference.json" "['prompt_ids']" | tr -d '[] ')" \
+  "$(ids "$tf5/reference.json" "['greedy_ids']")"
+
+out=runs/gpu_check
+rm -rf "$out"
+./target/release/colossal-data pretrain --input "$SHARED/data/pretrain_text" \
+  --tokenizer "$SHARED/data/tokenizers/llama2_32k/tokenizer.json" \
+  --out "$out/data" --seq-len 128 --val-fraction 0.02 >/dev/null
+./target/release/llama-pretrain train --config configs/quickstart.toml --max-steps 20 \
+  --set "train.device=\"cuda\"" --set "train.out_dir=\"$out\"" --set "data.path=\"$out/data\"" \
+  --set "sample.tokenizer=\"$SHARED/data/tokenizers/llama2_32k/tokenizer.json\""
+python3 - "$out" "$PEAK_TFLOPS" <<'EOF'
+import json, sys, pathlib
+out, peak = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in l]
+cfg = json.loads(next(out.glob("checkpoints/*/config.json")).read_text())
+h, i, l, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+params = v * h + l * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+tps = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:])[len(rows[len(rows) // 2:]) // 2]
+print(f"quickstart on cuda: {len(rows)} steps, median tokens/s {tps:.0f}, "
+      f"MFU {6 * params * tps / (peak * 1e12):.2e} ({params} params, peak {peak} TFLOP/s)")
+EOF
