@@ -59,6 +59,11 @@ fn low_precision_tracks_fp32() {
             "{precision} x{ranks}: losses {got:?} vs fp32 {reference:?}: worst relative {worst:e}"
         );
         assert!(worst <= tol, "{precision}: {worst:e} > {tol:e}");
+        // And it really computed in low precision: an fp32 run would agree to ~1e-7.
+        assert!(
+            worst >= 2e-6,
+            "{precision}: losses equal fp32's to {worst:e}: was {precision} used at all?"
+        );
         assert!(got.last() < got.first(), "{precision}: loss must fall");
     }
 }

@@ -223,9 +223,18 @@ fn unavailable_device_and_unknown_modes_fail_fast_with_the_reason() {
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
     assert!(err.contains("train.device = \"cuda\""), "{err}");
     // This test binary is built without CUDA (the cuda feature is only type-checked in CI).
-    assert!(err.contains("without CUDA") && err.contains("--features cuda"), "{err}");
+    assert!(
+        err.contains("without CUDA") && err.contains("--features cuda"),
+        "{err}"
+    );
     let (err, _) = run("train.device=\"gpu\"");
-    assert!(err.contains("train.device") && err.contains("cuda:N"), "{err}");
+    assert!(
+        err.contains("train.device") && err.contains("cuda:N"),
+        "{err}"
+    );
     let (err, _) = run("parallel.precision=\"fp8\"");
-    assert!(err.contains("parallel.precision") && err.contains("bf16"), "{err}");
+    assert!(
+        err.contains("parallel.precision") && err.contains("bf16"),
+        "{err}"
+    );
 }

@@ -19,7 +19,10 @@ fn run(cfg: AdamWConfig) -> Vec<f32> {
     let t = load_tensors(&dir.join("reference.safetensors"));
     let mut params = Params::new();
     for n in NAMES {
-        params.insert(n, Var::from_tensor(&t[&format!("init.{n}")].copy().unwrap()).unwrap());
+        params.insert(
+            n,
+            Var::from_tensor(&t[&format!("init.{n}")].copy().unwrap()).unwrap(),
+        );
     }
     let clip = r["clip_max_norm"].as_f64().unwrap();
     let mut opt = AdamW::new(cfg);

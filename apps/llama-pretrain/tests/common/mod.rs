@@ -78,3 +78,82 @@ pub fn config(data: &Path, out: &Path, overrides: &[&str]) -> TrainConfig {
     let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     parse_config(&config_text(data, out, 32000), "test.toml", &ov).unwrap()
 }
+
+/// Whole parameters as flat vectors, by name.
+pub type Flat = Vec<(String, Vec<f32>)>;
+
+pub fn flat(params: &colossal_core::params::Params) -> Flat {
+    params
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().flatten_all().unwrap();
+            (n.to_string(), t.to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+/// What an equivalence test compares: per-step losses and pre-clip gradient norms, and the
+/// final whole parameters.
+#[derive(Clone, Debug, Default)]
+pub struct Run {
+    pub losses: Vec<f32>,
+    pub norms: Vec<f64>,
+    pub params: Flat,
+}
+
+impl Run {
+    /// Records one `Trainer::train_step` result (loss, grad norm, lr).
+    pub fn step(&mut self, (loss, norm, _): (f32, f64, f64)) {
+        self.losses.push(loss);
+        self.norms.push(norm);
+    }
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_norm(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let n = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
+    (n(&mut a.iter().zip(b).map(|(x, y)| x - y)) / n(&mut b.iter().copied()).max(1e-30)) as f32
+}
+
+/// `got` equals `want` within `tol` (relative): every step's loss and pre-clip gradient norm,
+/// and every parameter — the same names, each with as many elements.
+pub fn assert_same_run(what: &str, got: &Run, want: &Run, tol: f32) {
+    assert_eq!(got.losses.len(), want.losses.len(), "{what}: steps");
+    assert_eq!(got.norms.len(), want.norms.len(), "{what}: grad norms");
+    for (s, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
+        let d = (a - b).abs() / b.abs().max(1e-12);
+        assert!(d <= tol, "{what}: loss at step {s}: {a} vs {b} ({d:e})");
+    }
+    for (s, (a, b)) in got.norms.iter().zip(&want.norms).enumerate() {
+        let d = ((a - b).abs() / b.abs().max(1e-12)) as f32;
+        assert!(
+            d <= tol,
+            "{what}: pre-clip grad norm at step {s}: {a} vs {b} ({d:e})"
+        );
+    }
+    let mut names: Vec<&str> = got.params.iter().map(|(n, _)| n.as_str()).collect();
+    let mut expected: Vec<&str> = want.params.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{what}: parameter names");
+    let mut worst = 0f32;
+    for (name, b) in &want.params {
+        let a = &got
+            .params
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("listed")
+            .1;
+        assert_eq!(a.len(), b.len(), "{what}: {name} length");
+        let d = rel_norm(a, b);
+        assert!(d <= tol, "{what}: {name} differs by {d:e}");
+        worst = worst.max(d);
+    }
+    println!(
+        "{what}: losses {:?}, grad norms {:?}, {} parameters, worst relative difference {worst:.1e}",
+        got.losses,
+        got.norms.iter().map(|n| (n * 1e6).round() / 1e6).collect::<Vec<_>>(),
+        want.params.len()
+    );
+}

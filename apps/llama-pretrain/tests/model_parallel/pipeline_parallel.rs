@@ -6,8 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::common::{assert_same_run, flat, Run};
 use super::common::{config, prepare};
-use super::compare::{flat, layout_config, rel, Flat};
+use super::compare::layout_config;
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -25,45 +26,29 @@ const MODEL: [&str; 7] = [
     "train.min_lr=1e-4",
 ];
 
-/// Losses, whole final parameters (from world rank 0) and rank 0's measured bubble.
-fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Vec<f32>, Flat, f64) {
+/// Losses, grad norms, whole final parameters (from world rank 0) and rank 0's measured bubble.
+fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, f64) {
     let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let mut results = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let comm = (nproc > 1).then_some(comm);
         let mut t = Trainer::new_rank(cfg.clone(), None, Device::Cpu, comm)?;
-        let mut losses = Vec::new();
+        let mut run = Run::default();
         let mut bubble = 0.0;
         for _ in 0..STEPS {
-            losses.push(t.train_step()?.0);
+            run.step(t.train_step()?);
             bubble += t.last_bubble.unwrap_or(0.0) / STEPS as f64;
         }
-        let params = flat(&t.full_params()?);
-        Ok((losses, params, bubble))
+        run.params = flat(&t.full_params()?);
+        Ok((run, bubble))
     })
     .unwrap();
     results.swap_remove(0)
 }
 
-fn assert_close(what: &str, got: &(Vec<f32>, Flat, f64), want: &(Vec<f32>, Flat, f64)) {
-    let dl = rel(&got.0, &want.0);
-    assert!(dl < 1e-5, "{what}: losses {:?} vs {:?}", got.0, want.0);
-    assert_eq!(
-        got.1.len(),
-        want.1.len(),
-        "{what}: rank 0 holds every parameter"
-    );
-    let mut worst = 0f32;
-    for (name, b) in &want.1 {
-        let a = &got.1.iter().find(|(n, _)| n == name).expect("gathered").1;
-        let d = rel(a, b);
-        assert!(d < 1e-5, "{what}: {name} differs by {d:e}");
-        worst = worst.max(d);
-    }
-    println!(
-        "{what}: losses {:?}, rel diff {dl:.1e}, worst parameter {worst:.1e}, rank-0 bubble {:.3}",
-        got.0, got.2
-    );
+fn assert_close(what: &str, (got, bubble): &(Run, f64), (want, _): &(Run, f64)) {
+    assert_same_run(what, got, want, 1e-5);
+    println!("{what}: rank-0 bubble {bubble:.3}");
 }
 
 #[test]

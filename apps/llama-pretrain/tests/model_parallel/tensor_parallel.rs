@@ -1,13 +1,13 @@
 //! Tensor parallelism through the trainer (`parallel.tp`, `parallel.sp_mode`): the same global
 //! batch on tp 2 and 4, Megatron-SP and dp2×tp2 (plain and with ZeRO 1, 2, 3) gives one rank's
-//! losses and parameters (f32, 1e-5 relative, 5 steps); a tensor-parallel checkpoint is whole
-//! and resumes at another tp, or under ZeRO-3.
+//! losses, pre-clip gradient norms and parameters (f32, 1e-5 relative, 5 steps); a
+//! tensor-parallel checkpoint is whole and resumes at another tp, or under ZeRO-3.
 
 use std::path::Path;
 use std::time::Duration;
 
-use super::common::{config, prepare};
-use super::compare::{flat, layout_config, rel, Flat};
+use super::common::{assert_same_run, config, flat, prepare, Run};
+use super::compare::layout_config;
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
@@ -24,7 +24,7 @@ const MODEL: [&str; 6] = [
     "train.min_lr=1e-4",
 ];
 
-/// Losses of `steps` steps and the whole final parameters, on `nproc` local ranks.
+/// Losses and grad norms of `steps` steps and the whole final parameters, on `nproc` ranks.
 fn run(
     data: &Path,
     out: &Path,
@@ -32,7 +32,7 @@ fn run(
     extra: &[&str],
     resume: Option<&Path>,
     steps: usize,
-) -> (Vec<f32>, Flat) {
+) -> Run {
     let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let mut results = run_local(nproc, Duration::from_secs(60), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
@@ -42,34 +42,32 @@ fn run(
             Device::Cpu,
             (nproc > 1).then_some(comm),
         )?;
-        let mut losses = Vec::new();
+        let mut run = Run::default();
         for _ in 0..steps {
-            losses.push(t.train_step()?.0);
+            run.step(t.train_step()?);
             // A layout with several ranks must have communicated.
             assert_eq!(t.last_step_comm_bytes > 0, nproc > 1);
         }
-        let params = flat(&t.full_params()?);
+        run.params = flat(&t.full_params()?);
         t.save_checkpoint()?;
-        Ok((losses, params))
+        Ok(run)
     })
     .unwrap();
     for other in &results[1..] {
-        assert_eq!(other.0, results[0].0, "ranks report different losses");
+        assert_eq!(
+            other.losses, results[0].losses,
+            "ranks report different losses"
+        );
+        assert_eq!(
+            other.norms, results[0].norms,
+            "ranks report different grad norms"
+        );
     }
     results.swap_remove(0)
 }
 
-fn assert_close(what: &str, (losses, params): &(Vec<f32>, Flat), (rl, rp): &(Vec<f32>, Flat)) {
-    let dl = rel(losses, rl);
-    assert!(dl < 1e-5, "{what}: losses {losses:?} vs {rl:?} ({dl:e})");
-    let mut worst = 0f32;
-    for ((name, a), (rname, b)) in params.iter().zip(rp) {
-        assert_eq!(name, rname);
-        let d = rel(a, b);
-        assert!(d < 1e-5, "{what}: {name} differs by {d:e}");
-        worst = worst.max(d);
-    }
-    println!("{what}: losses {losses:?}, rel diff losses {dl:.1e}, worst parameter {worst:.1e}");
+fn assert_close(what: &str, got: &Run, want: &Run) {
+    assert_same_run(what, got, want, 1e-5);
 }
 
 #[test]
@@ -115,7 +113,7 @@ fn tensor_parallel_checkpoint_resumes_at_another_layout() {
     let data = prepare(tmp.path());
     let reference = run(&data, &tmp.path().join("ref"), 1, &[], None, 4);
     let out = tmp.path().join("tp2");
-    let (first, _) = run(&data, &out, 2, &["parallel.tp=2"], None, 2);
+    let first = run(&data, &out, 2, &["parallel.tp=2"], None, 2);
     let ckpt = out.join("checkpoints/step-0000002");
     let zero3 = ["parallel.tp=2", "parallel.zero_stage=3"];
     for (what, nproc, extra) in [
@@ -124,9 +122,13 @@ fn tensor_parallel_checkpoint_resumes_at_another_layout() {
         ("dp2×tp2 zero3", 4, &zero3[..]),
     ] {
         let dir = tmp.path().join(format!("resume-{nproc}"));
-        let (rest, params) = run(&data, &dir, nproc, extra, Some(&ckpt), 2);
-        let losses: Vec<f32> = first.iter().chain(&rest).copied().collect();
-        assert_close(&format!("tp2 → {what}"), &(losses, params), &reference);
+        let rest = run(&data, &dir, nproc, extra, Some(&ckpt), 2);
+        let whole = Run {
+            losses: first.losses.iter().chain(&rest.losses).copied().collect(),
+            norms: first.norms.iter().chain(&rest.norms).copied().collect(),
+            params: rest.params,
+        };
+        assert_close(&format!("tp2 → {what}"), &whole, &reference);
     }
 }
 

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use colossal_core::train::DeviceSpec;
 use clap::{Parser, Subcommand};
 use colossal_core::checkpoint::{hf, llama::load_llama};
 use colossal_core::exec::{llama_inputs, Executor};
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Sampling};
+use colossal_core::train::DeviceSpec;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

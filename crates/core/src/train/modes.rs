@@ -200,7 +200,15 @@ macro_rules! display_as_toml {
         }
     )*};
 }
-display_as_toml!(Backend, SpMode, Precision, Offload, PpSchedule, Freeze, CheckpointFormat);
+display_as_toml!(
+    Backend,
+    SpMode,
+    Precision,
+    Offload,
+    PpSchedule,
+    Freeze,
+    CheckpointFormat
+);
 
 #[cfg(test)]
 mod tests {
@@ -216,7 +224,9 @@ mod tests {
         assert_eq!(Freeze::NonEmbedding.to_string(), "non_embedding");
         let s: SpMode = serde_json::from_str("\"ulysses\"").unwrap();
         assert_eq!(s, SpMode::Ulysses);
-        let e = serde_json::from_str::<Offload>("\"gpu\"").unwrap_err().to_string();
+        let e = serde_json::from_str::<Offload>("\"gpu\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("none") && e.contains("disk"), "{e}");
     }
 
@@ -224,6 +234,9 @@ mod tests {
     #[test]
     fn cuda_without_the_feature_is_an_error_saying_why() {
         let e = DeviceSpec::Cuda(None).device(0).unwrap_err().to_string();
-        assert!(e.contains("train.device = \"cuda\"") && e.contains("--features cuda"), "{e}");
+        assert!(
+            e.contains("train.device = \"cuda\"") && e.contains("--features cuda"),
+            "{e}"
+        );
     }
 }
