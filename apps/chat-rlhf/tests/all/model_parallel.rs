@@ -1,5 +1,6 @@
 //! The chat trainers under tensor, pipeline and sequence parallelism: each layout gives one
-//! rank's losses and gradient norms (the same global batch, the same update).
+//! rank's losses and pre-clip gradient norms at every step and, after the last, the same
+//! parameters (every name, equal lengths) in its final checkpoint.
 
 use crate::common::*;
 use chat_rlhf::config::ChatConfig;
@@ -33,7 +34,30 @@ fn split(cfg: &ChatConfig, layout: &str, out: &std::path::Path) -> ChatConfig {
     c
 }
 
-/// One rank's run of `steps` steps against each layout's: losses and gradient norms agree.
+/// Every weight of the checkpoint in `dir`, by name.
+fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let (_, p) = colossal_core::checkpoint::llama::load_llama(
+        dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = p
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel_norm(a: &[f32], b: &[f32]) -> f64 {
+    let n = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
+    n(&mut a.iter().zip(b).map(|(x, y)| x - y)) / n(&mut b.iter().copied()).max(1e-30)
+}
+
+/// One rank's run of `steps` steps against each layout's: losses, gradient norms and the final
+/// parameters agree.
 fn same_steps(
     method: &str,
     cfg: &ChatConfig,
@@ -41,10 +65,14 @@ fn same_steps(
     steps: usize,
     out: &std::path::Path,
 ) {
+    let mut cfg = cfg.clone();
+    cfg.train.max_steps = cfg.train.max_steps.max(steps);
+    let cfg = &cfg;
     let mut one = cfg.clone();
     one.train.out_dir = out.join("one");
     let base = train(method, &one, None, Some(steps)).unwrap();
     let (l1, g1) = (base.series("loss"), base.series("grad_norm"));
+    let p1 = weights(base.final_dir.as_ref().expect("a final checkpoint"));
     for layout in layouts {
         let s = train(method, &split(cfg, layout, out), None, Some(steps)).unwrap();
         let (l, g) = (s.series("loss"), s.series("grad_norm"));
@@ -66,6 +94,19 @@ fn same_steps(
                 g1[i]
             );
         }
+        let p = weights(s.final_dir.as_ref().expect("a final checkpoint"));
+        assert_eq!(
+            p.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>(),
+            p1.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>(),
+            "{method} {layout}: parameter names and lengths"
+        );
+        let worst = p
+            .iter()
+            .zip(&p1)
+            .map(|((_, a), (_, b))| rel_norm(a, b))
+            .fold(0f64, f64::max);
+        println!("{method} {layout}: {} parameters, worst relative difference {worst:.1e}", p.len());
+        assert!(worst < 1e-4, "{method} {layout}: parameters differ by {worst:e}");
     }
 }
 
@@ -86,7 +127,7 @@ fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
             "dp2-tp2-zero2",
             "tp2-pp2-zero1",
         ],
-        2,
+        3,
         &dir.path().join("s"),
     );
     let pref = hh_pairs(&dir.path().join("pref"), 30, 96);
@@ -95,7 +136,7 @@ fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
         "rm",
         &rm,
         &["tp2", "tp2-megatron", "pp2", "ulysses2"],
-        2,
+        3,
         &dir.path().join("r"),
     );
     for (i, loss) in ["loss = \"dpo\"\nbeta = 0.1", "loss = \"kto\"\nbeta = 0.1"]
@@ -112,7 +153,7 @@ fn sft_rm_and_dpo_under_tensor_pipeline_and_sequence_parallelism() {
             "dpo",
             &c,
             &["tp2", "pp2", "ring2", "dp2-tp2"],
-            2,
+            3,
             &dir.path().join(format!("d{i}")),
         );
     }
@@ -123,6 +164,8 @@ fn ppo_and_grpo_under_tensor_pipeline_and_sequence_parallelism() {
     let dir = tempfile::tempdir().unwrap();
     let rl = rl_setup(dir.path(), 12, "");
     let ppo_layouts = ["tp2", "pp2", "ring2"];
+    // One step: rollouts sample from the updated policy, and a last-bit difference after an
+    // update may pick another token (the parameters after the step are compared).
     same_steps("ppo", &rl.ppo, &ppo_layouts, 1, &dir.path().join("p"));
     let grpo_layouts = ["tp2", "pp2", "ulysses2"];
     same_steps("grpo", &rl.grpo, &grpo_layouts, 1, &dir.path().join("g"));

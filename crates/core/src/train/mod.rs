@@ -5,6 +5,7 @@ mod checkpoint;
 mod config;
 mod grad_norm;
 mod launch;
+mod lm_loop;
 mod metrics;
 mod modes;
 mod neftune;

@@ -66,3 +66,23 @@ impl Regions for Neftune {
         Ok((e + noise)?)
     }
 }
+
+/// NEFTune noise on while alive.
+pub(super) struct NoiseOn<'a>(Option<&'a Neftune>);
+
+impl<'a> NoiseOn<'a> {
+    pub(super) fn start(n: Option<&'a Neftune>, seed: u64) -> Self {
+        if let Some(n) = n {
+            n.start(seed);
+        }
+        Self(n)
+    }
+}
+
+impl Drop for NoiseOn<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.stop();
+        }
+    }
+}
