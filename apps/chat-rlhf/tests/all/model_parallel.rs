@@ -44,7 +44,12 @@ fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     .unwrap();
     let mut out: Vec<(String, Vec<f32>)> = p
         .iter()
-        .map(|(n, v)| (n.to_string(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -105,8 +110,14 @@ fn same_steps(
             .zip(&p1)
             .map(|((_, a), (_, b))| rel_norm(a, b))
             .fold(0f64, f64::max);
-        println!("{method} {layout}: {} parameters, worst relative difference {worst:.1e}", p.len());
-        assert!(worst < 1e-4, "{method} {layout}: parameters differ by {worst:e}");
+        println!(
+            "{method} {layout}: {} parameters, worst relative difference {worst:.1e}",
+            p.len()
+        );
+        assert!(
+            worst < 1e-4,
+            "{method} {layout}: parameters differ by {worst:e}"
+        );
     }
 }
 

@@ -3,6 +3,7 @@ pub mod data;
 pub mod offload;
 pub mod pipeline;
 pub mod pipeline_run;
+pub mod plan;
 pub mod sequence;
 pub mod tensor;
 pub mod weight_grad;

@@ -1,9 +1,10 @@
 //! Tensor parallelism (Megatron 1D), applied to the plain model from outside.
 //!
-//! A [`TpPlan`] says, by parameter path, how each weight is split over the `tp` ranks:
-//! column-parallel projections (q, k, v, gate, up, LM head) keep a slice of their output rows,
-//! row-parallel ones (o, down) a slice of their input columns, the embedding a slice of the
-//! vocabulary; norms are replicated. [`TensorParallel`] then fills the model's regions:
+//! The model family's [`TpPlan`] says, by parameter path, how each weight is split over the
+//! `tp` ranks (see [`super::plan`]): column-parallel projections (q, k, v, gate, up, LM head)
+//! keep a slice of their output rows, row-parallel ones (o, down) a slice of their input
+//! columns, the embedding a slice of the vocabulary; norms are replicated.
+//! [`TensorParallel`] then fills the model's regions with each style's exchange:
 //!
 //! ```text
 //!   x ─ norm ─ enter ─┬─ q,k,v (cols) ─ attention (local heads) ─ o (rows) ─ exit ─ + ─
@@ -20,77 +21,13 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::checkpoint::hf::Slice;
 use crate::dist::autograd::{copy_to, gather_from, gather_whole, reduce_from, scatter_reduce};
 use crate::dist::{Communicator, Group, ReduceOp};
 use crate::models::llama::{regions::lookup, Llama, LlamaConfig, Regions};
 use crate::params::Params;
 use crate::{Error, Result};
 
-/// How one parameter is split over the tensor-parallel group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Every rank holds all of it.
-    Replicate,
-    /// Each rank holds an equal slice of this dimension.
-    Dim(usize),
-}
-
-/// Parameter-path patterns (`*` matches one dotted segment) and their split; first match wins,
-/// no match means replicated.
-#[derive(Clone, Debug)]
-pub struct TpPlan {
-    pub rules: Vec<(String, Split)>,
-}
-
-impl TpPlan {
-    /// The Megatron plan for LLaMA (HF parameter names).
-    pub fn llama() -> Self {
-        let rows = Split::Dim(0);
-        let cols = Split::Dim(1);
-        let rules = [
-            ("model.embed_tokens.weight", rows),
-            ("model.layers.*.self_attn.q_proj.*", rows),
-            ("model.layers.*.self_attn.k_proj.*", rows),
-            ("model.layers.*.self_attn.v_proj.*", rows),
-            ("model.layers.*.self_attn.o_proj.weight", cols),
-            ("model.layers.*.mlp.gate_proj.*", rows),
-            ("model.layers.*.mlp.up_proj.*", rows),
-            ("model.layers.*.mlp.down_proj.weight", cols),
-            ("lm_head.weight", rows),
-        ];
-        TpPlan {
-            rules: rules.iter().map(|(p, s)| (p.to_string(), *s)).collect(),
-        }
-    }
-
-    pub fn split(&self, name: &str) -> Split {
-        self.rules
-            .iter()
-            .find(|(pattern, _)| path_matches(pattern, name))
-            .map_or(Split::Replicate, |(_, s)| *s)
-    }
-
-    /// This rank's slice of a parameter of `shape`, or `None` when replicated.
-    pub fn slice(&self, name: &str, shape: &[usize], rank: usize, size: usize) -> Option<Slice> {
-        match self.split(name) {
-            Split::Replicate => None,
-            Split::Dim(dim) => {
-                let len = shape[dim] / size;
-                Some(Slice {
-                    dim,
-                    start: rank * len,
-                    len,
-                })
-            }
-        }
-    }
-}
-
-fn path_matches(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), name.split('.').collect());
-    p.len() == n.len() && p.iter().zip(&n).all(|(a, b)| *a == "*" || a == b)
-}
+pub use super::plan::{Split, TpPlan, TpStyle};
 
 /// Checks that the model splits evenly over `tp` ranks, naming the config field that does not.
 pub fn validate(cfg: &LlamaConfig, tp: usize) -> Result<()> {
@@ -191,9 +128,11 @@ impl std::fmt::Debug for TensorParallel {
     }
 }
 
-/// `model` with its regions split over `group` (the tensor-parallel axis of the mesh).
+/// `model` with its regions split over `group` (the tensor-parallel axis of the mesh), after
+/// checking its plan against its parameters.
 pub fn parallelize(model: &Llama, group: Group, sequence_parallel: bool) -> Result<Llama> {
     validate(&model.cfg, group.size())?;
+    model.tp_plan().check(&model.param_shapes(), group.size())?;
     let vocab_start = vocab_start(&model.cfg, group.rank(), group.size());
     let tp = TensorParallel {
         group,

@@ -141,7 +141,7 @@ impl Trainer {
                 // Each tensor-parallel rank reads only its slices.
                 Some(g) => {
                     let model = Llama::new(LlamaConfig::from_file(&dir.join("config.json"))?)?;
-                    let params = TpRank::new(g.clone(), &model.cfg)?.load(dir, &model, &device)?;
+                    let params = TpRank::new(g.clone(), &model)?.load(dir, &model, &device)?;
                     (model, params)
                 }
                 None => hf_llama::load_llama(dir, DType::F32, &device)?,
@@ -182,7 +182,7 @@ impl Trainer {
             total_steps: t.max_steps,
         };
         let tp = match tp_group {
-            Some(g) => Some(TpRank::new(g, &model.cfg)?),
+            Some(g) => Some(TpRank::new(g, &model)?),
             None => None,
         };
         let mut pp = match pp_comm {

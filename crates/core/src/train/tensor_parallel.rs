@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor, Var};
 
 use crate::dist::Group;
-use crate::models::llama::{Llama, LlamaConfig};
+use crate::models::llama::Llama;
 use crate::optim::AdamW;
 use crate::parallel::tensor::{self, TpPlan};
 use crate::params::Params;
@@ -19,12 +19,14 @@ pub struct TpRank {
 }
 
 impl TpRank {
-    pub fn new(group: Group, cfg: &LlamaConfig) -> Result<Self> {
-        tensor::validate(cfg, group.size())?;
-        let vocab_start = tensor::vocab_start(cfg, group.rank(), group.size());
+    pub fn new(group: Group, model: &Llama) -> Result<Self> {
+        tensor::validate(&model.cfg, group.size())?;
+        let plan = model.tp_plan();
+        plan.check(&model.param_shapes(), group.size())?;
+        let vocab_start = tensor::vocab_start(&model.cfg, group.rank(), group.size());
         Ok(Self {
             group,
-            plan: TpPlan::llama(),
+            plan,
             vocab_start,
         })
     }

@@ -9,7 +9,7 @@ use colossal_core::dist::{run_local, Communicator, Group};
 use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
-use colossal_core::parallel::tensor::{self, TpPlan};
+use colossal_core::parallel::tensor;
 
 use super::shared::{adamw, rel};
 use colossal_core::params::Params;
@@ -50,7 +50,7 @@ fn shifted(logits: &Tensor) -> candle_core::Result<Tensor> {
 /// Trains `STEPS` steps; the loss is the mean token cross-entropy, vocabulary-parallel when
 /// `group` is given. Returns the losses and the final (gathered, whole) parameters.
 fn train(model: &Llama, mut params: Params, group: Option<&Group>) -> (Vec<f32>, Params) {
-    let plan = TpPlan::llama();
+    let plan = model.tp_plan();
     let exec = Executor::default();
     let mut opt = adamw();
     let mut losses = Vec::new();
@@ -113,7 +113,7 @@ fn check_tp(cfg: LlamaConfig, tp: usize, sequence_parallel: bool) {
     let results = run_local(tp, T, |comm| {
         let rank = comm.rank();
         let group = Group::new(Box::new(comm));
-        let local = tensor::shard_params(&full, &TpPlan::llama(), rank, tp)?;
+        let local = tensor::shard_params(&full, &model.tp_plan(), rank, tp)?;
         let tp_model = tensor::parallelize(&model, group.clone(), sequence_parallel)?;
         Ok(train(&tp_model, local, Some(&group)))
     })
@@ -179,7 +179,7 @@ fn sharded_loading_reads_each_rank_slice_of_an_hf_checkpoint() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/fixtures/llama_tiny/model");
     let (model, full) = load_llama(&dir, DType::F32, &Device::Cpu).unwrap();
-    let plan = TpPlan::llama();
+    let plan = model.tp_plan();
     for rank in 0..2 {
         let sharded = tensor::load_sharded(&dir, &model, &plan, rank, 2, &Device::Cpu).unwrap();
         let want = tensor::shard_params(&full, &plan, rank, 2).unwrap();
@@ -207,6 +207,50 @@ fn sharded_loading_reads_each_rank_slice_of_an_hf_checkpoint() {
             max_rel(sharded.get(name).unwrap(), var.as_tensor()),
             0.0,
             "{name}"
+        );
+    }
+}
+
+/// LLaMA's plan covers exactly its parameters for every head and bias layout; a rule that
+/// matches nothing, or a parameter left out, is an error naming it when the model is built.
+#[test]
+fn the_llama_plan_checks_against_every_layout_and_errors_name_the_entry() {
+    for (bias, tie, score) in [
+        (false, true, false),
+        (true, false, false),
+        (true, true, true),
+    ] {
+        let mut cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": tie,
+            "attention_bias": bias, "mlp_bias": bias
+        }))
+        .unwrap();
+        if score {
+            cfg = cfg.with_score_head(1);
+        }
+        let model = Llama::new(cfg).unwrap();
+        model.tp_plan().check(&model.param_shapes(), 2).unwrap();
+        let mut plan = model.tp_plan();
+        plan.rules.push((
+            "model.layers.*.mlp.gate.weight".into(),
+            colossal_core::parallel::plan::TpStyle::Colwise,
+        ));
+        let e = plan
+            .check(&model.param_shapes(), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`model.layers.*.mlp.gate.weight`"), "{e}");
+        let mut plan = model.tp_plan();
+        plan.rules
+            .retain(|(p, _)| !p.contains("post_attention_layernorm"));
+        let e = plan
+            .check(&model.param_shapes(), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`model.layers.0.post_attention_layernorm.weight` is not covered"),
+            "{e}"
         );
     }
 }

@@ -6,6 +6,7 @@ mod config;
 mod generate;
 mod inputs;
 mod model;
+mod plan;
 pub mod regions;
 mod rope;
 
