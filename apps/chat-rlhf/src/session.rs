@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
-use colossal_core::dist::{run_local, Communicator};
-use colossal_core::train::{plot_curves, run_outputs, Trainer};
+use colossal_core::dist::Communicator;
+use colossal_core::train::{launch_ranks, plot_curves, run_outputs, DeviceSpec, Trainer};
 use colossal_data::chat::prep::Record;
 use serde_json::{json, Map, Value};
 
@@ -67,7 +67,8 @@ pub type Factory<'a> = dyn Fn(&ChatConfig, &Trainer, Option<Box<dyn Communicator
     + Sync
     + 'a;
 
-/// Runs `cfg.parallel.nproc` local ranks (or one), each building its method with `make`.
+/// Runs every rank `cfg.parallel` asks for (local threads or an mpirun job, through the one
+/// launcher every app uses), each building its method with `make`.
 pub fn launch(
     cfg: &ChatConfig,
     resume: Option<&Path>,
@@ -75,69 +76,21 @@ pub fn launch(
     make: &Factory<'_>,
 ) -> Result<Summary> {
     // Rollouts, frozen models and metrics are host-side here: a GPU is refused, not ignored.
-    if cfg.train.device != colossal_core::train::DeviceSpec::Cpu {
+    if cfg.train.device != DeviceSpec::Cpu {
         cfg.train.device.device(0)?;
         anyhow::bail!(
             "train.device = \"{}\": the chat trainers run on the CPU for now; set train.device = \"cpu\" (llama-pretrain trains on a GPU)",
             cfg.train.device
         );
     }
-    // Under mpirun the world size is parallel.nproc: checked once it is known.
-    if cfg.parallel.backend == colossal_core::train::Backend::Mpi {
-        return launch_mpi(cfg, resume, stop_at, make);
-    }
-    cfg.parallel
-        .validate()
-        .map_err(|e| anyhow::anyhow!("[parallel]: {e}"))?;
-    let n = cfg.parallel.nproc;
-    if n == 1 {
-        return run_rank(cfg, resume, stop_at, None, make);
-    }
-    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
-    let mut out = run_local(n, timeout, |comm| {
-        let comm: Box<dyn Communicator> = Box::new(comm);
-        run_rank(cfg, resume, stop_at, Some(comm), make).map_err(|e| colossal_core::msg!("{e:#}"))
-    })?;
-    Ok(out.swap_remove(0))
-}
-
-/// This process's rank of an `mpirun` job.
-#[cfg(feature = "mpi")]
-fn launch_mpi(
-    cfg: &ChatConfig,
-    resume: Option<&Path>,
-    stop_at: Option<usize>,
-    make: &Factory<'_>,
-) -> Result<Summary> {
-    use colossal_core::dist::MpiComm;
-    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
-    let world = MpiComm::world(timeout)?;
-    let _mpi = world.keep_alive();
-    let size = world.size();
-    let mut cfg = cfg.clone();
-    if cfg.parallel.nproc != 1 && cfg.parallel.nproc != size {
-        anyhow::bail!(
-            "parallel.nproc = {} but mpirun started {size} processes",
-            cfg.parallel.nproc
-        );
-    }
-    cfg.parallel.nproc = size;
-    cfg.parallel
-        .validate()
-        .map_err(|e| anyhow::anyhow!("[parallel]: {e} (mpirun started {size} processes)"))?;
-    let comm =
-        (size > 1 || cfg.parallel.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
-    run_rank(&cfg, resume, stop_at, comm, make)
-}
-
-#[cfg(not(feature = "mpi"))]
-fn launch_mpi(
-    _: &ChatConfig,
-    _: Option<&Path>,
-    _: Option<usize>,
-    _: &Factory<'_>,
-) -> Result<Summary> {
-    anyhow::bail!("parallel.backend = \"mpi\" needs chat-rlhf built with --features mpi")
+    let summary = launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
+        let mut cfg = cfg.clone();
+        cfg.parallel = setup.parallel;
+        run_rank(&cfg, resume, stop_at, setup.comm, setup.device, make)
+            .map_err(|e| colossal_core::msg!("{e:#}"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(summary)
 }
 
 fn run_rank(
@@ -145,14 +98,14 @@ fn run_rank(
     resume: Option<&Path>,
     stop_at: Option<usize>,
     comm: Option<Box<dyn Communicator>>,
+    device: Device,
     make: &Factory<'_>,
 ) -> Result<Summary> {
     let extra = match &comm {
         Some(c) => Some(c.split(&(0..c.size()).collect::<Vec<_>>())?),
         None => None,
     };
-    let mut policy =
-        Trainer::new_rank_without_data(cfg.trainer_config(), resume, Device::Cpu, comm)?;
+    let mut policy = Trainer::new_rank_without_data(cfg.trainer_config(), resume, device, comm)?;
     let mut method = make(cfg, &policy, extra)?;
     let data = ChatSet::open(&cfg.data.path, method.kind())?;
     let t = &cfg.train;
@@ -178,7 +131,8 @@ fn run_rank(
         let step = policy.state.step;
         rec.insert("step".into(), json!(step));
         rec.insert("step_s".into(), json!(started.elapsed().as_secs_f64()));
-        let last = step == end;
+        // A method may take several optimizer steps per batch (PPO epochs): past the end is the end.
+        let last = step >= end;
         if (t.eval_every > 0 && step.is_multiple_of(t.eval_every as u64)) || last {
             let val = method.evaluate(&policy, &data.validation)?;
             if !val.is_empty() {

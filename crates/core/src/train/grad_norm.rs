@@ -68,6 +68,24 @@ impl NormGroups<'_> {
         self.total(local, None)
     }
 
+    /// Norm from this rank's ZeRO-3 gradient chunks (zero-padded, so padding adds nothing).
+    pub fn of_chunks(
+        &self,
+        chunks: &std::collections::HashMap<String, crate::parallel::StateBuf>,
+        dp: &dyn Communicator,
+    ) -> Result<f64> {
+        let mut names: Vec<&String> = chunks.keys().collect();
+        names.sort();
+        let mut local = 0f64;
+        for name in names {
+            let g = &chunks[name];
+            let sq: f64 = g.as_slice().iter().map(|&x| x as f64 * x as f64).sum();
+            g.release()?;
+            local += self.weight(name) * sq;
+        }
+        self.total(local, Some(dp))
+    }
+
     /// Norm from this rank's ZeRO shard of the flat gradient.
     pub fn of_shard(
         &self,

@@ -1,56 +1,71 @@
-//! Launch: one rank, local ranks as threads, or this process's rank of an MPI job.
+//! Launch, for every app: one rank, local ranks as threads, or this process's rank of an MPI
+//! job; each rank gets its communicator and its device. A failing rank ends the whole job:
+//! local ranks report the first failure by rank, an MPI rank aborts the job.
 
 use std::path::Path;
 
 use candle_core::Device;
 
 use super::trainer::{RunSummary, Trainer};
-use super::{Backend, TrainConfig};
+use super::{Backend, DeviceSpec, ParallelConfig, TrainConfig};
 use crate::dist::{run_local, Communicator};
 use crate::{Error, Result};
 
-/// Runs training as configured: one rank in this thread, `parallel.nproc` local ranks as
-/// threads, or this process's rank of an MPI job. Returns rank 0's summary (under MPI, each
-/// process returns its own; `RunSummary::rank` tells which).
-pub fn train(
-    cfg: TrainConfig,
-    resume: Option<&Path>,
-    stop_at: Option<usize>,
-) -> Result<RunSummary> {
+/// What one rank starts with.
+pub struct RankSetup {
+    /// The world communicator (`None` for a lone local rank).
+    pub comm: Option<Box<dyn Communicator>>,
+    pub device: Device,
+    /// The layout, validated; under mpirun `nproc` is the job's size.
+    pub parallel: ParallelConfig,
+    pub world_rank: usize,
+}
+
+/// Runs `rank` on every rank `parallel` asks for, on `device`. Returns rank 0's result (under
+/// MPI, this process's).
+pub fn launch_ranks<T, F>(parallel: &ParallelConfig, device: DeviceSpec, rank: F) -> Result<T>
+where
+    T: Send,
+    F: Fn(RankSetup) -> Result<T> + Sync,
+{
     // Under mpirun the world size is parallel.nproc: checked once it is known.
-    if cfg.parallel.backend == Backend::Mpi && cfg!(feature = "mpi") {
-        return train_mpi(cfg, resume, stop_at);
+    if parallel.backend == Backend::Mpi && cfg!(feature = "mpi") {
+        return launch_mpi(parallel, device, rank);
     }
-    cfg.parallel.validate().map_err(Error::Config)?;
-    let n = cfg.parallel.nproc;
+    parallel.validate().map_err(Error::Config)?;
+    let n = parallel.nproc;
     // Before any data or weights are read: a device we cannot have ends the run at once.
     let devices = (0..n)
-        .map(|r| cfg.train.device.device(r))
+        .map(|r| device.device(r))
         .collect::<Result<Vec<Device>>>()?;
+    let setup = |comm: Option<Box<dyn Communicator>>, world_rank: usize| RankSetup {
+        comm,
+        device: devices[world_rank].clone(),
+        parallel: parallel.clone(),
+        world_rank,
+    };
     if n == 1 {
-        return Trainer::new(cfg, resume, devices[0].clone())?.run(stop_at);
+        return rank(setup(None, 0));
     }
-    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+    let timeout = std::time::Duration::from_secs(parallel.timeout_s);
     let mut out = run_local(n, timeout, |comm| {
-        let device = devices[comm.rank()].clone();
-        let comm: Box<dyn Communicator> = Box::new(comm);
-        Trainer::new_rank(cfg.clone(), resume, device, Some(comm))?.run(stop_at)
+        let r = comm.rank();
+        rank(setup(Some(Box::new(comm)), r))
     })?;
     Ok(out.swap_remove(0))
 }
 
 #[cfg(feature = "mpi")]
-fn train_mpi(
-    mut cfg: TrainConfig,
-    resume: Option<&Path>,
-    stop_at: Option<usize>,
-) -> Result<RunSummary> {
+fn launch_mpi<T, F>(parallel: &ParallelConfig, device: DeviceSpec, rank: F) -> Result<T>
+where
+    F: Fn(RankSetup) -> Result<T>,
+{
     use crate::dist::MpiComm;
-    let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+    let timeout = std::time::Duration::from_secs(parallel.timeout_s);
     let world = MpiComm::world(timeout)?;
     let _mpi = world.keep_alive();
-    let (rank, size) = (world.rank(), world.size());
-    let p = &mut cfg.parallel;
+    let (world_rank, size) = (world.rank(), world.size());
+    let mut p = parallel.clone();
     if p.nproc != 1 && p.nproc != size {
         return Err(Error::Config(format!(
             "parallel.nproc = {} but mpirun started {size} processes",
@@ -60,29 +75,25 @@ fn train_mpi(
     p.nproc = size;
     p.validate()
         .map_err(|e| Error::Config(format!("{e} (mpirun started {size} processes)")))?;
-    let comm: Option<Box<dyn Communicator>> =
-        (size > 1 || p.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
-    // Test hook for the mpirun failure test: COLOSSAL_TEST_FAIL_AT="RANK:STEP".
-    let fail_at = std::env::var("COLOSSAL_TEST_FAIL_AT").ok().and_then(|v| {
-        let (r, s) = v.split_once(':')?;
-        (r.parse() == Ok(rank)).then(|| s.parse().ok())?
-    });
     // Each process of the job takes its node-local rank's GPU.
     let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
         .or_else(|_| std::env::var("SLURM_LOCALID"))
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let device = cfg.train.device.device(local_rank)?;
-    let run = Trainer::new_rank(cfg, resume, device, comm).and_then(|mut t| {
-        t.fail_at_step = fail_at;
-        t.run(stop_at)
+    let device = device.device(local_rank)?;
+    let comm = (size > 1 || p.zero_stage > 0).then(|| Box::new(world) as Box<dyn Communicator>);
+    let run = rank(RankSetup {
+        comm,
+        device,
+        parallel: p,
+        world_rank,
     });
     match run {
-        Ok(s) => Ok(s),
+        Ok(v) => Ok(v),
         Err(e) if size > 1 => {
             // Peers may be blocked in a receive: end the whole job now, naming this rank.
-            eprintln!("rank {rank} failed: {e}");
+            eprintln!("rank {world_rank} failed: {e}");
             // mpirun forwards each rank's stderr through a pipe; give it a moment to carry
             // the message out before the abort tears the job down.
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -93,6 +104,33 @@ fn train_mpi(
 }
 
 #[cfg(not(feature = "mpi"))]
-fn train_mpi(_: TrainConfig, _: Option<&Path>, _: Option<usize>) -> Result<RunSummary> {
-    unreachable!("ParallelConfig::validate rejects backend = mpi without the mpi feature")
+fn launch_mpi<T, F>(_: &ParallelConfig, _: DeviceSpec, _: F) -> Result<T>
+where
+    F: Fn(RankSetup) -> Result<T>,
+{
+    unreachable!("launch_ranks takes the MPI path only with the mpi feature")
+}
+
+/// Pretraining as configured on every rank. Returns rank 0's summary (under MPI, each process
+/// returns its own; `RunSummary::rank` tells which).
+pub fn train(
+    cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop_at: Option<usize>,
+) -> Result<RunSummary> {
+    launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
+        let mut cfg = cfg.clone();
+        cfg.parallel = setup.parallel;
+        // Test hook for the mpirun failure test: COLOSSAL_TEST_FAIL_AT="RANK:STEP".
+        let fail_at = std::env::var("COLOSSAL_TEST_FAIL_AT").ok().and_then(|v| {
+            let (r, s) = v.split_once(':')?;
+            (r.parse() == Ok(setup.world_rank)).then(|| s.parse().ok())?
+        });
+        let mpi = cfg.parallel.backend == Backend::Mpi;
+        let mut t = Trainer::new_rank(cfg, resume, setup.device, setup.comm)?;
+        if mpi {
+            t.fail_at_step = fail_at;
+        }
+        t.run(stop_at)
+    })
 }

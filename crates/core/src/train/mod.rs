@@ -25,7 +25,7 @@ pub use checkpoint::{
 pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };
-pub use launch::train;
+pub use launch::{launch_ranks, train, RankSetup};
 pub use metrics::{plot_curves, plot_loss_curve, run_outputs, MetricsWriter};
 pub use modes::{
     Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,

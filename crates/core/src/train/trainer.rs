@@ -328,6 +328,11 @@ impl Trainer {
             }
             (StepGrads::Full(g), _) if split_model => groups.of_grads(g)?,
             (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
+            // ZeRO-3 over tensor-parallel slices: the chunks of every slice and the replicated
+            // weights counted once, across the data- and tensor-parallel groups.
+            (StepGrads::Chunks(c), _) if split_model => {
+                groups.of_chunks(c, self.comm.as_deref().expect("ZeRO comm"))?
+            }
             (StepGrads::Chunks(c), _) => {
                 let z3 = self.zero3.as_ref().expect("chunks only under ZeRO-3");
                 z3.grad_norm(self.comm.as_deref().expect("ZeRO comm"), c)?

@@ -10,9 +10,10 @@ mod plan;
 pub mod regions;
 mod rope;
 
+pub use crate::models::family::ParamSink;
 pub use config::LlamaConfig;
 pub use generate::{generate, generate_stream, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
-pub use model::{init_each_param, init_params, Llama, ParamSink};
+pub use model::{init_each_param, init_params, Llama};
 pub use regions::{Local, Regions};
 pub use rope::{Rope, RopeParameters, RopeType};

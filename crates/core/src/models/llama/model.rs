@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, Var};
-use rand::SeedableRng;
-use rand_distr::{Distribution, Normal};
+use candle_core::{Device, Tensor};
 
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
+use crate::models::family::{Init, ModelFamily, ParamSink, ParamSpec};
 use crate::nn::{apply_rotary, rms_norm};
 use crate::params::Params;
 use crate::Result;
@@ -279,48 +278,59 @@ impl Llama {
 /// Fresh weights for training from scratch: HF init (normal(0, initializer_range) for
 /// matrices, ones for norms, zero bias and zero padding row), deterministic in `seed`.
 pub fn init_params(model: &Llama, seed: u64, device: &Device) -> Result<Params> {
-    let mut params = Params::new();
-    init_each_param(model, seed, &mut |name, shape, data| {
-        let t = Tensor::from_vec(data, shape, device)?;
-        params.insert(name, Var::from_tensor(&t)?);
-        Ok(())
-    })?;
-    Ok(params)
+    crate::models::family::init_all(&model.param_specs(), seed, device)
 }
-
-/// Receives one parameter: name, shape, values.
-pub type ParamSink<'a> = dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()> + 'a;
 
 /// The values `init_params` gives, handed to `f` one parameter at a time (same order, same
 /// random stream), so a sharded owner can keep its slice and drop the rest.
 pub fn init_each_param(model: &Llama, seed: u64, f: &mut ParamSink) -> Result<()> {
-    let std = model
-        .cfg
-        .extra
-        .get("initializer_range")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(0.02);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, std as f32).expect("valid std");
-    for (name, shape) in model.param_shapes() {
-        let numel: usize = shape.iter().product();
-        let mut data: Vec<f32> = if name.ends_with("norm.weight") {
-            vec![1.0; numel]
-        } else if name.ends_with(".bias") {
-            vec![0.0; numel]
-        } else {
-            (0..numel).map(|_| normal.sample(&mut rng)).collect()
-        };
-        if name == Llama::EMBED {
-            if let Some(pad) = model.cfg.pad_token_id {
-                let h = shape[1];
-                let pad = pad as usize;
-                if pad < shape[0] {
-                    data[pad * h..(pad + 1) * h].fill(0.0);
-                }
-            }
-        }
-        f(&name, &shape, data)?;
+    crate::models::family::init_each(&model.param_specs(), seed, f)
+}
+
+impl Llama {
+    /// Every parameter with HF's initialisation: normal(0, `initializer_range`, default 0.02)
+    /// for matrices and embeddings (the padding row zeroed), ones for norms, zeros for biases.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        let std = self
+            .cfg
+            .extra
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02) as f32;
+        self.param_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let init = if name.ends_with("norm.weight") {
+                    Init::Ones
+                } else if name.ends_with(".bias") {
+                    Init::Zeros
+                } else {
+                    let pad = self.cfg.pad_token_id.filter(|_| name == Self::EMBED);
+                    Init::Normal {
+                        std,
+                        zero_row: pad.map(|p| p as usize),
+                    }
+                };
+                ParamSpec { name, shape, init }
+            })
+            .collect()
     }
-    Ok(())
+}
+
+impl ModelFamily for Llama {
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        Llama::param_specs(self)
+    }
+
+    fn tied_params(&self) -> Vec<String> {
+        if self.cfg.tie_word_embeddings && self.cfg.score_labels().is_none() {
+            vec![Self::EMBED.to_string()]
+        } else {
+            vec![]
+        }
+    }
+
+    fn tp_plan(&self) -> crate::parallel::plan::TpPlan {
+        Llama::tp_plan(self)
+    }
 }
