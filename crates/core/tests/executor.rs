@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
-use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator, Hooks};
+use colossal_core::exec::{Executor, GradAccumulator, Hooks};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::params::Params;
 use colossal_core::train::lm_loss;
@@ -64,14 +64,7 @@ fn compare(model: &Llama, params: &Params) {
         let out = Executor {
             activation_checkpointing: checkpointing,
         }
-        .forward_backward(
-            model,
-            params,
-            &llama_inputs(&ids),
-            &inp,
-            &*on_output(&loss_fn),
-            &mut rec,
-        )
+        .lm_forward_backward(model, params, &ids, &inp, &loss_fn, &mut rec)
         .unwrap();
         assert_eq!(out.loss, whole_loss.to_scalar::<f32>().unwrap());
         let blocks = model.cfg.num_hidden_layers + 2;

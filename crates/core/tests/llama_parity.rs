@@ -3,7 +3,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
-use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
+use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Llama, Sampling};
 use colossal_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use colossal_core::params::Params;
@@ -25,26 +25,9 @@ fn fixture_data() -> Fixture {
     Fixture { reference, tensors }
 }
 
-fn ids_2d(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
 fn batch(model: &Llama, f: &Fixture) -> (Tensor, AttnInputs, Vec<i64>, Vec<Vec<u8>>) {
     let ids = ids_2d(&f.reference["input_ids"]);
-    let mask: Vec<Vec<u8>> = ids_2d(&f.reference["attention_mask"])
-        .iter()
-        .map(|r| r.iter().map(|&x| x as u8).collect())
-        .collect();
+    let mask = mask_of(&f.reference["attention_mask"]);
     let labels = ids_2d(&f.reference["labels"]);
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
@@ -52,14 +35,6 @@ fn batch(model: &Llama, f: &Fixture) -> (Tensor, AttnInputs, Vec<i64>, Vec<Vec<u
     let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
     let targets: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
     (ids, inp, targets, mask)
-}
-
-/// Zeroes padded positions so only valid ones are compared.
-fn masked(t: &Tensor, mask: &[Vec<u8>]) -> Tensor {
-    let m: Vec<f32> = mask.concat().iter().map(|&x| x as f32).collect();
-    let (b, s) = (mask.len(), mask[0].len());
-    let m = Tensor::from_vec(m, (b, s, 1), &Device::Cpu).unwrap();
-    t.broadcast_mul(&m).unwrap()
 }
 
 fn check_forward(model_dir: &str) {
@@ -166,14 +141,7 @@ fn grads_blockwise(
     Executor {
         activation_checkpointing: checkpointing,
     }
-    .forward_backward(
-        model,
-        params,
-        &llama_inputs(&ids),
-        &inp,
-        &*on_output(&loss_fn),
-        &mut sink,
-    )
+    .lm_forward_backward(model, params, &ids, &inp, &loss_fn, &mut sink)
     .unwrap();
     sink
 }
@@ -343,10 +311,7 @@ fn reward_model_checkpoint_loads_as_base_model() {
     let tensors = load_tensors(&dir.join("reference.safetensors"));
     let (model, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
     let ids = ids_2d(&reference["input_ids"]);
-    let mask: Vec<Vec<u8>> = ids_2d(&reference["attention_mask"])
-        .iter()
-        .map(|r| r.iter().map(|&x| x as u8).collect())
-        .collect();
+    let mask = mask_of(&reference["attention_mask"]);
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
     let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
-use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
+use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::llama::{
     generate, AttnInputs, GenerateOptions, LlamaConfig, RopeType, Sampling,
 };
@@ -20,33 +20,8 @@ fn reference() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn rows(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// Logits at valid positions only (padding zeroed).
-fn masked(t: &Tensor, mask: &[Vec<u8>]) -> Tensor {
-    let m: Vec<f32> = mask.concat().iter().map(|&x| x as f32).collect();
-    let m = Tensor::from_vec(m, (mask.len(), mask[0].len(), 1), &Device::Cpu).unwrap();
-    t.broadcast_mul(&m).unwrap()
+    serde_json::from_value(v.clone()).unwrap()
 }
 
 #[test]
@@ -61,11 +36,8 @@ fn rope_parameters_llama3_logits_loss_grad_and_greedy_ids_match() {
         matches!(rope.rope_type, RopeType::Llama3 { factor, original_max_position_embeddings: 32, .. } if factor == 8.0)
     );
 
-    let ids = rows(&r["input_ids"]);
-    let mask: Vec<Vec<u8>> = rows(&r["attention_mask"])
-        .iter()
-        .map(|row| row.iter().map(|&x| x as u8).collect())
-        .collect();
+    let ids = ids_2d(&r["input_ids"]);
+    let mask = mask_of(&r["attention_mask"]);
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
     let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
@@ -79,7 +51,7 @@ fn rope_parameters_llama3_logits_loss_grad_and_greedy_ids_match() {
     );
     println!("llama_tf5 logits: relative error {e:e}");
 
-    let labels = rows(&r["labels"]);
+    let labels = ids_2d(&r["labels"]);
     let targets: Vec<i64> = labels.iter().flat_map(|row| row[1..].to_vec()).collect();
     let n = targets.iter().filter(|&&x| x != -100).count() as f64;
     let want = r["loss"].as_f64().unwrap() as f32;
@@ -95,14 +67,7 @@ fn rope_parameters_llama3_logits_loss_grad_and_greedy_ids_match() {
     Executor {
         activation_checkpointing: false,
     }
-    .forward_backward(
-        &model,
-        &params,
-        &llama_inputs(&ids),
-        &inp,
-        &*on_output(&loss_fn),
-        &mut sink,
-    )
+    .lm_forward_backward(&model, &params, &ids, &inp, &loss_fn, &mut sink)
     .unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let want = &refs[&format!("grad.{name}")];
@@ -130,24 +95,16 @@ fn cli_forward_and_generate_on_a_transformers5_checkpoint() {
         serde_json::json!({"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]});
     std::fs::write(&input, body.to_string()).unwrap();
     let out = tmp.path().join("logits.safetensors");
-    let run = Command::new(env!("CARGO_BIN_EXE_colossal"))
-        .args(["forward", "--model"])
-        .arg(fixture("llama_tf5/model"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["forward", "--model"])
+            .arg(fixture("llama_tf5/model"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(&out),
     );
-    let mask: Vec<Vec<u8>> = rows(&r["attention_mask"])
-        .iter()
-        .map(|row| row.iter().map(|&x| x as u8).collect())
-        .collect();
+    let mask = mask_of(&r["attention_mask"]);
     let ours = load_tensors(&out);
     let theirs = load_tensors(&fixture("llama_tf5/reference.safetensors"));
     let e = assert_close(
@@ -162,16 +119,11 @@ fn cli_forward_and_generate_on_a_transformers5_checkpoint() {
         .iter()
         .map(|i| i.to_string())
         .collect();
-    let run = Command::new(env!("CARGO_BIN_EXE_colossal"))
-        .args(["generate", "--model"])
-        .arg(fixture("llama_tf5/model"))
-        .args(["--prompt-ids", &prompt.join(","), "--max-new-tokens", "10"])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["generate", "--model"])
+            .arg(fixture("llama_tf5/model"))
+            .args(["--prompt-ids", &prompt.join(","), "--max-new-tokens", "10"]),
     );
     let v: Value = serde_json::from_slice(&run.stdout).unwrap();
     println!("colossal generate on llama_tf5: {}", v["ids"]);

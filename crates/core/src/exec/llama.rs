@@ -53,3 +53,19 @@ pub const LOGITS: &str = "logits";
 pub fn llama_inputs(ids: &Tensor) -> Acts {
     Acts::one(IDS, ids.clone())
 }
+
+impl super::Executor {
+    /// [`Self::forward_backward`] of a LLaMA on token ids, with `loss` on its logits.
+    pub fn lm_forward_backward(
+        &self,
+        model: &Llama,
+        params: &Params,
+        ids: &Tensor,
+        ctx: &AttnInputs,
+        loss: impl Fn(&Tensor) -> Result<Tensor>,
+        hooks: &mut dyn super::Hooks,
+    ) -> Result<super::StepOutput> {
+        let loss = super::on_output(loss);
+        self.forward_backward(model, params, &llama_inputs(ids), ctx, &*loss, hooks)
+    }
+}

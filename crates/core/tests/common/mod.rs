@@ -53,3 +53,44 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) -> f32 {
     assert!(d <= rel, "{what}: relative error {d:e} > {rel:e}");
     d
 }
+
+/// A JSON array of integer rows (input ids, masks, labels).
+pub fn ids_2d(v: &serde_json::Value) -> Vec<Vec<i64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// An attention mask read as bytes.
+pub fn mask_of(v: &serde_json::Value) -> Vec<Vec<u8>> {
+    ids_2d(v)
+        .iter()
+        .map(|r| r.iter().map(|&x| x as u8).collect())
+        .collect()
+}
+
+/// Zeroes padded positions (B, T, ·) so only valid ones are compared.
+pub fn masked(t: &Tensor, mask: &[Vec<u8>]) -> Tensor {
+    let m: Vec<f32> = mask.concat().iter().map(|&x| x as f32).collect();
+    let m = Tensor::from_vec(m, (mask.len(), mask[0].len(), 1), &Device::Cpu).unwrap();
+    t.broadcast_mul(&m).unwrap()
+}
+
+/// Runs `cmd`, asserting success (stderr in the message); returns its output.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -64,14 +64,7 @@ fn reference(model: &Llama, init: &Params, m: usize) -> (Vec<f32>, Params) {
             let (ids, targets) = micro_batch(step, mb);
             let f = loss_fn(targets, norm);
             let out = Executor::default()
-                .forward_backward(
-                    model,
-                    &params,
-                    &llama_inputs(&ids),
-                    &inp,
-                    &*on_output(&f),
-                    &mut acc,
-                )
+                .lm_forward_backward(model, &params, &ids, &inp, &f, &mut acc)
                 .unwrap();
             loss += out.loss;
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use colossal_core::dist::{run_local, Group, ReduceOp};
-use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
+use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
 use colossal_core::parallel::sequence::{self, SpMode};
@@ -84,14 +84,7 @@ fn train(model: &Llama, params: Params, sp: Option<&Group>) -> (Vec<f32>, Params
         };
         let mut acc = GradAccumulator::default();
         let out = Executor::default()
-            .forward_backward(
-                model,
-                &params,
-                &llama_inputs(&ids),
-                &inp,
-                &*on_output(&loss_fn),
-                &mut acc,
-            )
+            .lm_forward_backward(model, &params, &ids, &inp, &loss_fn, &mut acc)
             .unwrap();
         let mut loss = out.loss;
         if let Some(g) = sp {

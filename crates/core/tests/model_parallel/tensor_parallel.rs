@@ -6,7 +6,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
 use colossal_core::dist::{run_local, Communicator, Group};
-use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
+use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::nn::cross_entropy_sum;
 use colossal_core::parallel::tensor;
@@ -72,14 +72,7 @@ fn train(model: &Llama, mut params: Params, group: Option<&Group>) -> (Vec<f32>,
         };
         let mut acc = GradAccumulator::default();
         let out = exec
-            .forward_backward(
-                model,
-                &params,
-                &llama_inputs(&ids),
-                &inp,
-                &*on_output(&loss_fn),
-                &mut acc,
-            )
+            .lm_forward_backward(model, &params, &ids, &inp, &loss_fn, &mut acc)
             .unwrap();
         losses.push(out.loss);
         opt.step(&params, &acc.grads, 1e-3).unwrap();
