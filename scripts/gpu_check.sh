@@ -19,7 +19,7 @@ echo "gpu_check: $plan"
 command -v nvidia-smi >/dev/null || { echo "gpu_check: no nvidia-smi: this machine has no NVIDIA GPU" >&2; exit 1; }
 command -v nvcc >/dev/null || { echo "gpu_check: no nvcc on PATH: candle's CUDA kernels need the CUDA toolkit" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-cargo build --release --features colossal-core/cuda -p colossal-core -p llama-pretrain -p colossal-data
+cargo build --release --features colossal-core/cuda -p colossal-cli -p llama-pretrain -p colossal-data
 
 ids() { python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))$2))" "$1"; }
 greedy() { # MODEL_DIR PROMPT_IDS WANT_JSON

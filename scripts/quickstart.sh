@@ -8,7 +8,7 @@ SHARED="${SHARED:-../shared}"
 for p in "$SHARED/data/pretrain_text" "$SHARED/data/tokenizers/llama2_32k/tokenizer.json"; do
   [ -e "$p" ] || { echo "missing $p (set SHARED=/path/to/shared)" >&2; exit 1; }
 done
-cargo build --release -p colossal-data -p llama-pretrain -p colossal-core
+cargo build --release -p colossal-data -p llama-pretrain -p colossal-cli
 ./target/release/colossal-data pretrain \
   --input "$SHARED/data/pretrain_text" \
   --tokenizer "$SHARED/data/tokenizers/llama2_32k/tokenizer.json" \

@@ -106,7 +106,7 @@ fn train(method: &str, a: TrainArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
-    colossal_core::runtime::init_logging();
+    colossal_session::init_logging();
     match Cli::parse().cmd {
         Cmd::Sft(a) => train("sft", a),
         Cmd::Rm(a) => train("rm", a),

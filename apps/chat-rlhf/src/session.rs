@@ -1,15 +1,16 @@
-//! The loop every chat trainer shares: ranks (threads, or MPI processes), the global batch of
-//! each step, evaluation, metrics JSONL, curves (PNG), progress and checkpoints. A method
-//! (SFT, RM, DPO, PPO, GRPO) supplies only what one step and one evaluation do.
+//! The chat trainers on the engine every app shares: ranks from the one launcher, the run loop
+//! (evaluation, metrics JSONL, curves, progress, checkpoints) from `colossal_session`; this
+//! file adds the global batch of each step. A method (SFT, RM, DPO, PPO, GRPO) supplies only
+//! what one step and one evaluation do.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
 use colossal_core::dist::Communicator;
-use colossal_core::train::{launch_ranks, plot_curves, run_outputs, DeviceSpec, Trainer};
+use colossal_core::train::{launch_ranks, DeviceSpec, Trainer};
 use colossal_data::chat::prep::Record;
+use colossal_session::{run_session, Plan, Task};
 use serde_json::{json, Map, Value};
 
 use crate::config::ChatConfig;
@@ -93,6 +94,65 @@ pub fn launch(
     Ok(summary)
 }
 
+/// A chat method on its policy and data, as a session task.
+struct ChatTask<'a> {
+    policy: Trainer,
+    method: Box<dyn Method>,
+    data: ChatSet,
+    cfg: &'a ChatConfig,
+}
+
+/// A chat method's error, in the core's terms (the session loop is the core's).
+fn core_err(e: anyhow::Error) -> colossal_core::Error {
+    colossal_core::msg!("{e:#}")
+}
+
+impl Task for ChatTask<'_> {
+    fn position(&self) -> u64 {
+        self.policy.state.step
+    }
+
+    fn is_main(&self) -> bool {
+        self.policy.is_main()
+    }
+
+    fn step(&mut self) -> colossal_core::Result<Metrics> {
+        let t = &self.cfg.train;
+        let batch = global_batch(
+            &self.data.train,
+            self.policy.state.cursor,
+            t.batch_size,
+            t.seed,
+        );
+        let rec = self
+            .method
+            .step(&mut self.policy, &batch)
+            .map_err(core_err)?;
+        self.policy.state.cursor += t.batch_size as u64;
+        Ok(rec)
+    }
+
+    fn evaluate(&mut self) -> colossal_core::Result<Metrics> {
+        self.method
+            .evaluate(&self.policy, &self.data.validation)
+            .map_err(core_err)
+    }
+
+    fn save(&mut self) -> colossal_core::Result<Option<PathBuf>> {
+        let dir = self.policy.save_checkpoint()?;
+        self.method.saved().map_err(core_err)?;
+        Ok(dir)
+    }
+
+    fn progress_keys(&self) -> Vec<&'static str> {
+        vec!["loss", "reward_mean", "accuracy", "kl"]
+    }
+
+    fn curves(&self) -> Vec<(&'static str, Vec<&'static str>)> {
+        self.method.curves()
+    }
+}
+
 fn run_rank(
     cfg: &ChatConfig,
     resume: Option<&Path>,
@@ -105,71 +165,33 @@ fn run_rank(
         Some(c) => Some(c.split(&(0..c.size()).collect::<Vec<_>>())?),
         None => None,
     };
-    let mut policy = Trainer::new_rank_without_data(cfg.trainer_config(), resume, device, comm)?;
-    let mut method = make(cfg, &policy, extra)?;
+    let policy = Trainer::new_rank_without_data(cfg.trainer_config(), resume, device, comm)?;
+    let method = make(cfg, &policy, extra)?;
     let data = ChatSet::open(&cfg.data.path, method.kind())?;
     let t = &cfg.train;
-    let end = stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64;
-    let main = policy.is_main();
-    let metrics_path = t.out_dir.join("metrics.jsonl");
-    let (mut metrics, bar) = run_outputs(&t.out_dir, main, policy.state.step, end)?;
-    let mut summary = Summary {
-        rank: if main { 0 } else { 1 },
-        ..Default::default()
+    let plan = Plan {
+        out_dir: t.out_dir.clone(),
+        end: stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64,
+        eval_every: t.eval_every,
+        save_every: t.save_every,
     };
     tracing::info!(
         rows = data.train.len(),
         start = policy.state.step,
-        end,
+        end = plan.end,
         "training"
     );
-    while policy.state.step < end {
-        let started = Instant::now();
-        let batch = global_batch(&data.train, policy.state.cursor, t.batch_size, t.seed);
-        let mut rec = method.step(&mut policy, &batch)?;
-        policy.state.cursor += t.batch_size as u64;
-        let step = policy.state.step;
-        rec.insert("step".into(), json!(step));
-        rec.insert("step_s".into(), json!(started.elapsed().as_secs_f64()));
-        // A method may take several optimizer steps per batch (PPO epochs): past the end is the end.
-        let last = step >= end;
-        if (t.eval_every > 0 && step.is_multiple_of(t.eval_every as u64)) || last {
-            let val = method.evaluate(&policy, &data.validation)?;
-            if !val.is_empty() {
-                tracing::info!(step, metrics = %serde_json::Value::Object(val.clone()), "evaluation");
-            }
-            rec.extend(val);
-        }
-        let msg = ["loss", "reward_mean", "accuracy", "kl"]
-            .iter()
-            .filter_map(|k| {
-                rec.get(*k)
-                    .and_then(Value::as_f64)
-                    .map(|v| format!("{k} {v:.4}"))
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-        bar.set_message(msg);
-        bar.set_position(step);
-        if let Some(m) = metrics.as_mut() {
-            m.write(&Value::Object(rec.clone()))?;
-        }
-        summary.records.push(Value::Object(rec));
-        if (t.save_every > 0 && step.is_multiple_of(t.save_every as u64)) || last {
-            if let Some(d) = policy.save_checkpoint()? {
-                summary.final_dir = Some(d);
-            }
-            method.saved()?;
-        }
-    }
-    bar.finish();
-    if main && metrics_path.exists() {
-        for (name, keys) in method.curves() {
-            let png = t.out_dir.join(name);
-            if let Err(e) = plot_curves(&metrics_path, &png, name.trim_end_matches(".png"), &keys) {
-                tracing::warn!("{} not drawn: {e}", png.display());
-            }
-        }
-    }
-    Ok(summary)
+    let rank = if policy.is_main() { 0 } else { 1 };
+    let mut task = ChatTask {
+        policy,
+        method,
+        data,
+        cfg,
+    };
+    let s = run_session(&mut task, &plan)?;
+    Ok(Summary {
+        records: s.records,
+        final_dir: s.final_dir,
+        rank,
+    })
 }

@@ -16,7 +16,8 @@ use colossal_core::config::load_config;
 use colossal_core::models::llama::Llama;
 use colossal_core::models::llama::{generate, GenerateOptions, Sampling};
 use colossal_core::params::Params;
-use colossal_core::train::{list_checkpoints, train, SampleConfig, TrainConfig};
+use colossal_core::train::{list_checkpoints, SampleConfig, TrainConfig};
+use colossal_session::train;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -61,7 +62,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
-    colossal_core::runtime::init_logging();
+    colossal_session::init_logging();
     match Cli::parse().cmd {
         Cmd::Train {
             config,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::Trainer;
+use colossal_session::RunExt;
 use common::{assert_same_run, config, flat, prepare, Run};
 
 const STEPS: usize = 5;
@@ -141,7 +142,7 @@ fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn zero_checkpoints_resume_exactly_and_into_one_rank() {
-    use colossal_core::train::train;
+    use colossal_session::train;
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
     for stage in [2u8, 3] {

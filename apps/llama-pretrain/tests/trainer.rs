@@ -5,6 +5,7 @@ mod common;
 use candle_core::Device;
 use colossal_core::config::parse_config;
 use colossal_core::train::{TrainConfig, Trainer};
+use colossal_session::RunExt;
 use common::{config, config_text, prepare};
 
 #[test]

@@ -2,12 +2,9 @@
 //! job; each rank gets its communicator and its device. A failing rank ends the whole job:
 //! local ranks report the first failure by rank, an MPI rank aborts the job.
 
-use std::path::Path;
-
 use candle_core::Device;
 
-use super::trainer::{RunSummary, Trainer};
-use super::{Backend, DeviceSpec, ParallelConfig, TrainConfig};
+use super::{Backend, DeviceSpec, ParallelConfig};
 use crate::dist::{run_local, Communicator};
 use crate::{Error, Result};
 
@@ -109,28 +106,4 @@ where
     F: Fn(RankSetup) -> Result<T>,
 {
     unreachable!("launch_ranks takes the MPI path only with the mpi feature")
-}
-
-/// Pretraining as configured on every rank. Returns rank 0's summary (under MPI, each process
-/// returns its own; `RunSummary::rank` tells which).
-pub fn train(
-    cfg: TrainConfig,
-    resume: Option<&Path>,
-    stop_at: Option<usize>,
-) -> Result<RunSummary> {
-    launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
-        let mut cfg = cfg.clone();
-        cfg.parallel = setup.parallel;
-        // Test hook for the mpirun failure test: COLOSSAL_TEST_FAIL_AT="RANK:STEP".
-        let fail_at = std::env::var("COLOSSAL_TEST_FAIL_AT").ok().and_then(|v| {
-            let (r, s) = v.split_once(':')?;
-            (r.parse() == Ok(setup.world_rank)).then(|| s.parse().ok())?
-        });
-        let mpi = cfg.parallel.backend == Backend::Mpi;
-        let mut t = Trainer::new_rank(cfg, resume, setup.device, setup.comm)?;
-        if mpi {
-            t.fail_at_step = fail_at;
-        }
-        t.run(stop_at)
-    })
 }

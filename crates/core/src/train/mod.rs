@@ -6,7 +6,6 @@ mod config;
 mod grad_norm;
 mod launch;
 mod lm_loop;
-mod metrics;
 mod modes;
 mod neftune;
 mod output;
@@ -25,11 +24,10 @@ pub use checkpoint::{
 pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };
-pub use launch::{launch_ranks, train, RankSetup};
-pub use metrics::{plot_curves, plot_loss_curve, run_outputs, MetricsWriter};
+pub use launch::{launch_ranks, RankSetup};
 pub use modes::{
     Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,
 };
 pub use output::OutputLayout;
 pub use rank_batch::lm_loss;
-pub use trainer::{RunSummary, Trainer};
+pub use trainer::Trainer;

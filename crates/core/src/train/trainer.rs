@@ -1,8 +1,6 @@
 //! The training loop: global batch → micro-batches through the block-wise executor →
 //! clip → AdamW → schedule; evaluation, checkpoints, metrics.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 
 use super::batch::{causal_lm_batch, count_targets};
@@ -83,19 +81,9 @@ struct Backward {
     scale: f64,
 }
 
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub first_loss: Option<f32>,
-    pub last_loss: Option<f32>,
-    pub last_val_loss: Option<f64>,
-    pub steps: u64,
-    pub final_dir: Option<PathBuf>,
-    /// The rank that produced this summary (rank 0 prints and samples).
-    pub rank: usize,
-}
-
 impl Trainer {
-    pub(super) fn seq_len(&self) -> usize {
+    /// Tokens per sequence of the pretraining data (0 without it).
+    pub fn seq_len(&self) -> usize {
         self.train_data.as_ref().map_or(0, |d| d.manifest.seq_len)
     }
 
@@ -114,6 +102,39 @@ impl Trainer {
     }
 
     /// Rank 0 writes metrics, checkpoints and plots.
+    /// This rank's index in the whole job.
+    pub fn world_rank(&self) -> usize {
+        self.world_rank
+    }
+
+    /// What the engine measured of the last step, for its metrics record: bytes this rank
+    /// sent, the memory it holds (parameters, gradients, optimizer state; resident and
+    /// offloaded), the loss scale and a skipped step under fp16, the pipeline's bubble.
+    pub fn last_step_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let mut rec = serde_json::Map::new();
+        rec.insert("comm_bytes".into(), json!(self.last_step_comm_bytes));
+        if let Some(sc) = &self.state.loss_scaler {
+            rec.insert("loss_scale".into(), json!(sc.scale));
+        }
+        if self.last_step_skipped {
+            rec.insert("skipped".into(), json!(true));
+        }
+        if let (Some(b), Some(pp)) = (self.last_bubble, &self.pp) {
+            let t = &self.cfg.train;
+            let m = t.batch_size / t.micro_batch_size / self.ranks();
+            rec.insert("pp_bubble".into(), json!(b));
+            let theory = pp.schedule.theoretical_bubble(pp.comm.size(), m);
+            rec.insert("pp_bubble_theory".into(), json!(theory));
+        }
+        let (mp, mg, mo) = self.memory_bytes();
+        rec.insert("mem_params_bytes".into(), json!(mp));
+        rec.insert("mem_grads_bytes".into(), json!(mg));
+        rec.insert("mem_optim_bytes".into(), json!(mo));
+        rec.insert("offloaded_bytes".into(), json!(self.offloaded_bytes()));
+        rec
+    }
+
     pub fn is_main(&self) -> bool {
         self.world_rank == 0
     }

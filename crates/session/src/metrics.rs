@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::{Error, Result};
+use colossal_core::{Error, Result};
 
 /// What rank 0 shows and keeps of a run from step `start` to `end`: `OUT/metrics.jsonl`
 /// (records after `start` dropped, so a resumed run rewrites what follows) and a progress bar;
@@ -61,7 +61,7 @@ impl MetricsWriter {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            crate::checkpoint::atomic::write_file(path, kept.as_bytes())?;
+            colossal_core::checkpoint::atomic::write_file(path, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -114,7 +114,8 @@ pub fn plot_curves(metrics: &Path, png: &Path, title: &str, keys: &[&str]) -> Re
     {
         register_font();
         let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
-        let draw = |e: &dyn std::fmt::Display| crate::msg!("plotting {}: {e}", png.display());
+        let draw =
+            |e: &dyn std::fmt::Display| colossal_core::msg!("plotting {}: {e}", png.display());
         root.fill(&WHITE).map_err(|e| draw(&e))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 24))

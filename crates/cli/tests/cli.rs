@@ -1,4 +1,5 @@
 //! The `colossal` binary on the transformers-written fixture.
+#[path = "../../core/tests/common/mod.rs"]
 mod common;
 
 use std::process::Command;
@@ -158,4 +159,54 @@ fn convert_round_trips_through_a_distributed_checkpoint() {
         &original,
         0.0,
     );
+}
+
+fn tf5_reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("llama_tf5/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn cli_forward_and_generate_on_a_transformers5_checkpoint() {
+    let r = tf5_reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("ids.json");
+    let body =
+        serde_json::json!({"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]});
+    std::fs::write(&input, body.to_string()).unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["forward", "--model"])
+            .arg(fixture("llama_tf5/model"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(&out),
+    );
+    let mask = mask_of(&r["attention_mask"]);
+    let ours = load_tensors(&out);
+    let theirs = load_tensors(&fixture("llama_tf5/reference.safetensors"));
+    let e = assert_close(
+        "cli logits",
+        &masked(&ours["logits"], &mask),
+        &masked(&theirs["logits"], &mask),
+        1e-4,
+    );
+    println!("colossal forward on llama_tf5: relative error {e:e}");
+
+    let prompt: Vec<String> = serde_json::from_value::<Vec<u32>>(r["prompt_ids"].clone())
+        .unwrap()
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let run = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["generate", "--model"])
+            .arg(fixture("llama_tf5/model"))
+            .args(["--prompt-ids", &prompt.join(","), "--max-new-tokens", "10"]),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    println!("colossal generate on llama_tf5: {}", v["ids"]);
+    assert_eq!(v["ids"], r["greedy_ids"]);
 }
