@@ -50,6 +50,7 @@ fn low_precision_tracks_fp32() {
             precision,
             ranks,
         );
+        assert_eq!(got.len(), reference.len(), "{precision}: steps");
         let worst = got
             .iter()
             .zip(&reference)

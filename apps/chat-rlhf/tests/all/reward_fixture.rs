@@ -64,6 +64,7 @@ fn scores_and_pairwise_loss_match_transformers() {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
     println!("scores {scores:?}\nwant   {want:?}");
+    assert_eq!(scores.len(), want.len(), "one score per row");
     for (s, w) in scores.iter().zip(&want) {
         assert!(rel(*s, *w) <= 1e-4, "score {s} vs {w}");
     }

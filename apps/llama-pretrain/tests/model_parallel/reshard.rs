@@ -54,6 +54,7 @@ fn run(
 }
 
 fn close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: steps");
     for (a, b) in got.iter().zip(want) {
         assert!(
             (a - b).abs() <= 1e-5 * b.abs(),

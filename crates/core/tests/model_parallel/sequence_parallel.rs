@@ -84,7 +84,7 @@ fn train(model: &Llama, params: Params, sp: Option<&Group>) -> (Vec<f32>, Params
         };
         let mut acc = GradAccumulator::default();
         let out = Executor::default()
-            .lm_forward_backward(model, &params, &ids, &inp, &loss_fn, &mut acc)
+            .lm_forward_backward(model, &params, &ids, &inp, loss_fn, &mut acc)
             .unwrap();
         let mut loss = out.loss;
         if let Some(g) = sp {

@@ -72,7 +72,7 @@ fn train(model: &Llama, mut params: Params, group: Option<&Group>) -> (Vec<f32>,
         };
         let mut acc = GradAccumulator::default();
         let out = exec
-            .lm_forward_backward(model, &params, &ids, &inp, &loss_fn, &mut acc)
+            .lm_forward_backward(model, &params, &ids, &inp, loss_fn, &mut acc)
             .unwrap();
         losses.push(out.loss);
         opt.step(&params, &acc.grads, 1e-3).unwrap();

@@ -151,8 +151,8 @@ fn yarn_ramps_from_extrapolation_to_interpolation_and_scales_cos_sin() {
         0.007_905_695,
         0.0025,
         0.000_790_569_5,
-        0.000_250_000_01,
-        7.905_694_7e-5,
+        0.000_25,
+        7.905_695e-5,
     ];
     assert_all_close(&rope.inv_freq(1), &want, 1e-6);
     assert!((rope.attention_scaling() - 1.138_629_4).abs() < 1e-6);
@@ -186,8 +186,8 @@ fn dynamic_ntk_grows_the_base_past_the_trained_length() {
         0.023_495_633,
         0.006_729_501_8,
         0.001_927_429_8,
-        0.000_552_044_77,
-        0.000_158_113_89,
+        0.000_552_044_8,
+        0.000_158_113_9,
     ];
     assert_all_close(&rope.inv_freq(48), &want, 2e-6);
 }
