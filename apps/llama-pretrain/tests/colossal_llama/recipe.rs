@@ -35,7 +35,11 @@ fn freezing_non_embedding_weights_trains_only_the_embedding() {
     let after = weights(&t);
     assert_eq!(after.len(), before.len(), "same parameters");
     for ((name, a), (other, b)) in after.iter().zip(&before) {
-        assert_eq!((name, a.len()), (other, b.len()), "same parameter, same length");
+        assert_eq!(
+            (name, a.len()),
+            (other, b.len()),
+            "same parameter, same length"
+        );
         let changed = a != b;
         assert_eq!(changed, name == "model.embed_tokens.weight", "{name}");
     }
