@@ -45,22 +45,7 @@ pub trait Method {
 }
 
 /// What rank 0 reports: every metrics record of the run and the last checkpoint.
-#[derive(Debug, Default)]
-pub struct Summary {
-    pub records: Vec<Value>,
-    pub final_dir: Option<PathBuf>,
-    pub rank: usize,
-}
-
-impl Summary {
-    /// Values of `key` over the run's records, in step order.
-    pub fn series(&self, key: &str) -> Vec<f64> {
-        self.records
-            .iter()
-            .filter_map(|r| r[key].as_f64())
-            .collect()
-    }
-}
+pub use colossal_session::Summary;
 
 /// Builds a rank's method from the config, its policy trainer and a second communicator over
 /// the same ranks (PPO's critic trains on it).
@@ -168,30 +153,13 @@ fn run_rank(
     let policy = Trainer::new_rank_without_data(cfg.trainer_config(), resume, device, comm)?;
     let method = make(cfg, &policy, extra)?;
     let data = ChatSet::open(&cfg.data.path, method.kind())?;
-    let t = &cfg.train;
-    let plan = Plan {
-        out_dir: t.out_dir.clone(),
-        end: stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64,
-        eval_every: t.eval_every,
-        save_every: t.save_every,
-    };
-    tracing::info!(
-        rows = data.train.len(),
-        start = policy.state.step,
-        end = plan.end,
-        "training"
-    );
-    let rank = if policy.is_main() { 0 } else { 1 };
+    tracing::info!(rows = data.train.len(), "chat data");
+    let plan = Plan::of(&cfg.train, stop_at);
     let mut task = ChatTask {
         policy,
         method,
         data,
         cfg,
     };
-    let s = run_session(&mut task, &plan)?;
-    Ok(Summary {
-        records: s.records,
-        final_dir: s.final_dir,
-        rank,
-    })
+    Ok(run_session(&mut task, &plan)?)
 }

@@ -37,21 +37,16 @@ fn forward_writes_reference_logits() {
 
 #[test]
 fn generate_prints_greedy_ids() {
-    let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
-        .args(["generate", "--model"])
-        .arg(fixture("llama_tiny/model"))
-        .args([
-            "--prompt-ids",
-            "1,261,340,286,257",
-            "--max-new-tokens",
-            "10",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["generate", "--model"])
+            .arg(fixture("llama_tiny/model"))
+            .args([
+                "--prompt-ids",
+                "1,261,340,286,257",
+                "--max-new-tokens",
+                "10",
+            ]),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -105,19 +100,14 @@ fn convert_round_trips_through_a_distributed_checkpoint() {
     let dist = tmp.path().join("dist");
     let back = tmp.path().join("hf");
     let convert = |from: &std::path::Path, to: &std::path::Path, format: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_colossal"))
-            .arg("convert")
-            .arg("--from")
-            .arg(from)
-            .arg("--to")
-            .arg(to)
-            .args(["--format", format])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(env!("CARGO_BIN_EXE_colossal"))
+                .arg("convert")
+                .arg("--from")
+                .arg(from)
+                .arg("--to")
+                .arg(to)
+                .args(["--format", format]),
         );
     };
     convert(&fixture("llama_tiny/model"), &dist, "distributed");

@@ -83,19 +83,8 @@ pub trait RunExt {
 
 impl RunExt for Trainer {
     fn run(&mut self, stop_at: Option<usize>) -> Result<RunSummary> {
-        let t = self.cfg.train.clone();
-        let plan = Plan {
-            out_dir: t.out_dir.clone(),
-            end: stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64,
-            eval_every: t.eval_every,
-            save_every: t.save_every,
-        };
-        tracing::info!(
-            params = self.params.num_elements(),
-            start = self.state.step,
-            end = plan.end,
-            "training"
-        );
+        let plan = Plan::of(&self.cfg.train, stop_at);
+        tracing::info!(params = self.params.num_elements(), "model");
         let rank = self.world_rank();
         let s = run_session(&mut Pretrain(self), &plan)?;
         let losses = s.series("loss");

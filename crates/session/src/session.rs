@@ -32,6 +32,7 @@ pub trait Task {
 }
 
 /// When the session steps, evaluates and saves.
+#[derive(Clone, Debug)]
 pub struct Plan {
     pub out_dir: PathBuf,
     /// Position at which the run ends.
@@ -42,11 +43,26 @@ pub struct Plan {
     pub save_every: usize,
 }
 
-/// What a run leaves: every record (rank 0's view) and the last checkpoint.
+impl Plan {
+    /// The `[train]` section's schedule, ending at `stop_at` when given (never past
+    /// `max_steps`: the learning-rate schedule spans those).
+    pub fn of(t: &colossal_core::train::TrainSection, stop_at: Option<usize>) -> Self {
+        Plan {
+            out_dir: t.out_dir.clone(),
+            end: stop_at.unwrap_or(t.max_steps).min(t.max_steps) as u64,
+            eval_every: t.eval_every,
+            save_every: t.save_every,
+        }
+    }
+}
+
+/// What a run leaves: every record, the last checkpoint, and which rank saw them (rank 0 has
+/// written the metrics and checkpoints).
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     pub records: Vec<Value>,
     pub final_dir: Option<PathBuf>,
+    pub rank: usize,
 }
 
 impl Summary {
@@ -63,7 +79,11 @@ pub fn run_session(task: &mut dyn Task, plan: &Plan) -> Result<Summary> {
     let main = task.is_main();
     let metrics_path = plan.out_dir.join("metrics.jsonl");
     let (mut metrics, bar) = run_outputs(&plan.out_dir, main, task.position(), plan.end)?;
-    let mut summary = Summary::default();
+    tracing::info!(start = task.position(), end = plan.end, "training");
+    let mut summary = Summary {
+        rank: if main { 0 } else { 1 },
+        ..Default::default()
+    };
     let due = |every: usize, step: u64| every > 0 && step.is_multiple_of(every as u64);
     while task.position() < plan.end {
         let started = Instant::now();
