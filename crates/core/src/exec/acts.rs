@@ -37,11 +37,11 @@ impl Acts {
         self
     }
 
-    pub fn get(&self, name: &str) -> Result<&Tensor> {
+    /// Where `name` is, or an error listing what the set holds.
+    fn position(&self, name: &str) -> Result<usize> {
         self.items
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
+            .position(|(n, _)| n == name)
             .ok_or_else(|| {
                 crate::msg!(
                     "no activation `{name}` between blocks (have {:?})",
@@ -50,22 +50,13 @@ impl Acts {
             })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.items.iter().any(|(n, _)| n == name)
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        Ok(&self.items[self.position(name)?].1)
     }
 
     /// Removes and returns the tensor `name` (a skip connection consumed by its block).
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        let i = self
-            .items
-            .iter()
-            .position(|(n, _)| n == name)
-            .ok_or_else(|| {
-                crate::msg!(
-                    "no activation `{name}` between blocks (have {:?})",
-                    self.names()
-                )
-            })?;
+        let i = self.position(name)?;
         Ok(self.items.remove(i).1)
     }
 
@@ -109,23 +100,5 @@ impl Acts {
             .map(|(n, t)| Ok((n.clone(), f(t)?)))
             .collect::<Result<_>>()?;
         Ok(Self { items })
-    }
-}
-
-impl IntoIterator for Acts {
-    type Item = (String, Tensor);
-    type IntoIter = std::vec::IntoIter<(String, Tensor)>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.items.into_iter()
-    }
-}
-
-impl FromIterator<(String, Tensor)> for Acts {
-    fn from_iter<I: IntoIterator<Item = (String, Tensor)>>(iter: I) -> Self {
-        let mut a = Acts::new();
-        for (n, t) in iter {
-            a.insert(&n, t);
-        }
-        a
     }
 }

@@ -47,6 +47,15 @@ pub fn validate(cfg: &LlamaConfig, tp: usize) -> Result<()> {
     Ok(())
 }
 
+/// The model's plan, after checking that the model splits evenly over `tp` ranks and that the
+/// plan covers exactly its parameters.
+pub fn checked_plan(model: &Llama, tp: usize) -> Result<TpPlan> {
+    validate(&model.cfg, tp)?;
+    let plan = model.tp_plan();
+    plan.check(&model.param_shapes(), tp)?;
+    Ok(plan)
+}
+
 /// This rank's slices of full parameters (copies: the rank's optimizer updates them in place).
 pub fn shard_params(full: &Params, plan: &TpPlan, rank: usize, size: usize) -> Result<Params> {
     let mut out = Params::new();
@@ -131,8 +140,7 @@ impl std::fmt::Debug for TensorParallel {
 /// `model` with its regions split over `group` (the tensor-parallel axis of the mesh), after
 /// checking its plan against its parameters.
 pub fn parallelize(model: &Llama, group: Group, sequence_parallel: bool) -> Result<Llama> {
-    validate(&model.cfg, group.size())?;
-    model.tp_plan().check(&model.param_shapes(), group.size())?;
+    checked_plan(model, group.size())?;
     let vocab_start = vocab_start(&model.cfg, group.rank(), group.size());
     let tp = TensorParallel {
         group,

@@ -20,9 +20,7 @@ pub struct TpRank {
 
 impl TpRank {
     pub fn new(group: Group, model: &Llama) -> Result<Self> {
-        tensor::validate(&model.cfg, group.size())?;
-        let plan = model.tp_plan();
-        plan.check(&model.param_shapes(), group.size())?;
+        let plan = tensor::checked_plan(model, group.size())?;
         let vocab_start = tensor::vocab_start(&model.cfg, group.rank(), group.size());
         Ok(Self {
             group,

@@ -19,6 +19,7 @@ use crate::exec::{
     GradAccumulator,
 };
 use crate::models::llama::{AttnInputs, Llama};
+use crate::models::ModelFamily;
 use crate::optim::{clip_to_norm, AdamW, LrSchedule};
 use crate::parallel::pipeline_run::MicroBatch;
 use crate::parallel::{
@@ -264,7 +265,9 @@ impl Trainer {
             let runner = pp.runner(&self.model, self.executor);
             let mut acc = GradAccumulator::default();
             let report = runner.run(&mut weights, &mbs, &mut ToF32(&mut acc))?;
-            runner.sync_tied(&mut acc.grads, Llama::EMBED)?;
+            for name in self.model.tied_params() {
+                runner.sync_tied(&mut acc.grads, &name)?;
+            }
             pp.hand_over(&self.model, acc.grads, sink.hooks(true))?;
             let t = Tensor::new(&[report.loss_sum / scale as f32], &Device::Cpu)?;
             loss = pp.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
@@ -349,14 +352,10 @@ impl Trainer {
             }
             (StepGrads::Full(g), _) if split_model => groups.of_grads(g)?,
             (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
-            // ZeRO-3 over tensor-parallel slices: the chunks of every slice and the replicated
-            // weights counted once, across the data- and tensor-parallel groups.
-            (StepGrads::Chunks(c), _) if split_model => {
-                groups.of_chunks(c, self.comm.as_deref().expect("ZeRO comm"))?
-            }
+            // ZeRO-3 chunks (of tensor-parallel slices too): replicated weights counted once,
+            // summed over the data- and tensor-parallel groups.
             (StepGrads::Chunks(c), _) => {
-                let z3 = self.zero3.as_ref().expect("chunks only under ZeRO-3");
-                z3.grad_norm(self.comm.as_deref().expect("ZeRO comm"), c)?
+                groups.of_chunks(c, self.comm.as_deref().expect("ZeRO comm"))?
             }
             (StepGrads::Shard(_), None) => unreachable!("shards only under ZeRO"),
         };

@@ -287,10 +287,10 @@ pub fn init_each_param(model: &Llama, seed: u64, f: &mut ParamSink) -> Result<()
     crate::models::family::init_each(&model.param_specs(), seed, f)
 }
 
-impl Llama {
+impl ModelFamily for Llama {
     /// Every parameter with HF's initialisation: normal(0, `initializer_range`, default 0.02)
     /// for matrices and embeddings (the padding row zeroed), ones for norms, zeros for biases.
-    pub fn param_specs(&self) -> Vec<ParamSpec> {
+    fn param_specs(&self) -> Vec<ParamSpec> {
         let std = self
             .cfg
             .extra
@@ -314,12 +314,6 @@ impl Llama {
                 ParamSpec { name, shape, init }
             })
             .collect()
-    }
-}
-
-impl ModelFamily for Llama {
-    fn param_specs(&self) -> Vec<ParamSpec> {
-        Llama::param_specs(self)
     }
 
     fn tied_params(&self) -> Vec<String> {

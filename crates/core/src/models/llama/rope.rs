@@ -41,10 +41,10 @@ pub struct RopeParameters {
     pub rope_type: RopeType,
 }
 
-/// Keys of a RoPE dict that each type reads; anything else in the dict is an error, since it
-/// would change the model's math in transformers.
-fn known_keys(rope_type: &str) -> &'static [&'static str] {
-    match rope_type {
+/// Keys of a RoPE dict that each type reads (`None`: a type not implemented here); anything
+/// else in the dict is an error, since it would change the model's math in transformers.
+fn known_keys(rope_type: &str) -> Option<&'static [&'static str]> {
+    Some(match rope_type {
         "default" => &[],
         "linear" | "dynamic" => &["factor"],
         "llama3" => &[
@@ -63,8 +63,8 @@ fn known_keys(rope_type: &str) -> &'static [&'static str] {
             "mscale_all_dim",
             "truncate",
         ],
-        _ => &[],
-    }
+        _ => return None,
+    })
 }
 
 impl RopeParameters {
@@ -111,16 +111,12 @@ impl RopeParameters {
                 ));
             }
         }
-        if !matches!(
-            rt.as_str(),
-            "default" | "linear" | "dynamic" | "llama3" | "yarn"
-        ) {
+        let Some(allowed) = known_keys(&rt) else {
             return Err(format!(
                 "{field}.rope_type `{rt}` is not implemented (default, linear, dynamic, llama3, yarn)"
             ));
-        }
+        };
         let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
-        let allowed = known_keys(&rt);
         for k in dict.keys() {
             if !common.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
                 return Err(format!(
