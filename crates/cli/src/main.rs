@@ -99,10 +99,11 @@ fn main() -> Result<()> {
             max_shard_mb,
         } => {
             use colossal_core::checkpoint::distributed::is_distributed;
+            use colossal_core::models::llama::Llama;
             use colossal_core::train::{distributed_to_whole, whole_to_distributed};
             match (format.as_str(), is_distributed(&from)) {
-                ("hf", true) => distributed_to_whole(&from, &to, max_shard_mb << 20)?,
-                ("distributed", false) => whole_to_distributed(&from, &to)?,
+                ("hf", true) => distributed_to_whole::<Llama>(&from, &to, max_shard_mb << 20)?,
+                ("distributed", false) => whole_to_distributed::<Llama>(&from, &to)?,
                 ("hf", false) => bail!("--from {} is already an HF directory", from.display()),
                 ("distributed", true) => bail!("--from {} is already distributed", from.display()),
                 (other, _) => bail!("--format `{other}`: expected hf or distributed"),

@@ -10,7 +10,7 @@ use super::compare::layout_config;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::dist::{run_local, Communicator};
-use colossal_core::models::llama::AttnInputs;
+use colossal_core::models::llama::{AttnInputs, Llama};
 use colossal_core::train::{distributed_to_whole, load_distributed, whole_to_distributed, Trainer};
 
 const MODEL: [&str; 8] = [
@@ -98,9 +98,9 @@ fn tp2_pp2_checkpoint_resumes_at_dp4_tp4_and_one_rank() {
 
     // Whole HF directory and back: the same logits, and the round trip resumes too.
     let hf = tmp.path().join("hf");
-    distributed_to_whole(&ckpt, &hf, 1 << 30).unwrap();
+    distributed_to_whole::<Llama>(&ckpt, &hf, 1 << 30).unwrap();
     let back = tmp.path().join("back");
-    whole_to_distributed(&hf, &back).unwrap();
+    whole_to_distributed::<Llama>(&hf, &back).unwrap();
     let rest = run(
         &data,
         &tmp.path().join("from-back"),

@@ -3,14 +3,21 @@
 //! tensor-parallel plan. Initialisation, ZeRO-3's streamed init, pipeline tie handling and
 //! tensor parallelism read a model through this.
 
-use candle_core::{Device, Tensor, Var};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
+use crate::dist::Group;
 use crate::exec::BlockModel;
 use crate::parallel::plan::TpPlan;
+use crate::parallel::sequence::SpMode as SeqSplit;
+use crate::parallel::weight_grad::WeightGradStash;
 use crate::params::Params;
-use crate::Result;
+use crate::{Error, Result};
 
 /// How a parameter starts when training from scratch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,7 +38,12 @@ pub struct ParamSpec {
     pub init: Init,
 }
 
-pub trait ModelFamily: BlockModel {
+/// A model family: everything the engine needs to build, split, train and checkpoint it
+/// without knowing what it computes. The parallel hooks default to a clear error, so a family
+/// states which parallel styles it supports by implementing them.
+pub trait ModelFamily: BlockModel + Sized {
+    /// The family's name, for errors ("llama").
+    fn family(&self) -> &'static str;
     /// Every parameter, in checkpoint order.
     fn param_specs(&self) -> Vec<ParamSpec>;
     /// Parameters more than one block reads (tied input and output embeddings): their
@@ -40,6 +52,98 @@ pub trait ModelFamily: BlockModel {
     fn tied_params(&self) -> Vec<String>;
     /// How each parameter splits under tensor parallelism.
     fn tp_plan(&self) -> TpPlan;
+
+    /// The model described by the config file(s) in a checkpoint directory.
+    fn read_config(dir: &Path) -> Result<Self>;
+    /// Writes the config file(s) of a checkpoint directory (weights stored as `dtype`).
+    fn write_config(&self, dir: &Path, dtype: DType) -> Result<()>;
+
+    /// Config and weights (as `dtype`) from a checkpoint directory: safetensors, sharded or
+    /// not, under the names of [`Self::param_specs`].
+    fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Params)> {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "model directory not found"));
+        }
+        let model = Self::read_config(dir)?;
+        let shapes = model.param_shapes();
+        let mut tensors = crate::checkpoint::hf::load_expected(dir, &shapes, dtype, device)?;
+        let mut params = Params::new();
+        for (name, _) in &shapes {
+            let t = tensors.remove(name).expect("loaded");
+            params.insert(name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok((model, params))
+    }
+
+    /// Writes config and weights into `dir` (weights above `max_shard_bytes` sharded, with
+    /// the index transformers writes).
+    fn save(&self, dir: &Path, params: &Params, max_shard_bytes: usize) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: Vec<_> = self
+            .param_specs()
+            .into_iter()
+            .map(|s| Ok((s.name.clone(), params.get(&s.name)?.clone())))
+            .collect::<Result<_>>()?;
+        let dtype = tensors.first().map_or(DType::F32, |(_, t)| t.dtype());
+        self.write_config(dir, dtype)?;
+        crate::checkpoint::hf::save_model(dir, &tensors, max_shard_bytes)
+    }
+
+    /// (name, shape) of every parameter, in checkpoint order.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.param_specs()
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect()
+    }
+
+    /// The blocks of each of `stages` pipeline stages (`per_stage`: the user's counts of
+    /// blocks, or whatever unit the family's config counts). By default every block counts
+    /// alike and earlier stages take the remainder.
+    fn pipeline_stages(
+        &self,
+        stages: usize,
+        per_stage: Option<&[usize]>,
+    ) -> Result<Vec<Range<usize>>> {
+        crate::parallel::pipeline::partition_blocks(self.num_blocks(), stages, per_stage)
+    }
+
+    /// Whether the model splits over `tp` ranks (what the plan's shapes cannot tell, such as
+    /// whole attention heads), naming the config field that does not. Checked before any
+    /// weight is cut; a family implementing [`Self::tensor_parallel`] implements this too.
+    fn check_tensor_parallel(&self, _tp: usize) -> Result<()> {
+        Err(self.unsupported("tensor parallelism (parallel.tp > 1)"))
+    }
+
+    /// This model with its activations exchanged over a tensor-parallel group as its plan's
+    /// styles say (`sequence_parallel`: Megatron-SP between the regions).
+    fn tensor_parallel(&self, _group: Group, _sequence_parallel: bool) -> Result<Self> {
+        Err(self.unsupported("tensor parallelism (parallel.tp > 1)"))
+    }
+
+    /// This model with its sequence split over a group (Ulysses or ring attention).
+    fn sequence_parallel(&self, _group: Group, _mode: SeqSplit) -> Result<Self> {
+        Err(self.unsupported("sequence parallelism (parallel.sp > 1)"))
+    }
+
+    /// This model with its weight gradients deferred to a zero-bubble schedule's W pass, and
+    /// the stash the schedule drives.
+    fn defer_weight_grads(&self) -> Result<(Self, Arc<WeightGradStash>)> {
+        Err(self.unsupported("parallel.pp_schedule = \"zbh1\""))
+    }
+
+    /// The input and output embeddings (what `train.freeze = "non_embedding"` keeps training).
+    fn embedding_params(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The error for a parallel style or setting this family does not implement.
+    fn unsupported(&self, what: &str) -> Error {
+        Error::Config(format!(
+            "{what} is not implemented for the {} model family",
+            self.family()
+        ))
+    }
 }
 
 /// Receives one parameter: name, shape, values.

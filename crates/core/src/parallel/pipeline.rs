@@ -181,6 +181,36 @@ pub fn stage_of(chunk: usize, rank: usize, p: usize) -> usize {
     chunk * p + rank
 }
 
+/// `n` units over `stages` stages as evenly as possible (earlier stages take the remainder),
+/// or as `per_stage` says.
+fn stage_counts(
+    n: usize,
+    stages: usize,
+    per_stage: Option<&[usize]>,
+    unit: &str,
+) -> Result<Vec<usize>> {
+    match per_stage {
+        Some(c) => {
+            if c.len() != stages || c.iter().sum::<usize>() != n || c.contains(&0) {
+                return Err(Error::Config(format!(
+                    "parallel.layers_per_stage {c:?} must give {stages} positive counts summing to the model's {n} {unit}"
+                )));
+            }
+            Ok(c.to_vec())
+        }
+        None => {
+            if n < stages {
+                return Err(Error::Config(format!(
+                    "{stages} pipeline stages need at least as many {unit}; the model has {n}"
+                )));
+            }
+            Ok((0..stages)
+                .map(|s| n / stages + usize::from(s < n % stages))
+                .collect())
+        }
+    }
+}
+
 /// Splits `layers` decoder layers over `stages` stages as evenly as possible (earlier stages
 /// take the remainder), or as `layers_per_stage` says. Block 0 (embedding) joins the first
 /// stage and the last block (norm + head) the last, so stage s runs blocks `ranges[s]`.
@@ -189,26 +219,7 @@ pub fn partition(
     stages: usize,
     layers_per_stage: Option<&[usize]>,
 ) -> Result<Vec<Range<usize>>> {
-    let counts: Vec<usize> = match layers_per_stage {
-        Some(c) => {
-            if c.len() != stages || c.iter().sum::<usize>() != layers || c.contains(&0) {
-                return Err(Error::Config(format!(
-                    "parallel.layers_per_stage {c:?} must give {stages} positive counts summing to the model's {layers} layers"
-                )));
-            }
-            c.to_vec()
-        }
-        None => {
-            if layers < stages {
-                return Err(Error::Config(format!(
-                    "{stages} pipeline stages need at least as many layers; the model has {layers}"
-                )));
-            }
-            (0..stages)
-                .map(|s| layers / stages + usize::from(s < layers % stages))
-                .collect()
-        }
-    };
+    let counts = stage_counts(layers, stages, layers_per_stage, "layers")?;
     // Decoder layer l is block l + 1.
     let mut ranges = Vec::with_capacity(stages);
     let mut start = 1;
@@ -219,6 +230,23 @@ pub fn partition(
         start += n;
     }
     Ok(ranges)
+}
+
+/// Splits `blocks` blocks over `stages` stages, every block counting alike.
+pub fn partition_blocks(
+    blocks: usize,
+    stages: usize,
+    per_stage: Option<&[usize]>,
+) -> Result<Vec<Range<usize>>> {
+    let counts = stage_counts(blocks, stages, per_stage, "blocks")?;
+    let mut start = 0;
+    Ok(counts
+        .iter()
+        .map(|n| {
+            start += n;
+            start - n..start
+        })
+        .collect())
 }
 
 /// Plays each rank's operations on a clock where F, B and W each take one unit (B two units

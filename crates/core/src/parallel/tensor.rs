@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::dist::autograd::{copy_to, gather_from, gather_whole, reduce_from, scatter_reduce};
 use crate::dist::{Communicator, Group, ReduceOp};
 use crate::models::llama::{regions::lookup, Llama, LlamaConfig, Regions};
+use crate::models::ModelFamily;
 use crate::params::Params;
 use crate::{Error, Result};
 
@@ -49,8 +50,8 @@ pub fn validate(cfg: &LlamaConfig, tp: usize) -> Result<()> {
 
 /// The model's plan, after checking that the model splits evenly over `tp` ranks and that the
 /// plan covers exactly its parameters.
-pub fn checked_plan(model: &Llama, tp: usize) -> Result<TpPlan> {
-    validate(&model.cfg, tp)?;
+pub fn checked_plan<M: ModelFamily>(model: &M, tp: usize) -> Result<TpPlan> {
+    model.check_tensor_parallel(tp)?;
     let plan = model.tp_plan();
     plan.check(&model.param_shapes(), tp)?;
     Ok(plan)
@@ -71,9 +72,9 @@ pub fn shard_params(full: &Params, plan: &TpPlan, rank: usize, size: usize) -> R
 }
 
 /// Reads only this rank's slices of an HF checkpoint's weights.
-pub fn load_sharded(
+pub fn load_sharded<M: ModelFamily>(
     dir: &std::path::Path,
-    model: &Llama,
+    model: &M,
     plan: &TpPlan,
     rank: usize,
     size: usize,

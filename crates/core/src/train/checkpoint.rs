@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use candle_core::Var;
 
-use crate::checkpoint::{atomic, distributed as dist, hf, llama as hf_llama};
-use crate::models::llama::Llama;
+use crate::checkpoint::{atomic, distributed as dist, hf};
+use crate::models::ModelFamily;
 use crate::optim::AdamW;
 use crate::parallel::tensor::TpPlan;
 use crate::params::Params;
@@ -57,16 +57,16 @@ pub fn list_checkpoints(out: &Path) -> Vec<PathBuf> {
     v
 }
 
-pub fn save(
+pub fn save<M: ModelFamily>(
     dir: &Path,
-    model: &Llama,
+    model: &M,
     params: &Params,
     opt: &AdamW,
     state: &TrainerState,
     max_shard_bytes: usize,
 ) -> Result<()> {
     atomic::write_dir(dir, |tmp| {
-        hf_llama::save_llama(tmp, model, params, max_shard_bytes)?;
+        model.save(tmp, params, max_shard_bytes)?;
         let mut moments = Vec::new();
         for name in params.names() {
             if let (Some(m), Some(v)) = (opt.m.get(name), opt.v.get(name)) {
@@ -107,9 +107,9 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 
 /// This rank's weights and moments from a distributed checkpoint: `names` (default: all) of
 /// the model's parameters, each cut to its tensor-parallel slice (`tp`: plan, rank, size).
-pub fn load_distributed(
+pub fn load_distributed<M: ModelFamily>(
     dir: &Path,
-    model: &Llama,
+    model: &M,
     tp: Option<(&TpPlan, usize, usize)>,
     names: Option<&[String]>,
     opt: &mut AdamW,
@@ -175,11 +175,14 @@ pub fn owned_pieces(
     Ok(out)
 }
 
-/// A whole checkpoint (HF weights + moments + state) from a distributed one.
-pub fn distributed_to_whole(src: &Path, dst: &Path, max_shard_bytes: usize) -> Result<()> {
-    let model = Llama::new(crate::models::llama::LlamaConfig::from_file(
-        &src.join("config.json"),
-    )?)?;
+/// A whole checkpoint (HF weights + moments + state) of a model of family `M` from a
+/// distributed one.
+pub fn distributed_to_whole<M: ModelFamily>(
+    src: &Path,
+    dst: &Path,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    let model = M::read_config(src)?;
     let mut opt = AdamW::new(crate::optim::AdamWConfig {
         beta1: 0.9,
         beta2: 0.999,
@@ -194,8 +197,8 @@ pub fn distributed_to_whole(src: &Path, dst: &Path, max_shard_bytes: usize) -> R
 
 /// A distributed checkpoint (one rank owning everything) from a whole one or a plain HF
 /// model directory (then without moments or state).
-pub fn whole_to_distributed(src: &Path, dst: &Path) -> Result<()> {
-    let (model, params) = hf_llama::load_llama(src, DType::F32, &Device::Cpu)?;
+pub fn whole_to_distributed<M: ModelFamily>(src: &Path, dst: &Path) -> Result<()> {
+    let (model, params) = M::load(src, DType::F32, &Device::Cpu)?;
     let mut opt = AdamW::new(crate::optim::AdamWConfig {
         beta1: 0.9,
         beta2: 0.999,
@@ -209,7 +212,7 @@ pub fn whole_to_distributed(src: &Path, dst: &Path) -> Result<()> {
         None
     };
     atomic::write_dir(dst, |tmp| {
-        hf_llama::save_config(tmp, &model, DType::F32)?;
+        model.write_config(tmp, DType::F32)?;
         let mut owned = Vec::new();
         for (name, shape) in model.param_shapes() {
             let zeros = vec![0; shape.len()];

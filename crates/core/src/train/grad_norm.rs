@@ -15,14 +15,14 @@ use crate::Result;
 pub(super) struct NormGroups<'a> {
     pub tp: Option<&'a TpRank>,
     pub pp: Option<&'a dyn Communicator>,
-    /// A weight a later stage holds a second copy of (tied embeddings): counted on the
+    /// Weights a later stage holds second copies of (tied embeddings): counted on the
     /// first stage only.
-    pub duplicate: Option<&'a str>,
+    pub duplicates: &'a [String],
 }
 
 impl NormGroups<'_> {
     fn weight(&self, name: &str) -> f64 {
-        if self.duplicate == Some(name) {
+        if self.duplicates.iter().any(|d| d == name) {
             return 0.0;
         }
         match self.tp {

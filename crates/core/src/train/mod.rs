@@ -1,8 +1,11 @@
-//! The single-process trainer for causal LMs: config, batches, loop, checkpoints, metrics.
+//! Training: the generic [`Engine`] (any model family, every parallel layout) and the
+//! causal-LM [`Trainer`] on it; config, batches, checkpoints, launch.
+mod assemble;
 mod batch;
 mod build;
 mod checkpoint;
 mod config;
+mod engine;
 mod eval;
 mod grad_norm;
 mod launch;
@@ -17,6 +20,7 @@ mod step;
 mod tensor_parallel;
 mod trainer;
 
+pub use assemble::{Origin, RankGroups};
 pub use batch::{causal_lm_batch, LmBatch};
 pub use checkpoint::{
     distributed_to_whole, list_checkpoints, load_distributed, whole_to_distributed, TrainerState,
@@ -24,6 +28,7 @@ pub use checkpoint::{
 pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,
 };
+pub use engine::{Backward, Engine};
 pub use launch::{launch_ranks, RankSetup};
 pub use modes::{
     Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,

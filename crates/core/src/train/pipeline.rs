@@ -11,11 +11,11 @@ use candle_core::{Device, Tensor, Var};
 use super::config::ParallelConfig;
 use crate::dist::Communicator;
 use crate::exec::{BlockModel, Executor, Hooks};
-use crate::models::llama::Llama;
+use crate::models::ModelFamily;
 use crate::optim::AdamW;
-use crate::parallel::pipeline::{self, stage_of, Schedule};
+use crate::parallel::pipeline::{stage_of, Schedule};
 use crate::parallel::pipeline_run::PipelineRank;
-use crate::parallel::weight_grad::{defer_weight_grads, WeightGradStash};
+use crate::parallel::weight_grad::WeightGradStash;
 use crate::params::{Grads, Params};
 use crate::{Error, Result};
 
@@ -28,10 +28,13 @@ pub(super) struct PpRank {
 
 impl PpRank {
     /// Stages for `model` (see [`Self::prepare`] for the model the schedule runs).
-    pub fn new(comm: Box<dyn Communicator>, p: &ParallelConfig, model: &Llama) -> Result<Self> {
+    pub fn new<M: ModelFamily>(
+        comm: Box<dyn Communicator>,
+        p: &ParallelConfig,
+        model: &M,
+    ) -> Result<Self> {
         let schedule = p.pp_schedule.schedule(p.pp_chunks);
-        let stages = pipeline::partition(
-            model.cfg.num_hidden_layers,
+        let stages = model.pipeline_stages(
             schedule.chunks() * comm.size(),
             p.layers_per_stage.as_deref(),
         )?;
@@ -45,20 +48,25 @@ impl PpRank {
 
     /// Under ZB-H1, `model` becomes the one with deferrable weight gradients (wrapping
     /// whatever regions it has by now).
-    pub fn prepare(&mut self, model: &mut Llama) {
+    pub fn prepare<M: ModelFamily>(&mut self, model: &mut M) -> Result<()> {
         if self.schedule == Schedule::ZbH1 {
-            let (deferring, stash) = defer_weight_grads(model);
+            let (deferring, stash) = model.defer_weight_grads()?;
             *model = deferring;
             self.stash = Some(stash);
         }
+        Ok(())
     }
 
     /// Names of this rank's parameters.
-    pub fn my_names(&self, model: &Llama) -> Vec<String> {
+    pub fn my_names<M: BlockModel>(&self, model: &M) -> Vec<String> {
         self.names_of(model, self.comm.rank())
     }
 
-    pub fn runner<'a>(&'a self, model: &'a Llama, executor: Executor) -> PipelineRank<'a, Llama> {
+    pub fn runner<'a, M: BlockModel>(
+        &'a self,
+        model: &'a M,
+        executor: Executor,
+    ) -> PipelineRank<'a, M> {
         PipelineRank {
             model,
             executor,
@@ -77,7 +85,7 @@ impl PpRank {
     }
 
     /// Parameter names used by `rank`'s blocks, in block order, each once.
-    fn names_of(&self, model: &Llama, rank: usize) -> Vec<String> {
+    fn names_of<M: BlockModel>(&self, model: &M, rank: usize) -> Vec<String> {
         let mut names = Vec::new();
         for b in self.blocks_of(rank) {
             for n in model.block_param_names(b) {
@@ -90,7 +98,12 @@ impl PpRank {
     }
 
     /// Drops the weights and moments of other stages.
-    pub fn keep_mine(&self, model: &Llama, params: &Params, opt: &mut AdamW) -> Result<Params> {
+    pub fn keep_mine<M: BlockModel>(
+        &self,
+        model: &M,
+        params: &Params,
+        opt: &mut AdamW,
+    ) -> Result<Params> {
         let mine = self.names_of(model, self.comm.rank());
         let mut out = Params::new();
         for (name, var) in params.iter() {
@@ -105,7 +118,7 @@ impl PpRank {
 
     /// For each of this rank's parameters, the block whose backward completes its gradient
     /// here: the first of this rank's blocks using it.
-    pub fn ready_blocks(&self, model: &Llama) -> HashMap<String, usize> {
+    pub fn ready_blocks<M: BlockModel>(&self, model: &M) -> HashMap<String, usize> {
         let mut ready = HashMap::new();
         for b in self.blocks_of(self.comm.rank()).into_iter().rev() {
             for n in model.block_param_names(b) {
@@ -117,7 +130,12 @@ impl PpRank {
 
     /// Gives accumulated gradients to `hooks` block by block, last block first, each at the
     /// block that completes it (what a data-parallel or ZeRO sink expects).
-    pub fn hand_over(&self, model: &Llama, mut grads: Grads, hooks: &mut dyn Hooks) -> Result<()> {
+    pub fn hand_over<M: BlockModel>(
+        &self,
+        model: &M,
+        mut grads: Grads,
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
         let ready = self.ready_blocks(model);
         for b in self.blocks_of(self.comm.rank()).into_iter().rev() {
             let mut block = Vec::new();
@@ -135,7 +153,7 @@ impl PpRank {
 
     /// Every stage's weights on every rank of the pipeline group (`mine` are this rank's): each
     /// weight travels from the first rank holding it to the ranks that lack it.
-    pub fn all_params(&self, model: &Llama, mine: Params) -> Result<Params> {
+    pub fn all_params<M: BlockModel>(&self, model: &M, mine: Params) -> Result<Params> {
         let (p, me) = (self.comm.size(), self.comm.rank());
         let held: Vec<Vec<String>> = (0..p).map(|r| self.names_of(model, r)).collect();
         let mut all = mine;
@@ -157,19 +175,25 @@ impl PpRank {
         Ok(all)
     }
 
-    /// The tied embedding's second copy (on the last stage's rank), counted once in norms.
-    pub fn duplicate(&self, model: &Llama) -> Option<&'static str> {
-        let p = self.comm.size();
-        let last_rank = (self.stages.len() - 1) % p;
-        (p > 1 && model.cfg.tie_word_embeddings && self.comm.rank() == last_rank)
-            .then_some(Llama::EMBED)
+    /// Tied parameters this rank holds a second copy of (a lower rank holds them too, as the
+    /// last stage holds the input embedding tied to its head): counted once in norms and
+    /// checkpoints.
+    pub fn duplicates<M: ModelFamily>(&self, model: &M) -> Vec<String> {
+        let me = self.comm.rank();
+        let mine = self.names_of(model, me);
+        let lower: Vec<Vec<String>> = (0..me).map(|r| self.names_of(model, r)).collect();
+        model
+            .tied_params()
+            .into_iter()
+            .filter(|n| mine.contains(n) && lower.iter().any(|l| l.contains(n)))
+            .collect()
     }
 
     /// Whole weights and moments on pipeline rank 0 (`None` elsewhere): every other rank
     /// sends the ones rank 0 lacks, in block order.
-    pub fn gather(
+    pub fn gather<M: ModelFamily>(
         &self,
-        model: &Llama,
+        model: &M,
         params: &Params,
         opt: &AdamW,
     ) -> Result<Option<(Params, AdamW)>> {

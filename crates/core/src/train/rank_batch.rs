@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Tensor};
 
+use super::engine::Engine;
 use super::tensor_parallel::TpRank;
-use super::trainer::Trainer;
+use crate::models::llama::Llama;
 use crate::nn::cross_entropy_sum;
 use crate::Result;
 
@@ -41,7 +42,7 @@ pub(super) struct RankBatch {
     pub(super) loss_tokens: usize,
 }
 
-impl Trainer {
+impl Engine<Llama> {
     /// The micro-batch in compute precision; under ulysses/ring only this rank's positions,
     /// each with its own target.
     pub(super) fn rank_batch(&self, mb: super::LmBatch) -> Result<RankBatch> {

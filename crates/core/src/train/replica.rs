@@ -7,28 +7,17 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::engine::Engine;
 use super::output::OutputLayout;
-use super::trainer::Trainer;
 use crate::dist::{Communicator, ReduceOp};
 use crate::exec::{llama_inputs, on_output};
 use crate::models::llama::{AttnInputs, Llama};
+use crate::models::ModelFamily;
 use crate::parallel::pipeline_run::MicroBatch;
 use crate::params::Params;
 use crate::Result;
 
-impl Trainer {
-    /// How this rank's model output relates to the whole (vocabulary slice, positions).
-    pub fn output_layout(&self) -> OutputLayout {
-        OutputLayout {
-            vocab: self.tp.as_ref().map(|t| (t.group.clone(), t.vocab_start)),
-            sp: self.sp.clone(),
-            inner_seq_split: match (&self.tp, self.cfg.parallel.sp_mode) {
-                (Some(t), super::SpMode::Megatron) => t.size(),
-                _ => 1,
-            },
-        }
-    }
-
+impl<M: ModelFamily> Engine<M> {
     /// Sums `values` over the data-parallel ranks (metrics, global counts). Each model replica
     /// counts once, with the values of its last pipeline stage (where loss functions run) and
     /// first tensor- and sequence-parallel rank.
@@ -48,6 +37,30 @@ impl Trainer {
         let mine: Vec<f64> = values.iter().map(|v| v * weight).collect();
         let t = Tensor::new(mine.as_slice(), &Device::Cpu)?;
         Ok(comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?)
+    }
+
+    /// Whole weights on every rank (a collective over the replica's groups and, under ZeRO-3,
+    /// the data-parallel group): what generation runs on.
+    pub fn replica_params(&self) -> Result<Params> {
+        let params = self.stage_params()?;
+        match &self.pp {
+            Some(p) => p.all_params(&self.model, params),
+            None => Ok(params),
+        }
+    }
+}
+
+impl Engine<Llama> {
+    /// How this rank's model output relates to the whole (vocabulary slice, positions).
+    pub fn output_layout(&self) -> OutputLayout {
+        OutputLayout {
+            vocab: self.tp.as_ref().map(|t| (t.group.clone(), t.vocab_start)),
+            sp: self.sp.clone(),
+            inner_seq_split: match (&self.tp, self.cfg.parallel.sp_mode) {
+                (Some(t), super::SpMode::Megatron) => t.size(),
+                _ => 1,
+            },
+        }
     }
 
     /// Runs whole-sequence `inputs` through the model with the current weights, no gradient,
@@ -95,15 +108,5 @@ impl Trainer {
     /// The model without any parallel regions (what whole weights run on).
     pub fn plain_model(&self) -> Result<Llama> {
         Llama::new(self.model.cfg.clone())
-    }
-
-    /// Whole weights on every rank (a collective over the replica's groups and, under ZeRO-3,
-    /// the data-parallel group): what generation runs on.
-    pub fn replica_params(&self) -> Result<Params> {
-        let params = self.stage_params()?;
-        match &self.pp {
-            Some(p) => p.all_params(&self.model, params),
-            None => Ok(params),
-        }
     }
 }

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use candle_core::DType;
 
 use super::checkpoint::{self};
-use super::trainer::Trainer;
-use crate::checkpoint::llama as hf_llama;
+use super::engine::Engine;
+use crate::models::ModelFamily;
 use crate::optim::AdamW;
 use crate::params::Params;
 use crate::{Error, Result};
 
-impl Trainer {
+impl<M: ModelFamily> Engine<M> {
     /// All parameters (gathered from every rank under ZeRO-3 or tensor parallelism, so then
     /// every rank must call it).
     /// Under pipeline parallelism only the first stage's ranks get them all.
@@ -110,10 +110,10 @@ impl Trainer {
         if self.comm.as_ref().is_none_or(|c| c.rank() == 0) {
             let shapes: std::collections::HashMap<String, Vec<usize>> =
                 self.model.param_shapes().into_iter().collect();
-            let duplicate = self.pp.as_ref().and_then(|p| p.duplicate(&self.model));
+            let duplicates = self.duplicates();
             let mut owned = Vec::new();
             for (name, var) in params.iter() {
-                if duplicate == Some(name) {
+                if duplicates.iter().any(|d| d == name) {
                     continue;
                 }
                 let shape = &shapes[name];
@@ -134,7 +134,7 @@ impl Trainer {
         if !self.is_main() {
             return Ok(None);
         }
-        hf_llama::save_config(&tmp, &self.model, DType::F32)?;
+        self.model.write_config(&tmp, DType::F32)?;
         let json = serde_json::to_string_pretty(&self.state).expect("json");
         crate::checkpoint::atomic::write_file(&tmp.join(checkpoint::STATE), json.as_bytes())?;
         dist::write_index(&tmp)?;

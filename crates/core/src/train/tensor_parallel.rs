@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor, Var};
 
 use crate::dist::Group;
-use crate::models::llama::Llama;
+use crate::models::ModelFamily;
 use crate::optim::AdamW;
 use crate::parallel::tensor::{self, TpPlan};
 use crate::params::Params;
@@ -19,9 +19,16 @@ pub struct TpRank {
 }
 
 impl TpRank {
-    pub fn new(group: Group, model: &Llama) -> Result<Self> {
+    pub fn new<M: ModelFamily>(group: Group, model: &M) -> Result<Self> {
         let plan = tensor::checked_plan(model, group.size())?;
-        let vocab_start = tensor::vocab_start(&model.cfg, group.rank(), group.size());
+        // The first vocabulary row here: where this rank's slice of the vocabulary-parallel
+        // embedding starts (the split the output head's logits follow).
+        let vocab_start = model
+            .param_shapes()
+            .iter()
+            .filter(|(n, _)| plan.style(n) == tensor::TpStyle::VocabParallel)
+            .find_map(|(n, s)| plan.slice(n, s, group.rank(), group.size()))
+            .map_or(0, |s| s.start);
         Ok(Self {
             group,
             plan,
@@ -55,7 +62,12 @@ impl TpRank {
     }
 
     /// Reads this rank's slices straight from an HF checkpoint.
-    pub fn load(&self, dir: &std::path::Path, model: &Llama, device: &Device) -> Result<Params> {
+    pub fn load<M: ModelFamily>(
+        &self,
+        dir: &std::path::Path,
+        model: &M,
+        device: &Device,
+    ) -> Result<Params> {
         tensor::load_sharded(dir, model, &self.plan, self.rank(), self.size(), device)
     }
 

@@ -5,13 +5,9 @@
 //! activation checkpointing, ZeRO-3 with disk offload and two pipeline stages with one rank's
 //! losses, pre-clip gradient norms and parameters.
 
-use std::time::Duration;
-
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use colossal_core::dist::{run_local, Communicator, ReduceOp};
-use colossal_core::exec::{
-    grad_ready_block, Acts, BlockModel, Executor, FullParams, GradAccumulator, LossFn,
-};
+use colossal_core::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
 use colossal_core::optim::{clip_grad_norm, clip_to_norm};
 use colossal_core::parallel::offload::Placement;
 use colossal_core::parallel::pipeline::Schedule;
@@ -21,120 +17,12 @@ use colossal_core::params::{Grads, Params};
 use colossal_core::Result;
 
 use super::shared::{adamw, assert_same_params, copy_where, rel};
-
-const D: usize = 8;
-const ROWS: usize = 2;
-const MICRO: usize = 4;
-const STEPS: usize = 3;
-const LR: f64 = 1e-2;
-const MAX_NORM: f64 = 1.0;
-const T: Duration = Duration::from_secs(60);
-
-/// down0 → down1 → split into (msa, pair) → mix → up1 (+ skip1) → up0 (+ skip0).
-struct SkipNet;
-
-const NAMES: [&[&str]; 6] = [
-    &["down0.w"],
-    &["down1.w"],
-    &["split.msa", "split.pair"],
-    &["mix.msa", "mix.pair"],
-    &["up1.w"],
-    &["up0.w", "up0.b"],
-];
-
-impl BlockModel for SkipNet {
-    type Ctx = ();
-
-    fn num_blocks(&self) -> usize {
-        NAMES.len()
-    }
-
-    fn block_param_names(&self, block: usize) -> Vec<String> {
-        NAMES[block].iter().map(|s| s.to_string()).collect()
-    }
-
-    fn block_forward(&self, block: usize, p: &Params, x: &Acts, _: &()) -> Result<Acts> {
-        let cond = x.get("cond")?.clone();
-        let mut out = x.clone();
-        match block {
-            0 => {
-                let h = (x.get("x")?.matmul(p.get("down0.w")?)? + &cond)?.tanh()?;
-                out.take("x")?;
-                out.insert("skip.0", h.clone());
-                out.insert("h", h);
-            }
-            1 => {
-                let h = x.get("h")?.matmul(p.get("down1.w")?)?.tanh()?;
-                out.insert("skip.1", h.clone());
-                out.insert("h", h);
-            }
-            2 => {
-                let h = out.take("h")?;
-                out.insert("msa", h.matmul(p.get("split.msa")?)?.tanh()?);
-                out.insert("pair", (h.matmul(p.get("split.pair")?)? * &cond)?);
-            }
-            3 => {
-                let msa = (x.get("msa")? + x.get("pair")?.matmul(p.get("mix.msa")?)?.tanh()?)?;
-                let pair = (x.get("pair")? + msa.matmul(p.get("mix.pair")?)?)?;
-                out.insert("msa", msa);
-                out.insert("pair", pair);
-            }
-            4 => {
-                let both = (out.take("msa")? + out.take("pair")?)?;
-                let h = (both.matmul(p.get("up1.w")?)?.tanh()? + out.take("skip.1")?)?;
-                out.insert("h", h);
-            }
-            _ => {
-                let h = (x.get("h")? + x.get("skip.0")?)?;
-                let y = h.matmul(p.get("up0.w")?)?.broadcast_add(p.get("up0.b")?)?;
-                out = Acts::one("y", y);
-            }
-        }
-        Ok(out)
-    }
-
-    fn takes_grad(&self, name: &str) -> bool {
-        !matches!(name, "x" | "cond")
-    }
-}
-
-fn init() -> Params {
-    let mut p = Params::new();
-    for (i, name) in NAMES.iter().flat_map(|n| n.iter()).enumerate() {
-        let shape: &[usize] = if *name == "up0.b" { &[D] } else { &[D, D] };
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|k| (((k * 37 + i * 101) % 97) as f32 / 97.0 - 0.5) * 0.9)
-            .collect();
-        let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-        p.insert(*name, Var::from_tensor(&t).unwrap());
-    }
-    p
-}
-
-fn tensor(seed: usize, f: impl Fn(usize) -> f32) -> Tensor {
-    let v: Vec<f32> = (0..ROWS * D).map(|k| f(k * 13 + seed * 7)).collect();
-    Tensor::from_vec(v, (ROWS, D), &Device::Cpu).unwrap()
-}
-
-/// Micro-batch `mb` of step `step`: inputs and regression target.
-fn batch(step: usize, mb: usize) -> (Acts, Tensor) {
-    let s = step * MICRO + mb;
-    let x = tensor(s, |k| ((k % 11) as f32 / 11.0 - 0.5) * 2.0);
-    let cond = tensor(s, |k| 1.0 + ((k % 5) as f32) * 0.1);
-    let target = tensor(s, |k| (k % 7) as f32 / 7.0 - 0.5);
-    (Acts::one("x", x).with("cond", cond), target)
-}
-
-fn loss_fn(target: Tensor) -> Box<LossFn<'static>> {
-    let norm = (MICRO * ROWS * D) as f64;
-    Box::new(move |out: &Acts| Ok(((out.get("y")? - &target)?.sqr()?.sum_all()? / norm)?))
-}
+use super::skipnet::{batch, init, loss_fn, SkipNet, LR, MAX_NORM, MICRO, STEPS, T};
 
 /// Per step: the loss summed over micro-batches and the pre-clip gradient norm.
-type Run = (Vec<f32>, Vec<f64>, Params);
+pub type Run = (Vec<f32>, Vec<f64>, Params);
 
-fn one_rank(exec: Executor) -> Run {
+pub fn one_rank(exec: Executor) -> Run {
     let params = init();
     let mut opt = adamw();
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
@@ -155,7 +43,7 @@ fn one_rank(exec: Executor) -> Run {
     (losses, norms, params)
 }
 
-fn assert_same_run(what: &str, got: &Run, want: &Run) {
+pub fn assert_same_run(what: &str, got: &Run, want: &Run) {
     for s in 0..STEPS {
         let (l, lw) = (got.0[s], want.0[s]);
         let (n, nw) = (got.1[s], want.1[s]);

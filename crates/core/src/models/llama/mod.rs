@@ -3,6 +3,7 @@
 //! final RMSNorm and LM head. Weights live in [`Params`](crate::params::Params) under HF names.
 
 mod config;
+mod family;
 mod generate;
 mod inputs;
 mod model;

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
-use crate::models::family::{Init, ModelFamily, ParamSink, ParamSpec};
+use crate::models::family::{ModelFamily, ParamSink};
 use crate::nn::{apply_rotary, rms_norm};
 use crate::params::Params;
 use crate::Result;
@@ -285,46 +285,4 @@ pub fn init_params(model: &Llama, seed: u64, device: &Device) -> Result<Params> 
 /// random stream), so a sharded owner can keep its slice and drop the rest.
 pub fn init_each_param(model: &Llama, seed: u64, f: &mut ParamSink) -> Result<()> {
     crate::models::family::init_each(&model.param_specs(), seed, f)
-}
-
-impl ModelFamily for Llama {
-    /// Every parameter with HF's initialisation: normal(0, `initializer_range`, default 0.02)
-    /// for matrices and embeddings (the padding row zeroed), ones for norms, zeros for biases.
-    fn param_specs(&self) -> Vec<ParamSpec> {
-        let std = self
-            .cfg
-            .extra
-            .get("initializer_range")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.02) as f32;
-        self.param_shapes()
-            .into_iter()
-            .map(|(name, shape)| {
-                let init = if name.ends_with("norm.weight") {
-                    Init::Ones
-                } else if name.ends_with(".bias") {
-                    Init::Zeros
-                } else {
-                    let pad = self.cfg.pad_token_id.filter(|_| name == Self::EMBED);
-                    Init::Normal {
-                        std,
-                        zero_row: pad.map(|p| p as usize),
-                    }
-                };
-                ParamSpec { name, shape, init }
-            })
-            .collect()
-    }
-
-    fn tied_params(&self) -> Vec<String> {
-        if self.cfg.tie_word_embeddings && self.cfg.score_labels().is_none() {
-            vec![Self::EMBED.to_string()]
-        } else {
-            vec![]
-        }
-    }
-
-    fn tp_plan(&self) -> crate::parallel::plan::TpPlan {
-        Llama::tp_plan(self)
-    }
 }

@@ -1,0 +1,105 @@
+//! LLaMA as a model family: Hugging Face's parameter names and initialisation, tied
+//! embeddings, the HF directory layout, and the parallel styles it implements (tensor,
+//! sequence, zero-bubble pipeline) through its regions.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::DType;
+
+use super::{Llama, LlamaConfig};
+use crate::dist::Group;
+use crate::models::{Init, ModelFamily, ParamSpec};
+use crate::parallel::pipeline;
+use crate::parallel::sequence::SpMode as SeqSplit;
+use crate::parallel::weight_grad::WeightGradStash;
+use crate::Result;
+
+impl ModelFamily for Llama {
+    fn family(&self) -> &'static str {
+        "llama"
+    }
+
+    /// Every parameter with HF's initialisation: normal(0, `initializer_range`, default 0.02)
+    /// for matrices and embeddings (the padding row zeroed), ones for norms, zeros for biases.
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        let std = self
+            .cfg
+            .extra
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02) as f32;
+        self.param_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let init = if name.ends_with("norm.weight") {
+                    Init::Ones
+                } else if name.ends_with(".bias") {
+                    Init::Zeros
+                } else {
+                    let pad = self.cfg.pad_token_id.filter(|_| name == Self::EMBED);
+                    Init::Normal {
+                        std,
+                        zero_row: pad.map(|p| p as usize),
+                    }
+                };
+                ParamSpec { name, shape, init }
+            })
+            .collect()
+    }
+
+    fn tied_params(&self) -> Vec<String> {
+        if self.cfg.tie_word_embeddings && self.cfg.score_labels().is_none() {
+            vec![Self::EMBED.to_string()]
+        } else {
+            vec![]
+        }
+    }
+
+    fn tp_plan(&self) -> crate::parallel::plan::TpPlan {
+        Llama::tp_plan(self)
+    }
+
+    fn read_config(dir: &Path) -> Result<Self> {
+        Llama::new(LlamaConfig::from_file(&dir.join("config.json"))?)
+    }
+
+    fn write_config(&self, dir: &Path, dtype: DType) -> Result<()> {
+        crate::checkpoint::llama::save_config(dir, self, dtype)
+    }
+
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        Llama::param_shapes(self)
+    }
+
+    /// The user counts decoder layers per stage; the embedding joins the first stage and
+    /// the final norm and head the last.
+    fn pipeline_stages(
+        &self,
+        stages: usize,
+        per_stage: Option<&[usize]>,
+    ) -> Result<Vec<Range<usize>>> {
+        pipeline::partition(self.cfg.num_hidden_layers, stages, per_stage)
+    }
+
+    fn check_tensor_parallel(&self, tp: usize) -> Result<()> {
+        crate::parallel::tensor::validate(&self.cfg, tp)
+    }
+
+    fn tensor_parallel(&self, group: Group, sequence_parallel: bool) -> Result<Self> {
+        crate::parallel::tensor::parallelize(self, group, sequence_parallel)
+    }
+
+    fn sequence_parallel(&self, group: Group, mode: SeqSplit) -> Result<Self> {
+        Ok(crate::parallel::sequence::parallelize(self, group, mode)?.0)
+    }
+
+    fn defer_weight_grads(&self) -> Result<(Self, Arc<WeightGradStash>)> {
+        Ok(crate::parallel::weight_grad::defer_weight_grads(self))
+    }
+
+    fn embedding_params(&self) -> Vec<String> {
+        vec![Self::EMBED.to_string(), "lm_head.weight".to_string()]
+    }
+}

@@ -1,0 +1,389 @@
+//! The engine of every trainer, for any model family: micro-batches through the block-wise
+//! executor (plain, pipelined, under data parallelism or ZeRO) → gradient norm → clip →
+//! AdamW → schedule, with mixed precision and the measurements each step leaves. What a
+//! batch is and what the loss is belong to the caller (the causal-LM [`super::Trainer`],
+//! the RLHF trainers, any other app).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::TrainerState;
+use super::grad_norm::NormGroups;
+use super::pipeline::PpRank;
+use super::step::{Sink, StepGrads, ToF32, Weights};
+use super::tensor_parallel::TpRank;
+use super::TrainConfig;
+use crate::dist::{Communicator, Group, ReduceOp};
+use crate::exec::{grad_ready_block, Acts, Executor, FullParams, GradAccumulator};
+use crate::models::llama::Llama;
+use crate::models::ModelFamily;
+use crate::optim::{clip_to_norm, AdamW, LrSchedule};
+use crate::parallel::pipeline_run::MicroBatch;
+use crate::parallel::{
+    DataParallelSink, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
+};
+use crate::params::Params;
+use crate::Result;
+
+/// One rank of a training job over a model of family `M`: its share of the weights and
+/// optimizer state, its process groups, and the step state.
+pub struct Engine<M: ModelFamily = Llama> {
+    pub cfg: TrainConfig,
+    pub model: M,
+    pub params: Params,
+    pub opt: AdamW,
+    pub schedule: LrSchedule,
+    pub state: TrainerState,
+    pub executor: Executor,
+    pub(super) device: Device,
+    /// This rank's communicator when data parallel; `None` for one rank.
+    pub(super) comm: Option<Box<dyn Communicator>>,
+    /// The tensor-parallel group and plan when `parallel.tp > 1`.
+    pub(super) tp: Option<TpRank>,
+    /// The pipeline group, schedule and stages when `parallel.pp > 1`.
+    pub(super) pp: Option<PpRank>,
+    /// All ranks of the job when they form a mesh (otherwise `comm` is all of them).
+    pub(super) world: Option<Box<dyn Communicator>>,
+    /// Rank in the whole job (rank 0 writes metrics and checkpoints).
+    pub(super) world_rank: usize,
+    /// Which share of each global batch this rank runs: data-parallel rank and size.
+    pub(super) data_rank: usize,
+    pub(super) data_ranks: usize,
+    /// The sequence-parallel group (ulysses or ring) when `parallel.sp > 1`.
+    pub(super) sp: Option<Group>,
+    /// Bytes this rank sent during the last step.
+    pub last_step_comm_bytes: u64,
+    /// Sharded optimizer when `parallel.zero_stage` is 1 or 2 over several ranks.
+    pub(super) zero: Option<ZeroOptimizer>,
+    /// Sharded parameters and optimizer under ZeRO-3 (then `params` is empty).
+    pub(super) zero3: Option<Zero3>,
+    /// Test hook: this rank fails when it reaches this step (simulates a crashed rank).
+    pub fail_at_step: Option<u64>,
+    /// Test hook: an inf is written into the gradients at these steps.
+    pub inject_overflow_at: Vec<u64>,
+    /// Whether the last step was skipped (fp16 overflow).
+    pub last_step_skipped: bool,
+    /// Idle fraction of this rank during the last step's pipeline schedule (pp > 1).
+    pub last_bubble: Option<f64>,
+}
+
+/// What a step's forward and backward leave for the optimizer ([`Engine::apply`]).
+pub struct Backward {
+    grads: StepGrads,
+    pub(super) loss: f32,
+    bubble: Option<f64>,
+    sent_before: u64,
+    scale: f64,
+}
+
+impl<M: ModelFamily> Engine<M> {
+    /// This rank's share of each global batch: data-parallel rank …
+    pub fn rank(&self) -> usize {
+        self.data_rank
+    }
+
+    /// … out of this many.
+    pub fn ranks(&self) -> usize {
+        self.data_ranks
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// This rank's index in the whole job.
+    pub fn world_rank(&self) -> usize {
+        self.world_rank
+    }
+
+    /// What the engine measured of the last step, for its metrics record: bytes this rank
+    /// sent, the memory it holds (parameters, gradients, optimizer state; resident and
+    /// offloaded), the loss scale and a skipped step under fp16, the pipeline's bubble.
+    pub fn last_step_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let mut rec = serde_json::Map::new();
+        rec.insert("comm_bytes".into(), json!(self.last_step_comm_bytes));
+        if let Some(sc) = &self.state.loss_scaler {
+            rec.insert("loss_scale".into(), json!(sc.scale));
+        }
+        if self.last_step_skipped {
+            rec.insert("skipped".into(), json!(true));
+        }
+        if let (Some(b), Some(pp)) = (self.last_bubble, &self.pp) {
+            let t = &self.cfg.train;
+            let m = t.batch_size / t.micro_batch_size / self.ranks();
+            rec.insert("pp_bubble".into(), json!(b));
+            let theory = pp.schedule.theoretical_bubble(pp.comm.size(), m);
+            rec.insert("pp_bubble_theory".into(), json!(theory));
+        }
+        let (mp, mg, mo) = self.memory_bytes();
+        rec.insert("mem_params_bytes".into(), json!(mp));
+        rec.insert("mem_grads_bytes".into(), json!(mg));
+        rec.insert("mem_optim_bytes".into(), json!(mo));
+        rec.insert("offloaded_bytes".into(), json!(self.offloaded_bytes()));
+        rec
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.world_rank == 0
+    }
+
+    /// Bytes this rank has sent over all its groups.
+    fn bytes_sent(&self) -> u64 {
+        self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent())
+            + self.tp.as_ref().map_or(0, |t| t.group.bytes_sent())
+            + self.pp.as_ref().map_or(0, |p| p.comm.stats().bytes_sent())
+    }
+
+    /// One optimizer step over this rank's `n` micro-batches (`make(i)` gives the i-th),
+    /// each one's `loss_fn` giving its share of the global loss (a sum divided by a global
+    /// count), so N ranks step exactly as one would. Returns (loss, grad norm, lr).
+    pub fn step<'m, F>(&mut self, n: usize, make: F) -> Result<(f32, f64, f64)>
+    where
+        F: FnMut(usize) -> Result<MicroBatch<'m, M::Ctx>>,
+    {
+        let backward = self.accumulate(n, make)?;
+        self.apply(backward)
+    }
+
+    /// Forward and backward over this rank's `n` micro-batches, gradients handed to the
+    /// data-parallel / ZeRO sink as each block finishes.
+    pub fn accumulate<'m, F>(&self, n: usize, mut make: F) -> Result<Backward>
+    where
+        F: FnMut(usize) -> Result<MicroBatch<'m, M::Ctx>>,
+    {
+        if self.fail_at_step == Some(self.state.step) {
+            return Err(crate::msg!(
+                "injected failure at step {} (test hook)",
+                self.state.step
+            ));
+        }
+        let sent_before = self.bytes_sent();
+        let bucket = (self.cfg.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
+        let ready = match &self.pp {
+            Some(p) => p.ready_blocks(&self.model),
+            None => grad_ready_block(&self.model),
+        };
+        let mut sink = match (self.comm.as_deref(), &self.zero, &self.zero3) {
+            (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
+            (Some(c), Some(z), _) => {
+                Sink::Zero(ZeroGradSink::new(c, &z.layout, z.stage, ready, bucket))
+            }
+            (Some(c), None, _) => Sink::Data(DataParallelSink::new(c, bucket, ready)),
+            _ => Sink::Local(GradAccumulator::default()),
+        };
+        // Mixed precision: compute on a low-precision copy of the fp32 masters; gradients come
+        // back to fp32 before any sink sees them.
+        let dtype = self.cfg.parallel.compute_dtype();
+        let mut weights = self.weights(dtype)?;
+        let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+        let scaled = |mb: MicroBatch<'m, M::Ctx>| -> MicroBatch<'m, M::Ctx> {
+            let f = mb.loss_fn;
+            MicroBatch {
+                inputs: mb.inputs,
+                ctx: mb.ctx,
+                loss_fn: Box::new(move |x: &Acts| Ok((f(x)? * scale)?)),
+            }
+        };
+        let mut loss = 0.0f32;
+        let mut bubble = None;
+        if let Some(pp) = &self.pp {
+            // The whole schedule runs into a local accumulator; the data-parallel (or ZeRO)
+            // sink then gets the sums as if from one last micro-batch.
+            let mbs = (0..n)
+                .map(|i| Ok(scaled(make(i)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let runner = pp.runner(&self.model, self.executor);
+            let mut acc = GradAccumulator::default();
+            let report = runner.run(&mut weights, &mbs, &mut ToF32(&mut acc))?;
+            for name in self.model.tied_params() {
+                runner.sync_tied(&mut acc.grads, &name)?;
+            }
+            pp.hand_over(&self.model, acc.grads, sink.hooks(true))?;
+            let t = Tensor::new(&[report.loss_sum / scale as f32], &Device::Cpu)?;
+            loss = pp.comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
+            bubble = Some(report.bubble());
+        }
+        for i in (0..n).filter(|_| self.pp.is_none()) {
+            let mb = scaled(make(i)?);
+            let mut to_f32 = ToF32(sink.hooks(i + 1 == n));
+            let out = self.executor.forward_backward_with(
+                &self.model,
+                &mut weights,
+                &mb.inputs,
+                &mb.ctx,
+                &*mb.loss_fn,
+                &mut to_f32,
+            )?;
+            loss += out.loss / scale as f32;
+        }
+        drop(weights);
+        let grads = match sink {
+            Sink::Zero3(z) => StepGrads::Chunks(z.finish()?),
+            Sink::Zero(z) => StepGrads::Shard(z.finish()?),
+            Sink::Data(d) => StepGrads::Full(d.finish()?),
+            Sink::Local(l) => StepGrads::Full(l.grads),
+        };
+        if let Some(c) = &self.comm {
+            let l = c.all_reduce(&Tensor::new(&[loss], &Device::Cpu)?, ReduceOp::Sum)?;
+            loss = l.to_vec1::<f32>()?[0];
+        }
+        Ok(Backward {
+            grads,
+            loss,
+            bubble,
+            sent_before,
+            scale,
+        })
+    }
+
+    /// Clip, skip on overflow, and step the (possibly sharded) optimizer. Returns (loss,
+    /// grad norm, lr).
+    pub fn apply(&mut self, backward: Backward) -> Result<(f32, f64, f64)> {
+        let Backward {
+            mut grads,
+            loss,
+            bubble,
+            sent_before,
+            scale,
+        } = backward;
+        self.last_bubble = bubble;
+        if self.cfg.train.freeze == super::Freeze::NonEmbedding {
+            if let StepGrads::Full(g) = &mut grads {
+                let trained = self.model.embedding_params();
+                let frozen: Vec<String> = g
+                    .names()
+                    .filter(|n| !trained.contains(n))
+                    .cloned()
+                    .collect();
+                for n in frozen {
+                    g.take(&n);
+                }
+            }
+        }
+        if self.inject_overflow_at.contains(&self.state.step) {
+            grads.poison()?;
+        }
+        if scale != 1.0 {
+            grads.scale(1.0 / scale)?;
+        }
+        // The global norm is identical on every rank, so an inf/nan anywhere skips everywhere.
+        let split_model = self.tp.is_some() || self.pp.is_some();
+        let duplicates = self.duplicates();
+        let groups = NormGroups {
+            tp: self.tp.as_ref(),
+            pp: self.pp.as_ref().map(|p| p.comm.as_ref()),
+            duplicates: &duplicates,
+        };
+        let grad_norm = match (&grads, &self.zero) {
+            (StepGrads::Shard(shard), Some(z)) if split_model => {
+                let comm = self.comm.as_deref().expect("ZeRO comm");
+                groups.of_shard(&z.layout, comm.rank(), shard, comm)?
+            }
+            (StepGrads::Shard(shard), Some(z)) => {
+                z.grad_norm(self.comm.as_deref().expect("ZeRO comm"), shard)?
+            }
+            (StepGrads::Full(g), _) if split_model => groups.of_grads(g)?,
+            (StepGrads::Full(g), _) => crate::optim::global_grad_norm(g)?,
+            // ZeRO-3 chunks (of tensor-parallel slices too): replicated weights counted once,
+            // summed over the data- and tensor-parallel groups.
+            (StepGrads::Chunks(c), _) => {
+                groups.of_chunks(c, self.comm.as_deref().expect("ZeRO comm"))?
+            }
+            (StepGrads::Shard(_), None) => unreachable!("shards only under ZeRO"),
+        };
+        let overflow = !grad_norm.is_finite();
+        let may_step = match self.state.loss_scaler.as_mut() {
+            Some(scaler) => scaler.update(overflow),
+            None => !overflow,
+        };
+        self.last_step_skipped = !may_step;
+        let clip = self.cfg.train.grad_clip;
+        let lr = self.schedule.lr(self.state.step as usize);
+        if may_step {
+            match grads {
+                StepGrads::Chunks(chunks) => {
+                    let z3 = self.zero3.as_mut().expect("chunks only under ZeRO-3");
+                    z3.step(chunks, lr, clip, grad_norm)?;
+                    self.state.optimizer_step = z3.adam.step;
+                }
+                StepGrads::Shard(shard) => {
+                    let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
+                    let zero = self
+                        .zero
+                        .as_mut()
+                        .expect("ZeRO sink implies ZeRO optimizer");
+                    zero.step(comm, &self.params, shard, lr, clip, grad_norm)?;
+                    self.state.optimizer_step = zero.adam.step;
+                }
+                StepGrads::Full(mut grads) => {
+                    if clip > 0.0 {
+                        clip_to_norm(&mut grads, clip, grad_norm)?;
+                    }
+                    self.opt.step(&self.params, &grads, lr)?;
+                    self.state.optimizer_step = self.opt.step;
+                }
+            }
+        } else {
+            self.state.skipped_steps += 1;
+            tracing::warn!(
+                step = self.state.step + 1,
+                "inf/nan gradients: step skipped"
+            );
+        }
+        self.state.step += 1;
+        self.last_step_comm_bytes = self.bytes_sent() - sent_before;
+        Ok((loss, grad_norm, lr))
+    }
+
+    /// Where blocks get their weights this step: the fp32 masters, a low-precision copy of them,
+    /// or ZeRO-3 gathers.
+    pub(super) fn weights(&self, dtype: DType) -> Result<Weights<'_>> {
+        if let (Some(z), Some(comm)) = (&self.zero3, self.comm.as_deref()) {
+            let blocks = (0..self.model.num_blocks())
+                .map(|b| self.model.block_param_names(b))
+                .collect();
+            return Ok(Weights::Zero3(Zero3Source {
+                zero: z,
+                comm,
+                block_params: blocks,
+                dtype,
+            }));
+        }
+        Ok(if dtype == DType::F32 {
+            Weights::Full(FullParams(&self.params))
+        } else {
+            Weights::Cast(self.params.cast(dtype)?)
+        })
+    }
+
+    /// Tied weights this pipeline rank holds second copies of.
+    pub(super) fn duplicates(&self) -> Vec<String> {
+        self.pp
+            .as_ref()
+            .map(|p| p.duplicates(&self.model))
+            .unwrap_or_default()
+    }
+
+    /// Bytes of model state this rank keeps on disk.
+    pub fn offloaded_bytes(&self) -> u64 {
+        self.zero3
+            .as_ref()
+            .map(Zero3::offloaded_bytes)
+            .or(self.zero.as_ref().map(ZeroOptimizer::offloaded_bytes))
+            .unwrap_or(0)
+    }
+
+    /// Bytes this rank holds in memory for (parameters, gradients, optimizer moments), fp32.
+    pub fn memory_bytes(&self) -> (u64, u64, u64) {
+        if let Some(z) = &self.zero3 {
+            return z.memory();
+        }
+        match &self.zero {
+            Some(z) => z.memory(),
+            None => {
+                let psi = self.params.num_elements() as u64;
+                (4 * psi, 4 * psi, 8 * psi)
+            }
+        }
+    }
+}
