@@ -134,6 +134,12 @@ fn bad_inputs_get_clear_errors() {
         "{e}"
     );
 
+    // No data path at all (the section is optional for apps that bring their own batches).
+    let mut unset = config(&data, &out, &[]);
+    unset.data.path = Default::default();
+    let e = err_of(Trainer::new(unset, None, Device::Cpu));
+    assert!(e.contains("data.path is not set"), "{e}");
+
     // Tokenizer vocab larger than the model's.
     let cfg: TrainConfig = parse_config(&config_text(&data, &out, 1000), "t.toml", &[]).unwrap();
     let e = err_of(Trainer::new(cfg, None, Device::Cpu));

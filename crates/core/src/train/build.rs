@@ -123,6 +123,11 @@ impl Trainer {
 /// The packed training split (checked against the model's vocabulary) and the validation split
 /// when it has sequences.
 fn open_data(cfg: &TrainConfig, model: &Llama) -> Result<(PackedDataset, Option<PackedDataset>)> {
+    if cfg.data.path.as_os_str().is_empty() {
+        return Err(Error::Config(
+            "data.path is not set: the causal-LM trainer reads its packed data (colossal-data pretrain) from there".into(),
+        ));
+    }
     let seed = cfg.train.seed;
     let train_data = PackedDataset::open(&cfg.data.path, "train", seed)?;
     let m = &train_data.manifest;

@@ -13,7 +13,11 @@ use crate::optim::ScheduleKind;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// The LLaMA to train (the causal-LM trainer; another family's app brings its model).
+    #[serde(default)]
     pub model: ModelConfig,
+    /// The packed pretraining data (the causal-LM trainer; apps with their own data omit it).
+    #[serde(default)]
     pub data: DataConfig,
     pub train: TrainSection,
     #[serde(default)]
@@ -252,7 +256,7 @@ fn timeout_s() -> u64 {
     300
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// An HF model directory to start from.
@@ -270,6 +274,7 @@ pub struct ModelConfig {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A directory prepared by `colossal-data pretrain`.
+    #[serde(default)]
     pub path: PathBuf,
     /// Per-document positions and no attention across documents of a packed sequence.
     #[serde(default)]
@@ -280,6 +285,16 @@ pub struct DataConfig {
 
 fn yes() -> bool {
     true
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            path: PathBuf::new(),
+            boundary_aware: false,
+            shuffle: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -22,9 +22,6 @@ use super::skipnet::{batch, init, loss_fn, SkipNet, LR, MAX_NORM, MICRO, STEPS, 
 fn config(out: &Path, train: &str, parallel: &str) -> TrainConfig {
     let text = format!(
         r#"
-[model]
-[data]
-path = "unused: the caller brings its batches"
 [train]
 out_dir = "{}"
 batch_size = {MICRO}
