@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use colossal_core::exec::{llama_inputs, on_output, Executor, GradAccumulator};
-use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
+use colossal_core::models::llama::{init_params, AttnInputs, Kernels, Llama, LlamaConfig};
 use colossal_core::optim::{AdamW, AdamWConfig};
 use colossal_core::train::lm_loss;
 use rand::{Rng, SeedableRng};
@@ -35,8 +35,19 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long)]
     pub activation_checkpointing: bool,
+    /// `fused` (the kernels crate) or `reference` (compositions of candle ops).
+    #[arg(long, default_value = "fused", value_parser = parse_kernels)]
+    pub kernels: Kernels,
     #[arg(long, default_value = "bench.json")]
     pub out: PathBuf,
+}
+
+fn parse_kernels(s: &str) -> std::result::Result<Kernels, String> {
+    match s {
+        "fused" => Ok(Kernels::Fused),
+        "reference" => Ok(Kernels::Reference),
+        other => Err(format!("`{other}`: expected fused or reference")),
+    }
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
@@ -46,7 +57,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "num_key_value_heads": a.heads, "max_position_embeddings": a.seq,
         "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
     }))?;
-    let model = Llama::new(cfg)?;
+    let model = Llama::new(cfg)?.with_kernels(a.kernels);
     let device = Device::Cpu;
     let params = init_params(&model, 0, &device)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -80,7 +91,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         let mut sink = GradAccumulator::default();
         let tg = targets.clone();
-        let loss_fn = on_output(move |l: &Tensor| lm_loss(l, &tg, norm));
+        let kernels = a.kernels;
+        let loss_fn = on_output(move |l: &Tensor| lm_loss(kernels, l, &tg, norm));
         let inputs = llama_inputs(&ids);
         let out = exec.forward_backward(&model, &params, &inputs, &ctx, &*loss_fn, &mut sink)?;
         opt.step(&params, &sink.grads, 1e-3)?;
@@ -100,7 +112,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let report = serde_json::json!({
         "implementation": "colossal-rs (candle 0.11, CPU, f32)",
         "config": {"dim": a.dim, "layers": a.layers, "heads": a.heads, "ffn": a.ffn, "seq": a.seq,
-                    "batch": a.batch, "vocab": a.vocab, "activation_checkpointing": a.activation_checkpointing},
+                    "batch": a.batch, "vocab": a.vocab, "activation_checkpointing": a.activation_checkpointing,
+                    "kernels": a.kernels.to_string()},
         "params": n_params,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "steps_timed": a.steps,

@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::exec::{Executor, GradAccumulator, Hooks};
+use colossal_core::models::llama::Kernels;
 use colossal_core::models::llama::{init_params, AttnInputs, Llama, LlamaConfig};
 use colossal_core::params::Params;
 use colossal_core::train::lm_loss;
@@ -55,12 +56,12 @@ fn compare(model: &Llama, params: &Params) {
     let (ids, inp, targets) = batch(model);
     let n = targets.iter().filter(|&&t| t != -100).count() as f64;
     let logits = model.forward(params, &ids, &inp).unwrap();
-    let whole_loss = lm_loss(&logits, &targets, n).unwrap();
+    let whole_loss = lm_loss(Kernels::Fused, &logits, &targets, n).unwrap();
     let whole = whole_loss.backward().unwrap();
     for checkpointing in [false, true] {
         let mut rec = Recorder::default();
         let t2 = targets.clone();
-        let loss_fn = move |l: &Tensor| lm_loss(l, &t2, n);
+        let loss_fn = move |l: &Tensor| lm_loss(Kernels::Fused, l, &t2, n);
         let out = Executor {
             activation_checkpointing: checkpointing,
         }

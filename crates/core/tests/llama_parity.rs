@@ -4,6 +4,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
 use colossal_core::exec::{Executor, GradAccumulator};
+use colossal_core::models::llama::Kernels;
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Llama, Sampling};
 use colossal_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use colossal_core::params::Params;
@@ -38,8 +39,15 @@ fn batch(model: &Llama, f: &Fixture) -> (Tensor, AttnInputs, Vec<i64>, Vec<Vec<u
 }
 
 fn check_forward(model_dir: &str) {
+    for kernels in [Kernels::Fused, Kernels::Reference] {
+        check_forward_with(model_dir, kernels);
+    }
+}
+
+fn check_forward_with(model_dir: &str, kernels: Kernels) {
     let f = fixture_data();
     let (model, params) = load_llama(&fixture(model_dir), DType::F32, &Device::Cpu).unwrap();
+    let model = model.with_kernels(kernels);
     let (ids, inp, targets, mask) = batch(&model, &f);
     let logits = model.forward(&params, &ids, &inp).unwrap();
     let e = assert_close(
@@ -48,13 +56,13 @@ fn check_forward(model_dir: &str) {
         &masked(&f.tensors["logits"], &mask),
         1e-4,
     );
-    println!("{model_dir}: logits rel err {e:e}");
-    let loss = lm_loss(&logits, &targets, 26.0)
+    println!("{model_dir} ({kernels}): logits rel err {e:e}");
+    let loss = lm_loss(kernels, &logits, &targets, 26.0)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
     let want = f.reference["loss"].as_f64().unwrap() as f32;
-    println!("{model_dir}: loss {loss} (reference {want})");
+    println!("{model_dir} ({kernels}): loss {loss} (reference {want})");
     assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
 }
 
@@ -137,7 +145,8 @@ fn grads_blockwise(
 ) -> GradAccumulator {
     let (ids, inp, targets, _) = batch(model, f);
     let mut sink = GradAccumulator::default();
-    let loss_fn = move |l: &Tensor| lm_loss(l, &targets, 26.0);
+    let kernels = model.kernels;
+    let loss_fn = move |l: &Tensor| lm_loss(kernels, l, &targets, 26.0);
     Executor {
         activation_checkpointing: checkpointing,
     }
@@ -148,17 +157,51 @@ fn grads_blockwise(
 
 #[test]
 fn gradients_grad_norm_and_adamw_step_match() {
+    for kernels in [Kernels::Fused, Kernels::Reference] {
+        gradients_grad_norm_and_adamw_step_match_with(kernels);
+    }
+}
+
+#[test]
+fn fused_and_reference_kernels_are_different_code_with_the_same_gradients() {
     let f = fixture_data();
     let (model, params) =
         load_llama(&fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap();
+    let fused = grads_blockwise(&model.with_kernels(Kernels::Fused), &params, &f, false);
+    let reference = grads_blockwise(&model.with_kernels(Kernels::Reference), &params, &f, false);
+    let mut bitwise_equal = 0;
+    for name in params.names() {
+        let (a, b) = (
+            fused.grads.get(name).unwrap(),
+            reference.grads.get(name).unwrap(),
+        );
+        let d = max_diff(a, b) / max_abs(b);
+        assert!(d <= 1e-5, "{name}: fused vs reference {d:e}");
+        bitwise_equal += usize::from(max_diff(a, b) == 0.0);
+    }
+    println!(
+        "{bitwise_equal} of {} gradients bitwise equal",
+        params.len()
+    );
+    assert!(
+        bitwise_equal < params.len(),
+        "the fused kernels did not run"
+    );
+}
+
+fn gradients_grad_norm_and_adamw_step_match_with(kernels: Kernels) {
+    let f = fixture_data();
+    let (model, params) =
+        load_llama(&fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap();
+    let model = model.with_kernels(kernels);
     let mut sink = grads_blockwise(&model, &params, &f, false);
     for name in f.reference["grad_params"].as_array().unwrap() {
         let name = name.as_str().unwrap();
         let r = &f.tensors[&format!("grad.{name}")];
         let g = sink.grads.get(name).unwrap();
         let d = max_diff(g, r) / max_abs(r);
-        println!("grad {name}: rel err {d:e}");
-        assert!(d <= 1e-4, "grad {name}: {d:e}");
+        println!("{kernels}: grad {name}: rel err {d:e}");
+        assert!(d <= 1e-4, "{kernels}: grad {name}: {d:e}");
     }
     let norm = clip_grad_norm(&mut sink.grads, 1.0).unwrap();
     let want = f.reference["grad_norm_total_preclip"].as_f64().unwrap();

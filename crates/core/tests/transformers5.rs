@@ -6,6 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::exec::{Executor, GradAccumulator};
+use colossal_core::models::llama::Kernels;
 use colossal_core::models::llama::{
     generate, AttnInputs, GenerateOptions, LlamaConfig, RopeType, Sampling,
 };
@@ -53,7 +54,7 @@ fn rope_parameters_llama3_logits_loss_grad_and_greedy_ids_match() {
     let targets: Vec<i64> = labels.iter().flat_map(|row| row[1..].to_vec()).collect();
     let n = targets.iter().filter(|&&x| x != -100).count() as f64;
     let want = r["loss"].as_f64().unwrap() as f32;
-    let loss = lm_loss(&logits, &targets, n)
+    let loss = lm_loss(Kernels::Fused, &logits, &targets, n)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
@@ -61,7 +62,7 @@ fn rope_parameters_llama3_logits_loss_grad_and_greedy_ids_match() {
     assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
 
     let mut sink = GradAccumulator::default();
-    let loss_fn = move |l: &Tensor| lm_loss(l, &targets, n);
+    let loss_fn = move |l: &Tensor| lm_loss(Kernels::Fused, l, &targets, n);
     Executor {
         activation_checkpointing: false,
     }

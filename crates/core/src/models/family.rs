@@ -11,6 +11,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
+use colossal_kernels::Kernels;
+
 use crate::dist::Group;
 use crate::exec::BlockModel;
 use crate::parallel::plan::TpPlan;
@@ -130,6 +132,15 @@ pub trait ModelFamily: BlockModel + Sized {
     /// the stash the schedule drives.
     fn defer_weight_grads(&self) -> Result<(Self, Arc<WeightGradStash>)> {
         Err(self.unsupported("parallel.pp_schedule = \"zbh1\""))
+    }
+
+    /// This model running its ops as `kernels` says. A family without a choice runs the
+    /// default and refuses the other.
+    fn with_kernels(self, kernels: Kernels) -> Result<Self> {
+        match kernels == Kernels::default() {
+            true => Ok(self),
+            false => Err(self.unsupported(&format!("train.kernels = \"{kernels}\""))),
+        }
     }
 
     /// The input and output embeddings (what `train.freeze = "non_embedding"` keeps training).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
+use colossal_kernels::adamw::AdamWUpdate;
 use serde::{Deserialize, Serialize};
 
 use crate::params::{Grads, Params};
@@ -50,13 +51,28 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter that has a gradient.
+    /// One update of every parameter that has a gradient: in the parameter's own storage
+    /// where it is f32 on the CPU (the kernels crate's fused update), else by copy.
     pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
         self.step += 1;
         let k = AdamWKernel::new(&self.cfg, self.step, lr);
         for (name, var) in params.iter() {
             let Some(g) = grads.get(name) else { continue };
             let decay = self.decay_factor(name, lr);
+            let n = var.elem_count();
+            let m = self
+                .m
+                .entry(name.to_string())
+                .or_insert_with(|| vec![0.0; n]);
+            let v = self
+                .v
+                .entry(name.to_string())
+                .or_insert_with(|| vec![0.0; n]);
+            if k.with_decay(decay)
+                .apply_in_place(var.as_tensor(), g, m, v)?
+            {
+                continue;
+            }
             let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let dtype = var.dtype();
             let mut p: Vec<f32> = var
@@ -64,14 +80,6 @@ impl AdamW {
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
-            let m = self
-                .m
-                .entry(name.to_string())
-                .or_insert_with(|| vec![0.0; p.len()]);
-            let v = self
-                .v
-                .entry(name.to_string())
-                .or_insert_with(|| vec![0.0; p.len()]);
             k.update(&mut p, &g, m, v, decay);
             let t = Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(dtype)?;
             var.set(&t)?;
@@ -80,48 +88,32 @@ impl AdamW {
     }
 }
 
-/// The per-element AdamW update for one step, with its step-dependent constants.
-pub struct AdamWKernel {
-    step_size: f32,
-    lerp_w: f32,
-    b2: f32,
-    one_minus_b2: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-}
+/// The per-element AdamW update for one step, with its step-dependent constants (the kernels
+/// crate's fused update: multi-threaded, vectorised, bit-identical to the scalar loop).
+pub struct AdamWKernel(AdamWUpdate);
 
 impl AdamWKernel {
     pub fn new(c: &AdamWConfig, step: u64, lr: f64) -> Self {
         let bc1 = 1.0 - c.beta1.powi(step as i32);
         let bc2_sqrt = (1.0 - c.beta2.powi(step as i32)).sqrt();
-        Self {
+        Self(AdamWUpdate {
             step_size: -(lr / bc1) as f32,
             lerp_w: (1.0 - c.beta1) as f32,
             b2: c.beta2 as f32,
             one_minus_b2: (1.0 - c.beta2) as f32,
             bc2_sqrt: bc2_sqrt as f32,
             eps: c.eps as f32,
-        }
+            decay: 1.0,
+        })
+    }
+
+    fn with_decay(&self, decay: f32) -> AdamWUpdate {
+        AdamWUpdate { decay, ..self.0 }
     }
 
     /// Updates `p`, `m`, `v` in place from gradient `g`; `decay` = 1 − lr·wd (1 for no decay).
     pub fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: f32) {
-        for i in 0..p.len() {
-            p[i] *= decay;
-            m[i] = lerp(m[i], g[i], self.lerp_w);
-            v[i] = v[i] * self.b2 + self.one_minus_b2 * g[i] * g[i];
-            let denom = v[i].sqrt() / self.bc2_sqrt + self.eps;
-            p[i] += self.step_size * (m[i] / denom);
-        }
-    }
-}
-
-/// torch's `lerp`: `a + w (b - a)` for w < 0.5, else `b - (b - a)(1 - w)`.
-fn lerp(a: f32, b: f32, w: f32) -> f32 {
-    if w.abs() < 0.5 {
-        a + w * (b - a)
-    } else {
-        b - (b - a) * (1.0 - w)
+        self.with_decay(decay).apply(p, g, m, v);
     }
 }
 

@@ -20,7 +20,7 @@ use candle_core::{DType, Tensor, D};
 use crate::dist::autograd::{all_to_all, ring_shift};
 use crate::dist::Group;
 use crate::models::llama::regions::{attention, repeat_kv};
-use crate::models::llama::{AttnInputs, Llama, Regions};
+use crate::models::llama::{AttnInputs, Kernels, Llama, Regions};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +127,14 @@ impl SequenceParallel {
         self.peak_block.fetch_max(rows * cols, Ordering::Relaxed);
     }
 
-    fn ulysses(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn ulysses(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let g = &self.group;
         // KV heads that do not split over the group travel repeated to the query heads.
         let n_rep = if k.dim(1)?.is_multiple_of(g.size()) {
@@ -140,7 +147,7 @@ impl SequenceParallel {
         let k = heads_for_tokens(&repeat_kv(k, n_rep)?)?;
         let v = heads_for_tokens(&repeat_kv(v, n_rep)?)?;
         self.note_block(q.dim(2)?, k.dim(2)?);
-        let out = attention(&q, &k, &v, bias)?;
+        let out = attention(&q, &k, &v, bias, kernels)?;
         all_to_all(&out, 2, 1, g)
     }
 
@@ -223,9 +230,16 @@ impl Regions for SequenceParallel {
         Some(self.inner.as_ref())
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        inp: &AttnInputs,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         match self.mode {
-            SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias),
+            SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias, kernels),
             SpMode::Ring => self.ring(q, k, v, &inp.bias),
         }
     }

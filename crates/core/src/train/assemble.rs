@@ -156,7 +156,7 @@ impl<M: ModelFamily> Engine<M> {
         // Streamed initialisation makes whole parameters; tensor parallelism shards whole
         // ones first (below), so it initialises them whole.
         let stream_init = cfg.parallel.zero_stage == 3 && g.grads.is_some() && g.tp.is_none();
-        let (mut model, params, seed, whole) = match origin {
+        let (model, params, seed, whole) = match origin {
             // Each rank reads its own slices below.
             Origin::Resume(dir) if distributed => {
                 (M::read_config(dir)?, Params::new(), None, false)
@@ -175,6 +175,7 @@ impl<M: ModelFamily> Engine<M> {
             Origin::Whole { model, params } => (model, params, None, true),
             Origin::Sliced { model, params } => (model, params, None, false),
         };
+        let mut model = model.with_kernels(t.kernels)?;
         if t.freeze == Freeze::NonEmbedding && model.embedding_params().is_empty() {
             return Err(
                 model.unsupported("train.freeze = \"non_embedding\" (it has no embeddings)")

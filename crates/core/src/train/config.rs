@@ -340,6 +340,10 @@ pub struct TrainSection {
     /// rank's GPU) or "cuda:N".
     #[serde(default)]
     pub device: DeviceSpec,
+    /// `fused` (default): the kernels crate's fused ops; `reference`: compositions of
+    /// candle ops, for comparison.
+    #[serde(default)]
+    pub kernels: colossal_kernels::Kernels,
     /// NEFTune: uniform noise of scale alpha/√(L·d) on the token embeddings while training
     /// (L tokens per sequence, d hidden size); 0 disables.
     #[serde(default)]

@@ -47,11 +47,14 @@ impl Trainer {
             )?)?;
             count += mb.loss_tokens;
             let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
+            let kernels = self.model.kernels;
             if self.pp.is_some() {
                 staged.push(crate::parallel::pipeline_run::MicroBatch {
                     inputs: llama_inputs(&mb.ids),
                     ctx: mb.ctx,
-                    loss_fn: on_output(move |l: &Tensor| loss_of(tp, l, &targets, shifted, 1.0)),
+                    loss_fn: on_output(move |l: &Tensor| {
+                        loss_of(kernels, tp, l, &targets, shifted, 1.0)
+                    }),
                 });
                 continue;
             }
@@ -61,7 +64,7 @@ impl Trainer {
                 &llama_inputs(&mb.ids),
                 &mb.ctx,
             )?;
-            let l = loss_of(tp, out.single()?, &targets, shifted, 1.0)?;
+            let l = loss_of(kernels, tp, out.single()?, &targets, shifted, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
         }
         if let Some(pp) = &self.pp {

@@ -6,13 +6,14 @@ use candle_core::{DType, Tensor};
 use super::engine::Engine;
 use super::tensor_parallel::TpRank;
 use crate::models::llama::Llama;
-use crate::nn::cross_entropy_sum;
 use crate::Result;
+use colossal_kernels::Kernels;
 
 /// Sum of token cross-entropies of `logits` (B, T, V) — vocabulary-parallel on a
 /// tensor-parallel rank — divided by `norm`. `targets` cover every position, or with
 /// `shifted` the first T − 1 (the next-token targets of a whole sequence).
 pub(super) fn loss_of(
+    kernels: Kernels,
     tp: Option<&TpRank>,
     logits: &Tensor,
     targets: &[i64],
@@ -27,7 +28,7 @@ pub(super) fn loss_of(
     };
     let (sum, _) = match tp {
         Some(tp) => tp.cross_entropy(&rows, targets)?,
-        None => cross_entropy_sum(&rows, targets, super::batch::IGNORE)?,
+        None => kernels.cross_entropy_sum(&rows, targets, super::batch::IGNORE)?,
     };
     Ok((sum / norm)?)
 }
@@ -86,9 +87,9 @@ impl Engine<Llama> {
 
 /// Sum of next-token cross-entropies of `logits` (B, T, V) against flattened targets,
 /// divided by `norm`.
-pub fn lm_loss(logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
+pub fn lm_loss(kernels: Kernels, logits: &Tensor, targets: &[i64], norm: f64) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let shifted = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let (sum, _) = cross_entropy_sum(&shifted, targets, super::batch::IGNORE)?;
+    let (sum, _) = kernels.cross_entropy_sum(&shifted, targets, super::batch::IGNORE)?;
     Ok((sum / norm)?)
 }

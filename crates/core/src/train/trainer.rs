@@ -74,11 +74,12 @@ impl Trainer {
             let lm = causal_lm_batch(&engine.model, mine[i], aware, engine.device())?;
             let mb = engine.rank_batch(lm)?;
             let (targets, shifted, tp) = (mb.targets, mb.shifted, engine.tp.clone());
+            let kernels = engine.model.kernels;
             Ok(MicroBatch {
                 inputs: llama_inputs(&mb.ids),
                 ctx: mb.ctx,
                 loss_fn: on_output(move |logits: &Tensor| {
-                    loss_of(tp.as_ref(), logits, &targets, shifted, norm)
+                    loss_of(kernels, tp.as_ref(), logits, &targets, shifted, norm)
                 }),
             })
         })?;

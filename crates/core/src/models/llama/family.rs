@@ -99,6 +99,10 @@ impl ModelFamily for Llama {
         Ok(crate::parallel::weight_grad::defer_weight_grads(self))
     }
 
+    fn with_kernels(self, kernels: colossal_kernels::Kernels) -> Result<Self> {
+        Ok(Llama::with_kernels(&self, kernels))
+    }
+
     fn embedding_params(&self) -> Vec<String> {
         vec![Self::EMBED.to_string(), "lm_head.weight".to_string()]
     }

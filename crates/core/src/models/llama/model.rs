@@ -7,18 +7,20 @@ use candle_core::{Device, Tensor};
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
 use crate::models::family::{ModelFamily, ParamSink};
-use crate::nn::{apply_rotary, rms_norm};
 use crate::params::Params;
 use crate::Result;
+pub use colossal_kernels::Kernels;
 
 /// A LLaMA model description: config and rotary tables. Weights are passed in
 /// (`Params`), so whoever runs the model decides where they live; `regions` is where a
-/// parallel plan hooks in (the plain model: [`Local`]).
+/// parallel plan hooks in (the plain model: [`Local`]); `kernels` says whether its norms,
+/// rotary, SwiGLU and softmax run fused or as reference compositions.
 #[derive(Clone, Debug)]
 pub struct Llama {
     pub cfg: LlamaConfig,
     pub rope: Rope,
     pub regions: Arc<dyn Regions>,
+    pub kernels: Kernels,
 }
 
 impl Llama {
@@ -29,7 +31,16 @@ impl Llama {
             cfg,
             rope,
             regions: Arc::new(Local),
+            kernels: Kernels::default(),
         })
+    }
+
+    /// This model with its ops run by `kernels`.
+    pub fn with_kernels(&self, kernels: Kernels) -> Self {
+        Self {
+            kernels,
+            ..self.clone()
+        }
     }
 
     /// This model with its regions computed by `regions` (a parallel plan).
@@ -131,7 +142,7 @@ impl Llama {
         let n = |s: &str| format!("model.layers.{l}.{s}");
         let norm = |x: &Tensor, w: &str| -> Result<Tensor> {
             let w = self.regions.replicated(p.get(&n(w))?)?;
-            Ok(rms_norm(x, &w, c.rms_norm_eps)?)
+            Ok(self.kernels.rms_norm(x, &w, c.rms_norm_eps)?)
         };
         let h = self.regions.enter(&norm(x, "input_layernorm.weight")?)?;
         let attn = self.attention(l, p, &h, inp, cache)?;
@@ -153,7 +164,7 @@ impl Llama {
             bias("mlp.gate_proj.bias")?,
         )?;
         let up = self.proj(p, &n("mlp.up_proj.weight"), &h, bias("mlp.up_proj.bias")?)?;
-        let act = (gate.silu()? * up)?;
+        let act = self.kernels.swiglu(&gate, &up)?;
         let down = self.proj(p, &n("mlp.down_proj.weight"), &act, None)?;
         let down = self.regions.exit(&down)?;
         let down = match bias("mlp.down_proj.bias")? {
@@ -194,8 +205,8 @@ impl Llama {
         let q = proj("q_proj.weight", "q_proj.bias", nh)?;
         let k = proj("k_proj.weight", "k_proj.bias", nkv)?;
         let v = proj("v_proj.weight", "v_proj.bias", nkv)?;
-        let q = apply_rotary(&q, &inp.cos, &inp.sin)?;
-        let mut k = apply_rotary(&k, &inp.cos, &inp.sin)?;
+        let q = self.kernels.rotary(&q, &inp.cos, &inp.sin)?;
+        let mut k = self.kernels.rotary(&k, &inp.cos, &inp.sin)?;
         let mut v = v;
         if let Some(cache) = cache {
             if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
@@ -207,7 +218,7 @@ impl Llama {
         }
         // Scaling q (T·D elements) instead of the scores (T·T) saves a pass each way.
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let out = self.regions.attention(&q, &k, &v, inp)?;
+        let out = self.regions.attention(&q, &k, &v, inp, self.kernels)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let out = self.proj(p, &n("o_proj.weight"), &out, None)?;
         let out = self.regions.exit(&out)?;
@@ -220,7 +231,7 @@ impl Llama {
     /// Final RMSNorm.
     pub fn final_norm(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
         let w = self.regions.replicated(p.get(Self::NORM)?)?;
-        rms_norm(x, &w, self.cfg.rms_norm_eps).map_err(Into::into)
+        Ok(self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?)
     }
 
     /// Final RMSNorm and LM head: logits (B, T, V) (under tensor parallelism, this rank's

@@ -8,8 +8,8 @@ use std::fmt::Debug;
 use candle_core::{DType, Tensor};
 
 use super::AttnInputs;
-use crate::nn::softmax;
 use crate::Result;
+use colossal_kernels::Kernels;
 
 /// Every region defaults to the wrapped regions ([`Regions::inner`]) when there are some, else
 /// to the one-rank computation; an implementation overrides only what it changes.
@@ -73,10 +73,17 @@ pub trait Regions: Send + Sync + Debug {
 
     /// Attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D) → (B, Hq, T, D); q is already
     /// scaled by 1/√D.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        inp: &AttnInputs,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         match self.inner() {
-            Some(r) => r.attention(q, k, v, inp),
-            None => attention(q, k, v, &inp.bias),
+            Some(r) => r.attention(q, k, v, inp, kernels),
+            None => attention(q, k, v, &inp.bias, kernels),
         }
     }
 }
@@ -104,14 +111,20 @@ pub fn lookup(w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
 }
 
 /// Eager attention with an additive f32 bias (B, 1, Tq, Tk); grouped KV heads are repeated.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+) -> Result<Tensor> {
     let n_rep = q.dim(1)? / k.dim(1)?;
     let k = repeat_kv(k, n_rep)?;
     let v = repeat_kv(v, n_rep)?;
     let scores = q.matmul(&k.t()?)?;
     let dtype = scores.dtype();
     let scores = scores.to_dtype(DType::F32)?.broadcast_add(bias)?;
-    let probs = softmax(&scores)?.to_dtype(dtype)?;
+    let probs = kernels.softmax(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(&v)?)
 }
 

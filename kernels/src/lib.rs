@@ -1,0 +1,110 @@
+//! Fused training ops with backward for candle.
+//!
+//! Each op is a candle custom op whose CPU forward and backward are single multi-threaded
+//! passes, vectorised for the widest instruction set the CPU has (AVX-512, AVX2+FMA, or the
+//! baseline; chosen at run time), writing outputs without zero-filling them first. Where a
+//! fused kernel does not apply — a dtype other than f32, a GPU tensor — the op runs its
+//! reference formulation ([`reference`]), which is also what the kernels are tested against.
+//!
+//! [`Kernels`] is the switch a model holds: `Fused` (the default) or `Reference`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub mod adamw;
+mod cpu;
+mod cross_entropy;
+pub mod reference;
+mod rms_norm;
+mod rotary;
+pub mod simd;
+mod softmax;
+mod swiglu;
+
+/// Which implementation of the ops a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// This crate's fused kernels where they apply, the reference elsewhere.
+    #[default]
+    Fused,
+    /// The reference formulations only (for comparison).
+    Reference,
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernels::Fused => "fused",
+            Kernels::Reference => "reference",
+        })
+    }
+}
+
+impl Kernels {
+    /// Whether the fused kernel runs on these tensors.
+    fn fused_on(self, xs: &[&Tensor]) -> bool {
+        self == Kernels::Fused
+            && xs
+                .iter()
+                .all(|x| x.dtype() == DType::F32 && x.device().is_cpu())
+    }
+
+    /// RMSNorm over the last dimension with weight `w` (HF LlamaRMSNorm).
+    pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        if !self.fused_on(&[x, w]) {
+            return reference::rms_norm(x, w, eps);
+        }
+        let op = rms_norm::RmsNorm { eps: eps as f32 };
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax(self, x: &Tensor) -> Result<Tensor> {
+        if !self.fused_on(&[x]) {
+            return reference::softmax(x);
+        }
+        x.contiguous()?.apply_op1(softmax::Softmax)
+    }
+
+    /// silu(gate) · up.
+    pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if !self.fused_on(&[gate, up]) || gate.shape() != up.shape() {
+            return reference::swiglu(gate, up);
+        }
+        gate.contiguous()?
+            .apply_op2(&up.contiguous()?, swiglu::SwiGlu)
+    }
+
+    /// Rotary embedding of x (B, H, T, D) with tables cos, sin (B or 1, T, D).
+    pub fn rotary(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if !self.fused_on(&[x, cos, sin]) {
+            return reference::rotary(x, cos, sin);
+        }
+        let op = rotary::Rotary { inverse: false };
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
+    }
+
+    /// Sum of the cross-entropies of rows `logits` (N, V) against `targets` (N) other than
+    /// `ignore`, and how many there are.
+    pub fn cross_entropy_sum(
+        self,
+        logits: &Tensor,
+        targets: &[i64],
+        ignore: i64,
+    ) -> Result<(Tensor, usize)> {
+        if !self.fused_on(&[logits]) {
+            return reference::cross_entropy_sum(logits, targets, ignore);
+        }
+        let count = targets.iter().filter(|&&t| t != ignore).count();
+        let op = cross_entropy::CrossEntropy {
+            targets: Arc::new(targets.to_vec()),
+            ignore,
+            lse: Mutex::new(Vec::new()),
+        };
+        Ok((logits.contiguous()?.apply_op1(op)?, count))
+    }
+}

@@ -1,0 +1,299 @@
+//! Every fused op against its reference formulation — forward and the gradients of every
+//! input — on odd shapes, with masks and ignored targets, and against central finite
+//! differences of its own forward.
+
+use candle_core::{Device, Result, Tensor, Var};
+use colossal_kernels::Kernels::{self, Fused, Reference};
+use rand::{Rng, SeedableRng};
+
+fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// The op's output and the gradients of Σ y·R (R fixed random) for each input.
+type Op = dyn Fn(Kernels, &[Tensor]) -> Result<Tensor>;
+
+fn run(op: &Op, k: Kernels, inputs: &[Tensor]) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = op(k, &ts).unwrap();
+    let r = random(y.dims(), 99, 1.0);
+    let loss = (&y * &r).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .cloned()
+                .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
+        })
+        .collect();
+    (y, grads)
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    let (d, n) = (d.to_scalar::<f32>().unwrap(), n.to_scalar::<f32>().unwrap());
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// Fused equals reference (forward and the gradient of each input marked in `with_grad`)
+/// within `tol`, and that fused gradient equals central differences at a few coordinates.
+/// Unmarked inputs are constants of the op (rotary tables): the fused op gives them none.
+fn check(what: &str, op: &Op, inputs: &[Tensor], with_grad: &[bool], tol: f32) {
+    let (yf, gf) = run(op, Fused, inputs);
+    let (yr, gr) = run(op, Reference, inputs);
+    let e = rel(&yf, &yr);
+    println!("{what}: forward relative difference {e:e}");
+    assert!(e <= tol, "{what} forward: {e:e}");
+    for (i, (a, b)) in gf.iter().zip(&gr).enumerate() {
+        if !with_grad[i] {
+            let none = a
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(none, 0.0, "{what} input {i} is a constant");
+            continue;
+        }
+        let e = rel(a, b);
+        println!("{what}: input {i} gradient relative difference {e:e}");
+        assert!(e <= tol, "{what} input {i} gradient: {e:e}");
+        if with_grad[i] {
+            let n = b
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0, "{what} input {i}: zero gradient");
+            finite_differences(what, op, inputs, i, a);
+        }
+    }
+}
+
+fn finite_differences(what: &str, op: &Op, inputs: &[Tensor], i: usize, grad: &Tensor) {
+    let f = |x: &Tensor| -> f64 {
+        let mut ins = inputs.to_vec();
+        ins[i] = x.clone();
+        let y = op(Fused, &ins).unwrap();
+        let r = random(y.dims(), 99, 1.0);
+        let v = (y.to_dtype(candle_core::DType::F64).unwrap()
+            * r.to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap();
+        v.sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let x = inputs[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let g = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let h = 1e-2f32;
+    for k in (0..x.len()).step_by((x.len() / 7).max(1)) {
+        let at = |d: f32| {
+            let mut v = x.clone();
+            v[k] += d;
+            f(&Tensor::from_vec(v, inputs[i].dims(), &Device::Cpu).unwrap())
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+        let err = (fd - g[k] as f64).abs() / scale.max(1e-6) as f64;
+        assert!(
+            err < 2e-2,
+            "{what} input {i}[{k}]: finite difference {fd} vs {}",
+            g[k]
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference_and_finite_differences() {
+    let op = |k: Kernels, t: &[Tensor]| k.rms_norm(&t[0], &t[1], 1e-5);
+    for (rows, d) in [(1, 3), (7, 37), (3, 5), (33, 256)] {
+        let x = random(&[rows, d], 1, 2.0);
+        let w = random(&[d], 2, 1.5);
+        check(
+            &format!("rms_norm {rows}x{d}"),
+            &op,
+            &[x, w],
+            &[true, true],
+            2e-5,
+        );
+    }
+    // Three dimensions, as in a model: (B, T, D).
+    let x = random(&[2, 9, 24], 3, 1.0);
+    check(
+        "rms_norm 2x9x24",
+        &op,
+        &[x, random(&[24], 4, 1.0)],
+        &[true, true],
+        2e-5,
+    );
+}
+
+#[test]
+fn softmax_matches_reference_with_masks() {
+    let op = |k: Kernels, t: &[Tensor]| k.softmax(&t[0]);
+    for (rows, d) in [(1, 2), (5, 3), (13, 67), (4, 300)] {
+        check(
+            &format!("softmax {rows}x{d}"),
+            &op,
+            &[random(&[rows, d], 5, 4.0)],
+            &[true],
+            2e-5,
+        );
+    }
+    // Masked positions as the attention bias writes them: −inf and large negatives.
+    let mut x = random(&[6, 19], 6, 3.0).to_vec2::<f32>().unwrap();
+    for (r, row) in x.iter_mut().enumerate() {
+        for v in row.iter_mut().skip(r + 1) {
+            *v = if r % 2 == 0 { f32::NEG_INFINITY } else { -1e9 };
+        }
+    }
+    let x = Tensor::new(x, &Device::Cpu).unwrap();
+    let (yf, _) = run(&op, Fused, std::slice::from_ref(&x));
+    let (yr, _) = run(&op, Reference, std::slice::from_ref(&x));
+    assert!(rel(&yf, &yr) < 2e-6, "masked softmax: {:e}", rel(&yf, &yr));
+    let masked = yf.to_vec2::<f32>().unwrap();
+    assert_eq!(
+        masked[0][1..].iter().sum::<f32>(),
+        0.0,
+        "masked entries are exactly 0"
+    );
+}
+
+#[test]
+fn swiglu_matches_reference_and_finite_differences() {
+    let op = |k: Kernels, t: &[Tensor]| k.swiglu(&t[0], &t[1]);
+    for shape in [&[1usize][..], &[7, 13], &[2, 5, 49]] {
+        let (a, b) = (random(shape, 7, 4.0), random(shape, 8, 2.0));
+        check(
+            &format!("swiglu {shape:?}"),
+            &op,
+            &[a, b],
+            &[true, true],
+            2e-6,
+        );
+    }
+}
+
+#[test]
+fn rotary_matches_reference_and_finite_differences() {
+    let op = |k: Kernels, t: &[Tensor]| k.rotary(&t[0], &t[1], &t[2]);
+    for (b, h, t, d, tb) in [(1, 1, 1, 2, 1), (2, 3, 5, 6, 2), (3, 2, 7, 10, 1)] {
+        let x = random(&[b, h, t, d], 9, 2.0);
+        let (cos, sin) = (random(&[tb, t, d], 10, 1.0), random(&[tb, t, d], 11, 1.0));
+        let what = format!("rotary {b}x{h}x{t}x{d}, tables of batch {tb}");
+        check(&what, &op, &[x, cos, sin], &[true, false, false], 2e-6);
+    }
+}
+
+#[test]
+fn cross_entropy_matches_reference_with_ignored_targets() {
+    let ignore = -100;
+    for (rows, v) in [(1, 2), (9, 31), (17, 300)] {
+        let targets: Vec<i64> = (0..rows)
+            .map(|r| {
+                if r % 4 == 3 {
+                    ignore
+                } else {
+                    ((r * 7) % v) as i64
+                }
+            })
+            .collect();
+        let op = move |k: Kernels, t: &[Tensor]| -> Result<Tensor> {
+            let (sum, n) = k.cross_entropy_sum(&t[0], &targets, ignore)?;
+            assert_eq!(n, targets.iter().filter(|&&t| t != ignore).count());
+            sum.reshape(1)
+        };
+        let logits = random(&[rows, v], 12, 6.0);
+        check(
+            &format!("cross-entropy {rows}x{v}"),
+            &op,
+            &[logits],
+            &[true],
+            2e-6,
+        );
+    }
+    let logits = random(&[2, 5], 13, 1.0);
+    let e = Fused
+        .cross_entropy_sum(&logits, &[1, 5], ignore)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("target 5 at row 1") && e.contains("5 classes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn other_dtypes_run_the_reference() {
+    let x = random(&[3, 8], 14, 1.0)
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap();
+    let w = random(&[8], 15, 1.0)
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap();
+    let a = Fused.rms_norm(&x, &w, 1e-5).unwrap();
+    let b = Reference.rms_norm(&x, &w, 1e-5).unwrap();
+    assert_eq!(a.dtype(), candle_core::DType::BF16);
+    let d = (a.to_dtype(candle_core::DType::F32).unwrap()
+        - b.to_dtype(candle_core::DType::F32).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    assert_eq!(d, 0.0);
+}
+
+#[test]
+fn fused_adamw_is_bit_identical_to_the_scalar_loop_and_updates_in_place() {
+    use colossal_kernels::adamw::AdamWUpdate;
+    let n = 100_003; // several parallel chunks and a vector tail
+    let k = AdamWUpdate {
+        step_size: -1e-3 / (1.0 - 0.9f32.powi(3)),
+        lerp_w: 0.1,
+        b2: 0.95,
+        one_minus_b2: 0.05,
+        bc2_sqrt: (1.0 - 0.95f32.powi(3)).sqrt(),
+        eps: 1e-8,
+        decay: 1.0 - 1e-4,
+    };
+    let vec = |seed, scale| random(&[n], seed, scale).to_vec1::<f32>().unwrap();
+    let (p0, g, m0, v0) = (vec(20, 1.0), vec(21, 0.1), vec(22, 0.01), vec(23, 1e-4));
+    let v0: Vec<f32> = v0.iter().map(|x| x.abs()).collect();
+    let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+    k.apply_scalar(&mut p, &g, &mut m, &mut v);
+    let (mut pf, mut mf, mut vf) = (p0.clone(), m0.clone(), v0.clone());
+    k.apply(&mut pf, &g, &mut mf, &mut vf);
+    assert!(
+        p == pf && m == mf && v == vf,
+        "fused differs from the scalar loop"
+    );
+    assert!(p != p0, "the update moved the parameters");
+    let param = Tensor::new(p0.as_slice(), &Device::Cpu).unwrap();
+    let grad = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+    let (mut mi, mut vi) = (m0, v0);
+    assert!(k.apply_in_place(&param, &grad, &mut mi, &mut vi).unwrap());
+    assert_eq!(
+        param.to_vec1::<f32>().unwrap(),
+        p,
+        "in-place update of the tensor"
+    );
+    assert!(mi == m && vi == v);
+    let bf16 = param.to_dtype(candle_core::DType::BF16).unwrap();
+    assert!(
+        !k.apply_in_place(&bf16, &grad, &mut mi, &mut vi).unwrap(),
+        "f32 only"
+    );
+}
