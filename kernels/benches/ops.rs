@@ -2,7 +2,9 @@
 //! allocated, at the shapes of the `llama-pretrain bench` step. `cargo bench -p
 //! colossal-kernels` prints one JSON line per op and writes `kernels-bench.json`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -10,7 +12,8 @@ use candle_core::{Device, Result, Tensor, Var};
 use colossal_kernels::Kernels;
 
 /// Counts every byte allocated (the figure the fused kernels lower by not materialising
-/// intermediates).
+/// intermediates), over mimalloc as the binaries use (the system allocator's returning
+/// memory to the kernel and faulting it back would swamp the timings).
 struct Counting;
 
 static ALLOCATED: AtomicU64 = AtomicU64::new(0);
@@ -18,14 +21,14 @@ static ALLOCATED: AtomicU64 = AtomicU64::new(0);
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         ALLOCATED.fetch_add(l.size() as u64, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
+        unsafe { MiMalloc.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
+        unsafe { MiMalloc.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         ALLOCATED.fetch_add(new.saturating_sub(l.size()) as u64, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, new) }
+        unsafe { MiMalloc.realloc(p, l, new) }
     }
 }
 
@@ -44,7 +47,10 @@ type Op = dyn Fn(Kernels, &[Tensor]) -> Result<Tensor>;
 
 /// Median seconds and bytes allocated of forward + backward of Σ op(inputs).
 fn measure(op: &Op, k: Kernels, inputs: &[Tensor]) -> (f64, u64) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let once = || {
         let y = op(k, &ts).unwrap();
@@ -88,7 +94,11 @@ fn main() {
         (
             "rotary (B, H, T, hd)",
             Box::new(|k, x| k.rotary(&x[0], &x[1], &x[2])),
-            vec![random(&[b, h, t, hd], 6), random(&[b, t, hd], 7), random(&[b, t, hd], 8)],
+            vec![
+                random(&[b, h, t, hd], 6),
+                random(&[b, t, hd], 7),
+                random(&[b, t, hd], 8),
+            ],
         ),
         (
             "cross_entropy (B·T, V)",

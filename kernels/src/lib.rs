@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use attention::CausalMask;
+
 pub mod adamw;
+mod attention;
 mod cpu;
 mod cross_entropy;
 pub mod reference;
@@ -86,6 +89,27 @@ impl Kernels {
         let op = rotary::Rotary { inverse: false };
         x.contiguous()?
             .apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
+    }
+
+    /// Causal attention of q (B, H, T, D), already scaled, over k, v (B, Hkv, past + T, D)
+    /// with `mask`, without keeping the (T × T) probabilities. `None` where no fused kernel
+    /// applies (not f32 on the CPU, or `Reference`): the caller runs its reference.
+    pub fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &CausalMask,
+    ) -> Result<Option<Tensor>> {
+        if !self.fused_on(&[q, k, v]) {
+            return Ok(None);
+        }
+        let op = attention::Attention {
+            mask: mask.clone(),
+            lse: Mutex::new(Vec::new()),
+        };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        Ok(Some(q.apply_op3(&k, &v, op)?))
     }
 
     /// Sum of the cross-entropies of rows `logits` (N, V) against `targets` (N) other than

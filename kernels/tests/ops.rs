@@ -297,3 +297,105 @@ fn fused_adamw_is_bit_identical_to_the_scalar_loop_and_updates_in_place() {
         "f32 only"
     );
 }
+
+/// The dense additive bias of a [`CausalMask`] as the reference formulation takes it (the
+/// most negative f32 where a query may not look), and which query rows see any key.
+fn dense_bias(m: &colossal_kernels::CausalMask, b: usize, t: usize) -> (Tensor, Tensor) {
+    let tk = m.past_len + t;
+    let mut bias = vec![f32::MIN; b * t * tk];
+    let mut seen = vec![0f32; b * t];
+    for bi in 0..b {
+        for q in 0..t {
+            for k in 0..=(m.past_len + q) {
+                let valid = m.key_valid.as_ref().is_none_or(|kv| kv[bi * tk + k] != 0);
+                let same = m
+                    .segments
+                    .as_ref()
+                    .is_none_or(|s| k >= m.past_len && s[bi * t + k - m.past_len] == s[bi * t + q]);
+                if valid && same {
+                    bias[(bi * t + q) * tk + k] = 0.0;
+                    seen[bi * t + q] = 1.0;
+                }
+            }
+        }
+    }
+    let bias = Tensor::from_vec(bias, (b, 1, t, tk), &Device::Cpu).unwrap();
+    (
+        bias,
+        Tensor::from_vec(seen, (b, 1, t, 1), &Device::Cpu).unwrap(),
+    )
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, rep, t, d))?
+        .reshape((b, h * rep, t, d))
+}
+
+#[test]
+fn attention_matches_reference_with_gqa_padding_documents_and_a_cache() {
+    use colossal_kernels::CausalMask;
+    use std::sync::Arc;
+    let (b, h, hkv, d) = (2, 4, 2, 8);
+    // 70 queries: two query blocks, the second partial.
+    let t = 70;
+    let mut key_valid = vec![1u8; b * t];
+    key_valid[t..t + 5].fill(0); // batch 1 left-padded by 5
+    let segments: Vec<u32> = (0..b * t).map(|i| ((i % t) / 23) as u32).collect();
+    let cases = [
+        ("causal", CausalMask::default(), t),
+        (
+            "padding + documents",
+            CausalMask {
+                past_len: 0,
+                key_valid: Some(Arc::new(key_valid)),
+                segments: Some(Arc::new(segments)),
+            },
+            t,
+        ),
+        (
+            "KV cache of 3",
+            CausalMask {
+                past_len: 3,
+                ..Default::default()
+            },
+            9,
+        ),
+    ];
+    for (what, mask, t) in cases {
+        let (bias, seen) = dense_bias(&mask, b, t);
+        let tk = mask.past_len + t;
+        let op = move |k: Kernels, x: &[Tensor]| -> Result<Tensor> {
+            let y = match k.attention(&x[0], &x[1], &x[2], &mask)? {
+                Some(y) => y,
+                None => {
+                    let (kk, vv) = (repeat_kv(&x[1], h / hkv)?, repeat_kv(&x[2], h / hkv)?);
+                    let s = x[0].matmul(&kk.t()?)?.broadcast_add(&bias)?;
+                    colossal_kernels::reference::softmax(&s)?.matmul(&vv)?
+                }
+            };
+            // Queries that see no key are padding: compared as zeros.
+            y.broadcast_mul(&seen)
+        };
+        let (q, kt, vt) = (
+            random(&[b, h, t, d], 30, 1.0),
+            random(&[b, hkv, tk, d], 31, 1.0),
+            random(&[b, hkv, tk, d], 32, 1.0),
+        );
+        check(
+            &format!("attention, {what}"),
+            &op,
+            &[q, kt, vt],
+            &[true, true, true],
+            2e-5,
+        );
+    }
+    let shape = Fused.attention(
+        &random(&[1, 3, 4, 8], 1, 1.0),
+        &random(&[1, 2, 4, 8], 1, 1.0),
+        &random(&[1, 2, 4, 8], 1, 1.0),
+        &CausalMask::default(),
+    );
+    assert!(shape.unwrap_err().to_string().contains("Hkv dividing H"));
+}

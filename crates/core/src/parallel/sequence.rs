@@ -65,15 +65,15 @@ pub fn shard_inputs(inp: &AttnInputs, sp: usize, rank: usize) -> Result<AttnInpu
     let dev = inp.cos.device();
     let mine = index(&local_positions(t, sp, rank)?, dev)?;
     let order = index(&gathered_order(t, sp)?, dev)?;
-    Ok(AttnInputs {
-        cos: inp.cos.index_select(&mine, 1)?,
-        sin: inp.sin.index_select(&mine, 1)?,
-        bias: inp
-            .bias
+    // Rows in gathered order: only the dense bias describes them.
+    Ok(AttnInputs::with_bias(
+        inp.cos.index_select(&mine, 1)?,
+        inp.sin.index_select(&mine, 1)?,
+        inp.bias()?
             .index_select(&order, 2)?
             .index_select(&order, 3)?
             .contiguous()?,
-    })
+    ))
 }
 
 /// Columns (dim 1) of `x` (B, T, …) at this rank's positions.
@@ -239,8 +239,8 @@ impl Regions for SequenceParallel {
         kernels: Kernels,
     ) -> Result<Tensor> {
         match self.mode {
-            SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias, kernels),
-            SpMode::Ring => self.ring(q, k, v, &inp.bias),
+            SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias()?, kernels),
+            SpMode::Ring => self.ring(q, k, v, &inp.bias()?),
         }
     }
 }

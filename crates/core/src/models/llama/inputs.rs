@@ -1,10 +1,13 @@
 //! Per-batch attention inputs: RoPE tables for the batch's positions and the attention mask
 //! (causal ∧ key padding ∧, for boundary-aware packing, same document).
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Device, Tensor};
 
 use super::{LlamaConfig, Rope};
 use crate::Result;
+use colossal_kernels::CausalMask;
 
 /// Everything attention needs besides the weights, built once per (micro-)batch.
 #[derive(Clone)]
@@ -12,9 +15,13 @@ pub struct AttnInputs {
     /// (B, T, head_dim) each.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// (B, 1, T, T_past + T), f32, added to the attention scores as HF's eager attention does:
-    /// 0 where a query may attend, the most negative f32 where it may not.
-    pub bias: Tensor,
+    /// The mask as the fused attention kernel reads it (causal, key padding, documents;
+    /// linear in T), where the queries are in order.
+    pub mask: Option<CausalMask>,
+    /// The dense form of the mask, made the first time eager attention asks for it (so a
+    /// run on the fused kernel never holds a T × T matrix).
+    bias: Arc<OnceLock<Tensor>>,
+    device: Device,
 }
 
 impl AttnInputs {
@@ -58,24 +65,65 @@ impl AttnInputs {
         }
         debug_assert_eq!(half * 2, d);
         let tk = past_len + t;
-        let mut bias = vec![f32::MIN; b * t * tk];
-        for bi in 0..b {
-            for q in 0..t {
-                for k in 0..=(past_len + q) {
-                    let valid = key_valid.is_none_or(|kv| kv[bi][k] != 0);
-                    let same_doc =
-                        segments.is_none_or(|s| k >= past_len && s[bi][k - past_len] == s[bi][q]);
-                    if valid && same_doc {
-                        bias[(bi * t + q) * tk + k] = 0.0;
-                    }
-                }
-            }
+        // Rows of other lengths (the dense bias reads only the keys it needs) keep the
+        // reference path.
+        let kv_rows = key_valid.is_none_or(|r| r.iter().all(|x| x.len() == tk));
+        let seg_rows = segments.is_none_or(|r| r.iter().all(|x| x.len() == t));
+        let cos = Tensor::from_vec(cos, (b, t, d), device)?;
+        let sin = Tensor::from_vec(sin, (b, t, d), device)?;
+        if kv_rows && seg_rows {
+            let mask = CausalMask {
+                past_len,
+                key_valid: key_valid.map(|kv| Arc::new(kv.concat())),
+                segments: segments.map(|s| Arc::new(s.concat())),
+            };
+            return Ok(Self {
+                cos,
+                sin,
+                mask: Some(mask),
+                bias: Arc::default(),
+                device: device.clone(),
+            });
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (b, t, d), device)?,
-            sin: Tensor::from_vec(sin, (b, t, d), device)?,
-            bias: Tensor::from_vec(bias, (b, 1, t, tk), device)?,
-        })
+        let lookup = |bi: usize, k: usize| key_valid.is_none_or(|kv| kv[bi][k] != 0);
+        let same = |bi: usize, q: usize, k: usize| {
+            segments.is_none_or(|s| k >= past_len && s[bi][k - past_len] == s[bi][q])
+        };
+        let bias = dense_bias(b, t, past_len, lookup, same, device)?;
+        Ok(Self::with_bias(cos, sin, bias))
+    }
+
+    /// Inputs whose mask is only the dense `bias` (B, 1, T, T_past + T) (rows reordered, as
+    /// sequence parallelism gathers them).
+    pub fn with_bias(cos: Tensor, sin: Tensor, bias: Tensor) -> Self {
+        let device = cos.device().clone();
+        Self {
+            cos,
+            sin,
+            mask: None,
+            bias: Arc::new(OnceLock::from(bias)),
+            device,
+        }
+    }
+
+    /// (B, 1, T, T_past + T), f32, added to the attention scores as HF's eager attention does:
+    /// 0 where a query may attend, the most negative f32 where it may not.
+    pub fn bias(&self) -> Result<Tensor> {
+        if let Some(b) = self.bias.get() {
+            return Ok(b.clone());
+        }
+        let m = self.mask.as_ref().expect("inputs hold a mask or a bias");
+        let (b, t) = (self.cos.dim(0)?, self.cos.dim(1)?);
+        let tk = m.past_len + t;
+        let lookup =
+            |bi: usize, k: usize| m.key_valid.as_ref().is_none_or(|kv| kv[bi * tk + k] != 0);
+        let same = |bi: usize, q: usize, k: usize| {
+            m.segments
+                .as_ref()
+                .is_none_or(|s| k >= m.past_len && s[bi * t + k - m.past_len] == s[bi * t + q])
+        };
+        let bias = dense_bias(b, t, m.past_len, lookup, same, &self.device)?;
+        Ok(self.bias.get_or_init(|| bias).clone())
     }
 
     /// Plain causal batch with optional right/left padding (`attention_mask` as HF).
@@ -95,9 +143,35 @@ impl AttnInputs {
         Ok(Self {
             cos: self.cos.to_dtype(dtype)?,
             sin: self.sin.to_dtype(dtype)?,
+            mask: self.mask.clone(),
             bias: self.bias.clone(),
+            device: self.device.clone(),
         })
     }
+}
+
+/// 0 where query q of batch row b may see key k (causal, `valid` key, `same` document), the
+/// most negative f32 elsewhere.
+fn dense_bias(
+    b: usize,
+    t: usize,
+    past_len: usize,
+    valid: impl Fn(usize, usize) -> bool,
+    same: impl Fn(usize, usize, usize) -> bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let tk = past_len + t;
+    let mut bias = vec![f32::MIN; b * t * tk];
+    for bi in 0..b {
+        for q in 0..t {
+            for k in 0..=(past_len + q) {
+                if valid(bi, k) && same(bi, q, k) {
+                    bias[(bi * t + q) * tk + k] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, tk), device)?)
 }
 
 /// Keys and values of the tokens seen so far, one per layer.

@@ -83,7 +83,7 @@ pub trait Regions: Send + Sync + Debug {
     ) -> Result<Tensor> {
         match self.inner() {
             Some(r) => r.attention(q, k, v, inp, kernels),
-            None => attention(q, k, v, &inp.bias, kernels),
+            None => attend(q, k, v, inp, kernels),
         }
     }
 }
@@ -108,6 +108,23 @@ pub fn lookup(w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
         None => e,
     };
     Ok(e.reshape((b, t, w.dim(1)?))?)
+}
+
+/// Attention as the inputs allow: the fused kernel over the structural mask (no T × T matrix
+/// kept) where it applies, else eager attention over the dense bias.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    inp: &AttnInputs,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    if let Some(mask) = &inp.mask {
+        if let Some(out) = kernels.attention(q, k, v, mask)? {
+            return Ok(out);
+        }
+    }
+    attention(q, k, v, &inp.bias()?, kernels)
 }
 
 /// Eager attention with an additive f32 bias (B, 1, Tq, Tk); grouped KV heads are repeated.
