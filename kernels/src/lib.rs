@@ -19,6 +19,7 @@ pub mod adamw;
 mod attention;
 mod cpu;
 mod cross_entropy;
+mod linear;
 pub mod reference;
 mod rms_norm;
 mod rotary;
@@ -62,6 +63,15 @@ impl Kernels {
         }
         let op = rms_norm::RmsNorm { eps: eps as f32 };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    }
+
+    /// x (…, K) · wᵀ for w (N, K).
+    pub fn linear(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let fits = w.rank() == 2 && x.rank() >= 1 && x.dims().last() == w.dims().get(1);
+        if !self.fused_on(&[x, w]) || !fits {
+            return reference::linear(x, w);
+        }
+        x.contiguous()?.apply_op2(&w.contiguous()?, linear::Linear)
     }
 
     /// Softmax over the last dimension.

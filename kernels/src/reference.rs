@@ -68,3 +68,14 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &[i64], ignore: i64) -> Resul
     let total = (picked * keep)?.sum_all()?.neg()?;
     Ok((total, count))
 }
+
+/// x (…, K) · wᵀ for w (N, K): reshape to rows, matmul with the transposed view, reshape back.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = dims[dims.len() - 1];
+    let rows = x.elem_count() / last;
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
+}

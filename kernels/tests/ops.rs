@@ -399,3 +399,22 @@ fn attention_matches_reference_with_gqa_padding_documents_and_a_cache() {
     );
     assert!(shape.unwrap_err().to_string().contains("Hkv dividing H"));
 }
+
+#[test]
+fn linear_matches_reference_and_finite_differences() {
+    let op = |k: Kernels, t: &[Tensor]| k.linear(&t[0], &t[1]);
+    for (x, w) in [
+        (&[1usize, 3][..], [2usize, 3]),
+        (&[5, 7], [11, 7]),
+        (&[2, 9, 33], [65, 33]),
+    ] {
+        let what = format!("linear {x:?} x {w:?}^T");
+        check(
+            &what,
+            &op,
+            &[random(x, 40, 1.0), random(&w, 41, 1.0)],
+            &[true, true],
+            2e-6,
+        );
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::models::llama::Regions;
+use crate::models::llama::{Kernels, Regions};
 use crate::Result;
 
 /// A projection whose weight gradient is pending: weight name, its input X, its output's dY.
@@ -162,10 +162,10 @@ impl Regions for DeferWeightGrads {
         Some(self.inner.as_ref())
     }
 
-    fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn linear(&self, name: &str, x: &Tensor, w: &Tensor, kernels: Kernels) -> Result<Tensor> {
         if !x.device().is_cpu() {
             // The custom op is host-only; on a GPU the weight gradient comes with B.
-            return self.inner.linear(name, x, w);
+            return self.inner.linear(name, x, w, kernels);
         }
         let op = DeferredLinear {
             name: name.to_string(),

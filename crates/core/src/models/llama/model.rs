@@ -250,7 +250,7 @@ impl Llama {
     /// `x @ W^T (+ b)` for the weight named `w`, through the regions (a pipeline schedule may
     /// take over its weight gradient).
     fn proj(&self, p: &Params, w: &str, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let y = self.regions.linear(w, x, p.get(w)?)?;
+        let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
         Ok(match b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -56,10 +56,10 @@ pub trait Regions: Send + Sync + Debug {
     }
 
     /// `x @ W^T` for the weight named `name`.
-    fn linear(&self, name: &str, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn linear(&self, name: &str, x: &Tensor, w: &Tensor, kernels: Kernels) -> Result<Tensor> {
         match self.inner() {
-            Some(r) => r.linear(name, x, w),
-            None => Ok(crate::nn::linear(x, w, None)?),
+            Some(r) => r.linear(name, x, w, kernels),
+            None => Ok(kernels.linear(x, w)?),
         }
     }
 
