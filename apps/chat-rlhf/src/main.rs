@@ -106,6 +106,7 @@ fn train(method: &str, a: TrainArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
+    colossal_core::runtime::tune_threads();
     colossal_session::init_logging();
     match Cli::parse().cmd {
         Cmd::Sft(a) => train("sft", a),

@@ -62,6 +62,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
+    colossal_core::runtime::tune_threads();
     colossal_session::init_logging();
     match Cli::parse().cmd {
         Cmd::Train {

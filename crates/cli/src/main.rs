@@ -85,6 +85,7 @@ struct ForwardInput {
 
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
+    colossal_core::runtime::tune_threads();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
