@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_capacity;
+mod bench_collectives;
 mod bench_parallel;
 mod eval;
 mod init_model;
@@ -52,6 +53,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Step time, model-state bytes and bytes sent per rank for N local ranks × ZeRO stages.
     BenchParallel(bench_parallel::BenchParallelArgs),
+    /// All-reduce bandwidth with MPI's native collectives and the ring (under mpirun).
+    BenchCollectives(bench_collectives::BenchCollectivesArgs),
     /// Largest model trainable within a memory budget, without offload and with disk offload.
     BenchCapacity(bench_capacity::BenchCapacityArgs),
     /// Resize an HF LLaMA to an expanded tokenizer (new rows: mean of their pieces' rows).
@@ -111,6 +114,7 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => bench::run(&args)?,
         Cmd::BenchParallel(args) => bench_parallel::run(&args)?,
         Cmd::BenchCapacity(args) => bench_capacity::run(&args)?,
+        Cmd::BenchCollectives(args) => bench_collectives::run(&args)?,
         Cmd::InitModel(args) => init_model::run(&args)?,
         Cmd::Eval(args) => {
             eval::run(&args)?;

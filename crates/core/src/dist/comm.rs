@@ -59,17 +59,7 @@ pub trait Communicator: Send {
 
     /// Elementwise reduction across ranks; every rank gets the result.
     fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        let n = self.size();
-        if n == 1 {
-            return Ok(t.clone());
-        }
-        let flat = t.flatten_all()?;
-        let len = flat.elem_count();
-        let chunk = len.div_ceil(n);
-        let padded = pad(&flat, chunk * n)?;
-        let mine = self.reduce_scatter_flat(&padded, chunk, op)?;
-        let full = self.all_gather_flat(&mine, chunk)?;
-        Ok(full.narrow(0, 0, len)?.reshape(t.shape())?)
+        ring_all_reduce(self, t, op)
     }
 
     /// `t` (N·c, …) split along dim 0; rank r gets chunk r reduced over ranks.
@@ -113,21 +103,7 @@ pub trait Communicator: Send {
 
     /// Splits dim 0 into N chunks, sends chunk j to rank j, concatenates what arrives.
     fn all_to_all(&self, t: &Tensor) -> Result<Tensor> {
-        let (n, r) = (self.size(), self.rank());
-        let c = all_to_all_chunk(t, n)?;
-        for dst in (0..n).filter(|&d| d != r) {
-            self.send(&t.narrow(0, dst * c, c)?.contiguous()?, dst)?;
-        }
-        let parts: Vec<Tensor> = (0..n)
-            .map(|src| {
-                if src == r {
-                    Ok(t.narrow(0, r * c, c)?)
-                } else {
-                    self.recv(src)
-                }
-            })
-            .collect::<Result<_>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        ring_all_to_all(self, t)
     }
 
     fn barrier(&self) -> Result<()> {
@@ -135,47 +111,14 @@ pub trait Communicator: Send {
         self.all_reduce(&one, ReduceOp::Sum).map(|_| ())
     }
 
-    /// Ring reduce-scatter of a flat tensor of `n·chunk` elements: rank r ends with chunk r.
+    /// Reduce-scatter of a flat tensor of `n·chunk` elements: rank r ends with chunk r.
     fn reduce_scatter_flat(&self, flat: &Tensor, chunk: usize, op: ReduceOp) -> Result<Tensor> {
-        let (n, r) = (self.size(), self.rank());
-        let mut chunks: Vec<Tensor> = (0..n)
-            .map(|i| flat.narrow(0, i * chunk, chunk))
-            .collect::<candle_core::Result<_>>()?;
-        if n > 1 {
-            let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-            for s in 0..n - 1 {
-                let send_idx = (r + 2 * n - s - 1) % n;
-                let recv_idx = (r + 2 * n - s - 2) % n;
-                self.send(&chunks[send_idx].contiguous()?, next)?;
-                let got = self.recv(prev)?;
-                chunks[recv_idx] = match op {
-                    ReduceOp::Max => chunks[recv_idx].maximum(&got)?,
-                    _ => (&chunks[recv_idx] + got)?,
-                };
-            }
-        }
-        let mine = chunks.swap_remove(r);
-        Ok(match op {
-            ReduceOp::Avg => (mine / n as f64)?,
-            _ => mine,
-        })
+        ring_reduce_scatter_flat(self, flat, chunk, op)
     }
 
-    /// Ring all-gather of `chunk`-element pieces; the result is the concatenation in rank order.
+    /// All-gather of `chunk`-element pieces; the result is the concatenation in rank order.
     fn all_gather_flat(&self, mine: &Tensor, chunk: usize) -> Result<Tensor> {
-        let (n, r) = (self.size(), self.rank());
-        let mut chunks: Vec<Option<Tensor>> = vec![None; n];
-        chunks[r] = Some(mine.clone());
-        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-        for s in 0..n.saturating_sub(1) {
-            let send_idx = (r + n - s) % n;
-            let recv_idx = (r + 2 * n - s - 1) % n;
-            self.send(chunks[send_idx].as_ref().expect("held"), next)?;
-            chunks[recv_idx] = Some(self.recv(prev)?);
-        }
-        let parts: Vec<Tensor> = chunks.into_iter().map(|c| c.expect("gathered")).collect();
-        debug_assert!(parts.iter().all(|p| p.elem_count() == chunk));
-        Ok(Tensor::cat(&parts, 0)?)
+        ring_all_gather_flat(self, mine, chunk)
     }
 }
 
@@ -197,4 +140,93 @@ fn pad(flat: &Tensor, len: usize) -> Result<Tensor> {
     }
     let zeros = Tensor::zeros(len - have, flat.dtype(), flat.device())?;
     Ok(Tensor::cat(&[flat, &zeros], 0)?)
+}
+
+// The collectives as rings of point-to-point messages: the local backend's, and the MPI
+// backend's when `parallel.mpi_collectives = "ring"` (bit-identical results across backends).
+
+pub(crate) fn ring_all_reduce<C: Communicator + ?Sized>(
+    c: &C,
+    t: &Tensor,
+    op: ReduceOp,
+) -> Result<Tensor> {
+    let n = c.size();
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let flat = t.flatten_all()?;
+    let len = flat.elem_count();
+    let chunk = len.div_ceil(n);
+    let padded = pad(&flat, chunk * n)?;
+    let mine = c.reduce_scatter_flat(&padded, chunk, op)?;
+    let full = c.all_gather_flat(&mine, chunk)?;
+    Ok(full.narrow(0, 0, len)?.reshape(t.shape())?)
+}
+
+pub(crate) fn ring_all_to_all<C: Communicator + ?Sized>(c: &C, t: &Tensor) -> Result<Tensor> {
+    let (n, r) = (c.size(), c.rank());
+    let rows = all_to_all_chunk(t, n)?;
+    for dst in (0..n).filter(|&d| d != r) {
+        c.send(&t.narrow(0, dst * rows, rows)?.contiguous()?, dst)?;
+    }
+    let parts: Vec<Tensor> = (0..n)
+        .map(|src| {
+            if src == r {
+                Ok(t.narrow(0, r * rows, rows)?)
+            } else {
+                c.recv(src)
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+pub(crate) fn ring_reduce_scatter_flat<C: Communicator + ?Sized>(
+    c: &C,
+    flat: &Tensor,
+    chunk: usize,
+    op: ReduceOp,
+) -> Result<Tensor> {
+    let (n, r) = (c.size(), c.rank());
+    let mut chunks: Vec<Tensor> = (0..n)
+        .map(|i| flat.narrow(0, i * chunk, chunk))
+        .collect::<candle_core::Result<_>>()?;
+    if n > 1 {
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        for s in 0..n - 1 {
+            let send_idx = (r + 2 * n - s - 1) % n;
+            let recv_idx = (r + 2 * n - s - 2) % n;
+            c.send(&chunks[send_idx].contiguous()?, next)?;
+            let got = c.recv(prev)?;
+            chunks[recv_idx] = match op {
+                ReduceOp::Max => chunks[recv_idx].maximum(&got)?,
+                _ => (&chunks[recv_idx] + got)?,
+            };
+        }
+    }
+    let mine = chunks.swap_remove(r);
+    Ok(match op {
+        ReduceOp::Avg => (mine / n as f64)?,
+        _ => mine,
+    })
+}
+
+pub(crate) fn ring_all_gather_flat<C: Communicator + ?Sized>(
+    c: &C,
+    mine: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (n, r) = (c.size(), c.rank());
+    let mut chunks: Vec<Option<Tensor>> = vec![None; n];
+    chunks[r] = Some(mine.clone());
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    for s in 0..n.saturating_sub(1) {
+        let send_idx = (r + n - s) % n;
+        let recv_idx = (r + 2 * n - s - 1) % n;
+        c.send(chunks[send_idx].as_ref().expect("held"), next)?;
+        chunks[recv_idx] = Some(c.recv(prev)?);
+    }
+    let parts: Vec<Tensor> = chunks.into_iter().map(|c| c.expect("gathered")).collect();
+    debug_assert!(parts.iter().all(|p| p.elem_count() == chunk));
+    Ok(Tensor::cat(&parts, 0)?)
 }

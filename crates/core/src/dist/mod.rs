@@ -7,6 +7,8 @@ mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "mpi")]
+mod mpi_native;
 #[cfg(feature = "cuda")]
 mod nccl;
 

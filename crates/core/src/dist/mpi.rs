@@ -1,7 +1,7 @@
 //! The `mpi` backend (cargo feature `mpi`): ranks are processes started by `mpirun` / `srun`, on
-//! one host or many. MPI only carries the point-to-point messages; the collectives are the same
-//! ring algorithms as the local backend, so a run gives bit-identical results under either
-//! backend and the byte counts mean the same thing.
+//! one host or many. Collectives are the MPI library's own (`mpi_native.rs`) or, with
+//! `parallel.mpi_collectives = "ring"`, the same ring algorithms as the local backend over
+//! point-to-point messages, so a run gives bit-identical results under either backend.
 //!
 //! Sends are non-blocking (`MPI_Isend` of an owned buffer, completed lazily), so a ring step in
 //! which every rank sends before it receives cannot deadlock on large messages. Receives poll
@@ -19,7 +19,10 @@ use mpi::point_to_point::Source;
 use mpi::topology::{Communicator as _, Group as _, SimpleCommunicator};
 use mpi::traits::AsRaw;
 
-use super::comm::{CommStats, Communicator};
+use super::comm::{
+    ring_all_gather_flat, ring_all_reduce, ring_all_to_all, ring_reduce_scatter_flat, CommStats,
+    Communicator, ReduceOp,
+};
 use crate::{Error, Result};
 
 struct Pending {
@@ -28,12 +31,14 @@ struct Pending {
 }
 
 pub struct MpiComm {
-    comm: SimpleCommunicator,
+    pub(super) comm: SimpleCommunicator,
+    /// The library's collectives (default) or the ring over point-to-point messages.
+    pub(super) native: bool,
     /// World rank of each member, for messages that name a rank.
     global: Vec<usize>,
     pending: RefCell<Vec<Pending>>,
     timeout: Duration,
-    stats: CommStats,
+    pub(super) stats: CommStats,
     // Declared last: dropped after `comm`, so MPI is finalized after every handle is freed.
     _universe: Arc<Universe>,
 }
@@ -58,6 +63,13 @@ pub fn mpi_abort(code: i32) -> ! {
 }
 
 impl MpiComm {
+    /// The same communicator with the MPI library's collectives (`true`, the default) or the
+    /// ring over point-to-point messages (bit-identical to the local backend).
+    pub fn with_native_collectives(mut self, native: bool) -> Self {
+        self.native = native;
+        self
+    }
+
     /// Initialises MPI (once per process) and returns the world communicator.
     pub fn world(timeout: Duration) -> Result<MpiComm> {
         let (universe, _level) = mpi::initialize_with_threading(mpi::Threading::Multiple)
@@ -68,6 +80,7 @@ impl MpiComm {
         let n = comm.size() as usize;
         Ok(MpiComm {
             comm,
+            native: true,
             global: (0..n).collect(),
             pending: RefCell::new(Vec::new()),
             timeout,
@@ -243,6 +256,34 @@ impl Communicator for MpiComm {
         &self.stats
     }
 
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        match self.native_for(t) {
+            true => self.native_all_reduce(t, op),
+            false => ring_all_reduce(self, t, op),
+        }
+    }
+
+    fn reduce_scatter_flat(&self, flat: &Tensor, chunk: usize, op: ReduceOp) -> Result<Tensor> {
+        match self.native_for(flat) {
+            true => self.native_reduce_scatter_flat(flat, chunk, op),
+            false => ring_reduce_scatter_flat(self, flat, chunk, op),
+        }
+    }
+
+    fn all_gather_flat(&self, mine: &Tensor, chunk: usize) -> Result<Tensor> {
+        match self.native_for(mine) {
+            true => self.native_all_gather_flat(mine, chunk),
+            false => ring_all_gather_flat(self, mine, chunk),
+        }
+    }
+
+    fn all_to_all(&self, t: &Tensor) -> Result<Tensor> {
+        match self.native_for(t) {
+            true => self.native_all_to_all(t),
+            false => ring_all_to_all(self, t),
+        }
+    }
+
     fn split(&self, members: &[usize]) -> Result<Box<dyn Communicator>> {
         if !members.contains(&self.rank()) {
             return Err(crate::msg!(
@@ -258,6 +299,7 @@ impl Communicator for MpiComm {
             .ok_or_else(|| self.error(format!("MPI_Comm_create_group over {members:?} failed")))?;
         Ok(Box::new(MpiComm {
             comm,
+            native: self.native,
             global: members.iter().map(|&m| self.global[m]).collect(),
             pending: RefCell::new(Vec::new()),
             timeout: self.timeout,

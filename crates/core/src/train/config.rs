@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::modes::{
-    Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,
+    Backend, CheckpointFormat, DeviceSpec, Freeze, MpiCollectives, Offload, PpSchedule, Precision,
+    SpMode,
 };
 use crate::models::llama::LlamaConfig;
 use crate::optim::ScheduleKind;
@@ -35,6 +36,10 @@ pub struct ParallelConfig {
     /// set, must equal the job's size). `nccl`: GPU ranks with NCCL collectives.
     #[serde(default)]
     pub backend: Backend,
+    /// Under `backend = "mpi"`: `native` (the MPI library's collectives, default) or `ring`
+    /// (point-to-point rings, bit-identical to the local backend).
+    #[serde(default)]
+    pub mpi_collectives: MpiCollectives,
     /// Number of ranks.
     #[serde(default = "one")]
     pub nproc: usize,
@@ -99,6 +104,7 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         Self {
             backend: Backend::Local,
+            mpi_collectives: MpiCollectives::Native,
             nproc: 1,
             dp: None,
             tp: 1,

@@ -59,7 +59,8 @@ where
 {
     use crate::dist::MpiComm;
     let timeout = std::time::Duration::from_secs(parallel.timeout_s);
-    let world = MpiComm::world(timeout)?;
+    let native = parallel.mpi_collectives == super::MpiCollectives::Native;
+    let world = MpiComm::world(timeout)?.with_native_collectives(native);
     let _mpi = world.keep_alive();
     let (world_rank, size) = (world.rank(), world.size());
     let mut p = parallel.clone();

@@ -31,7 +31,8 @@ pub use config::{
 pub use engine::{Backward, Engine};
 pub use launch::{launch_ranks, RankSetup};
 pub use modes::{
-    Backend, CheckpointFormat, DeviceSpec, Freeze, Offload, PpSchedule, Precision, SpMode,
+    Backend, CheckpointFormat, DeviceSpec, Freeze, MpiCollectives, Offload, PpSchedule, Precision,
+    SpMode,
 };
 pub use output::OutputLayout;
 pub use rank_batch::lm_loss;

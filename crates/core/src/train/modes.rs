@@ -22,6 +22,17 @@ pub enum Backend {
     Nccl,
 }
 
+/// How the `mpi` backend runs its collectives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MpiCollectives {
+    /// The MPI library's own (`MPI_Allreduce`, …): its tuned algorithms.
+    #[default]
+    Native,
+    /// Rings over point-to-point messages: bit-identical to the local backend.
+    Ring,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpMode {
