@@ -245,3 +245,30 @@ fn unavailable_device_and_unknown_modes_fail_fast_with_the_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn fused_and_reference_kernels_train_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let run = |kernels: &str| {
+        let out = tmp.path().join(kernels);
+        let set = format!("train.kernels=\"{kernels}\"");
+        let mut t = Trainer::new(config(&data, &out, &[&set]), None, Device::Cpu).unwrap();
+        assert_eq!(t.model.kernels.to_string(), kernels);
+        (0..4)
+            .map(|_| t.train_step().map(|(l, n, _)| (l, n)).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (fused, reference) = (run("fused"), run("reference"));
+    for (s, ((lf, nf), (lr, nr))) in fused.iter().zip(&reference).enumerate() {
+        println!("step {s}: loss {lf} vs {lr}, grad norm {nf} vs {nr}");
+        assert!((lf - lr).abs() <= 1e-5 * lr.abs(), "loss at step {s}");
+        assert!((nf - nr).abs() <= 1e-4 * nr, "grad norm at step {s}");
+    }
+    let text = config_text(&data, &tmp.path().join("bad"), 32000);
+    let set = vec!["train.kernels=\"fast\"".to_string()];
+    let e = parse_config::<TrainConfig>(&text, "t.toml", &set)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kernels") && e.contains("fused"), "{e}");
+}
