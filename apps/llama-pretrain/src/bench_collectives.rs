@@ -5,11 +5,8 @@
 //! tests report it.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
-use colossal_core::dist::{Communicator, ReduceOp};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchCollectivesArgs {
@@ -24,7 +21,10 @@ pub struct BenchCollectivesArgs {
 
 #[cfg(feature = "mpi")]
 pub fn run(a: &BenchCollectivesArgs) -> Result<()> {
-    use colossal_core::dist::{launched_by_mpirun, MpiComm};
+    use std::time::{Duration, Instant};
+
+    use candle_core::{Device, Tensor};
+    use colossal_core::dist::{launched_by_mpirun, Communicator, MpiComm, ReduceOp};
     if !launched_by_mpirun() {
         bail!("bench-collectives measures MPI collectives: start it with mpirun -n N");
     }
