@@ -82,6 +82,20 @@ fn main() {
             vec![random(&[b * t, d], 1), random(&[d], 2)],
         ),
         (
+            "layer_norm (B·T, D)",
+            Box::new(|k, x| k.layer_norm(&x[0], &x[1], &x[2], 1e-5)),
+            vec![random(&[b * t, d], 21), random(&[d], 22), random(&[d], 23)],
+        ),
+        (
+            "group_norm (B, 320, 32, 32), 32 groups",
+            Box::new(|k, x| k.group_norm(&x[0], 32, &x[1], &x[2], 1e-5)),
+            vec![
+                random(&[2, 320, 32, 32], 24),
+                random(&[320], 25),
+                random(&[320], 26),
+            ],
+        ),
+        (
             "softmax (B, H, T, T)",
             Box::new(|k, x| k.softmax(&x[0])),
             vec![random(&[b, h, t, t], 3)],

@@ -20,6 +20,7 @@ mod attention;
 mod cpu;
 mod cross_entropy;
 mod linear;
+mod norm;
 pub mod reference;
 mod rms_norm;
 mod rotary;
@@ -72,6 +73,54 @@ impl Kernels {
             return reference::linear(x, w);
         }
         x.contiguous()?.apply_op2(&w.contiguous()?, linear::Linear)
+    }
+
+    /// LayerNorm over the last dimension with weight and bias (D), as `torch.nn.LayerNorm`.
+    pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let d = x.dims().last().copied().unwrap_or(0);
+        let fits = w.dims() == [d] && b.dims() == [d] && d > 0;
+        if !self.fused_on(&[x, w, b]) || !fits {
+            return reference::layer_norm(x, w, b, eps);
+        }
+        let g = norm::Grouping {
+            groups: 1,
+            per_group: d,
+            spatial: 1,
+            eps: eps as f32,
+        };
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, norm::Norm(g))
+    }
+
+    /// GroupNorm of x (N, C, spatial…) over `groups` groups of channels, with per-channel
+    /// weight and bias (C), as `torch.nn.GroupNorm`.
+    pub fn group_norm(
+        self,
+        x: &Tensor,
+        groups: usize,
+        w: &Tensor,
+        b: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+            return Err(candle_core::Error::Msg(format!(
+                "group_norm: x {dims:?} needs (N, C, …) with C divisible by {groups} groups"
+            )));
+        }
+        let c = dims[1];
+        let fits = w.dims() == [c] && b.dims() == [c];
+        if !self.fused_on(&[x, w, b]) || !fits {
+            return reference::group_norm(x, groups, w, b, eps);
+        }
+        let g = norm::Grouping {
+            groups,
+            per_group: c / groups,
+            spatial: dims[2..].iter().product(),
+            eps: eps as f32,
+        };
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, norm::Norm(g))
     }
 
     /// Softmax over the last dimension.

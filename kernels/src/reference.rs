@@ -79,3 +79,31 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
     y.reshape(out)
 }
+
+/// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · w + b (biased variance).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// GroupNorm of x (N, C, spatial…): each (n, group) normalised over its channels and
+/// positions, then per-channel w and b.
+pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let grouped = x.reshape((n, groups, ()))?;
+    let mean = grouped.mean_keepdim(D::Minus1)?;
+    let centred = grouped.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims.as_slice())?;
+    let mut affine = vec![1usize; dims.len()];
+    affine[1] = c;
+    normed
+        .broadcast_mul(&w.reshape(affine.as_slice())?)?
+        .broadcast_add(&b.reshape(affine.as_slice())?)
+}

@@ -418,3 +418,48 @@ fn linear_matches_reference_and_finite_differences() {
         );
     }
 }
+
+#[test]
+fn layer_and_group_norm_match_reference_and_finite_differences() {
+    let op = |k: Kernels, t: &[Tensor]| k.layer_norm(&t[0], &t[1], &t[2], 1e-5);
+    for (rows, d) in [(1, 3), (7, 37), (2, 130)] {
+        let ins = [
+            random(&[rows, d], 50, 2.0),
+            random(&[d], 51, 1.0),
+            random(&[d], 52, 1.0),
+        ];
+        check(
+            &format!("layer_norm {rows}x{d}"),
+            &op,
+            &ins,
+            &[true, true, true],
+            2e-5,
+        );
+    }
+    for (shape, groups) in [
+        (&[2usize, 6, 5][..], 3),
+        (&[3, 8, 4, 3], 2),
+        (&[1, 4, 7, 5], 4),
+    ] {
+        let c = shape[1];
+        let op = move |k: Kernels, t: &[Tensor]| k.group_norm(&t[0], groups, &t[1], &t[2], 1e-5);
+        let ins = [
+            random(shape, 53, 2.0),
+            random(&[c], 54, 1.0),
+            random(&[c], 55, 1.0),
+        ];
+        let what = format!("group_norm {shape:?} in {groups} groups");
+        check(&what, &op, &ins, &[true, true, true], 2e-5);
+    }
+    let e = Fused
+        .group_norm(
+            &random(&[2, 6, 3], 1, 1.0),
+            4,
+            &random(&[6], 1, 1.0),
+            &random(&[6], 1, 1.0),
+            1e-5,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("divisible by 4 groups"), "{e}");
+}
