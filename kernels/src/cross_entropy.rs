@@ -35,6 +35,35 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// The max of each row of width `v`.
+    fn max_rows(x: &[f32], v: usize, out: &mut [f32]) {
+        for (xr, o) in x.chunks_exact(v).zip(out.iter_mut()) {
+            *o = max(xr);
+        }
+    }
+}
+
+simd_fn! {
+    /// Σ e^(x − m) of each row of width `v`, with its own m.
+    fn sum_exp_rows(x: &[f32], v: usize, m: &[f32], out: &mut [f32]) {
+        for ((xr, o), &mr) in x.chunks_exact(v).zip(out.iter_mut()).zip(m) {
+            let mut acc = [0f32; 16];
+            let c = xr.chunks_exact(16);
+            let mut tail = 0f32;
+            for &t in c.remainder() {
+                tail += exp(t - mr);
+            }
+            for ch in c {
+                for i in 0..16 {
+                    acc[i] += exp(ch[i] - mr);
+                }
+            }
+            *o = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+simd_fn! {
     fn grad_rows(x: &[f32], lse: &[f32], scale: &[f32], v: usize, dx: &mut [f32]) {
         for ((xr, dr), (&l, &s)) in x.chunks_exact(v).zip(dx.chunks_exact_mut(v)).zip(lse.iter().zip(scale)) {
             for i in 0..v {
@@ -44,9 +73,22 @@ simd_fn! {
     }
 }
 
+/// Logits split by vocabulary over a group of ranks (tensor parallelism): this rank holds
+/// columns `start..start + V_local`, and the row statistics are completed over the group
+/// with the two reductions (in place, elementwise, the same on every rank).
+pub struct VocabSplit {
+    pub start: usize,
+    pub all_max: Reduce,
+    pub all_sum: Reduce,
+}
+
+/// An in-place elementwise reduction over a group of ranks.
+pub type Reduce = Box<dyn Fn(&mut [f32]) -> Result<()> + Send + Sync>;
+
 pub(crate) struct CrossEntropy {
     pub targets: Arc<Vec<i64>>,
     pub ignore: i64,
+    pub split: Option<Arc<VocabSplit>>,
     /// Each row's log-sum-exp from the forward pass, for backward.
     pub lse: Mutex<Vec<f32>>,
 }
@@ -59,10 +101,12 @@ impl CrossEntropy {
                 self.targets.len()
             )));
         }
+        // Under a vocabulary split the other ranks hold the rest of the classes.
+        let classes = if self.split.is_some() { usize::MAX } else { v };
         match self
             .targets
             .iter()
-            .position(|&t| t != self.ignore && (t < 0 || t as usize >= v))
+            .position(|&t| t != self.ignore && (t < 0 || t as usize >= classes))
         {
             Some(i) => Err(Error::Msg(format!(
                 "cross-entropy: target {} at row {i} is outside the {v} classes",
@@ -70,6 +114,44 @@ impl CrossEntropy {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// This rank's column of target `t`, if it holds it.
+    fn local(&self, t: i64, v: usize) -> Option<usize> {
+        let start = self.split.as_ref().map_or(0, |s| s.start) as i64;
+        (t != self.ignore && (start..start + v as i64).contains(&t)).then(|| (t - start) as usize)
+    }
+
+    /// Per row: log Σ e^x over the whole vocabulary, and the target's logit (0 where no
+    /// target or, split, on another rank) summed over the group.
+    fn stats(&self, x: &[f32], v: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = x.len() / v;
+        let mut picked: Vec<f32> = (0..rows)
+            .map(|r| match self.local(self.targets[r], v) {
+                Some(c) => x[r * v + c],
+                None => 0.0,
+            })
+            .collect();
+        let Some(split) = &self.split else {
+            return Ok((Self::lse(x, v), picked));
+        };
+        let per = rows_per_task(rows, v, GRAIN);
+        let mut m = output(rows);
+        m.par_chunks_mut(per)
+            .zip(x.par_chunks(per * v))
+            .for_each(|(m, x)| max_rows(x, v, m));
+        (split.all_max)(&mut m)?;
+        let mut both = output(2 * rows);
+        let (s, p) = both.split_at_mut(rows);
+        s.par_chunks_mut(per)
+            .zip(x.par_chunks(per * v).zip(m.par_chunks(per)))
+            .for_each(|(s, (x, m))| sum_exp_rows(x, v, m, s));
+        p.copy_from_slice(&picked);
+        (split.all_sum)(&mut both)?;
+        let (s, p) = both.split_at(rows);
+        picked.copy_from_slice(p);
+        let lse = m.iter().zip(s).map(|(m, s)| m + s.ln()).collect();
+        Ok((lse, picked))
     }
 
     fn lse(x: &[f32], v: usize) -> Vec<f32> {
@@ -95,11 +177,11 @@ impl CustomOp1 for CrossEntropy {
         if rows == 0 {
             return Ok((CpuStorage::F32(vec![0.0]), Shape::from(())));
         }
-        let lse = Self::lse(x, v);
+        let (lse, picked) = self.stats(x, v)?;
         let mut total = 0f64;
         for (r, &t) in self.targets.iter().enumerate() {
             if t != self.ignore {
-                total += (lse[r] - x[r * v + t as usize]) as f64;
+                total += (lse[r] - picked[r]) as f64;
             }
         }
         *self.lse.lock().expect("lse lock") = lse;
@@ -109,9 +191,17 @@ impl CustomOp1 for CrossEntropy {
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let g = g.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
+        let (rows, v) = x.dims2()?;
+        if lse.len() != rows {
+            return Err(candle_core::Error::Msg(
+                "fused-cross-entropy: backward without forward".into(),
+            ));
+        }
+        let local = self.targets.iter().map(|&t| self.local(t, v)).collect();
         let grad = CrossEntropyGrad {
             targets: self.targets.clone(),
             ignore: self.ignore,
+            local,
             lse,
             g,
         };
@@ -122,7 +212,9 @@ impl CustomOp1 for CrossEntropy {
 struct CrossEntropyGrad {
     targets: Arc<Vec<i64>>,
     ignore: i64,
-    /// The forward pass's log-sum-exps (recomputed when absent).
+    /// Each row's target column on this rank, if here.
+    local: Vec<Option<usize>>,
+    /// The forward pass's log-sum-exps (over the whole vocabulary).
     lse: Vec<f32>,
     g: f32,
 }
@@ -135,13 +227,7 @@ impl CustomOp1 for CrossEntropyGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let (rows, v) = l.shape().dims2()?;
-        let fresh;
-        let lse = if self.lse.len() == rows {
-            &self.lse
-        } else {
-            fresh = CrossEntropy::lse(x, v);
-            &fresh
-        };
+        let lse = &self.lse;
         let scale: Vec<f32> = self
             .targets
             .iter()
@@ -155,9 +241,9 @@ impl CustomOp1 for CrossEntropyGrad {
                 .zip(lse.par_chunks(per).zip(scale.par_chunks(per)))
                 .for_each(|((dx, x), (l, s))| grad_rows(x, l, s, v, dx));
         }
-        for (r, &t) in self.targets.iter().enumerate() {
-            if t != self.ignore {
-                dx[r * v + t as usize] -= self.g;
+        for (r, c) in self.local.iter().enumerate() {
+            if let Some(c) = c {
+                dx[r * v + c] -= self.g;
             }
         }
         Ok((CpuStorage::F32(dx), l.shape().clone()))

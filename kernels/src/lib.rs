@@ -14,6 +14,7 @@ use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use attention::CausalMask;
+pub use cross_entropy::{Reduce, VocabSplit};
 
 pub mod adamw;
 mod attention;
@@ -186,8 +187,32 @@ impl Kernels {
         let op = cross_entropy::CrossEntropy {
             targets: Arc::new(targets.to_vec()),
             ignore,
+            split: None,
             lse: Mutex::new(Vec::new()),
         };
         Ok((logits.contiguous()?.apply_op1(op)?, count))
+    }
+
+    /// [`Self::cross_entropy_sum`] of logits split by vocabulary over a group of ranks
+    /// (`split` completes the row statistics); every rank gets the same sum and the gradient
+    /// of its own columns. `None` where no fused kernel applies.
+    pub fn cross_entropy_sum_split(
+        self,
+        logits: &Tensor,
+        targets: &[i64],
+        ignore: i64,
+        split: VocabSplit,
+    ) -> Result<Option<(Tensor, usize)>> {
+        if !self.fused_on(&[logits]) {
+            return Ok(None);
+        }
+        let count = targets.iter().filter(|&&t| t != ignore).count();
+        let op = cross_entropy::CrossEntropy {
+            targets: Arc::new(targets.to_vec()),
+            ignore,
+            split: Some(Arc::new(split)),
+            lse: Mutex::new(Vec::new()),
+        };
+        Ok(Some((logits.contiguous()?.apply_op1(op)?, count)))
     }
 }

@@ -27,7 +27,7 @@ pub(super) fn loss_of(
         logits.reshape((b * t, v))?
     };
     let (sum, _) = match tp {
-        Some(tp) => tp.cross_entropy(&rows, targets)?,
+        Some(tp) => tp.cross_entropy(kernels, &rows, targets)?,
         None => kernels.cross_entropy_sum(&rows, targets, super::batch::IGNORE)?,
     };
     Ok((sum / norm)?)

@@ -45,8 +45,34 @@ impl TpRank {
     }
 
     /// Sum of token cross-entropies of rows (N, V/tp) of this rank's vocabulary slice, and
-    /// the number of targets.
-    pub fn cross_entropy(&self, rows: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
+    /// the number of targets: the fused kernel with the row statistics all-reduced over the
+    /// group where it applies, else the composition of autograd collectives.
+    pub fn cross_entropy(
+        &self,
+        kernels: colossal_kernels::Kernels,
+        rows: &Tensor,
+        targets: &[i64],
+    ) -> Result<(Tensor, usize)> {
+        let reduce = |op: crate::dist::ReduceOp| -> colossal_kernels::Reduce {
+            let group = self.group.clone();
+            Box::new(move |buf: &mut [f32]| {
+                let t = Tensor::new(&*buf, &Device::Cpu)?;
+                let all = group
+                    .with(|c| c.all_reduce(&t, op))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                buf.copy_from_slice(&all.to_vec1::<f32>()?);
+                Ok(())
+            })
+        };
+        let split = colossal_kernels::VocabSplit {
+            start: self.vocab_start,
+            all_max: reduce(crate::dist::ReduceOp::Max),
+            all_sum: reduce(crate::dist::ReduceOp::Sum),
+        };
+        let ignore = super::batch::IGNORE;
+        if let Some(out) = kernels.cross_entropy_sum_split(rows, targets, ignore, split)? {
+            return Ok(out);
+        }
         tensor::vocab_parallel_cross_entropy(
             rows,
             targets,
