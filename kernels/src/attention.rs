@@ -9,10 +9,10 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::cpu::{dot, f32s, max, output, sum};
+use crate::matmul::{matmul, Operand};
 use crate::simd::exp;
 use crate::simd_fn;
 
@@ -64,46 +64,16 @@ impl CausalMask {
     }
 }
 
-/// c (m×n, row stride ldc) = [c +] a·b; a and b given by pointer, row and column stride.
-#[allow(clippy::too_many_arguments)]
+/// Products inside one plane's task (the planes already run in parallel).
 fn mm(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
+    a: Operand<'_>,
+    b: Operand<'_>,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(c.len() >= (m - 1) * ldc + n);
-    assert!(k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
-    assert!(k == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-    // SAFETY: the asserts above keep every index gemm touches inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    matmul(dims, c, ldc, accumulate, a, b, false)
 }
 
 pub(crate) struct Attention {

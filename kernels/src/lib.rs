@@ -21,6 +21,7 @@ mod attention;
 mod cpu;
 mod cross_entropy;
 mod linear;
+mod matmul;
 mod norm;
 pub mod reference;
 mod rms_norm;

@@ -4,57 +4,13 @@
 //! each zero-fills and adds; this leaves one.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 
 use crate::cpu::{f32s, output};
+use crate::matmul::{matmul, Operand};
 
-/// c (m×n, row-major) = a·b; a and b by (slice, row stride, column stride).
-fn gemm_into(
-    (m, n, k): (usize, usize, usize),
-    c: &mut [f32],
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c[..m * n].fill(0.0);
-        return;
-    }
-    assert!(c.len() >= m * n);
-    assert!(a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
-    assert!(b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 1 << 16 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts keep every index gemm touches inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+/// c (m×n, row-major) = a·b over all of rayon's threads.
+fn gemm_into(dims: (usize, usize, usize), c: &mut [f32], a: Operand<'_>, b: Operand<'_>) {
+    matmul(dims, c, dims.1, false, a, b, true)
 }
 
 pub(crate) struct Linear;
