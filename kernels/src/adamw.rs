@@ -36,15 +36,21 @@ fn lerp(a: f32, b: f32, w: f32) -> f32 {
     }
 }
 
+/// The update, element by element, in torch's order of operations.
+#[inline(always)]
+fn update(k: &AdamWUpdate, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    for i in 0..p.len() {
+        p[i] *= k.decay;
+        m[i] = lerp(m[i], g[i], k.lerp_w);
+        v[i] = v[i] * k.b2 + k.one_minus_b2 * g[i] * g[i];
+        let denom = v[i].sqrt() / k.bc2_sqrt + k.eps;
+        p[i] += k.step_size * (m[i] / denom);
+    }
+}
+
 simd_fn! {
     fn chunk(k: &AdamWUpdate, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        for i in 0..p.len() {
-            p[i] *= k.decay;
-            m[i] = lerp(m[i], g[i], k.lerp_w);
-            v[i] = v[i] * k.b2 + k.one_minus_b2 * g[i] * g[i];
-            let denom = v[i].sqrt() / k.bc2_sqrt + k.eps;
-            p[i] += k.step_size * (m[i] / denom);
-        }
+        update(k, p, g, m, v)
     }
 }
 
@@ -59,15 +65,10 @@ impl AdamWUpdate {
             .for_each(|((p, g), (m, v))| chunk(self, p, g, m, v));
     }
 
-    /// The element-by-element loop `apply` vectorises (the reference).
+    /// The loop `apply` vectorises and threads, compiled for the baseline and run on one
+    /// thread (the reference `apply` is checked against).
     pub fn apply_scalar(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        for i in 0..p.len() {
-            p[i] *= self.decay;
-            m[i] = lerp(m[i], g[i], self.lerp_w);
-            v[i] = v[i] * self.b2 + self.one_minus_b2 * g[i] * g[i];
-            let denom = v[i].sqrt() / self.bc2_sqrt + self.eps;
-            p[i] += self.step_size * (m[i] / denom);
-        }
+        update(self, p, g, m, v)
     }
 
     /// Updates the storage of `param` (f32 on the CPU) in place from `grad`; `false` (nothing

@@ -72,12 +72,12 @@ impl MpiComm {
 
     pub(super) fn native_all_to_all(&self, t: &Tensor) -> Result<Tensor> {
         let n = self.size();
-        let rows = all_to_all_chunk(t, n)?;
+        // Validates the split; MPI_Alltoall sends equal blocks of the flat data.
+        all_to_all_chunk(t, n)?;
         let send: Vec<f32> = t.flatten_all()?.to_vec1()?;
         let mut recv = vec![0f32; send.len()];
         self.comm.all_to_all_into(&send[..], &mut recv[..]);
         self.record_f32((n - 1) * send.len() / n);
-        let _ = rows;
         Ok(Tensor::from_vec(recv, t.shape(), t.device())?)
     }
 }
