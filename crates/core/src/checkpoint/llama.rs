@@ -2,28 +2,17 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device};
 
-use super::{atomic, hf};
-use crate::models::llama::{Llama, LlamaConfig};
+use super::atomic;
+use crate::models::llama::Llama;
+use crate::models::ModelFamily;
 use crate::params::Params;
 use crate::{Error, Result};
 
 /// Loads config and weights (converted to `dtype`) from an HF directory.
 pub fn load_llama(dir: &Path, dtype: DType, device: &Device) -> Result<(Llama, Params)> {
-    if !dir.is_dir() {
-        return Err(Error::file(dir, "model directory not found"));
-    }
-    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-    let model = Llama::new(cfg)?;
-    let shapes = model.param_shapes();
-    let mut tensors = hf::load_expected(dir, &shapes, dtype, device)?;
-    let mut params = Params::new();
-    for (name, _) in &shapes {
-        let t = tensors.remove(name).expect("loaded");
-        params.insert(name.clone(), Var::from_tensor(&t)?);
-    }
-    Ok((model, params))
+    Llama::load(dir, dtype, device)
 }
 
 /// Writes `dir` (created if needed) in HF layout. Weights above `max_shard_bytes` are sharded.
@@ -33,18 +22,7 @@ pub fn save_llama(
     params: &Params,
     max_shard_bytes: usize,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tensors: Vec<_> = model
-        .param_shapes()
-        .into_iter()
-        .map(|(n, _)| Ok((n.clone(), params.get(&n)?.clone())))
-        .collect::<Result<_>>()?;
-    let dtype = tensors
-        .first()
-        .map(|(_, t)| t.dtype())
-        .unwrap_or(DType::F32);
-    save_config(dir, model, dtype)?;
-    hf::save_model(dir, &tensors, max_shard_bytes)
+    model.save(dir, params, max_shard_bytes)
 }
 
 /// `config.json` and `generation_config.json` (weights stored as `dtype`).

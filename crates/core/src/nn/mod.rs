@@ -8,17 +8,11 @@ pub use colossal_kernels::reference::{cross_entropy_sum, log_softmax, rms_norm, 
 
 /// `x @ w^T (+ b)` for x of shape (.., in) and w of shape (out, in).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let last = dims[dims.len() - 1];
-    let rows = x.elem_count() / last;
-    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out_dims = dims;
-    *out_dims.last_mut().unwrap() = w.dim(0)?;
-    y.reshape(out_dims)
+    let y = colossal_kernels::reference::linear(x, w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 #[cfg(test)]
