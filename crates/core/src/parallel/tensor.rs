@@ -4,17 +4,18 @@
 //! `tp` ranks (see [`super::plan`]): column-parallel projections (q, k, v, gate, up, LM head)
 //! keep a slice of their output rows, row-parallel ones (o, down) a slice of their input
 //! columns, the embedding a slice of the vocabulary; norms are replicated.
-//! [`TensorParallel`] then fills the model's regions with each style's exchange:
+//! [`TensorParallel`] then fills the model's regions with each style's exchange, looked up
+//! by the parameter each region touches:
 //!
 //! ```text
-//!   x ─ norm ─ enter ─┬─ q,k,v (cols) ─ attention (local heads) ─ o (rows) ─ exit ─ + ─
-//!                     (f: identity / all-reduce)                  (g: all-reduce / identity)
+//!   x ─ norm ─ input ─┬─ q,k,v (Colwise) ─ attention (local heads) ─ o (Rowwise) ─ output ─ + ─
+//!                     (f: identity / all-reduce)                     (g: all-reduce / identity)
 //! ```
 //!
 //! With `sequence_parallel` (Megatron-SP) the residual stream between regions is split along
-//! the sequence instead of replicated: `enter` all-gathers the sequence (reduce-scatter in
-//! backward), `exit` reduce-scatters it, and norm weights, now applied to a part of the
-//! sequence, sum their gradients over the group.
+//! the sequence instead of replicated: a Colwise input all-gathers the sequence
+//! (reduce-scatter in backward), a Rowwise output reduce-scatters it, and Replicate norm
+//! weights, now applied to a part of the sequence, sum their gradients over the group.
 //!
 //! The LM head's logits stay split by vocabulary; [`vocab_parallel_cross_entropy`] computes
 //! the loss from them without ever gathering a full row of logits.
@@ -119,10 +120,13 @@ pub fn gather(
     }
 }
 
-/// The model's regions under tensor (and optionally Megatron sequence) parallelism.
+/// The model's regions under tensor (and optionally Megatron sequence) parallelism: each
+/// region asks the plan for the style of the parameter it touches, and the style decides the
+/// exchange (the table in [`super::plan`]).
 #[derive(Clone)]
 pub struct TensorParallel {
     group: Group,
+    plan: TpPlan,
     /// First vocabulary row this rank holds.
     vocab_start: usize,
     sequence_parallel: bool,
@@ -141,20 +145,51 @@ impl std::fmt::Debug for TensorParallel {
 /// `model` with its regions split over `group` (the tensor-parallel axis of the mesh), after
 /// checking its plan against its parameters.
 pub fn parallelize(model: &Llama, group: Group, sequence_parallel: bool) -> Result<Llama> {
-    checked_plan(model, group.size())?;
+    let plan = checked_plan(model, group.size())?;
     let vocab_start = vocab_start(&model.cfg, group.rank(), group.size());
     let tp = TensorParallel {
         group,
+        plan,
         vocab_start,
         sequence_parallel,
     };
     Ok(model.with_regions(std::sync::Arc::new(tp)))
 }
 
+impl TensorParallel {
+    /// The one style every reader of an activation has (the exchange is done once for all).
+    /// A vocabulary-split table read as a projection (tied LM head) splits its output rows,
+    /// as a column-split one does.
+    fn readers_style(&self, readers: &[&str]) -> Result<TpStyle> {
+        let styles: Vec<TpStyle> = readers
+            .iter()
+            .map(|r| match self.plan.style(r) {
+                TpStyle::VocabParallel => TpStyle::Colwise,
+                s => s,
+            })
+            .collect();
+        match styles.split_first() {
+            Some((&first, rest)) if rest.iter().all(|&s| s == first) => Ok(first),
+            Some(_) => Err(Error::Config(format!(
+                "tensor-parallel plan: the projections {readers:?} read one activation but have different styles {styles:?}"
+            ))),
+            None => Err(Error::Config(
+                "tensor-parallel plan: an activation with no reader".into(),
+            )),
+        }
+    }
+}
+
 impl Regions for TensorParallel {
-    /// Vocabulary-parallel lookup: rows outside this rank's slice contribute zeros, and the
-    /// sum over ranks (all-reduce, or reduce-scatter into sequence slices) completes it.
-    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+    /// `VocabParallel`: rows outside this rank's slice contribute zeros, and the sum over
+    /// ranks (all-reduce, or reduce-scatter into sequence slices) completes every row.
+    fn embed(&self, name: &str, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+        let style = self.plan.style(name);
+        if style != TpStyle::VocabParallel {
+            return Err(Error::Config(format!(
+                "tensor-parallel plan: embedding `{name}` is {style:?}; only VocabParallel embeddings are implemented"
+            )));
+        }
         let rows = self.vocab_start..self.vocab_start + w.dim(0)?;
         let local = |id: u32| {
             rows.contains(&(id as usize))
@@ -177,35 +212,37 @@ impl Regions for TensorParallel {
         }
     }
 
-    fn enter(&self, x: &Tensor) -> Result<Tensor> {
-        if self.sequence_parallel {
-            gather_from(x, 1, &self.group)
-        } else {
-            copy_to(x, &self.group)
+    /// `Colwise` readers need the activation whole on every rank, and its gradient summed
+    /// over the group (Megatron's f; under SP the sequence is all-gathered, reduce-scattered
+    /// in backward). `Replicate` readers compute alike everywhere, so under SP the sequence
+    /// is gathered and each rank's gradient is already whole. `Rowwise` readers take this
+    /// rank's split as it comes.
+    fn input(&self, readers: &[&str], x: &Tensor) -> Result<Tensor> {
+        match (self.readers_style(readers)?, self.sequence_parallel) {
+            (TpStyle::Colwise, false) => copy_to(x, &self.group),
+            (TpStyle::Colwise, true) => gather_from(x, 1, &self.group),
+            (TpStyle::Replicate, true) => gather_whole(x, 1, &self.group),
+            _ => Ok(x.clone()),
         }
     }
 
-    fn whole(&self, x: &Tensor) -> Result<Tensor> {
-        if self.sequence_parallel {
-            gather_whole(x, 1, &self.group)
-        } else {
-            Ok(x.clone())
+    /// A `Rowwise` projection's partial sums are summed over the group (Megatron's g; under
+    /// SP reduce-scattered into sequence slices); other styles' outputs stay as they are.
+    fn output(&self, name: &str, y: &Tensor) -> Result<Tensor> {
+        match (self.plan.style(name), self.sequence_parallel) {
+            (TpStyle::Rowwise, false) => reduce_from(y, &self.group),
+            (TpStyle::Rowwise, true) => scatter_reduce(y, 1, &self.group),
+            _ => Ok(y.clone()),
         }
     }
 
-    fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        if self.sequence_parallel {
-            scatter_reduce(y, 1, &self.group)
-        } else {
-            reduce_from(y, &self.group)
-        }
-    }
-
-    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
-        if self.sequence_parallel {
-            copy_to(w, &self.group)
-        } else {
-            Ok(w.clone())
+    /// A `Replicate` parameter applied to this rank's sequence slice (SP) gets only that
+    /// slice's gradient, so its gradient is summed over the group; a split parameter (a
+    /// column-split bias) is applied to this rank's features only.
+    fn param(&self, name: &str, w: &Tensor) -> Result<Tensor> {
+        match (self.plan.style(name), self.sequence_parallel) {
+            (TpStyle::Replicate, true) => copy_to(w, &self.group),
+            _ => Ok(w.clone()),
         }
     }
 }
@@ -251,4 +288,43 @@ pub fn vocab_parallel_cross_entropy(
 /// First vocabulary row held by tensor-parallel rank `rank` of `size`.
 pub fn vocab_start(cfg: &LlamaConfig, rank: usize, size: usize) -> usize {
     rank * cfg.vocab_size / size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::run_local;
+
+    /// The plan's style of the parameter a region touches decides that region's exchange.
+    #[test]
+    fn each_region_takes_its_exchange_from_the_style_of_its_parameter() {
+        let plan = TpPlan::new(&[
+            ("a.weight", TpStyle::Colwise),
+            ("b.weight", TpStyle::Rowwise),
+            ("n.weight", TpStyle::Replicate),
+        ]);
+        let out = run_local(2, std::time::Duration::from_secs(30), |comm| {
+            let rank = comm.rank();
+            let tp = TensorParallel {
+                group: Group::new(Box::new(comm)),
+                plan: plan.clone(),
+                vocab_start: 0,
+                sequence_parallel: false,
+            };
+            let y = Tensor::new(&[rank as f32 + 1.0], &Device::Cpu)?;
+            let summed = tp.output("b.weight", &y)?.to_vec1::<f32>()?;
+            let kept = tp.output("a.weight", &y)?.to_vec1::<f32>()?;
+            let mixed = tp.input(&["a.weight", "b.weight"], &y).unwrap_err();
+            Ok((summed, kept, mixed.to_string()))
+        })
+        .unwrap();
+        for (rank, (summed, kept, mixed)) in out.into_iter().enumerate() {
+            assert_eq!(summed, [3.0], "a Rowwise output is summed over the group");
+            assert_eq!(kept, [rank as f32 + 1.0], "a Colwise output stays split");
+            assert!(
+                mixed.contains("\"a.weight\", \"b.weight\"") && mixed.contains("different styles"),
+                "{mixed}"
+            );
+        }
+    }
 }

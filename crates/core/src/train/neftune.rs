@@ -51,8 +51,8 @@ impl Regions for Neftune {
         Some(self.inner.as_ref())
     }
 
-    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
-        let e = self.inner.embed(w, ids, pad)?;
+    fn embed(&self, name: &str, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+        let e = self.inner.embed(name, w, ids, pad)?;
         let mut guard = self.rng.lock().expect("neftune lock");
         let Some(rng) = guard.as_mut() else {
             return Ok(e);

@@ -126,7 +126,8 @@ impl Llama {
             .cfg
             .pad_token_id
             .filter(|&p| (p as usize) < self.cfg.vocab_size);
-        self.regions.embed(p.get(Self::EMBED)?, ids, pad)
+        self.regions
+            .embed(Self::EMBED, p.get(Self::EMBED)?, ids, pad)
     }
 
     /// Decoder layer `l` on the residual stream `x` (B, T, H).
@@ -141,36 +142,23 @@ impl Llama {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
         let norm = |x: &Tensor, w: &str| -> Result<Tensor> {
-            let w = self.regions.replicated(p.get(&n(w))?)?;
+            let w = self.param(p, &n(w))?;
             Ok(self.kernels.rms_norm(x, &w, c.rms_norm_eps)?)
         };
-        let h = self.regions.enter(&norm(x, "input_layernorm.weight")?)?;
-        let attn = self.attention(l, p, &h, inp, cache)?;
+        let attn = self.attention(l, p, &norm(x, "input_layernorm.weight")?, inp, cache)?;
         let x = (x + attn)?;
-        let h = self
-            .regions
-            .enter(&norm(&x, "post_attention_layernorm.weight")?)?;
-        let bias = |s: &str| -> Result<Option<&Tensor>> {
-            Ok(if c.mlp_bias {
-                Some(p.get(&n(s))?)
-            } else {
-                None
-            })
-        };
-        let gate = self.proj(
-            p,
-            &n("mlp.gate_proj.weight"),
-            &h,
-            bias("mlp.gate_proj.bias")?,
-        )?;
-        let up = self.proj(p, &n("mlp.up_proj.weight"), &h, bias("mlp.up_proj.bias")?)?;
+        let (gate, up, down) = (
+            n("mlp.gate_proj.weight"),
+            n("mlp.up_proj.weight"),
+            n("mlp.down_proj.weight"),
+        );
+        let h = norm(&x, "post_attention_layernorm.weight")?;
+        let h = self.regions.input(&[&gate, &up], &h)?;
+        let bias = |s: &str| c.mlp_bias.then(|| n(s));
+        let gate = self.proj(p, &gate, &h, bias("mlp.gate_proj.bias"))?;
+        let up = self.proj(p, &up, &h, bias("mlp.up_proj.bias"))?;
         let act = self.kernels.swiglu(&gate, &up)?;
-        let down = self.proj(p, &n("mlp.down_proj.weight"), &act, None)?;
-        let down = self.regions.exit(&down)?;
-        let down = match bias("mlp.down_proj.bias")? {
-            Some(b) => down.broadcast_add(&self.regions.replicated(b)?)?,
-            None => down,
-        };
+        let down = self.proj(p, &down, &act, bias("mlp.down_proj.bias"))?;
         Ok((x + down)?)
     }
 
@@ -183,21 +171,17 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
-        let (b, t, _) = x.dims3()?;
         let n = |s: &str| format!("model.layers.{l}.self_attn.{s}");
         // Head counts from the weights: a tensor-parallel rank holds a slice of the heads.
         let hd = c.head_dim();
         let nh = p.get(&n("q_proj.weight"))?.dim(0)? / hd;
         let nkv = p.get(&n("k_proj.weight"))?.dim(0)? / hd;
-        let bias = |s: &str| -> Result<Option<&Tensor>> {
-            Ok(if c.attention_bias {
-                Some(p.get(&n(s))?)
-            } else {
-                None
-            })
-        };
+        let bias = |s: &str| c.attention_bias.then(|| n(s));
+        let (wq, wk, wv) = (n("q_proj.weight"), n("k_proj.weight"), n("v_proj.weight"));
+        let x = &self.regions.input(&[&wq, &wk, &wv], x)?;
+        let (b, t, _) = x.dims3()?;
         let proj = |w: &str, bname: &str, heads: usize| -> Result<Tensor> {
-            let y = self.proj(p, &n(w), x, bias(bname)?)?;
+            let y = self.proj(p, &n(w), x, bias(bname))?;
             Ok(y.reshape((b, t, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
@@ -220,17 +204,12 @@ impl Llama {
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let out = self.regions.attention(&q, &k, &v, inp, self.kernels)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let out = self.proj(p, &n("o_proj.weight"), &out, None)?;
-        let out = self.regions.exit(&out)?;
-        Ok(match bias("o_proj.bias")? {
-            Some(b) => out.broadcast_add(&self.regions.replicated(b)?)?,
-            None => out,
-        })
+        self.proj(p, &n("o_proj.weight"), &out, bias("o_proj.bias"))
     }
 
     /// Final RMSNorm.
     pub fn final_norm(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
-        let w = self.regions.replicated(p.get(Self::NORM)?)?;
+        let w = self.param(p, Self::NORM)?;
         Ok(self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?)
     }
 
@@ -238,23 +217,26 @@ impl Llama {
     /// slice of the vocabulary); for a sequence classifier, scores of every position
     /// (B, T, num_labels).
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
-        let h = self.final_norm(p, x)?;
-        // The score head is small and held whole by every rank; the LM head is split.
-        let h = match self.cfg.score_labels() {
-            Some(_) => self.regions.whole(&h)?,
-            None => self.regions.enter(&h)?,
-        };
-        self.proj(p, self.head_weight_name(), &h, None)
+        let head = self.head_weight_name();
+        let h = self.regions.input(&[head], &self.final_norm(p, x)?)?;
+        self.proj(p, head, &h, None)
     }
 
-    /// `x @ W^T (+ b)` for the weight named `w`, through the regions (a pipeline schedule may
-    /// take over its weight gradient).
-    fn proj(&self, p: &Params, w: &str, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    /// `x @ W^T (+ b)` for the weight named `w` and the bias named `b`, through the regions
+    /// (a parallel plan completes the output; a pipeline schedule may take over the weight
+    /// gradient).
+    fn proj(&self, p: &Params, w: &str, x: &Tensor, b: Option<String>) -> Result<Tensor> {
         let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
+        let y = self.regions.output(w, &y)?;
         Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&self.param(p, &b)?)?,
             None => y,
         })
+    }
+
+    /// Parameter `name` as this rank applies it outside a projection.
+    fn param(&self, p: &Params, name: &str) -> Result<Tensor> {
+        self.regions.param(name, p.get(name)?)
     }
 
     /// Whole forward (no cache): logits (B, T, V).

@@ -19,43 +19,26 @@ pub trait Regions: Send + Sync + Debug {
         None
     }
 
-    /// Embedding lookup of `ids` (B, T) in table `w` → (B, T, H); rows of `pad` get no
-    /// gradient.
-    fn embed(&self, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
+    /// Embedding lookup of `ids` (B, T) in the table `w` named `name` → (B, T, H); rows of
+    /// `pad` get no gradient.
+    fn embed(&self, name: &str, w: &Tensor, ids: &Tensor, pad: Option<u32>) -> Result<Tensor> {
         match self.inner() {
-            Some(r) => r.embed(w, ids, pad),
+            Some(r) => r.embed(name, w, ids, pad),
             None => lookup(w, ids, pad),
         }
     }
 
-    /// The normalised residual entering a block of column-split projections (attention, MLP,
-    /// LM head).
-    fn enter(&self, x: &Tensor) -> Result<Tensor> {
+    /// The activation `x` as the projections named `readers` (their weights' parameter
+    /// names) read it: a parallel plan's styles for those weights say how it is exchanged
+    /// (a column-split projection needs it whole on every rank).
+    fn input(&self, readers: &[&str], x: &Tensor) -> Result<Tensor> {
         match self.inner() {
-            Some(r) => r.enter(x),
+            Some(r) => r.input(readers, x),
             None => Ok(x.clone()),
         }
     }
 
-    /// The normalised residual entering work every rank does alike on the whole sequence
-    /// (a sequence classifier's score head): its gradient is already whole on each rank, so
-    /// it is not summed over the group.
-    fn whole(&self, x: &Tensor) -> Result<Tensor> {
-        match self.inner() {
-            Some(r) => r.whole(x),
-            None => Ok(x.clone()),
-        }
-    }
-
-    /// The output of a row-split projection (before its bias) returning to the residual.
-    fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        match self.inner() {
-            Some(r) => r.exit(y),
-            None => Ok(y.clone()),
-        }
-    }
-
-    /// `x @ W^T` for the weight named `name`.
+    /// `x @ W^T` for the weight named `name` (this rank's part of it).
     fn linear(&self, name: &str, x: &Tensor, w: &Tensor, kernels: Kernels) -> Result<Tensor> {
         match self.inner() {
             Some(r) => r.linear(name, x, w, kernels),
@@ -63,10 +46,20 @@ pub trait Regions: Send + Sync + Debug {
         }
     }
 
-    /// A weight every rank holds whole but may apply to part of the data (norm weights).
-    fn replicated(&self, w: &Tensor) -> Result<Tensor> {
+    /// The output `y` of the projection whose weight is `name`, before its bias, as the rest
+    /// of the model reads it (a row-split projection's partial sums are completed here).
+    fn output(&self, name: &str, y: &Tensor) -> Result<Tensor> {
         match self.inner() {
-            Some(r) => r.replicated(w),
+            Some(r) => r.output(name, y),
+            None => Ok(y.clone()),
+        }
+    }
+
+    /// The parameter `name` used outside a projection (norm weights, biases), as this rank
+    /// applies it.
+    fn param(&self, name: &str, w: &Tensor) -> Result<Tensor> {
+        match self.inner() {
+            Some(r) => r.param(name, w),
             None => Ok(w.clone()),
         }
     }
