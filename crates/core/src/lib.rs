@@ -5,6 +5,8 @@
 
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_op;
 pub mod data;
 pub mod dist;
 pub mod error;

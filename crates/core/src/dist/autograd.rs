@@ -13,8 +13,9 @@
 //! | `all_to_all`        | all-to-all (s→g dims)    | all-to-all (g→s dims)    |
 //! | `ring_shift`        | to rank+1, from rank−1   | to rank−1, from rank+1   |
 //!
-//! Each op is a Candle custom op: the forward runs the collective on the host copy of its input,
-//! the backward runs the paired collective on the incoming gradient.
+//! Each op is a Candle custom op: the forward runs the collective on its input (a host copy on
+//! the CPU, the device tensor on a GPU), the backward runs the paired collective on the
+//! incoming gradient.
 
 use std::sync::{Arc, Mutex};
 
@@ -178,6 +179,18 @@ impl CustomOp1 for CollectiveOp {
         let input = storage_tensor(s, l)?;
         let out = self.fwd.run(&self.group, &input).map_err(to_candle)?;
         into_storage(&out)
+    }
+
+    /// On the GPU the collective runs on the device tensor (NCCL), no host copy.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let input = crate::cuda_op::tensor_of(s, l)?;
+        let out = self.fwd.run(&self.group, &input).map_err(to_candle)?;
+        crate::cuda_op::storage_of(&out.to_device(input.device())?)
     }
 
     fn bwd(

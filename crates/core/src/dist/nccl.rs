@@ -23,8 +23,9 @@ use crate::{Error, Result};
 
 pub struct NcclComm {
     comm: Comm,
+    /// The rank's own device (the same instance its tensors live on: candle treats two
+    /// handles of one GPU as different devices).
     device: Device,
-    ordinal: usize,
     /// Used to create sub-communicators (their unique ids travel over it).
     bootstrap: Box<dyn Communicator>,
     stats: CommStats,
@@ -112,10 +113,12 @@ const DTYPES: [DType; 6] = [
 ];
 
 impl NcclComm {
-    /// Collective over `bootstrap`: one NCCL rank per member, on CUDA device `ordinal`.
-    pub fn new(bootstrap: Box<dyn Communicator>, ordinal: usize) -> Result<Self> {
-        let device = Device::new_cuda(ordinal)?;
-        let stream = device.as_cuda_device()?.cuda_stream();
+    /// Collective over `bootstrap`: one NCCL rank per member, each on its GPU `device`.
+    pub fn new(bootstrap: Box<dyn Communicator>, device: &Device) -> Result<Self> {
+        let stream = device
+            .as_cuda_device()
+            .map_err(|_| crate::msg!("nccl: rank device {device:?} is not a GPU"))?
+            .cuda_stream();
         let (rank, size) = (bootstrap.rank(), bootstrap.size());
         let id = if rank == 0 {
             let id = Id::new().map_err(|e| crate::msg!("ncclGetUniqueId: {e:?}"))?;
@@ -136,8 +139,7 @@ impl NcclComm {
         })?;
         Ok(NcclComm {
             comm,
-            device,
-            ordinal,
+            device: device.clone(),
             bootstrap,
             stats: CommStats::default(),
         })
@@ -248,7 +250,7 @@ impl Communicator for NcclComm {
 
     fn split(&self, members: &[usize]) -> Result<Box<dyn Communicator>> {
         let sub = self.bootstrap.split(members)?;
-        Ok(Box::new(NcclComm::new(sub, self.ordinal)?))
+        Ok(Box::new(NcclComm::new(sub, &self.device)?))
     }
 
     fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {

@@ -121,6 +121,19 @@ impl CustomOp2 for DeferredLinear {
         Ok((storage, y.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = crate::cuda_op::tensor_of(s1, l1)?;
+        let w = crate::cuda_op::tensor_of(s2, l2)?;
+        crate::cuda_op::storage_of(&crate::nn::linear(&x, &w, None)?)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -163,8 +176,8 @@ impl Regions for DeferWeightGrads {
     }
 
     fn linear(&self, name: &str, x: &Tensor, w: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            // The custom op is host-only; on a GPU the weight gradient comes with B.
+        if !(x.device().is_cpu() || cfg!(feature = "cuda") && x.device().is_cuda()) {
+            // The custom op has CPU and CUDA bodies; elsewhere the weight gradient comes with B.
             return self.inner.linear(name, x, w, kernels);
         }
         let op = DeferredLinear {

@@ -137,8 +137,9 @@ impl ParallelConfig {
             Backend::Mpi => {
                 return Err("parallel.backend = \"mpi\" needs a build with `--features mpi` (Open MPI and libclang installed)".into())
             }
+            Backend::Nccl if cfg!(feature = "cuda") => {}
             Backend::Nccl => {
-                return Err("parallel.backend = \"nccl\": NCCL ranks are not wired into the trainer yet; use local or mpi".into())
+                return Err("parallel.backend = \"nccl\" needs a build with `--features cuda` (colossal-core/cuda) on a machine with the CUDA toolkit".into())
             }
         }
         if self.zero_stage > 3 {
