@@ -242,10 +242,10 @@ impl ZeroOptimizer {
             let src = r.start - e.offset..r.end - e.offset;
             let dst = r.start - start..r.end - start;
             if let Some(fm) = full.m.get(&e.name) {
-                m[dst.clone()].copy_from_slice(&fm[src.clone()]);
+                m[dst.clone()].copy_from_slice(&fm.host()?[src.clone()]);
             }
             if let Some(fv) = full.v.get(&e.name) {
-                v[dst].copy_from_slice(&fv[src]);
+                v[dst].copy_from_slice(&fv.host()?[src]);
             }
         }
         let adam = AdamW {
@@ -342,10 +342,14 @@ impl ZeroOptimizer {
         let mut full = AdamW::new(self.adam.cfg.clone());
         full.step = self.adam.step;
         for e in &self.layout.entries {
-            full.m
-                .insert(e.name.clone(), m[e.offset..e.offset + e.len].to_vec());
-            full.v
-                .insert(e.name.clone(), v[e.offset..e.offset + e.len].to_vec());
+            full.m.insert(
+                e.name.clone(),
+                m[e.offset..e.offset + e.len].to_vec().into(),
+            );
+            full.v.insert(
+                e.name.clone(),
+                v[e.offset..e.offset + e.len].to_vec().into(),
+            );
         }
         Ok(full)
     }

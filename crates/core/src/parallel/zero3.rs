@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::offload::{Placement, StateBuf};
 use crate::dist::{Communicator, ReduceOp};
 use crate::exec::{Hooks, ParamSource};
-use crate::optim::{AdamW, AdamWKernel};
+use crate::optim::{AdamW, AdamWKernel, Moment};
 use crate::params::{Grads, Params};
 use crate::Result;
 
@@ -69,8 +69,8 @@ impl Zero3 {
                 name,
                 var.dims(),
                 &values,
-                full.m.get(name).map(Vec::as_slice),
-                full.v.get(name).map(Vec::as_slice),
+                full.m.get(name).map(Moment::host).transpose()?.as_deref(),
+                full.v.get(name).map(Moment::host).transpose()?.as_deref(),
                 rank,
                 placement,
             )?;
@@ -175,7 +175,7 @@ impl Zero3 {
                 let full =
                     comm.all_gather(&Tensor::from_slice(c.as_slice(), c.len(), &Device::Cpu)?)?;
                 c.release()?;
-                dst.insert(e.name.clone(), full.narrow(0, 0, e.len)?.to_vec1()?);
+                dst.insert(e.name.clone(), full.narrow(0, 0, e.len)?.to_vec1()?.into());
             }
         }
         Ok((params, opt))

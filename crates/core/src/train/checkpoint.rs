@@ -74,11 +74,11 @@ pub fn save<M: ModelFamily>(
                 let dev = Device::Cpu;
                 moments.push((
                     format!("exp_avg.{name}"),
-                    Tensor::from_slice(m, shape.clone(), &dev)?,
+                    Tensor::from_slice(&m.host()?, shape.clone(), &dev)?,
                 ));
                 moments.push((
                     format!("exp_avg_sq.{name}"),
-                    Tensor::from_slice(v, shape, &dev)?,
+                    Tensor::from_slice(&v.host()?, shape, &dev)?,
                 ));
             }
         }
@@ -138,7 +138,7 @@ pub fn load_distributed<M: ModelFamily>(
             let key = format!("{prefix}.{name}");
             if reader.shape(&key).is_some() {
                 let m = reader.read(&key, &start, &len)?;
-                store.insert(name.clone(), m.flatten_all()?.to_vec1()?);
+                store.insert(name.clone(), m.flatten_all()?.to_vec1()?.into());
             }
         }
     }
@@ -162,7 +162,7 @@ pub fn owned_pieces(
     }];
     for (prefix, store) in [("exp_avg", &opt.m), ("exp_avg_sq", &opt.v)] {
         let data = match store.get(name) {
-            Some(v) => Tensor::from_slice(v, weight.dims(), &Device::Cpu)?,
+            Some(v) => Tensor::from_slice(&v.host()?, weight.dims(), &Device::Cpu)?,
             None => Tensor::zeros(weight.dims(), DType::F32, &Device::Cpu)?,
         };
         out.push(dist::Owned {
@@ -253,7 +253,7 @@ pub fn load_state(dir: &Path, params: &Params, opt: &mut AdamW) -> Result<Traine
                         expected: shape.clone(),
                     });
                 }
-                store.insert(name.clone(), t.flatten_all()?.to_vec1()?);
+                store.insert(name.clone(), t.flatten_all()?.to_vec1()?.into());
             }
         }
     }

@@ -12,7 +12,7 @@ use super::config::ParallelConfig;
 use crate::dist::Communicator;
 use crate::exec::{BlockModel, Executor, Hooks};
 use crate::models::ModelFamily;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Moment};
 use crate::parallel::pipeline::{stage_of, Schedule};
 use crate::parallel::pipeline_run::PipelineRank;
 use crate::parallel::weight_grad::WeightGradStash;
@@ -200,12 +200,12 @@ impl PpRank {
         let (p, rank) = (self.comm.size(), self.comm.rank());
         let first = self.names_of(model, 0);
         let moments = |name: &str, shape: &[usize]| -> Result<[Tensor; 2]> {
-            let get = |m: &HashMap<String, Vec<f32>>| {
-                let data = m
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_else(|| vec![0.0; shape.iter().product()]);
-                Tensor::from_vec(data, shape, &Device::Cpu)
+            let get = |m: &HashMap<String, Moment>| -> Result<Tensor> {
+                let data = match m.get(name) {
+                    Some(m) => m.host()?.into_owned(),
+                    None => vec![0.0; shape.iter().product()],
+                };
+                Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
             };
             Ok([get(&opt.m)?, get(&opt.v)?])
         };
@@ -226,8 +226,10 @@ impl PpRank {
         let mut full = AdamW::new(opt.cfg.clone());
         full.step = opt.step;
         let mut keep = |name: &str, t: Tensor, m: Tensor, v: Tensor| -> Result<()> {
-            full.m.insert(name.to_string(), m.flatten_all()?.to_vec1()?);
-            full.v.insert(name.to_string(), v.flatten_all()?.to_vec1()?);
+            full.m
+                .insert(name.to_string(), m.flatten_all()?.to_vec1()?.into());
+            full.v
+                .insert(name.to_string(), v.flatten_all()?.to_vec1()?.into());
             all.insert(name, Var::from_tensor(&t)?);
             Ok(())
         };

@@ -118,13 +118,13 @@ impl TpRank {
         for (name, var) in local.iter() {
             for (src, dst) in [(&opt.m, &mut out.m), (&opt.v, &mut out.v)] {
                 // A parameter not stepped yet has no moments: zeros, as AdamW starts them.
-                let data = src
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_else(|| vec![0.0; var.as_tensor().elem_count()]);
+                let data = match src.get(name) {
+                    Some(m) => m.host()?.into_owned(),
+                    None => vec![0.0; var.as_tensor().elem_count()],
+                };
                 let t = Tensor::from_vec(data, var.as_tensor().dims(), &Device::Cpu)?;
                 let whole = self.gather_tensor(name, &t)?;
-                dst.insert(name.to_string(), whole.flatten_all()?.to_vec1()?);
+                dst.insert(name.to_string(), whole.flatten_all()?.to_vec1()?.into());
             }
         }
         Ok(out)
@@ -139,9 +139,9 @@ impl TpRank {
             };
             for moments in [&mut opt.m, &mut opt.v] {
                 if let Some(data) = moments.remove(name) {
-                    let t = Tensor::from_vec(data, dims, &Device::Cpu)?;
+                    let t = Tensor::from_vec(data.into_host()?, dims, &Device::Cpu)?;
                     let mine = t.narrow(slice.dim, slice.start, slice.len)?;
-                    moments.insert(name.to_string(), mine.flatten_all()?.to_vec1()?);
+                    moments.insert(name.to_string(), mine.flatten_all()?.to_vec1()?.into());
                 }
             }
         }
