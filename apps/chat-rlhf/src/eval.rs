@@ -118,7 +118,7 @@ pub fn run(a: &EvalArgs) -> Result<Value> {
     }
     let mut mine_scores = None;
     if let Some(rm_dir) = &a.reward_model {
-        let rm = Frozen::load(rm_dir)?;
+        let rm = Frozen::load(rm_dir, &Device::Cpu)?;
         let s = scores(&rm, &ros, a.pad_id)?;
         result["mean_reward"] = json!(s.iter().map(|&x| x as f64).sum::<f64>() / s.len() as f64);
         if let Some(base) = &a.baseline {

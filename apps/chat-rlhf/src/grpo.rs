@@ -60,7 +60,7 @@ impl Grpo {
                     .context("[data] tokenizer: the gsm8k reward decodes responses")?;
                 Reward::Gsm8k(LoadedTokenizer::load(&tok)?)
             }
-            ("model", Some(dir)) => Reward::Model(Box::new(Frozen::load(dir)?)),
+            ("model", Some(dir)) => Reward::Model(Box::new(Frozen::load(dir, policy.device())?)),
             ("model", None) => bail!("[grpo] reward = \"model\" needs reward_model = \"DIR\""),
             (other, _) => bail!("[grpo] reward `{other}`: expected gsm8k or model"),
         };
@@ -71,7 +71,7 @@ impl Grpo {
             );
         }
         Ok(Self {
-            reference: Frozen::load(&start)?,
+            reference: Frozen::load(&start, policy.device())?,
             cfg,
             gen: c.generation.clone(),
             pad: crate::run::pad_id(c, policy),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use colossal_core::dist::Communicator;
 use colossal_core::exec::{llama_inputs, on_output};
 use colossal_core::models::llama::AttnInputs;
@@ -80,7 +80,7 @@ impl Ppo {
         let critic = Trainer::new_rank_without_data(
             critic_cfg,
             critic_resume.as_deref(),
-            Device::Cpu,
+            policy.device().clone(),
             comm,
         )?;
         anyhow::ensure!(
@@ -95,8 +95,8 @@ impl Ppo {
             _ => None,
         };
         Ok(Self {
-            reference: Frozen::open(&start, cfg.offload_frozen)?,
-            reward: Frozen::open(&cfg.reward_model, cfg.offload_frozen)?,
+            reference: Frozen::open(&start, cfg.offload_frozen, policy.device())?,
+            reward: Frozen::open(&cfg.reward_model, cfg.offload_frozen, policy.device())?,
             cfg,
             gen: c.generation.clone(),
             pad: crate::run::pad_id(c, policy),

@@ -21,9 +21,13 @@ enum Weights {
     Disk(PathBuf),
 }
 
+// The frozen model computes where the policy does: its weights (resident or streamed) are put
+// on the policy's device.
+
 pub struct Frozen {
     pub model: Llama,
     weights: Weights,
+    device: Device,
 }
 
 /// A block's weights read from disk when it runs, dropped after.
@@ -31,6 +35,7 @@ struct DiskBlocks<'a> {
     model: &'a Llama,
     dir: &'a Path,
     shapes: HashMap<String, Vec<usize>>,
+    device: &'a Device,
 }
 
 impl ParamSource for DiskBlocks<'_> {
@@ -45,7 +50,7 @@ impl ParamSource for DiskBlocks<'_> {
             })
             .collect();
         let mut p = Params::new();
-        for (name, t) in load_expected(self.dir, &expected, DType::F32, &Device::Cpu)? {
+        for (name, t) in load_expected(self.dir, &expected, DType::F32, self.device)? {
             p.insert(name, Var::from_tensor(&t)?);
         }
         Ok(p)
@@ -54,24 +59,26 @@ impl ParamSource for DiskBlocks<'_> {
 
 impl Frozen {
     /// All weights in memory.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let (model, params) = load_llama(dir, DType::F32, &Device::Cpu)
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let (model, params) = load_llama(dir, DType::F32, device)
             .with_context(|| format!("loading the frozen model {}", dir.display()))?;
         Ok(Self {
             model,
             weights: Weights::Resident(params),
+            device: device.clone(),
         })
     }
 
     /// Resident, or (`offload`) streamed from `dir` block by block.
-    pub fn open(dir: &Path, offload: bool) -> Result<Self> {
+    pub fn open(dir: &Path, offload: bool, device: &Device) -> Result<Self> {
         if !offload {
-            return Self::load(dir);
+            return Self::load(dir, device);
         }
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
         Ok(Self {
             model: Llama::new(cfg)?,
             weights: Weights::Disk(dir.to_path_buf()),
+            device: device.clone(),
         })
     }
 
@@ -89,6 +96,7 @@ impl Frozen {
                     model: &self.model,
                     dir,
                     shapes: self.model.param_shapes().into_iter().collect(),
+                    device: &self.device,
                 };
                 exec.forward_with(&self.model, &mut source, inputs, &ctx)?
             }

@@ -46,7 +46,7 @@ pub fn train(
                     LossChoice::Kto { .. } => true,
                 };
                 let reference = match (needs_ref, &c.model.hf_dir) {
-                    (true, Some(dir)) => Some(crate::reference::Frozen::load(dir)?),
+                    (true, Some(dir)) => Some(crate::reference::Frozen::load(dir, p.device())?),
                     (true, None) => bail!(
                         "[model] hf_dir: {section:?} needs the starting model as its reference"
                     ),

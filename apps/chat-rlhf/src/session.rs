@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::Device;
 use colossal_core::dist::Communicator;
-use colossal_core::train::{launch_ranks, DeviceSpec, Trainer};
+use colossal_core::train::{launch_ranks, Trainer};
 use colossal_data::chat::prep::Record;
 use colossal_session::{run_session, Plan, Task};
 use serde_json::{json, Map, Value};
@@ -61,14 +61,6 @@ pub fn launch(
     stop_at: Option<usize>,
     make: &Factory<'_>,
 ) -> Result<Summary> {
-    // Rollouts, frozen models and metrics are host-side here: a GPU is refused, not ignored.
-    if cfg.train.device != DeviceSpec::Cpu {
-        cfg.train.device.device(0)?;
-        anyhow::bail!(
-            "train.device = \"{}\": the chat trainers run on the CPU for now; set train.device = \"cpu\" (llama-pretrain trains on a GPU)",
-            cfg.train.device
-        );
-    }
     let summary = launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
         let mut cfg = cfg.clone();
         cfg.parallel = setup.parallel;
