@@ -1,10 +1,11 @@
-//! `scheduler_config.json` as diffusers writes it, validated once: a key that changes the
-//! math and that we do not implement is an error naming it, never ignored.
+//! `scheduler_config.json` as diffusers writes it, validated once: a key that is not a setting
+//! of the named scheduler, or that selects something we do not implement, is an error naming
+//! it, never ignored.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::{Error, Result};
 
@@ -15,6 +16,13 @@ pub enum SchedulerKind {
     Ddpm,
     #[serde(rename = "DDIMScheduler")]
     Ddim,
+    #[serde(rename = "EulerDiscreteScheduler")]
+    Euler,
+    #[serde(rename = "EulerAncestralDiscreteScheduler")]
+    EulerAncestral,
+    /// DPM-Solver++ (multistep; order 2 is "DPM++ 2M").
+    #[serde(rename = "DPMSolverMultistepScheduler")]
+    DpmSolverMultistep,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -35,8 +43,7 @@ pub enum Prediction {
     Sample,
 }
 
-/// How inference timesteps are spread over the training ones (diffusers' Table 2 of
-/// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+/// How inference timesteps are spread over the training ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Spacing {
@@ -51,6 +58,73 @@ pub enum Spacing {
 pub enum VarianceType {
     FixedSmall,
     FixedLarge,
+}
+
+/// The σ after the last step of a σ-schedule (Euler, DPM-Solver).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalSigma {
+    #[default]
+    Zero,
+    SigmaMin,
+}
+
+/// DPM-Solver's second-order update rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SolverType {
+    #[default]
+    Midpoint,
+    Heun,
+}
+
+fn d<T: serde::de::DeserializeOwned>(v: &str) -> T {
+    serde_json::from_str(v).expect("default literal")
+}
+
+/// The settings, with diffusers' defaults for the keys a file leaves out.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name")]
+    pub kind: SchedulerKind,
+    #[serde(default = "default_steps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: BetaSchedule,
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    #[serde(default = "default_prediction")]
+    pub prediction_type: Prediction,
+    /// DDPM/DDIM: clamp x̂₀ to ±`clip_sample_range`.
+    #[serde(default = "default_true")]
+    pub clip_sample: bool,
+    #[serde(default = "default_clip_range")]
+    pub clip_sample_range: f64,
+    #[serde(default)]
+    pub steps_offset: usize,
+    /// Defaults differ per scheduler (leading for DDPM/DDIM, linspace for the σ-schedulers).
+    #[serde(default)]
+    pub timestep_spacing: Option<Spacing>,
+    /// DDIM: the "previous" ᾱ after the last step is 1 (else `alphas_cumprod[0]`).
+    #[serde(default = "default_true")]
+    pub set_alpha_to_one: bool,
+    /// DDPM only.
+    #[serde(default)]
+    pub variance_type: Option<VarianceType>,
+    #[serde(default)]
+    pub final_sigmas_type: FinalSigma,
+    #[serde(default = "default_order")]
+    pub solver_order: usize,
+    #[serde(default)]
+    pub solver_type: SolverType,
+    #[serde(default = "default_true")]
+    pub lower_order_final: bool,
+    #[serde(default)]
+    pub euler_at_final: bool,
 }
 
 fn default_steps() -> usize {
@@ -74,53 +148,97 @@ fn default_true() -> bool {
 fn default_clip_range() -> f64 {
     1.0
 }
-fn default_spacing() -> Spacing {
-    Spacing::Leading
+fn default_order() -> usize {
+    2
 }
 
-#[derive(Clone, Debug, Deserialize)]
-pub struct SchedulerConfig {
-    #[serde(rename = "_class_name")]
-    pub kind: SchedulerKind,
-    #[serde(default = "default_steps")]
-    pub num_train_timesteps: usize,
-    #[serde(default = "default_beta_start")]
-    pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
-    pub beta_end: f64,
-    #[serde(default = "default_beta_schedule")]
-    pub beta_schedule: BetaSchedule,
-    #[serde(default)]
-    pub trained_betas: Option<Vec<f64>>,
-    #[serde(default = "default_prediction")]
-    pub prediction_type: Prediction,
-    #[serde(default = "default_true")]
-    pub clip_sample: bool,
-    #[serde(default = "default_clip_range")]
-    pub clip_sample_range: f64,
-    #[serde(default)]
-    pub steps_offset: usize,
-    #[serde(default = "default_spacing")]
-    pub timestep_spacing: Spacing,
-    /// DDIM: the "previous" alpha product after the last step is 1 (else `alphas_cumprod[0]`).
-    #[serde(default = "default_true")]
-    pub set_alpha_to_one: bool,
-    /// DDPM only.
-    #[serde(default)]
-    pub variance_type: Option<VarianceType>,
-    #[serde(default)]
-    pub thresholding: bool,
-    #[serde(default)]
-    pub rescale_betas_zero_snr: bool,
-    #[serde(flatten)]
-    pub other: BTreeMap<String, serde_json::Value>,
+const COMMON: [&str; 10] = [
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "steps_offset",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
+    "_class_name",
+];
+
+/// Keys each scheduler has beyond [`COMMON`].
+fn own_keys(kind: SchedulerKind) -> &'static [&'static str] {
+    const THRESHOLD: [&str; 3] = [
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+    ];
+    match kind {
+        SchedulerKind::Ddpm => &[
+            "variance_type",
+            "clip_sample",
+            "clip_sample_range",
+            THRESHOLD[0],
+            THRESHOLD[1],
+            THRESHOLD[2],
+        ],
+        SchedulerKind::Ddim => &[
+            "set_alpha_to_one",
+            "clip_sample",
+            "clip_sample_range",
+            THRESHOLD[0],
+            THRESHOLD[1],
+            THRESHOLD[2],
+        ],
+        SchedulerKind::Euler => &[
+            "interpolation_type",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "sigma_min",
+            "sigma_max",
+            "timestep_type",
+            "final_sigmas_type",
+        ],
+        SchedulerKind::EulerAncestral => &[],
+        SchedulerKind::DpmSolverMultistep => &[
+            "solver_order",
+            "algorithm_type",
+            "solver_type",
+            "lower_order_final",
+            "euler_at_final",
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "flow_shift",
+            "final_sigmas_type",
+            "lambda_min_clipped",
+            "variance_type",
+            "use_dynamic_shifting",
+            "time_shift_type",
+            THRESHOLD[0],
+            THRESHOLD[1],
+            THRESHOLD[2],
+        ],
+    }
 }
 
-/// Keys that only matter with a feature that is off (checked in `validate`) or carry no math.
-const INERT: [&str; 3] = [
-    "_diffusers_version",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
+/// Keys that switch on something we do not implement, with the value (JSON) we accept; null
+/// (diffusers' "default") is accepted too.
+const FIXED: [(&str, &str); 12] = [
+    ("thresholding", "false"),
+    ("rescale_betas_zero_snr", "false"),
+    ("use_karras_sigmas", "false"),
+    ("use_exponential_sigmas", "false"),
+    ("use_beta_sigmas", "false"),
+    ("use_lu_lambdas", "false"),
+    ("use_flow_sigmas", "false"),
+    ("use_dynamic_shifting", "false"),
+    ("interpolation_type", "\"linear\""),
+    ("timestep_type", "\"discrete\""),
+    ("lambda_min_clipped", "\"-inf\""),
+    ("algorithm_type", "\"dpmsolver++\""),
 ];
 
 impl SchedulerConfig {
@@ -128,27 +246,46 @@ impl SchedulerConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("scheduler_config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
-        cfg.validate().map_err(|e| Error::file(&path, e))?;
+        Self::from_json(&text).map_err(|e| Error::file(&path, e))
+    }
+
+    /// Parses and validates a config's text (diffusers writes ±inf as bare `Infinity`).
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let text = text
+            .replace("-Infinity", "\"-inf\"")
+            .replace("Infinity", "\"inf\"");
+        let mut v: serde_json::Map<String, Value> =
+            serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let kind: SchedulerKind = serde_json::from_value(
+            v.get("_class_name")
+                .cloned()
+                .ok_or("`_class_name` is missing")?,
+        )
+        .map_err(|e| format!("`_class_name`: {e} (implemented: DDPM, DDIM, Euler, Euler ancestral, DPM-Solver multistep)"))?;
+        v.retain(|k, _| !k.starts_with('_') || k == "_class_name");
+        for (key, value) in &v {
+            if !COMMON.contains(&key.as_str()) && !own_keys(kind).contains(&key.as_str()) {
+                return Err(format!("`{key}` is not a {kind:?} setting"));
+            }
+            if let Some((_, ok)) = FIXED.iter().find(|(k, _)| k == key) {
+                if !value.is_null() && *value != d::<Value>(ok) {
+                    return Err(format!("`{key} = {value}` is not implemented (only {ok})"));
+                }
+            }
+        }
+        if kind == SchedulerKind::DpmSolverMultistep
+            && v.get("variance_type").is_some_and(|x| !x.is_null())
+        {
+            return Err(
+                "`variance_type` (learned variance) is not implemented for DPM-Solver".into(),
+            );
+        }
+        let cfg: Self = serde_json::from_value(Value::Object(v)).map_err(|e| e.to_string())?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if let Some(key) = self.other.keys().find(|k| !INERT.contains(&k.as_str())) {
-            return Err(format!(
-                "`{key}` is not implemented for {:?} (it may change the schedule)",
-                self.kind
-            ));
-        }
-        if self.thresholding {
-            return Err("`thresholding = true` (dynamic thresholding) is not implemented".into());
-        }
-        if self.rescale_betas_zero_snr {
-            return Err("`rescale_betas_zero_snr = true` is not implemented".into());
-        }
-        if self.kind != SchedulerKind::Ddpm && self.variance_type.is_some() {
-            return Err("`variance_type` is a DDPMScheduler setting".into());
-        }
         if self.num_train_timesteps < 2 {
             return Err(format!(
                 "num_train_timesteps = {}: at least 2",
@@ -164,6 +301,24 @@ impl SchedulerConfig {
                 ));
             }
         }
+        if self.kind == SchedulerKind::EulerAncestral && self.prediction_type == Prediction::Sample
+        {
+            return Err("`prediction_type = \"sample\"` is not defined for Euler ancestral".into());
+        }
+        if self.kind == SchedulerKind::DpmSolverMultistep && !(1..=2).contains(&self.solver_order) {
+            return Err(format!(
+                "`solver_order = {}` is not implemented (1 or 2)",
+                self.solver_order
+            ));
+        }
         Ok(())
+    }
+
+    /// The spacing in effect: the file's, else the scheduler's default.
+    pub fn spacing(&self) -> Spacing {
+        self.timestep_spacing.unwrap_or(match self.kind {
+            SchedulerKind::Ddpm | SchedulerKind::Ddim => Spacing::Leading,
+            _ => Spacing::Linspace,
+        })
     }
 }

@@ -1,16 +1,23 @@
 //! Noise schedulers as diffusers defines them, read from a `scheduler_config.json`: the
-//! forward process for training (`add_noise`, the prediction `target`) and the reverse steps
-//! for sampling (DDPM, DDIM). Scalars are f32 in diffusers' order of operations, so a
-//! trajectory matches diffusers' given the same model outputs and noise.
+//! forward process for training (`add_noise`, the prediction `target`, SNR) and the reverse
+//! steps for sampling (DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ 1S/2M). Scalars are
+//! f32 in diffusers' order of operations, so a trajectory follows diffusers' given the same
+//! model outputs and noise.
 //!
-//! Noise is passed in, not drawn here: the caller's seeded generator decides it, so a
-//! sampling run is reproducible and the schedulers stay pure functions of their inputs.
+//! Noise is passed in, not drawn here: the caller's seeded generator decides it, so a sampling
+//! run is reproducible and the schedulers stay functions of their inputs (plus DPM-Solver's
+//! memory of the previous step).
 
 mod config;
+mod discrete;
 mod schedule;
+mod sigma_steps;
 
-pub use config::{BetaSchedule, Prediction, SchedulerConfig, SchedulerKind, Spacing, VarianceType};
-pub use schedule::{inference_timesteps, linspace_f32, NoiseSchedule};
+pub use config::{
+    BetaSchedule, FinalSigma, Prediction, SchedulerConfig, SchedulerKind, SolverType, Spacing,
+    VarianceType,
+};
+pub use schedule::{inference_timesteps, linspace_f32, sigmas, NoiseSchedule};
 
 use std::path::Path;
 
@@ -23,9 +30,14 @@ pub struct Scheduler {
     pub cfg: SchedulerConfig,
     pub schedule: NoiseSchedule,
     /// Set by [`Self::set_timesteps`]: the sampling timesteps, highest first.
-    timesteps: Vec<usize>,
-    /// DDIM's η (0: deterministic; 1: DDPM-like noise); DDPM ignores it.
+    timesteps: Vec<f64>,
+    /// σ at each sampling step and after the last (σ-schedulers only).
+    sigmas: Vec<f32>,
+    /// DDIM's η (0: deterministic; 1: DDPM-like noise); other schedulers ignore it.
     pub eta: f32,
+    /// DPM-Solver: x̂₀ of the previous step, and how many steps have run.
+    prev_x0: Option<Tensor>,
+    steps_done: usize,
 }
 
 impl Scheduler {
@@ -36,7 +48,10 @@ impl Scheduler {
             cfg,
             schedule,
             timesteps: Vec::new(),
+            sigmas: Vec::new(),
             eta: 0.0,
+            prev_x0: None,
+            steps_done: 0,
         })
     }
 
@@ -50,18 +65,119 @@ impl Scheduler {
         self.cfg.kind
     }
 
+    fn uses_sigmas(&self) -> bool {
+        matches!(
+            self.cfg.kind,
+            SchedulerKind::Euler
+                | SchedulerKind::EulerAncestral
+                | SchedulerKind::DpmSolverMultistep
+        )
+    }
+
+    /// Prepares `n` sampling steps (and forgets any previous run's state).
     pub fn set_timesteps(&mut self, n: usize) -> Result<()> {
         self.timesteps = inference_timesteps(&self.cfg, n).map_err(Error::Config)?;
+        self.sigmas = if self.uses_sigmas() {
+            sigmas(&self.cfg, &self.schedule, &self.timesteps)
+        } else {
+            Vec::new()
+        };
+        self.prev_x0 = None;
+        self.steps_done = 0;
         Ok(())
     }
 
-    pub fn timesteps(&self) -> &[usize] {
+    /// The sampling timesteps, highest first (what the model is conditioned on).
+    pub fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
-    /// σ of the initial latents (1 for DDPM and DDIM).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    /// σ of the initial latents: 1, or for Euler the largest σ (√(σ²+1) with leading spacing).
     pub fn init_noise_sigma(&self) -> f64 {
-        1.0
+        match self.cfg.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
+                let max = self.sigmas.iter().cloned().fold(0.0f32, f32::max);
+                match self.cfg.spacing() {
+                    Spacing::Linspace | Spacing::Trailing => max as f64,
+                    Spacing::Leading => (max * max + 1.0).sqrt() as f64,
+                }
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// The model's input at step `i`: Euler divides by √(σ²+1); the others take `x` as is.
+    pub fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        match self.cfg.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
+                let s = self.sigma(i)?;
+                let scale = Tensor::new((s * s + 1.0).sqrt(), x.device())?.to_dtype(x.dtype())?;
+                Ok(x.broadcast_div(&scale)?)
+            }
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// Whether step `i` needs noise passed to [`Self::step`].
+    pub fn needs_noise(&self, i: usize) -> bool {
+        match self.cfg.kind {
+            SchedulerKind::Ddpm => self.timesteps.get(i).is_some_and(|&t| t > 0.0),
+            SchedulerKind::Ddim => self.eta > 0.0,
+            SchedulerKind::EulerAncestral => true,
+            SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep => false,
+        }
+    }
+
+    /// One reverse step: from `sample` at sampling step `i` (of [`Self::timesteps`]), given
+    /// the model's output there, to the sample at step `i + 1`. Steps run in order.
+    pub fn step(
+        &mut self,
+        i: usize,
+        out: &Tensor,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if i >= self.timesteps.len() {
+            return Err(Error::Config(format!(
+                "step {i} of {} (call set_timesteps first)",
+                self.timesteps.len()
+            )));
+        }
+        let dtype = out.dtype();
+        let (out, sample) = (out.to_dtype(DType::F32)?, sample.to_dtype(DType::F32)?);
+        let noise = match (self.needs_noise(i), noise) {
+            (false, _) => None,
+            (true, Some(n)) => Some(n.to_dtype(DType::F32)?),
+            (true, None) => {
+                return Err(Error::Config(format!(
+                    "{:?} step {i} needs noise",
+                    self.cfg.kind
+                )))
+            }
+        };
+        let x = match self.cfg.kind {
+            SchedulerKind::Ddpm | SchedulerKind::Ddim => {
+                discrete::step(self, i, &out, &sample, noise.as_ref())?
+            }
+            SchedulerKind::Euler => sigma_steps::euler(self, i, &out, &sample)?,
+            SchedulerKind::EulerAncestral => {
+                sigma_steps::euler_ancestral(self, i, &out, &sample, noise.as_ref())?
+            }
+            SchedulerKind::DpmSolverMultistep => sigma_steps::dpm_solver(self, i, &out, &sample)?,
+        };
+        self.steps_done += 1;
+        Ok(x.to_dtype(dtype)?)
+    }
+
+    fn sigma(&self, i: usize) -> Result<f32> {
+        self.sigmas
+            .get(i)
+            .copied()
+            .ok_or_else(|| Error::Config(format!("no σ for step {i} (call set_timesteps first)")))
     }
 
     fn alpha_cumprod(&self, t: usize) -> Result<f32> {
@@ -114,99 +230,9 @@ impl Scheduler {
             .map(|&t| self.alpha_cumprod(t).map(|ac| ac / (1.0 - ac)))
             .collect()
     }
+}
 
-    /// The timestep sampling moves to from `t` (negative: past the end).
-    fn previous(&self, t: usize) -> i64 {
-        let stride = match self.timesteps.len() {
-            0 => 1,
-            n => self.cfg.num_train_timesteps / n,
-        };
-        t as i64 - stride as i64
-    }
-
-    /// x̂₀ and ε̂ from the model output at ᾱₜ, per the prediction type.
-    fn predictions(&self, out: &Tensor, sample: &Tensor, ac: f32) -> Result<(Tensor, Tensor)> {
-        let (sa, sb) = (ac.sqrt() as f64, (1.0 - ac).sqrt() as f64);
-        let (x0, eps) = match self.cfg.prediction_type {
-            Prediction::Epsilon => (
-                (sample - out.affine(sb, 0.0)?)?.affine(1.0 / sa, 0.0)?,
-                out.clone(),
-            ),
-            Prediction::Sample => {
-                let eps = (sample - out.affine(sa, 0.0)?)?.affine(1.0 / sb, 0.0)?;
-                (out.clone(), eps)
-            }
-            Prediction::VPrediction => (
-                (sample.affine(sa, 0.0)? - out.affine(sb, 0.0)?)?,
-                (out.affine(sa, 0.0)? + sample.affine(sb, 0.0)?)?,
-            ),
-        };
-        let x0 = if self.cfg.clip_sample {
-            let r = self.cfg.clip_sample_range;
-            x0.clamp(-r, r)?
-        } else {
-            x0
-        };
-        Ok((x0, eps))
-    }
-
-    /// One reverse step from `sample` at timestep `t` given the model's output there. `noise`
-    /// (shaped as `sample`) is needed where the step is stochastic: DDPM before t = 0, DDIM
-    /// with η > 0.
-    pub fn step(
-        &self,
-        out: &Tensor,
-        t: usize,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (out, sample) = (out.to_dtype(DType::F32)?, sample.to_dtype(DType::F32)?);
-        let prev = self.previous(t);
-        let ac = self.alpha_cumprod(t)?;
-        let need_noise = || {
-            noise.ok_or_else(|| {
-                Error::Config(format!("{:?} step at t = {t} needs noise", self.cfg.kind))
-            })
-        };
-        match self.cfg.kind {
-            SchedulerKind::Ddim => {
-                let ac_prev = match prev {
-                    p if p >= 0 => self.alpha_cumprod(p as usize)?,
-                    _ if self.cfg.set_alpha_to_one => 1.0,
-                    _ => self.schedule.alphas_cumprod[0],
-                };
-                let (x0, eps) = self.predictions(&out, &sample, ac)?;
-                let variance = ((1.0 - ac_prev) / (1.0 - ac)) * (1.0 - ac / ac_prev);
-                let std = self.eta * variance.sqrt();
-                let dir = eps.affine((1.0 - ac_prev - std * std).sqrt() as f64, 0.0)?;
-                let x = (x0.affine(ac_prev.sqrt() as f64, 0.0)? + dir)?;
-                if self.eta > 0.0 {
-                    return Ok((x + need_noise()?.affine(std as f64, 0.0)?)?);
-                }
-                Ok(x)
-            }
-            SchedulerKind::Ddpm => {
-                let ac_prev = if prev >= 0 {
-                    self.alpha_cumprod(prev as usize)?
-                } else {
-                    1.0
-                };
-                let (beta, beta_prev) = (1.0 - ac, 1.0 - ac_prev);
-                let alpha_t = ac / ac_prev;
-                let beta_t = 1.0 - alpha_t;
-                let (x0, _) = self.predictions(&out, &sample, ac)?;
-                let c0 = (ac_prev.sqrt() * beta_t) / beta;
-                let ct = alpha_t.sqrt() * beta_prev / beta;
-                let x = (x0.affine(c0 as f64, 0.0)? + sample.affine(ct as f64, 0.0)?)?;
-                if t == 0 {
-                    return Ok(x);
-                }
-                let variance = match self.cfg.variance_type.unwrap_or(VarianceType::FixedSmall) {
-                    VarianceType::FixedSmall => (beta_prev / beta * beta_t).max(1e-20),
-                    VarianceType::FixedLarge => beta_t,
-                };
-                Ok((x + need_noise()?.affine(variance.sqrt() as f64, 0.0)?)?)
-            }
-        }
-    }
+/// `x · s` for a scalar `s` (f32, as diffusers' 0-dim tensors).
+fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+    Ok(x.affine(s as f64, 0.0)?)
 }

@@ -1,7 +1,7 @@
 //! The noise schedule (βₜ and ᾱₜ = Π(1 − βₛ)) and the inference timesteps, computed in f32
 //! in the same order as diffusers (torch's linspace and cumprod), so they match it exactly.
 
-use super::config::{BetaSchedule, SchedulerConfig, Spacing};
+use super::config::{BetaSchedule, FinalSigma, SchedulerConfig, SchedulerKind, Spacing};
 
 #[derive(Clone, Debug)]
 pub struct NoiseSchedule {
@@ -84,40 +84,103 @@ impl NoiseSchedule {
     }
 }
 
-/// The `n` inference timesteps, highest first, as `set_timesteps(n)` spreads them.
-pub fn inference_timesteps(c: &SchedulerConfig, n: usize) -> Result<Vec<usize>, String> {
+/// The `n` inference timesteps, highest first, as each scheduler's `set_timesteps(n)` spreads
+/// them (integers, except the σ-schedulers' linspace, which keeps fractions).
+pub fn inference_timesteps(c: &SchedulerConfig, n: usize) -> Result<Vec<f64>, String> {
     let total = c.num_train_timesteps;
     if n == 0 || n > total {
         return Err(format!(
             "num_inference_steps = {n}: between 1 and num_train_timesteps = {total}"
         ));
     }
-    Ok(match c.timestep_spacing {
-        Spacing::Leading => {
-            let ratio = total / n;
-            (0..n).rev().map(|i| i * ratio + c.steps_offset).collect()
+    let offset = c.steps_offset as f64;
+    // DPM-Solver spreads n + 1 points and drops the last (t = 0).
+    let dpm = c.kind == SchedulerKind::DpmSolverMultistep;
+    let trailing = || -> Vec<f64> {
+        let ratio = total as f64 / n as f64;
+        (0..n)
+            .map(|i| round_half_even(total as f64 - i as f64 * ratio) - 1.0)
+            .collect()
+    };
+    Ok(match (c.spacing(), dpm) {
+        (Spacing::Leading, false) => {
+            let ratio = (total / n) as f64;
+            (0..n).rev().map(|i| i as f64 * ratio + offset).collect()
         }
-        Spacing::Trailing => {
-            let ratio = total as f64 / n as f64;
-            (0..n)
-                .map(|i| {
-                    (round_half_even(total as f64 - i as f64 * ratio) as usize).saturating_sub(1)
-                })
-                .collect()
+        (Spacing::Leading, true) => {
+            let ratio = (total / (n + 1)) as f64;
+            (1..=n).rev().map(|i| i as f64 * ratio + offset).collect()
         }
-        Spacing::Linspace => {
-            // numpy: arange(n) · step + start, the last point exactly `stop`.
-            let last = (total - 1) as f64;
-            let step = if n == 1 { 0.0 } else { last / (n - 1) as f64 };
-            (0..n)
+        (Spacing::Trailing, _) => trailing(),
+        (Spacing::Linspace, false) => {
+            let pts = numpy_linspace(0.0, (total - 1) as f64, n);
+            match c.kind {
+                // Euler keeps the points as float32 (fractional timesteps).
+                SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
+                    pts.iter().rev().map(|&t| t as f32 as f64).collect()
+                }
+                _ => pts.iter().rev().map(|&t| round_half_even(t)).collect(),
+            }
+        }
+        (Spacing::Linspace, true) => {
+            let pts = numpy_linspace(0.0, (total - 1) as f64, n + 1);
+            pts.iter()
+                .skip(1)
                 .rev()
-                .map(|i| match i + 1 == n && n > 1 {
-                    true => last as usize,
-                    false => round_half_even(i as f64 * step) as usize,
-                })
+                .map(|&t| round_half_even(t))
                 .collect()
         }
     })
+}
+
+/// numpy's `linspace`: `arange(n) · step + start`, the last point exactly `stop`.
+fn numpy_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (n - 1) as f64;
+    (0..n)
+        .map(|i| {
+            if i + 1 == n {
+                stop
+            } else {
+                i as f64 * step + start
+            }
+        })
+        .collect()
+}
+
+/// The σ-schedulers' σ at each inference timestep, then the final σ (0, or the smallest
+/// training σ): √((1−ᾱ)/ᾱ) in f32, linearly interpolated in f64 as `np.interp`, stored as f32.
+pub fn sigmas(c: &SchedulerConfig, schedule: &NoiseSchedule, timesteps: &[f64]) -> Vec<f32> {
+    let full: Vec<f32> = schedule
+        .alphas_cumprod
+        .iter()
+        .map(|&ac| ((1.0 - ac) / ac).sqrt())
+        .collect();
+    let interp = |t: f64| -> f64 {
+        let last = full.len() - 1;
+        if t <= 0.0 {
+            return full[0] as f64;
+        }
+        if t >= last as f64 {
+            return full[last] as f64;
+        }
+        let j = t.floor() as usize;
+        let (a, b) = (full[j] as f64, full[j + 1] as f64);
+        let frac = t - j as f64;
+        if frac == 0.0 {
+            a
+        } else {
+            (b - a) * frac + a
+        }
+    };
+    let mut out: Vec<f32> = timesteps.iter().map(|&t| interp(t) as f32).collect();
+    out.push(match c.final_sigmas_type {
+        FinalSigma::Zero => 0.0,
+        FinalSigma::SigmaMin => full[0],
+    });
+    out
 }
 
 /// numpy's `round`: halves to even.
