@@ -8,6 +8,8 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Core(#[from] colossal_core::Error),
 }
 
 impl Error {

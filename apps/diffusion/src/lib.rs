@@ -1,9 +1,12 @@
 //! Stable Diffusion on the colossal-rs engine, in the diffusers folder layout.
 //!
-//! Built so far: the noise schedulers (`scheduler`), read from a diffusers
-//! `scheduler_config.json`.
+//! Built so far: the noise schedulers (`scheduler`, from a `scheduler_config.json`) and
+//! CLIP's tokenizer and text encoder (`clip`, from `tokenizer/` and `text_encoder/`).
 
+pub mod clip;
 pub mod error;
+pub mod nn;
 pub mod scheduler;
+pub mod weights;
 
 pub use error::{Error, Result};

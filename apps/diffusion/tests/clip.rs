@@ -1,0 +1,99 @@
+//! CLIP against `shared/fixtures/sd_tiny` (transformers 4.57): tokenizer ids for 14 prompts,
+//! the text encoder's last hidden state and pooled output, and a gradient for every parameter.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use diffusion::clip::{ClipTextModel, ClipTokenizer};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
+}
+
+fn tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(rows: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<u32>> = serde_json::from_value(rows.clone()).unwrap();
+    let (b, t) = (rows.len(), rows[0].len());
+    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
+}
+
+/// max |a − b| over max(1, max |b|).
+fn err(a: &Tensor, b: &Tensor) -> f32 {
+    let d: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    d / m.max(1.0)
+}
+
+#[test]
+fn the_tokenizer_gives_transformers_ids() {
+    let tok = ClipTokenizer::from_dir(&fixture().join("tokenizer")).unwrap();
+    let r = reference();
+    let prompts = r["tokenizer"]["test_prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 14);
+    for p in prompts {
+        let text = p["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(p["slow_ids"].clone()).unwrap();
+        let mut got = vec![tok.bos];
+        got.extend(tok.tokenize(text));
+        got.push(tok.eos);
+        assert_eq!(got, want, "{text:?}");
+    }
+    // Padded to 77 with the end token, as the pipeline calls it.
+    let want: Vec<Vec<u32>> =
+        serde_json::from_value(r["text_encoder"]["input_ids"].clone()).unwrap();
+    assert_eq!(tok.encode("grinning face with smiling eyes"), want[0]);
+}
+
+#[test]
+fn the_text_encoder_matches_transformers() {
+    let (model, params) =
+        ClipTextModel::load(&fixture().join("text_encoder"), DType::F32, &Device::Cpu).unwrap();
+    let (r, t) = (reference(), tensors());
+    let (last, pooled) = model
+        .forward(&params, &ids(&r["text_encoder"]["input_ids"]))
+        .unwrap();
+    let e = err(&last, &t["text_encoder.last_hidden_state"]);
+    assert!(e < 1e-4, "last_hidden_state err {e}");
+    let e = err(&pooled, &t["text_encoder.pooler_output"]);
+    assert!(e < 1e-4, "pooler_output err {e}");
+    let (both, _) = model
+        .forward(&params, &ids(&r["text_encoder"]["input_ids_batch2"]))
+        .unwrap();
+    let e = err(&both, &t["encoder_hidden_states"]);
+    assert!(e < 1e-4, "encoder_hidden_states err {e}");
+}
+
+#[test]
+fn every_text_encoder_parameter_gets_a_gradient() {
+    let (model, params) =
+        ClipTextModel::load(&fixture().join("text_encoder"), DType::F32, &Device::Cpu).unwrap();
+    let r = reference();
+    let (last, pooled) = model
+        .forward(&params, &ids(&r["text_encoder"]["input_ids_batch2"]))
+        .unwrap();
+    let loss = (last.sqr().unwrap().mean_all().unwrap() + pooled.sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in params.iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let n: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(n > 0.0, "{name}: zero gradient");
+    }
+}
