@@ -1,12 +1,14 @@
 //! Stable Diffusion on the colossal-rs engine, in the diffusers folder layout.
 //!
 //! Built so far: the noise schedulers (`scheduler`, from a `scheduler_config.json`) and
-//! CLIP's tokenizer and text encoder (`clip`, from `tokenizer/` and `text_encoder/`).
+//! CLIP's tokenizer and text encoder (`clip`, from `tokenizer/` and `text_encoder/`), the
+//! conditional UNet (`unet`, from `unet/`).
 
 pub mod clip;
 pub mod error;
 pub mod nn;
 pub mod scheduler;
+pub mod unet;
 pub mod weights;
 
 pub use error::{Error, Result};

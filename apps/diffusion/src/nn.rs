@@ -116,3 +116,20 @@ impl Activation {
         })
     }
 }
+
+/// 2-D convolution of x (N, C, H, W) by the module at `prefix` (weight (O, C, kh, kw), bias
+/// (O)), square `padding` and `stride`.
+pub fn conv2d(
+    p: &Params,
+    prefix: &str,
+    x: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let w = p.get(&format!("{prefix}.weight"))?;
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    Ok(match p.get(&format!("{prefix}.bias")) {
+        Ok(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        Err(_) => y,
+    })
+}

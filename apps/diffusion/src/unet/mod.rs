@@ -1,0 +1,265 @@
+//! `UNet2DConditionModel` (diffusers), SD 1.x/2.x layouts: timestep embedding, `conv_in`,
+//! down levels (ResNet blocks, spatial transformers, a stride-2 downsampler), the middle
+//! (ResNet, transformer, ResNet), up levels that concatenate the matching down activation
+//! (the skip) before each ResNet block and upsample, then norm → act → `conv_out`.
+//! Parameter names are the checkpoint's.
+
+mod blocks;
+mod config;
+
+pub use blocks::timestep_features;
+pub use config::{DownKind, PerBlock, UNetConfig, UpKind};
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use colossal_core::params::Params;
+use colossal_kernels::Kernels;
+
+use blocks::{resnet_shapes, transformer_shapes, Ctx};
+
+use crate::nn::{self, Activation};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct UNet {
+    pub cfg: UNetConfig,
+    act: Activation,
+    down: Vec<DownKind>,
+    up: Vec<UpKind>,
+    pub kernels: Kernels,
+}
+
+impl UNet {
+    pub fn new(cfg: UNetConfig) -> Result<Self> {
+        cfg.validate().map_err(Error::Config)?;
+        let act = Activation::parse(&cfg.act_fn, "act_fn").map_err(Error::Config)?;
+        let down = cfg.down_kinds().map_err(Error::Config)?;
+        let up = cfg.up_kinds().map_err(Error::Config)?;
+        Ok(Self {
+            cfg,
+            act,
+            down,
+            up,
+            kernels: Kernels::default(),
+        })
+    }
+
+    /// The model and its weights from a `unet/` folder (`config.json`,
+    /// `diffusion_pytorch_model.safetensors`).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Params)> {
+        let model = Self::new(UNetConfig::from_file(&dir.join("config.json"))?)?;
+        let params = crate::weights::load(
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            &model.param_shapes(),
+            dtype,
+            device,
+        )?;
+        Ok((model, params))
+    }
+
+    fn levels(&self) -> usize {
+        self.cfg.block_out_channels.len()
+    }
+
+    /// Input channels of up level `i`'s ResNet `j` (the running width plus its skip's).
+    fn up_resnet_in(&self, i: usize, j: usize) -> usize {
+        let rev: Vec<usize> = self.cfg.block_out_channels.iter().rev().copied().collect();
+        let n = rev.len();
+        let out = rev[i];
+        let prev = if i == 0 { rev[0] } else { rev[i - 1] };
+        let skip = if j == self.cfg.layers_per_block {
+            rev[(i + 1).min(n - 1)]
+        } else {
+            out
+        };
+        (if j == 0 { prev } else { out }) + skip
+    }
+
+    /// Every parameter's name and shape.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = &self.cfg;
+        let boc = &c.block_out_channels;
+        let (n, tdim, lpb) = (self.levels(), c.time_dim(), c.layers_per_block);
+        let lin = c.use_linear_projection;
+        let mut out: Vec<(String, Vec<usize>)> = vec![
+            ("time_embedding.linear_1.weight".into(), vec![tdim, boc[0]]),
+            ("time_embedding.linear_1.bias".into(), vec![tdim]),
+            ("time_embedding.linear_2.weight".into(), vec![tdim, tdim]),
+            ("time_embedding.linear_2.bias".into(), vec![tdim]),
+            ("conv_in.weight".into(), vec![boc[0], c.in_channels, 3, 3]),
+            ("conv_in.bias".into(), vec![boc[0]]),
+        ];
+        for (i, kind) in self.down.iter().enumerate() {
+            let cin = if i == 0 { boc[0] } else { boc[i - 1] };
+            for j in 0..lpb {
+                let p = format!("down_blocks.{i}.resnets.{j}");
+                resnet_shapes(
+                    &mut out,
+                    &p,
+                    if j == 0 { cin } else { boc[i] },
+                    boc[i],
+                    tdim,
+                );
+                if *kind == DownKind::CrossAttn {
+                    let p = format!("down_blocks.{i}.attentions.{j}");
+                    let layers = c.transformer_layers_per_block.get(i);
+                    transformer_shapes(&mut out, &p, boc[i], c.cross_attention_dim, layers, lin);
+                }
+            }
+            if i + 1 < n {
+                out.push((
+                    format!("down_blocks.{i}.downsamplers.0.conv.weight"),
+                    vec![boc[i], boc[i], 3, 3],
+                ));
+                out.push((
+                    format!("down_blocks.{i}.downsamplers.0.conv.bias"),
+                    vec![boc[i]],
+                ));
+            }
+        }
+        let mid = boc[n - 1];
+        resnet_shapes(&mut out, "mid_block.resnets.0", mid, mid, tdim);
+        let layers = c.transformer_layers_per_block.get(n - 1);
+        transformer_shapes(
+            &mut out,
+            "mid_block.attentions.0",
+            mid,
+            c.cross_attention_dim,
+            layers,
+            lin,
+        );
+        resnet_shapes(&mut out, "mid_block.resnets.1", mid, mid, tdim);
+        for (i, kind) in self.up.iter().enumerate() {
+            let ch = boc[n - 1 - i];
+            for j in 0..=lpb {
+                let p = format!("up_blocks.{i}.resnets.{j}");
+                resnet_shapes(&mut out, &p, self.up_resnet_in(i, j), ch, tdim);
+                if *kind == UpKind::CrossAttn {
+                    let p = format!("up_blocks.{i}.attentions.{j}");
+                    let layers = c.transformer_layers_per_block.get(n - 1 - i);
+                    transformer_shapes(&mut out, &p, ch, c.cross_attention_dim, layers, lin);
+                }
+            }
+            if i + 1 < n {
+                out.push((
+                    format!("up_blocks.{i}.upsamplers.0.conv.weight"),
+                    vec![ch, ch, 3, 3],
+                ));
+                out.push((format!("up_blocks.{i}.upsamplers.0.conv.bias"), vec![ch]));
+            }
+        }
+        out.extend([
+            ("conv_norm_out.weight".into(), vec![boc[0]]),
+            ("conv_norm_out.bias".into(), vec![boc[0]]),
+            ("conv_out.weight".into(), vec![c.out_channels, boc[0], 3, 3]),
+            ("conv_out.bias".into(), vec![c.out_channels]),
+        ]);
+        out
+    }
+
+    /// The time embedding (B, 4·C₀) of per-sample timesteps.
+    pub fn time_embedding(
+        &self,
+        p: &Params,
+        t: &[f64],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let f = timestep_features(
+            t,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            device,
+        )?
+        .to_dtype(dtype)?;
+        let h = nn::linear(p, "time_embedding.linear_1", &f, self.kernels)?;
+        nn::linear(
+            p,
+            "time_embedding.linear_2",
+            &self.act.apply(&h)?,
+            self.kernels,
+        )
+    }
+
+    /// The model's prediction (B, out, H, W) for `x` (B, in, H, W) at per-sample timesteps
+    /// `t`, conditioned on `text` (B, S, cross_attention_dim).
+    pub fn forward(&self, p: &Params, x: &Tensor, t: &[f64], text: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let n = self.levels();
+        let (_, _, hh, ww) = x.dims4()?;
+        let stride = 1 << (n - 1);
+        if hh % stride != 0 || ww % stride != 0 {
+            return Err(Error::Config(format!(
+                "latents {hh}×{ww}: each side must be divisible by {stride} ({n} levels)"
+            )));
+        }
+        let ctx = Ctx {
+            p,
+            k: self.kernels,
+            cfg: c,
+            act: self.act,
+        };
+        let temb = self.time_embedding(p, t, x.device(), x.dtype())?;
+        let mut h = nn::conv2d(p, "conv_in", x, 1, 1)?;
+        let mut skips = vec![h.clone()];
+        for (i, kind) in self.down.iter().enumerate() {
+            for j in 0..c.layers_per_block {
+                h = ctx.resnet(&format!("down_blocks.{i}.resnets.{j}"), &h, &temb, 1.0)?;
+                if *kind == DownKind::CrossAttn {
+                    let layers = c.transformer_layers_per_block.get(i);
+                    h = ctx.transformer(
+                        &format!("down_blocks.{i}.attentions.{j}"),
+                        &h,
+                        text,
+                        c.heads(i),
+                        layers,
+                    )?;
+                }
+                skips.push(h.clone());
+            }
+            if i + 1 < n {
+                h = ctx.downsample(&format!("down_blocks.{i}.downsamplers.0"), &h)?;
+                skips.push(h.clone());
+            }
+        }
+        let scale = c.mid_block_scale_factor;
+        h = ctx.resnet("mid_block.resnets.0", &h, &temb, scale)?;
+        let layers = c.transformer_layers_per_block.get(n - 1);
+        h = ctx.transformer("mid_block.attentions.0", &h, text, c.heads(n - 1), layers)?;
+        h = ctx.resnet("mid_block.resnets.1", &h, &temb, scale)?;
+        for (i, kind) in self.up.iter().enumerate() {
+            let level = n - 1 - i;
+            for j in 0..=c.layers_per_block {
+                let skip = skips.pop().expect("one skip per up ResNet");
+                h = Tensor::cat(&[&h, &skip], 1)?;
+                h = ctx.resnet(&format!("up_blocks.{i}.resnets.{j}"), &h, &temb, 1.0)?;
+                if *kind == UpKind::CrossAttn {
+                    let layers = c.transformer_layers_per_block.get(level);
+                    h = ctx.transformer(
+                        &format!("up_blocks.{i}.attentions.{j}"),
+                        &h,
+                        text,
+                        c.heads(level),
+                        layers,
+                    )?;
+                }
+            }
+            if i + 1 < n {
+                let (_, _, a, b) = h.dims4()?;
+                h = ctx.upsample(&format!("up_blocks.{i}.upsamplers.0"), &h, (2 * a, 2 * b))?;
+            }
+        }
+        let h = nn::group_norm(
+            p,
+            "conv_norm_out",
+            &h,
+            c.norm_num_groups,
+            c.norm_eps,
+            self.kernels,
+        )?;
+        nn::conv2d(p, "conv_out", &self.act.apply(&h)?, 1, 1)
+    }
+}

@@ -1,0 +1,123 @@
+//! The UNet against `shared/fixtures/sd_tiny` (diffusers 0.35): parameter names and shapes
+//! from the config, the timestep features and embedding, the noise prediction, and one
+//! training step's loss, gradient norm and gradients, with a gradient for every parameter.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use diffusion::unet::{timestep_features, UNet};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
+}
+
+fn tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// max |a − b| over max(1, max |b|).
+fn err(a: &Tensor, b: &Tensor) -> f32 {
+    let d: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    d / m.max(1.0)
+}
+
+fn timesteps(v: &serde_json::Value) -> Vec<f64> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn the_noise_prediction_matches_diffusers() {
+    let (unet, p) = UNet::load(&fixture().join("unet"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        unet.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>(),
+        reference()["components"]["unet"]["params"]
+            .as_u64()
+            .unwrap() as usize
+    );
+    let (r, t) = (reference(), tensors());
+    let ts = timesteps(&r["unet"]["timesteps"]);
+    let f = timestep_features(&ts, 32, true, 0.0, &Device::Cpu).unwrap();
+    let e = err(&f, &t["unet.time_proj"]);
+    assert!(e < 1e-5, "time_proj err {e}");
+    let emb = unet
+        .time_embedding(&p, &ts, &Device::Cpu, DType::F32)
+        .unwrap();
+    let e = err(&emb, &t["unet.time_embedding"]);
+    assert!(e < 1e-4, "time_embedding err {e}");
+    let out = unet
+        .forward(&p, &t["unet.latents"], &ts, &t["encoder_hidden_states"])
+        .unwrap();
+    let e = err(&out, &t["unet.noise_pred"]);
+    assert!(e < 1e-4, "noise_pred err {e}");
+}
+
+#[test]
+fn a_training_step_matches_diffusers_loss_and_gradients() {
+    let (unet, p) = UNet::load(&fixture().join("unet"), DType::F32, &Device::Cpu).unwrap();
+    let (r, t) = (reference(), tensors());
+    let ts = timesteps(&r["train"]["timesteps"]);
+    let pred = unet
+        .forward(&p, &t["train.noisy"], &ts, &t["encoder_hidden_states"])
+        .unwrap();
+    let e = err(&pred, &t["train.noise_pred"]);
+    assert!(e < 1e-4, "noise_pred err {e}");
+    let loss = (&pred - &t["train.noise"])
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let got: f32 = loss.to_scalar().unwrap();
+    let want = r["train"]["loss"].as_f64().unwrap() as f32;
+    assert!((got - want).abs() < 1e-5, "loss {got} vs {want}");
+    let grads = loss.backward().unwrap();
+    let (mut sq, mut checked) = (0f64, 0);
+    for (name, var) in p.iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let s: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(s > 0.0, "{name}: zero gradient");
+        sq += s as f64;
+        if let Some(want) = t.get(&format!("train.grad.{name}")) {
+            let d: f32 = (g - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let m: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(
+                d < 1e-4 * m,
+                "{name}: gradient off by {d} (largest element {m})"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4, "the fixture's four gradients");
+    let norm = sq.sqrt();
+    let want = r["train"]["unet_grad_norm_f64"].as_f64().unwrap();
+    assert!(
+        ((norm - want) / want).abs() < 1e-5,
+        "grad norm {norm} vs {want}"
+    );
+}
