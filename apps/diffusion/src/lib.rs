@@ -2,13 +2,15 @@
 //!
 //! Built so far: the noise schedulers (`scheduler`, from a `scheduler_config.json`) and
 //! CLIP's tokenizer and text encoder (`clip`, from `tokenizer/` and `text_encoder/`), the
-//! conditional UNet (`unet`, from `unet/`).
+//! conditional UNet (`unet`, from `unet/`) and the KL autoencoder (`vae`, from `vae/`).
 
 pub mod clip;
+pub mod conv_blocks;
 pub mod error;
 pub mod nn;
 pub mod scheduler;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@ use colossal_core::params::Params;
 use colossal_kernels::Kernels;
 
 use super::UNetConfig;
+use crate::conv_blocks::{self, Groups};
 use crate::nn::{self, Activation};
 use crate::Result;
 
@@ -58,28 +59,13 @@ impl Ctx<'_> {
         self.cfg.norm_num_groups
     }
 
-    /// `ResnetBlock2D`: norm → act → conv, plus the projected time embedding, norm → act →
-    /// conv, added to the (1×1-projected when the width changes) input.
+    /// `ResnetBlock2D` with the time embedding.
     pub fn resnet(&self, prefix: &str, x: &Tensor, temb: &Tensor, scale: f64) -> Result<Tensor> {
-        let n = |s: &str| format!("{prefix}.{s}");
-        let (p, k, eps) = (self.p, self.k, self.cfg.norm_eps);
-        let h = nn::group_norm(p, &n("norm1"), x, self.groups(), eps, k)?;
-        let h = nn::conv2d(p, &n("conv1"), &self.act.apply(&h)?, 1, 1)?;
-        let t = nn::linear(p, &n("time_emb_proj"), &self.act.apply(temb)?, k)?;
-        let h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = nn::group_norm(p, &n("norm2"), &h, self.groups(), eps, k)?;
-        let h = nn::conv2d(p, &n("conv2"), &self.act.apply(&h)?, 1, 1)?;
-        let x = if p.get(&n("conv_shortcut.weight")).is_ok() {
-            nn::conv2d(p, &n("conv_shortcut"), x, 1, 0)?
-        } else {
-            x.clone()
+        let g = Groups {
+            groups: self.groups(),
+            eps: self.cfg.norm_eps,
         };
-        let out = (x + h)?;
-        Ok(if scale == 1.0 {
-            out
-        } else {
-            out.affine(1.0 / scale, 0.0)?
-        })
+        conv_blocks::resnet(self.p, self.k, self.act, prefix, x, Some(temb), g, scale)
     }
 
     /// Multi-head attention of `x` (B, T, C) over `ctx` (itself when `None`).
@@ -166,48 +152,6 @@ impl Ctx<'_> {
             nn::conv2d(p, &n("proj_out"), &image(&h)?, 1, 0)?
         };
         Ok((h + x)?)
-    }
-
-    /// `Downsample2D`: a stride-2 3×3 convolution (padding 0 pads right and bottom by one).
-    pub fn downsample(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        let pad = self.cfg.downsample_padding;
-        let x = if pad == 0 {
-            x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?
-        } else {
-            x.clone()
-        };
-        nn::conv2d(self.p, &format!("{prefix}.conv"), &x, 2, pad)
-    }
-
-    /// `Upsample2D`: nearest ×2 (or to `size`), then a 3×3 convolution.
-    pub fn upsample(&self, prefix: &str, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-        let up = x.upsample_nearest2d(size.0, size.1)?;
-        nn::conv2d(self.p, &format!("{prefix}.conv"), &up, 1, 1)
-    }
-}
-
-/// Shapes of a ResNet block's parameters.
-pub fn resnet_shapes(
-    out: &mut Vec<(String, Vec<usize>)>,
-    prefix: &str,
-    cin: usize,
-    cout: usize,
-    tdim: usize,
-) {
-    let mut add = |s: &str, shape: Vec<usize>| out.push((format!("{prefix}.{s}"), shape));
-    add("norm1.weight", vec![cin]);
-    add("norm1.bias", vec![cin]);
-    add("conv1.weight", vec![cout, cin, 3, 3]);
-    add("conv1.bias", vec![cout]);
-    add("time_emb_proj.weight", vec![cout, tdim]);
-    add("time_emb_proj.bias", vec![cout]);
-    add("norm2.weight", vec![cout]);
-    add("norm2.bias", vec![cout]);
-    add("conv2.weight", vec![cout, cout, 3, 3]);
-    add("conv2.bias", vec![cout]);
-    if cin != cout {
-        add("conv_shortcut.weight", vec![cout, cin, 1, 1]);
-        add("conv_shortcut.bias", vec![cout]);
     }
 }
 

@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use colossal_core::params::Params;
 use colossal_kernels::Kernels;
 
-use blocks::{resnet_shapes, transformer_shapes, Ctx};
+use crate::conv_blocks::{self, resnet_shapes};
+use blocks::{transformer_shapes, Ctx};
 
 use crate::nn::{self, Activation};
 use crate::{Error, Result};
@@ -99,7 +100,7 @@ impl UNet {
                     &p,
                     if j == 0 { cin } else { boc[i] },
                     boc[i],
-                    tdim,
+                    Some(tdim),
                 );
                 if *kind == DownKind::CrossAttn {
                     let p = format!("down_blocks.{i}.attentions.{j}");
@@ -119,7 +120,7 @@ impl UNet {
             }
         }
         let mid = boc[n - 1];
-        resnet_shapes(&mut out, "mid_block.resnets.0", mid, mid, tdim);
+        resnet_shapes(&mut out, "mid_block.resnets.0", mid, mid, Some(tdim));
         let layers = c.transformer_layers_per_block.get(n - 1);
         transformer_shapes(
             &mut out,
@@ -129,12 +130,12 @@ impl UNet {
             layers,
             lin,
         );
-        resnet_shapes(&mut out, "mid_block.resnets.1", mid, mid, tdim);
+        resnet_shapes(&mut out, "mid_block.resnets.1", mid, mid, Some(tdim));
         for (i, kind) in self.up.iter().enumerate() {
             let ch = boc[n - 1 - i];
             for j in 0..=lpb {
                 let p = format!("up_blocks.{i}.resnets.{j}");
-                resnet_shapes(&mut out, &p, self.up_resnet_in(i, j), ch, tdim);
+                resnet_shapes(&mut out, &p, self.up_resnet_in(i, j), ch, Some(tdim));
                 if *kind == UpKind::CrossAttn {
                     let p = format!("up_blocks.{i}.attentions.{j}");
                     let layers = c.transformer_layers_per_block.get(n - 1 - i);
@@ -221,7 +222,8 @@ impl UNet {
                 skips.push(h.clone());
             }
             if i + 1 < n {
-                h = ctx.downsample(&format!("down_blocks.{i}.downsamplers.0"), &h)?;
+                let prefix = format!("down_blocks.{i}.downsamplers.0");
+                h = conv_blocks::downsample(p, &prefix, &h, c.downsample_padding)?;
                 skips.push(h.clone());
             }
         }
@@ -248,8 +250,7 @@ impl UNet {
                 }
             }
             if i + 1 < n {
-                let (_, _, a, b) = h.dims4()?;
-                h = ctx.upsample(&format!("up_blocks.{i}.upsamplers.0"), &h, (2 * a, 2 * b))?;
+                h = conv_blocks::upsample(p, &format!("up_blocks.{i}.upsamplers.0"), &h)?;
             }
         }
         let h = nn::group_norm(
