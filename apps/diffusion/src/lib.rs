@@ -8,6 +8,7 @@ pub mod clip;
 pub mod conv_blocks;
 pub mod error;
 pub mod nn;
+pub mod pipeline;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
