@@ -111,7 +111,7 @@ impl Pipeline {
         let b = prompts.len();
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let s = self.latent_scale();
-        if opts.height % s != 0 || opts.width % s != 0 {
+        if !opts.height.is_multiple_of(s) || !opts.width.is_multiple_of(s) {
             return Err(Error::Config(format!(
                 "image {}×{}: each side must be a multiple of {s}",
                 opts.height, opts.width
