@@ -4,14 +4,14 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::nn::Activation;
 use crate::{Error, Result};
 
 /// An int for every block, or one per block.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -68,7 +68,7 @@ fn d_scale() -> f64 {
     1.0
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct UNetConfig {
     #[serde(default = "d_sample")]
     pub sample_size: usize,
@@ -260,6 +260,16 @@ impl UNetConfig {
                 other => Err(format!("up_block_types: `{other}` is not implemented")),
             })
             .collect()
+    }
+
+    /// The `config.json` diffusers reads back (keys left out take diffusers' defaults, which
+    /// are the values this model implements).
+    pub fn to_json(&self) -> Result<String> {
+        let mut v = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
+        let obj = v.as_object_mut().expect("a struct serialises to an object");
+        obj.insert("_class_name".into(), "UNet2DConditionModel".into());
+        obj.insert("_diffusers_version".into(), "0.35.2".into());
+        Ok(serde_json::to_string_pretty(&v).expect("json"))
     }
 
     /// Heads of level `i`'s attention (`num_attention_heads`, else the legacy

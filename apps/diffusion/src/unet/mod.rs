@@ -6,9 +6,11 @@
 
 mod blocks;
 mod config;
+mod family;
 
 pub use blocks::timestep_features;
 pub use config::{DownKind, PerBlock, UNetConfig, UpKind};
+pub use family::UNetCtx;
 
 use std::path::Path;
 
@@ -16,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use colossal_core::params::Params;
 use colossal_kernels::Kernels;
 
-use crate::conv_blocks::{self, resnet_shapes};
+use crate::conv_blocks::resnet_shapes;
 use blocks::{transformer_shapes, Ctx};
 
 use crate::nn::{self, Activation};
@@ -186,81 +188,26 @@ impl UNet {
     }
 
     /// The model's prediction (B, out, H, W) for `x` (B, in, H, W) at per-sample timesteps
-    /// `t`, conditioned on `text` (B, S, cross_attention_dim).
+    /// `t`, conditioned on `text` (B, S, cross_attention_dim): its blocks in order.
     pub fn forward(&self, p: &Params, x: &Tensor, t: &[f64], text: &Tensor) -> Result<Tensor> {
-        let c = &self.cfg;
-        let n = self.levels();
-        let (_, _, hh, ww) = x.dims4()?;
-        let stride = 1 << (n - 1);
-        if hh % stride != 0 || ww % stride != 0 {
-            return Err(Error::Config(format!(
-                "latents {hh}×{ww}: each side must be divisible by {stride} ({n} levels)"
-            )));
+        use colossal_core::exec::{Acts, BlockModel};
+        let ctx = UNetCtx {
+            text: text.clone(),
+            t: t.to_vec(),
+        };
+        let mut acts = Acts::one("x", x.clone());
+        for b in 0..self.num_blocks() {
+            acts = self.block_forward(b, p, &acts, &ctx)?;
         }
-        let ctx = Ctx {
+        Ok(acts.take("pred")?)
+    }
+
+    fn ctx<'a>(&'a self, p: &'a Params) -> Ctx<'a> {
+        Ctx {
             p,
             k: self.kernels,
-            cfg: c,
+            cfg: &self.cfg,
             act: self.act,
-        };
-        let temb = self.time_embedding(p, t, x.device(), x.dtype())?;
-        let mut h = nn::conv2d(p, "conv_in", x, 1, 1)?;
-        let mut skips = vec![h.clone()];
-        for (i, kind) in self.down.iter().enumerate() {
-            for j in 0..c.layers_per_block {
-                h = ctx.resnet(&format!("down_blocks.{i}.resnets.{j}"), &h, &temb, 1.0)?;
-                if *kind == DownKind::CrossAttn {
-                    let layers = c.transformer_layers_per_block.get(i);
-                    h = ctx.transformer(
-                        &format!("down_blocks.{i}.attentions.{j}"),
-                        &h,
-                        text,
-                        c.heads(i),
-                        layers,
-                    )?;
-                }
-                skips.push(h.clone());
-            }
-            if i + 1 < n {
-                let prefix = format!("down_blocks.{i}.downsamplers.0");
-                h = conv_blocks::downsample(p, &prefix, &h, c.downsample_padding)?;
-                skips.push(h.clone());
-            }
         }
-        let scale = c.mid_block_scale_factor;
-        h = ctx.resnet("mid_block.resnets.0", &h, &temb, scale)?;
-        let layers = c.transformer_layers_per_block.get(n - 1);
-        h = ctx.transformer("mid_block.attentions.0", &h, text, c.heads(n - 1), layers)?;
-        h = ctx.resnet("mid_block.resnets.1", &h, &temb, scale)?;
-        for (i, kind) in self.up.iter().enumerate() {
-            let level = n - 1 - i;
-            for j in 0..=c.layers_per_block {
-                let skip = skips.pop().expect("one skip per up ResNet");
-                h = Tensor::cat(&[&h, &skip], 1)?;
-                h = ctx.resnet(&format!("up_blocks.{i}.resnets.{j}"), &h, &temb, 1.0)?;
-                if *kind == UpKind::CrossAttn {
-                    let layers = c.transformer_layers_per_block.get(level);
-                    h = ctx.transformer(
-                        &format!("up_blocks.{i}.attentions.{j}"),
-                        &h,
-                        text,
-                        c.heads(level),
-                        layers,
-                    )?;
-                }
-            }
-            if i + 1 < n {
-                h = conv_blocks::upsample(p, &format!("up_blocks.{i}.upsamplers.0"), &h)?;
-            }
-        }
-        let h = nn::group_norm(
-            p,
-            "conv_norm_out",
-            &h,
-            c.norm_num_groups,
-            c.norm_eps,
-            self.kernels,
-        )?;
-        nn::conv2d(p, "conv_out", &self.act.apply(&h)?, 1, 1)
     }
 }

@@ -1,5 +1,6 @@
 //! Hugging Face safetensors checkpoints: `model.safetensors` or
-//! `model.safetensors.index.json` + shards, read and written with HF names and shapes.
+//! `model.safetensors.index.json` + shards (transformers' names), or the same under the stem
+//! `diffusion_pytorch_model` (diffusers' names), read and written with HF names and shapes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,10 +14,25 @@ use crate::{Error, Result};
 
 pub const SINGLE: &str = "model.safetensors";
 pub const INDEX: &str = "model.safetensors.index.json";
+/// The file stems transformers (`model`) and diffusers (`diffusion_pytorch_model`) write.
+pub const STEMS: [&str; 2] = ["model", "diffusion_pytorch_model"];
 
 /// Files holding the weights of the HF model directory `dir`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join(INDEX);
+    for stem in STEMS {
+        if let Some(files) = weight_files_named(dir, stem)? {
+            return Ok(files);
+        }
+    }
+    Err(Error::file(
+        dir,
+        format!("no {SINGLE} or {INDEX} (nor diffusers' diffusion_pytorch_model.safetensors) in the model directory"),
+    ))
+}
+
+/// The weight files of `dir` under the stem `stem` (`{stem}.safetensors` or its index).
+fn weight_files_named(dir: &Path, stem: &str) -> Result<Option<Vec<PathBuf>>> {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let v: serde_json::Value =
@@ -31,16 +47,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         files.sort();
         files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        return Ok(Some(files.into_iter().map(|f| dir.join(f)).collect()));
     }
-    let single = dir.join(SINGLE);
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    Err(Error::file(
-        dir,
-        format!("no {SINGLE} or {INDEX} in the model directory"),
-    ))
+    let single = dir.join(format!("{stem}.safetensors"));
+    Ok(single.exists().then(|| vec![single]))
 }
 
 /// Reads every tensor of the given safetensors files, converted to `dtype`.
@@ -256,10 +266,20 @@ pub fn save_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 /// Writes tensors in HF layout into `dir`: one `model.safetensors`, or, when the total exceeds
 /// `max_shard_bytes`, `model-0000k-of-0000n.safetensors` shards and the index.
 pub fn save_model(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+    save_model_named(dir, "model", tensors, max_shard_bytes)
+}
+
+/// [`save_model`] under the file stem `stem` (`diffusion_pytorch_model` for diffusers).
+pub fn save_model_named(
+    dir: &Path,
+    stem: &str,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: usize,
+) -> Result<()> {
     let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
     let total: usize = tensors.iter().map(|(_, t)| size(t)).sum();
     if total <= max_shard_bytes {
-        return save_file(&dir.join(SINGLE), tensors);
+        return save_file(&dir.join(format!("{stem}.safetensors")), tensors);
     }
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
     let mut current = 0usize;
@@ -274,7 +294,7 @@ pub fn save_model(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usi
     let count = shards.len();
     let mut weight_map = BTreeMap::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        let file = format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, count);
         for (n, _) in shard {
             weight_map.insert(n.clone(), file.clone());
         }
@@ -285,5 +305,8 @@ pub fn save_model(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usi
         "weight_map": weight_map,
     });
     let text = serde_json::to_string_pretty(&index).expect("json");
-    atomic::write_file(&dir.join(INDEX), text.as_bytes())
+    atomic::write_file(
+        &dir.join(format!("{stem}.safetensors.index.json")),
+        text.as_bytes(),
+    )
 }

@@ -31,6 +31,11 @@ pub enum Init {
     },
     Ones,
     Zeros,
+    /// uniform(−bound, bound), as torch's default Linear/Conv init (kaiming-uniform with
+    /// a = √5 gives bound = 1/√fan_in for weights and biases alike).
+    Uniform {
+        bound: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -88,7 +93,12 @@ pub trait ModelFamily: BlockModel + Sized {
             .collect::<Result<_>>()?;
         let dtype = tensors.first().map_or(DType::F32, |(_, t)| t.dtype());
         self.write_config(dir, dtype)?;
-        crate::checkpoint::hf::save_model(dir, &tensors, max_shard_bytes)
+        crate::checkpoint::hf::save_model_named(dir, self.weights_stem(), &tensors, max_shard_bytes)
+    }
+
+    /// The weight files' stem: `model` (transformers) or `diffusion_pytorch_model` (diffusers).
+    fn weights_stem(&self) -> &'static str {
+        "model"
     }
 
     /// (name, shape) of every parameter, in checkpoint order.
@@ -161,7 +171,7 @@ pub trait ModelFamily: BlockModel + Sized {
 pub type ParamSink<'a> = dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()> + 'a;
 
 /// The values of a fresh model, handed to `f` one parameter at a time in checkpoint order
-/// from one random stream seeded by `seed` (only normal draws consume it), so a sharded owner
+/// from one random stream seeded by `seed` (only random draws consume it), so a sharded owner
 /// can keep its slice and drop the rest and get what a whole initialisation gives.
 pub fn init_each(specs: &[ParamSpec], seed: u64, f: &mut ParamSink) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -170,6 +180,10 @@ pub fn init_each(specs: &[ParamSpec], seed: u64, f: &mut ParamSink) -> Result<()
         let data = match spec.init {
             Init::Ones => vec![1.0; numel],
             Init::Zeros => vec![0.0; numel],
+            Init::Uniform { bound } => {
+                let u = rand_distr::Uniform::new_inclusive(-bound, bound).expect("bound ≥ 0");
+                (0..numel).map(|_| u.sample(&mut rng)).collect()
+            }
             Init::Normal { std, zero_row } => {
                 let normal = Normal::new(0.0f32, std).expect("valid std");
                 let mut data: Vec<f32> = (0..numel).map(|_| normal.sample(&mut rng)).collect();
