@@ -6,10 +6,12 @@
 
 pub mod clip;
 pub mod conv_blocks;
+pub mod data;
 pub mod error;
 pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;

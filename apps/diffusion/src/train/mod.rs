@@ -1,0 +1,57 @@
+//! `diffusion train`: text-to-image training of the UNet on the engine (every `[parallel]`
+//! layout the engine offers), with sample grids, a loss curve, resumable checkpoints and a
+//! diffusers pipeline folder.
+
+mod config;
+mod export;
+mod task;
+
+pub use config::{DiffusionConfig, SampleScheduler};
+pub use export::pipeline_folder;
+pub use task::DiffusionTask;
+
+use std::path::Path;
+
+use colossal_core::train::{launch_ranks, Engine, Origin};
+use colossal_session::{run_session, Plan, Summary};
+
+use crate::pipeline::Pipeline;
+use crate::unet::{UNet, UNetConfig};
+
+/// Trains as configured on every rank (resuming from checkpoint `resume`); rank 0's summary.
+pub fn train(
+    cfg: DiffusionConfig,
+    resume: Option<&Path>,
+    stop_at: Option<usize>,
+) -> colossal_core::Result<Summary> {
+    let err = |e: crate::Error| colossal_core::Error::Config(e.to_string());
+    cfg.validate().map_err(colossal_core::Error::Config)?;
+    let engine_cfg = cfg.engine_config();
+    launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
+        let mut ecfg = engine_cfg.clone();
+        ecfg.parallel = setup.parallel;
+        let pipe = Pipeline::load(&cfg.model.pretrained, None, &setup.device).map_err(err)?;
+        let origin = match (resume, &cfg.model.unet_config) {
+            (Some(dir), _) => Origin::Resume(dir),
+            (None, Some(path)) => Origin::Fresh {
+                model: UNet::new(UNetConfig::from_file(path).map_err(err)?).map_err(err)?,
+                seed: cfg.model.init_seed,
+            },
+            (None, None) => Origin::Whole {
+                model: pipe.unet.clone(),
+                params: pipe.unet_params.clone(),
+            },
+        };
+        let engine = Engine::new_rank(ecfg, origin, setup.device.clone(), setup.comm)?;
+        let mut task = DiffusionTask::new(cfg.clone(), engine, pipe).map_err(err)?;
+        if let (Some(dir), true) = (resume, task.ema.is_some()) {
+            task.ema = Some(export::load_ema(dir).map_err(err)?.ok_or_else(|| {
+                colossal_core::Error::file(
+                    dir,
+                    "diffusion.ema_decay is set but this checkpoint has no ema/",
+                )
+            })?);
+        }
+        run_session(&mut task, &Plan::of(&cfg.train, stop_at))
+    })
+}

@@ -1,0 +1,347 @@
+//! Text-to-image training of the UNet on the engine, as diffusers' `train_text_to_image.py`:
+//! each example's VAE posterior and CLIP hidden states are computed once (both models are
+//! frozen; the posterior is sampled afresh every time an example is drawn, so this equals
+//! encoding on the fly), then every step draws latents, noise (with optional offset) and
+//! uniform timesteps, noises the latents, and regresses the scheduler's target with an MSE
+//! (optionally Min-SNR-γ weighted). Randomness is a function of (seed, step, example
+//! position), so every parallel layout trains alike.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use colossal_core::exec::{Acts, LossFn};
+use colossal_core::parallel::pipeline_run::MicroBatch;
+use colossal_core::params::Params;
+use colossal_core::train::Engine;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::config::DiffusionConfig;
+use super::export;
+use crate::data::{self, Example};
+use crate::pipeline::{gaussian, Pipeline, SampleOptions};
+use crate::scheduler::{Prediction, Scheduler};
+use crate::unet::{UNet, UNetCtx};
+use crate::{Error, Result};
+
+/// What training reads of one example: its posterior (and its mirror's) and its text.
+struct Cached {
+    mean: Tensor,
+    std: Tensor,
+    flipped: Option<(Tensor, Tensor)>,
+    text: Tensor,
+}
+
+pub struct DiffusionTask {
+    pub engine: Engine<UNet>,
+    cfg: DiffusionConfig,
+    pipe: Pipeline,
+    noise: Scheduler,
+    examples: Vec<Cached>,
+    /// The example order of the epoch in use.
+    order: (u64, Vec<usize>),
+    pub ema: Option<Params>,
+}
+
+fn core(e: Error) -> colossal_core::Error {
+    colossal_core::Error::Config(e.to_string())
+}
+
+impl DiffusionTask {
+    pub fn new(cfg: DiffusionConfig, engine: Engine<UNet>, mut pipe: Pipeline) -> Result<Self> {
+        cfg.validate().map_err(Error::Config)?;
+        let t = &cfg.train;
+        let per = t.micro_batch_size * engine.ranks();
+        if t.micro_batch_size == 0 || !t.batch_size.is_multiple_of(per) {
+            return Err(Error::Config(format!(
+                "train.batch_size = {} must be a multiple of micro_batch_size ({}) × data-parallel ranks ({})",
+                t.batch_size,
+                t.micro_batch_size,
+                engine.ranks()
+            )));
+        }
+        pipe.unet = engine.model.clone();
+        let raw = data::load(&cfg.data.path, cfg.data.resolution, cfg.data.limit)?;
+        tracing::info!(examples = raw.len(), path = %cfg.data.path.display(), "encoding images and captions");
+        let examples = Self::encode(&pipe, &raw, cfg.data.random_flip)?;
+        let noise = Scheduler::from_dir(&cfg.model.pretrained.join("scheduler"))?;
+        let ema = match cfg.diffusion.ema_decay > 0.0 {
+            true => Some(engine.full_params()?).filter(|_| engine.is_main()),
+            false => None,
+        };
+        // Its own storage: the engine's parameters may be these very variables.
+        let ema = ema.map(|p| deep_copy(&p)).transpose()?;
+        Ok(Self {
+            engine,
+            cfg,
+            pipe,
+            noise,
+            examples,
+            order: (u64::MAX, Vec::new()),
+            ema,
+        })
+    }
+
+    fn encode(pipe: &Pipeline, raw: &[Example], flip: bool) -> Result<Vec<Cached>> {
+        let mut out = Vec::with_capacity(raw.len());
+        for chunk in raw.chunks(16) {
+            let imgs = Tensor::stack(&chunk.iter().map(|e| &e.image).collect::<Vec<_>>(), 0)?
+                .to_device(&pipe.device)?;
+            let post = pipe.vae.encode(&pipe.vae_params, &imgs)?;
+            let mirrored = if flip {
+                let post = pipe.vae.encode(&pipe.vae_params, &imgs.flip(&[3])?)?;
+                Some((post.mean.detach(), post.std.detach()))
+            } else {
+                None
+            };
+            let captions: Vec<String> = chunk.iter().map(|e| e.caption.clone()).collect();
+            let text = pipe.encode_prompts(&captions)?;
+            for i in 0..chunk.len() {
+                out.push(Cached {
+                    mean: post.mean.get(i)?.detach(),
+                    std: post.std.get(i)?.detach(),
+                    flipped: mirrored
+                        .as_ref()
+                        .map(|(m, s)| Ok::<_, Error>((m.get(i)?, s.get(i)?)))
+                        .transpose()?,
+                    text: text.get(i)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The example at global stream position `pos`: epochs are seeded permutations.
+    fn example_at(&mut self, pos: u64) -> usize {
+        let n = self.examples.len() as u64;
+        let epoch = pos / n;
+        if self.order.0 != epoch {
+            let mut idx: Vec<usize> = (0..self.examples.len()).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.cfg.train.seed ^ (epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            );
+            idx.shuffle(&mut rng);
+            self.order = (epoch, idx);
+        }
+        self.order.1[(pos % n) as usize]
+    }
+
+    /// Micro-batch `mb` (global index) of the step starting at stream position `start`.
+    fn micro_batch(
+        &mut self,
+        step: u64,
+        start: u64,
+        mb: usize,
+    ) -> Result<MicroBatch<'static, UNetCtx>> {
+        let t = &self.cfg.train;
+        let (m, global) = (t.micro_batch_size, t.batch_size);
+        let dev = self.engine.device().clone();
+        let (mut zs, mut noises, mut texts, mut ts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for j in 0..m {
+            let pos = start + (mb * m + j) as u64;
+            let ex = self.example_at(pos);
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.cfg.train.seed
+                    ^ step.rotate_left(32)
+                    ^ pos.wrapping_mul(0xD6E8_FEB8_6659_FD93),
+            );
+            let c = &self.examples[ex];
+            let (mean, std) = match (
+                &c.flipped,
+                self.cfg.data.random_flip && rng.random_bool(0.5),
+            ) {
+                (Some((fm, fs)), true) => (fm, fs),
+                _ => (&c.mean, &c.std),
+            };
+            let eps = gaussian(&mut rng, mean.dims(), &dev)?;
+            let z = self.pipe.vae.to_model_latents(&(mean + (std * eps)?)?)?;
+            let mut noise = gaussian(&mut rng, z.dims(), &dev)?;
+            if self.cfg.diffusion.noise_offset != 0.0 {
+                let shape = [z.dim(0)?, 1, 1];
+                let off = gaussian(&mut rng, &shape, &dev)?
+                    .affine(self.cfg.diffusion.noise_offset, 0.0)?;
+                noise = noise.broadcast_add(&off)?;
+            }
+            zs.push(z);
+            noises.push(noise);
+            texts.push(c.text.clone());
+            ts.push(rng.random_range(0..self.noise.cfg.num_train_timesteps));
+        }
+        let (z, noise) = (Tensor::stack(&zs, 0)?, Tensor::stack(&noises, 0)?);
+        let noisy = self.noise.add_noise(&z, &noise, &ts)?;
+        let target = self.noise.target(&z, &noise, &ts)?;
+        let weights: Vec<f32> = match self.cfg.diffusion.snr_gamma {
+            None => vec![1.0; m],
+            Some(g) => self
+                .noise
+                .snr(&ts)?
+                .into_iter()
+                .map(|snr| {
+                    let clipped = snr.min(g as f32);
+                    match self.noise.cfg.prediction_type {
+                        Prediction::VPrediction => clipped / (snr + 1.0),
+                        _ => clipped / snr,
+                    }
+                })
+                .collect(),
+        };
+        let w = Tensor::from_vec(weights, m, &dev)?;
+        let per_elem = (target.elem_count() / m) as f64;
+        let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
+            let sq = (out.get("pred")? - &target)?
+                .sqr()?
+                .flatten_from(1)?
+                .sum(1)?;
+            Ok(((sq * &w)?.sum_all()? / (per_elem * global as f64))?)
+        });
+        Ok(MicroBatch {
+            inputs: Acts::one("x", noisy),
+            ctx: UNetCtx {
+                text: Tensor::stack(&texts, 0)?,
+                t: ts.iter().map(|&t| t as f64).collect(),
+            },
+            loss_fn,
+        })
+    }
+
+    fn update_ema(&mut self) -> Result<()> {
+        if self.cfg.diffusion.ema_decay <= 0.0 {
+            return Ok(());
+        }
+        let full = self.engine.full_params()?;
+        let step = self.engine.state.step as f64;
+        let decay = self
+            .cfg
+            .diffusion
+            .ema_decay
+            .min((1.0 + step) / (10.0 + step));
+        if let Some(ema) = &mut self.ema {
+            for (name, v) in ema.iter() {
+                let p = full.get(name)?;
+                v.set(&(v.as_tensor().affine(decay, 0.0)? + p.affine(1.0 - decay, 0.0)?)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The weights grids and exports use (the average when there is one). Collective.
+    fn weights_for_output(&self) -> Result<Option<Params>> {
+        let full = self.engine.full_params()?;
+        Ok(self
+            .engine
+            .is_main()
+            .then(|| self.ema.clone().unwrap_or(full)))
+    }
+
+    fn sample_grid(&mut self, weights: Params) -> Result<Option<PathBuf>> {
+        let d = &self.cfg.diffusion;
+        if d.sample_prompts.is_empty() {
+            return Ok(None);
+        }
+        let mut sc = self.noise.cfg.clone();
+        sc.kind = d.sample_scheduler.kind();
+        if sc.kind != crate::scheduler::SchedulerKind::Ddpm {
+            sc.variance_type = None;
+        }
+        self.pipe.scheduler = Scheduler::new(sc)?;
+        self.pipe.unet_params = weights;
+        let res = self.cfg.data.resolution;
+        let opts = SampleOptions {
+            steps: d.sample_steps,
+            guidance: d.guidance,
+            height: res,
+            width: res,
+            seed: d.sample_seed,
+        };
+        let (images, _) = self.pipe.generate(&d.sample_prompts, &opts, None)?;
+        let dir = self.cfg.train.out_dir.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
+        let path = dir.join(format!("step-{:06}.png", self.engine.state.step));
+        let cols = (d.sample_prompts.len() as f64).sqrt().ceil() as usize;
+        data::save_grid(&images, cols, &path)?;
+        tracing::info!(path = %path.display(), "sample grid");
+        Ok(Some(path))
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        &self.cfg.train.out_dir
+    }
+}
+
+impl colossal_session::Task for DiffusionTask {
+    fn position(&self) -> u64 {
+        self.engine.state.step
+    }
+
+    fn is_main(&self) -> bool {
+        self.engine.is_main()
+    }
+
+    fn step(&mut self) -> colossal_core::Result<colossal_session::Record> {
+        let t = &self.cfg.train;
+        let (start, step) = (self.engine.state.cursor, self.engine.state.step);
+        let micro = t.batch_size / t.micro_batch_size;
+        let mine: Vec<usize> = (self.engine.rank()..micro)
+            .step_by(self.engine.ranks())
+            .collect();
+        let batches = mine
+            .iter()
+            .map(|&mb| self.micro_batch(step, start, mb))
+            .collect::<Result<Vec<_>>>()
+            .map_err(core)?;
+        let mut batches = batches.into_iter();
+        let (loss, grad_norm, lr) = self.engine.step(mine.len(), |_| {
+            batches
+                .next()
+                .ok_or_else(|| colossal_core::msg!("no micro-batch left"))
+        })?;
+        self.engine.state.cursor += self.cfg.train.batch_size as u64;
+        self.update_ema().map_err(core)?;
+        let mut rec = self.engine.last_step_metrics();
+        rec.insert("loss".into(), json!(loss));
+        rec.insert("grad_norm".into(), json!(grad_norm));
+        rec.insert("lr".into(), json!(lr));
+        Ok(rec)
+    }
+
+    fn evaluate(&mut self) -> colossal_core::Result<colossal_session::Record> {
+        if let Some(w) = self.weights_for_output().map_err(core)? {
+            self.sample_grid(w).map_err(core)?;
+        }
+        Ok(Default::default())
+    }
+
+    fn save(&mut self) -> colossal_core::Result<Option<PathBuf>> {
+        let dir = self.engine.save_checkpoint()?;
+        let weights = self.weights_for_output().map_err(core)?;
+        if let (Some(dir), Some(w)) = (&dir, weights) {
+            if let Some(ema) = &self.ema {
+                export::save_ema(dir, &self.engine.model, ema).map_err(core)?;
+            }
+            let out = self.cfg.train.out_dir.join("pipeline");
+            export::pipeline_folder(&self.cfg.model.pretrained, &self.engine.model, &w, &out)
+                .map_err(core)?;
+        }
+        Ok(dir)
+    }
+
+    fn progress_keys(&self) -> Vec<&'static str> {
+        vec!["loss", "grad_norm"]
+    }
+
+    fn curves(&self) -> Vec<(&'static str, Vec<&'static str>)> {
+        vec![("loss.png", vec!["loss"])]
+    }
+}
+
+/// Parameters with storage of their own.
+fn deep_copy(p: &Params) -> Result<Params> {
+    let mut out = Params::new();
+    for (name, v) in p.iter() {
+        out.insert(name, candle_core::Var::from_tensor(&v.as_tensor().copy()?)?);
+    }
+    Ok(out)
+}
