@@ -176,3 +176,21 @@ pub fn save_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
     colossal_core::checkpoint::atomic::write_file(path, &bytes)?;
     Ok(())
 }
+
+/// Every png/jpg image directly in `dir`, by file name, as (3, R, R) in [−1, 1].
+pub fn load_images(dir: &Path, res: usize) -> Result<Vec<Tensor>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::file(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| to_tensor(image::open(f).map_err(|e| Error::file(f, e))?, res))
+        .collect()
+}

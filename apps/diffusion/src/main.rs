@@ -41,6 +41,18 @@ enum Cmd {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// DreamBooth: fine-tune the UNet on one subject's images (`[dreambooth]`), with prior
+    /// preservation on class images the model generates.
+    Dreambooth {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+        #[arg(long)]
+        max_steps: Option<usize>,
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
     /// Sample images from a diffusers folder into one PNG grid.
     Sample {
         /// A diffusers Stable Diffusion folder.
@@ -75,6 +87,33 @@ fn resolve_resume(p: PathBuf) -> Result<PathBuf> {
         .with_context(|| format!("--resume {}: no checkpoint there", p.display()))
 }
 
+fn run_train(
+    cfg: DiffusionConfig,
+    resume: Option<PathBuf>,
+    max_steps: Option<usize>,
+) -> Result<()> {
+    let out = cfg.train.out_dir.clone();
+    let resume = resume.map(resolve_resume).transpose()?;
+    let summary = train(cfg, resume.as_deref(), max_steps)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let losses = summary.series("loss");
+    if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
+        println!(
+            "train loss: first step {first:.4} -> last step {last:.4} ({} steps)",
+            losses.len()
+        );
+    }
+    if let Some(dir) = &summary.final_dir {
+        println!("checkpoint: {}", dir.display());
+    }
+    println!("diffusers pipeline: {}", out.join("pipeline").display());
+    println!("loss curve: {}", out.join("loss.png").display());
+    println!("sample grids: {}", out.join("samples").display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
     colossal_core::runtime::tune_threads();
@@ -87,25 +126,26 @@ fn main() -> Result<()> {
             resume,
         } => {
             let cfg: DiffusionConfig = load_config(&config, &overrides)?;
-            let out = cfg.train.out_dir.clone();
-            let resume = resume.map(resolve_resume).transpose()?;
-            let summary = train(cfg, resume.as_deref(), max_steps)?;
-            if summary.rank != 0 {
-                return Ok(());
-            }
-            let losses = summary.series("loss");
-            if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
-                println!(
-                    "train loss: first step {first:.4} -> last step {last:.4} ({} steps)",
-                    losses.len()
-                );
-            }
-            if let Some(dir) = &summary.final_dir {
-                println!("checkpoint: {}", dir.display());
-            }
-            println!("diffusers pipeline: {}", out.join("pipeline").display());
-            println!("loss curve: {}", out.join("loss.png").display());
-            println!("sample grids: {}", out.join("samples").display());
+            anyhow::ensure!(
+                cfg.data.is_some(),
+                "{}: diffusion train needs [data] (one subject's images: diffusion dreambooth)",
+                config.display()
+            );
+            run_train(cfg, resume, max_steps)?;
+        }
+        Cmd::Dreambooth {
+            config,
+            overrides,
+            max_steps,
+            resume,
+        } => {
+            let cfg: DiffusionConfig = load_config(&config, &overrides)?;
+            anyhow::ensure!(
+                cfg.dreambooth.is_some(),
+                "{}: diffusion dreambooth needs [dreambooth] (captioned images: diffusion train)",
+                config.display()
+            );
+            run_train(cfg, resume, max_steps)?;
         }
         Cmd::Sample {
             model,

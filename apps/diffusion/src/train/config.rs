@@ -11,7 +11,12 @@ use crate::scheduler::SchedulerKind;
 #[serde(deny_unknown_fields)]
 pub struct DiffusionConfig {
     pub model: ModelSection,
-    pub data: DataSection,
+    /// Captioned images (`diffusion train`).
+    #[serde(default)]
+    pub data: Option<DataSection>,
+    /// Instance images of one subject (`diffusion dreambooth`).
+    #[serde(default)]
+    pub dreambooth: Option<DreamBoothSection>,
     #[serde(default)]
     pub diffusion: DiffusionSection,
     pub train: TrainSection,
@@ -50,6 +55,45 @@ pub struct DataSection {
 
 fn default_limit() -> usize {
     10_000
+}
+
+/// DreamBooth (Ruiz et al.): a few images of one subject, all captioned with the instance
+/// prompt ("a photo of sks dog"); with prior preservation, images of the subject's class made
+/// by the model itself keep the class prompt's meaning ("a photo of dog").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamBoothSection {
+    /// A folder of the subject's images (png, jpg).
+    pub instance_dir: PathBuf,
+    pub instance_prompt: String,
+    pub resolution: usize,
+    #[serde(default)]
+    pub random_flip: bool,
+    #[serde(default)]
+    pub with_prior_preservation: bool,
+    /// Needed with prior preservation.
+    #[serde(default)]
+    pub class_prompt: Option<String>,
+    /// Where class images are kept; generated there by the model until there are
+    /// `num_class_images` (needed with prior preservation).
+    #[serde(default)]
+    pub class_dir: Option<PathBuf>,
+    #[serde(default = "default_class_images")]
+    pub num_class_images: usize,
+    #[serde(default = "default_one")]
+    pub prior_loss_weight: f64,
+    #[serde(default = "default_sample_steps")]
+    pub class_sample_steps: usize,
+    #[serde(default = "default_guidance")]
+    pub class_guidance: f64,
+}
+
+fn default_class_images() -> usize {
+    100
+}
+
+fn default_one() -> f64 {
+    1.0
 }
 
 /// The scheduler sample grids are drawn with (from the training noise schedule).
@@ -129,8 +173,32 @@ impl Default for DiffusionSection {
 impl DiffusionConfig {
     /// One validation pass over what the engine does not check itself.
     pub fn validate(&self) -> Result<(), String> {
-        if self.data.resolution == 0 {
-            return Err("data.resolution must be positive".into());
+        match (&self.data, &self.dreambooth) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "[data] and [dreambooth]: give one (captioned images, or one subject)".into(),
+                )
+            }
+            (None, None) => {
+                return Err(
+                    "[data] (diffusion train) or [dreambooth] (diffusion dreambooth) is missing"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        if self.resolution() == 0 {
+            return Err("the resolution must be positive".into());
+        }
+        if let Some(db) = &self.dreambooth {
+            if db.with_prior_preservation && (db.class_prompt.is_none() || db.class_dir.is_none()) {
+                return Err(
+                    "dreambooth.with_prior_preservation needs class_prompt and class_dir".into(),
+                );
+            }
+            if db.with_prior_preservation && db.num_class_images == 0 {
+                return Err("dreambooth.num_class_images must be positive".into());
+            }
         }
         if let Some(g) = self.diffusion.snr_gamma {
             if g <= 0.0 {
@@ -147,6 +215,22 @@ impl DiffusionConfig {
             return Err("diffusion.sample_steps must be positive".into());
         }
         Ok(())
+    }
+
+    pub fn resolution(&self) -> usize {
+        match (&self.data, &self.dreambooth) {
+            (Some(d), _) => d.resolution,
+            (_, Some(d)) => d.resolution,
+            _ => 0,
+        }
+    }
+
+    pub fn random_flip(&self) -> bool {
+        match (&self.data, &self.dreambooth) {
+            (Some(d), _) => d.random_flip,
+            (_, Some(d)) => d.random_flip,
+            _ => false,
+        }
     }
 
     /// The engine's view: the `[train]` and `[parallel]` sections.

@@ -4,9 +4,10 @@
 
 mod config;
 mod export;
+mod sets;
 mod task;
 
-pub use config::{DiffusionConfig, SampleScheduler};
+pub use config::{DiffusionConfig, DreamBoothSection, SampleScheduler};
 pub use export::pipeline_folder;
 pub use task::DiffusionTask;
 
@@ -19,6 +20,7 @@ use crate::pipeline::Pipeline;
 use crate::unet::{UNet, UNetConfig};
 
 /// Trains as configured on every rank (resuming from checkpoint `resume`); rank 0's summary.
+/// With `[dreambooth]` and prior preservation, missing class images are generated first.
 pub fn train(
     cfg: DiffusionConfig,
     resume: Option<&Path>,
@@ -26,6 +28,18 @@ pub fn train(
 ) -> colossal_core::Result<Summary> {
     let err = |e: crate::Error| colossal_core::Error::Config(e.to_string());
     cfg.validate().map_err(colossal_core::Error::Config)?;
+    if let Some(db) = cfg
+        .dreambooth
+        .as_ref()
+        .filter(|d| d.with_prior_preservation)
+    {
+        sets::ensure_class_images(db, &cfg.model.pretrained).map_err(err)?;
+    }
+    let data = || match (&cfg.data, &cfg.dreambooth) {
+        (Some(d), _) => sets::captioned(d),
+        (_, Some(db)) => sets::dreambooth(db),
+        _ => unreachable!("validated: one of [data] and [dreambooth]"),
+    };
     let engine_cfg = cfg.engine_config();
     launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
         let mut ecfg = engine_cfg.clone();
@@ -43,7 +57,8 @@ pub fn train(
             },
         };
         let engine = Engine::new_rank(ecfg, origin, setup.device.clone(), setup.comm)?;
-        let mut task = DiffusionTask::new(cfg.clone(), engine, pipe).map_err(err)?;
+        let mut task =
+            DiffusionTask::new(cfg.clone(), engine, pipe, data().map_err(err)?).map_err(err)?;
         if let (Some(dir), true) = (resume, task.ema.is_some()) {
             task.ema = Some(export::load_ema(dir).map_err(err)?.ok_or_else(|| {
                 colossal_core::Error::file(

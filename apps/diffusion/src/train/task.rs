@@ -20,6 +20,7 @@ use serde_json::json;
 
 use super::config::DiffusionConfig;
 use super::export;
+use super::sets::TrainData;
 use crate::data::{self, Example};
 use crate::pipeline::{gaussian, Pipeline, SampleOptions};
 use crate::scheduler::{Prediction, Scheduler};
@@ -34,14 +35,38 @@ struct Cached {
     text: Tensor,
 }
 
+/// One stream of examples: the training images, or DreamBooth's class images.
+struct Set {
+    cached: Vec<Cached>,
+    /// Weight of its loss terms (prior preservation's `prior_loss_weight`).
+    weight: f32,
+    /// The example order of the epoch in use.
+    order: (u64, Vec<usize>),
+}
+
+impl Set {
+    /// The example at stream position `pos`: epochs are seeded permutations.
+    fn at(&mut self, pos: u64, seed: u64) -> usize {
+        let n = self.cached.len() as u64;
+        let epoch = pos / n;
+        if self.order.0 != epoch {
+            let mut idx: Vec<usize> = (0..self.cached.len()).collect();
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            idx.shuffle(&mut rng);
+            self.order = (epoch, idx);
+        }
+        self.order.1[(pos % n) as usize]
+    }
+}
+
 pub struct DiffusionTask {
     pub engine: Engine<UNet>,
     cfg: DiffusionConfig,
     pipe: Pipeline,
     noise: Scheduler,
-    examples: Vec<Cached>,
-    /// The example order of the epoch in use.
-    order: (u64, Vec<usize>),
+    /// The training examples, then (prior preservation) the class examples.
+    sets: Vec<Set>,
     pub ema: Option<Params>,
 }
 
@@ -50,7 +75,12 @@ fn core(e: Error) -> colossal_core::Error {
 }
 
 impl DiffusionTask {
-    pub fn new(cfg: DiffusionConfig, engine: Engine<UNet>, mut pipe: Pipeline) -> Result<Self> {
+    pub fn new(
+        cfg: DiffusionConfig,
+        engine: Engine<UNet>,
+        mut pipe: Pipeline,
+        data: TrainData,
+    ) -> Result<Self> {
         cfg.validate().map_err(Error::Config)?;
         let t = &cfg.train;
         let per = t.micro_batch_size * engine.ranks();
@@ -63,9 +93,24 @@ impl DiffusionTask {
             )));
         }
         pipe.unet = engine.model.clone();
-        let raw = data::load(&cfg.data.path, cfg.data.resolution, cfg.data.limit)?;
-        tracing::info!(examples = raw.len(), path = %cfg.data.path.display(), "encoding images and captions");
-        let examples = Self::encode(&pipe, &raw, cfg.data.random_flip)?;
+        tracing::info!(
+            examples = data.examples.len(),
+            class_examples = data.prior.as_ref().map_or(0, |p| p.0.len()),
+            "encoding images and captions"
+        );
+        let flip = cfg.random_flip();
+        let mut sets = vec![Set {
+            cached: Self::encode(&pipe, &data.examples, flip)?,
+            weight: 1.0,
+            order: (u64::MAX, Vec::new()),
+        }];
+        if let Some((class, w)) = &data.prior {
+            sets.push(Set {
+                cached: Self::encode(&pipe, class, flip)?,
+                weight: *w as f32,
+                order: (u64::MAX, Vec::new()),
+            });
+        }
         let noise = Scheduler::from_dir(&cfg.model.pretrained.join("scheduler"))?;
         let ema = match cfg.diffusion.ema_decay > 0.0 {
             true => Some(engine.full_params()?).filter(|_| engine.is_main()),
@@ -78,8 +123,7 @@ impl DiffusionTask {
             cfg,
             pipe,
             noise,
-            examples,
-            order: (u64::MAX, Vec::new()),
+            sets,
             ema,
         })
     }
@@ -113,21 +157,6 @@ impl DiffusionTask {
         Ok(out)
     }
 
-    /// The example at global stream position `pos`: epochs are seeded permutations.
-    fn example_at(&mut self, pos: u64) -> usize {
-        let n = self.examples.len() as u64;
-        let epoch = pos / n;
-        if self.order.0 != epoch {
-            let mut idx: Vec<usize> = (0..self.examples.len()).collect();
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                self.cfg.train.seed ^ (epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            );
-            idx.shuffle(&mut rng);
-            self.order = (epoch, idx);
-        }
-        self.order.1[(pos % n) as usize]
-    }
-
     /// Micro-batch `mb` (global index) of the step starting at stream position `start`.
     fn micro_batch(
         &mut self,
@@ -138,38 +167,39 @@ impl DiffusionTask {
         let t = &self.cfg.train;
         let (m, global) = (t.micro_batch_size, t.batch_size);
         let dev = self.engine.device().clone();
-        let (mut zs, mut noises, mut texts, mut ts) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for j in 0..m {
-            let pos = start + (mb * m + j) as u64;
-            let ex = self.example_at(pos);
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                self.cfg.train.seed
-                    ^ step.rotate_left(32)
-                    ^ pos.wrapping_mul(0xD6E8_FEB8_6659_FD93),
-            );
-            let c = &self.examples[ex];
-            let (mean, std) = match (
-                &c.flipped,
-                self.cfg.data.random_flip && rng.random_bool(0.5),
-            ) {
-                (Some((fm, fs)), true) => (fm, fs),
-                _ => (&c.mean, &c.std),
-            };
-            let eps = gaussian(&mut rng, mean.dims(), &dev)?;
-            let z = self.pipe.vae.to_model_latents(&(mean + (std * eps)?)?)?;
-            let mut noise = gaussian(&mut rng, z.dims(), &dev)?;
-            if self.cfg.diffusion.noise_offset != 0.0 {
-                let shape = [z.dim(0)?, 1, 1];
-                let off = gaussian(&mut rng, &shape, &dev)?
-                    .affine(self.cfg.diffusion.noise_offset, 0.0)?;
-                noise = noise.broadcast_add(&off)?;
+        let (mut zs, mut noises, mut texts, mut ts, mut set_w) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (seed, flip) = (self.cfg.train.seed, self.cfg.random_flip());
+        for (k, set) in self.sets.iter_mut().enumerate() {
+            for j in 0..m {
+                let pos = start + (mb * m + j) as u64;
+                let salt = (k as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                let ex = set.at(pos, seed ^ salt);
+                let mut rng = ChaCha8Rng::seed_from_u64(
+                    seed ^ salt ^ step.rotate_left(32) ^ pos.wrapping_mul(0xD6E8_FEB8_6659_FD93),
+                );
+                let c = &set.cached[ex];
+                set_w.push(set.weight);
+                let (mean, std) = match (&c.flipped, flip && rng.random_bool(0.5)) {
+                    (Some((fm, fs)), true) => (fm, fs),
+                    _ => (&c.mean, &c.std),
+                };
+                let eps = gaussian(&mut rng, mean.dims(), &dev)?;
+                let z = self.pipe.vae.to_model_latents(&(mean + (std * eps)?)?)?;
+                let mut noise = gaussian(&mut rng, z.dims(), &dev)?;
+                if self.cfg.diffusion.noise_offset != 0.0 {
+                    let shape = [z.dim(0)?, 1, 1];
+                    let off = gaussian(&mut rng, &shape, &dev)?
+                        .affine(self.cfg.diffusion.noise_offset, 0.0)?;
+                    noise = noise.broadcast_add(&off)?;
+                }
+                zs.push(z);
+                noises.push(noise);
+                texts.push(c.text.clone());
+                ts.push(rng.random_range(0..self.noise.cfg.num_train_timesteps));
             }
-            zs.push(z);
-            noises.push(noise);
-            texts.push(c.text.clone());
-            ts.push(rng.random_range(0..self.noise.cfg.num_train_timesteps));
         }
+        let m = zs.len();
         let (z, noise) = (Tensor::stack(&zs, 0)?, Tensor::stack(&noises, 0)?);
         let noisy = self.noise.add_noise(&z, &noise, &ts)?;
         let target = self.noise.target(&z, &noise, &ts)?;
@@ -188,6 +218,7 @@ impl DiffusionTask {
                 })
                 .collect(),
         };
+        let weights: Vec<f32> = weights.iter().zip(&set_w).map(|(a, b)| a * b).collect();
         let w = Tensor::from_vec(weights, m, &dev)?;
         let per_elem = (target.elem_count() / m) as f64;
         let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
@@ -248,7 +279,7 @@ impl DiffusionTask {
         }
         self.pipe.scheduler = Scheduler::new(sc)?;
         self.pipe.unet_params = weights;
-        let res = self.cfg.data.resolution;
+        let res = self.cfg.resolution();
         let opts = SampleOptions {
             steps: d.sample_steps,
             guidance: d.guidance,
