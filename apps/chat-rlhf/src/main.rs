@@ -1,11 +1,9 @@
 //! `chat-rlhf`: SFT → reward model → PPO / DPO / GRPO → chat, on the colossal-rs trainer.
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chat_rlhf::config::ChatConfig;
 use clap::{Parser, Subcommand};
-use colossal_core::config::load_config;
+use colossal_session::TrainArgs;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -18,21 +16,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(clap::Args)]
-struct TrainArgs {
-    #[arg(long)]
-    config: PathBuf,
-    /// Override a config key: section.key=value (repeatable).
-    #[arg(long = "set")]
-    overrides: Vec<String>,
-    /// Resume from a checkpoint directory, or the newest checkpoint of an output directory.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Stop after this optimizer step (the schedule still spans train.max_steps).
-    #[arg(long)]
-    max_steps: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -54,21 +37,8 @@ enum Cmd {
 }
 
 fn train(method: &str, a: TrainArgs) -> Result<()> {
-    let cfg: ChatConfig = load_config(&a.config, &a.overrides)?;
-    let resume = match a.resume {
-        Some(p) if p.join("trainer_state.json").exists() => Some(p),
-        Some(p) => Some(
-            colossal_core::train::list_checkpoints(&p)
-                .pop()
-                .with_context(|| {
-                    format!(
-                        "--resume {}: no checkpoint (trainer_state.json) there",
-                        p.display()
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let cfg: ChatConfig = a.load()?;
+    let resume = a.resume_dir()?;
     let summary = chat_rlhf::run::train(method, &cfg, resume.as_deref(), a.max_steps)?;
     if summary.rank != 0 {
         return Ok(());

@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use colossal_core::config::load_config;
-use colossal_core::train::list_checkpoints;
+use colossal_session::TrainArgs;
 use diffusion::data::save_grid;
 use diffusion::pipeline::{Pipeline, SampleOptions};
 use diffusion::scheduler::{Scheduler, SchedulerKind};
@@ -27,32 +26,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train the UNet of a diffusers folder on captioned images (TOML config).
-    Train {
-        #[arg(long)]
-        config: PathBuf,
-        /// Override a config key: section.key=value (repeatable).
-        #[arg(long = "set")]
-        overrides: Vec<String>,
-        /// Stop after this optimizer step (the schedule still spans train.max_steps).
-        #[arg(long)]
-        max_steps: Option<usize>,
-        /// Resume from a checkpoint directory, or from the newest checkpoint of an output dir.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-    },
+    /// Train the UNet of a diffusers folder on captioned images (`[data]`).
+    Train(TrainArgs),
     /// DreamBooth: fine-tune the UNet on one subject's images (`[dreambooth]`), with prior
     /// preservation on class images the model generates.
-    Dreambooth {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long = "set")]
-        overrides: Vec<String>,
-        #[arg(long)]
-        max_steps: Option<usize>,
-        #[arg(long)]
-        resume: Option<PathBuf>,
-    },
+    Dreambooth(TrainArgs),
     /// Sample images from a diffusers folder into one PNG grid.
     Sample {
         /// A diffusers Stable Diffusion folder.
@@ -78,23 +56,21 @@ enum Cmd {
     },
 }
 
-fn resolve_resume(p: PathBuf) -> Result<PathBuf> {
-    if p.join("trainer_state.json").exists() {
-        return Ok(p);
-    }
-    list_checkpoints(&p)
-        .pop()
-        .with_context(|| format!("--resume {}: no checkpoint there", p.display()))
-}
-
-fn run_train(
-    cfg: DiffusionConfig,
-    resume: Option<PathBuf>,
-    max_steps: Option<usize>,
-) -> Result<()> {
+/// Runs `diffusion train` (`dreambooth` false) or `diffusion dreambooth` and prints where
+/// its outputs are.
+fn run_train(a: &TrainArgs, dreambooth: bool) -> Result<()> {
+    let cfg: DiffusionConfig = a.load()?;
+    let (section, other) = match dreambooth {
+        true => ("[dreambooth]", "captioned images: diffusion train"),
+        false => ("[data]", "one subject's images: diffusion dreambooth"),
+    };
+    anyhow::ensure!(
+        cfg.dreambooth.is_some() == dreambooth && cfg.data.is_some() != dreambooth,
+        "{}: this command needs {section} ({other})",
+        a.config.display()
+    );
     let out = cfg.train.out_dir.clone();
-    let resume = resume.map(resolve_resume).transpose()?;
-    let summary = train(cfg, resume.as_deref(), max_steps)?;
+    let summary = train(cfg, a.resume_dir()?.as_deref(), a.max_steps)?;
     if summary.rank != 0 {
         return Ok(());
     }
@@ -119,34 +95,8 @@ fn main() -> Result<()> {
     colossal_core::runtime::tune_threads();
     colossal_session::init_logging();
     match Cli::parse().cmd {
-        Cmd::Train {
-            config,
-            overrides,
-            max_steps,
-            resume,
-        } => {
-            let cfg: DiffusionConfig = load_config(&config, &overrides)?;
-            anyhow::ensure!(
-                cfg.data.is_some(),
-                "{}: diffusion train needs [data] (one subject's images: diffusion dreambooth)",
-                config.display()
-            );
-            run_train(cfg, resume, max_steps)?;
-        }
-        Cmd::Dreambooth {
-            config,
-            overrides,
-            max_steps,
-            resume,
-        } => {
-            let cfg: DiffusionConfig = load_config(&config, &overrides)?;
-            anyhow::ensure!(
-                cfg.dreambooth.is_some(),
-                "{}: diffusion dreambooth needs [dreambooth] (captioned images: diffusion train)",
-                config.display()
-            );
-            run_train(cfg, resume, max_steps)?;
-        }
+        Cmd::Train(a) => run_train(&a, false)?,
+        Cmd::Dreambooth(a) => run_train(&a, true)?,
         Cmd::Sample {
             model,
             prompts,

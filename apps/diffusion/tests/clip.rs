@@ -1,43 +1,16 @@
 //! CLIP against `shared/fixtures/sd_tiny` (transformers 4.57): tokenizer ids for 14 prompts,
 //! the text encoder's last hidden state and pooled output, and a gradient for every parameter.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{err, fixture, reference, tensors};
 use diffusion::clip::{ClipTextModel, ClipTokenizer};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 fn ids(rows: &serde_json::Value) -> Tensor {
     let rows: Vec<Vec<u32>> = serde_json::from_value(rows.clone()).unwrap();
     let (b, t) = (rows.len(), rows[0].len());
     Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
-}
-
-/// max |a − b| over max(1, max |b|).
-fn err(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    d / m.max(1.0)
 }
 
 #[test]

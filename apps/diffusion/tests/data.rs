@@ -2,14 +2,11 @@
 //! white and scaled to [−1, 1] equals the SD fixture's VAE input; MNIST digits pair with their
 //! labels.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::shared;
 use diffusion::data;
-
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
 
 #[test]
 fn an_emoji_becomes_the_fixtures_vae_input() {

@@ -3,14 +3,13 @@
 //! a run equals one without prior preservation step for step, with weight 1 its loss grows by
 //! the class images' share.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use colossal_core::config::parse_config;
+use common::shared;
 use diffusion::train::{train, DiffusionConfig};
-
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
 
 fn config(out: &Path, class_dir: &Path, prior: bool, weight: f64) -> DiffusionConfig {
     let text = format!(

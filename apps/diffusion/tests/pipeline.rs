@@ -2,33 +2,11 @@
 //! → 10 DDIM steps of the UNet from the fixture's initial latents → VAE decode, as diffusers'
 //! `StableDiffusionPipeline(prompt, num_inference_steps=10, guidance_scale=1, eta=0)`.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use common::{err, fixture, tensors};
 use diffusion::pipeline::{Pipeline, SampleOptions};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// max |a − b| over max(1, max |b|).
-fn err(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    d / m.max(1.0)
-}
 
 #[test]
 fn a_prompt_samples_as_diffusers_ddim_pipeline() {

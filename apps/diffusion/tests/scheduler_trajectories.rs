@@ -3,7 +3,10 @@
 //! the scaled model input and the sample after each step, for DDPM, DDIM (η > 0), Euler, Euler
 //! ancestral and DPM-Solver++ 2M over spacings, prediction types and final σ choices.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::rel_err;
 use diffusion::scheduler::{Scheduler, SchedulerConfig};
 use serde_json::Value;
 
@@ -19,20 +22,6 @@ fn cases() -> Vec<Value> {
 fn tensor(v: &Value, shape: &[usize]) -> Tensor {
     let data: Vec<f32> = serde_json::from_value(v.clone()).unwrap();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-/// Largest |a − b| relative to b's largest element.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    diff / scale.max(1e-6)
 }
 
 #[test]

@@ -2,31 +2,10 @@
 //! the forward process, DDIM's timesteps and a whole 10-step DDIM trajectory given the UNet
 //! outputs diffusers saw.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{Device, Tensor};
+use common::{fixture, reference, rel_err, tensors};
 use diffusion::scheduler::{Scheduler, SchedulerKind};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// Largest |a − b| over |b|'s largest element.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    (diff.to_scalar::<f32>().unwrap()) / scale.to_scalar::<f32>().unwrap().max(1e-12)
-}
 
 #[test]
 fn the_noise_schedule_is_diffusers_bit_for_bit() {

@@ -3,15 +3,14 @@
 //! place in the stream, not on the rank); a resumed run continues exactly, EMA included; and
 //! the run leaves a loss curve, sample grids and a diffusers pipeline folder.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use colossal_core::config::parse_config;
+use common::shared;
 use diffusion::train::{train, DiffusionConfig};
-
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
 
 /// A `captions.jsonl` folder with the first `n` emoji.
 fn tiny_data(dir: &Path, n: usize) {

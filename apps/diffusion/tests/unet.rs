@@ -2,38 +2,11 @@
 //! from the config, the timestep features and embedding, the noise prediction, and one
 //! training step's loss, gradient norm and gradients, with a gradient for every parameter.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::{err, fixture, reference, tensors};
 use diffusion::unet::{timestep_features, UNet};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// max |a − b| over max(1, max |b|).
-fn err(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    d / m.max(1.0)
-}
 
 fn timesteps(v: &serde_json::Value) -> Vec<f64> {
     serde_json::from_value(v.clone()).unwrap()

@@ -4,8 +4,10 @@
 //! rank's losses, gradient norms and parameters (every name) over three steps. The diffusers
 //! folder layout round-trips through the engine's checkpoint.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,18 +17,11 @@ use colossal_core::models::ModelFamily;
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::params::Params;
 use colossal_core::train::{Engine, Origin, TrainConfig};
+use common::{fixture, tensors};
 use diffusion::unet::{UNet, UNetCtx};
 
 const MICRO: usize = 4;
 const STEPS: usize = 3;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
 
 fn load() -> (UNet, Params) {
     UNet::load(&fixture().join("unet"), DType::F32, &Device::Cpu).unwrap()

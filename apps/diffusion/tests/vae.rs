@@ -1,33 +1,11 @@
 //! The VAE against `shared/fixtures/sd_tiny` (diffusers 0.35): posterior mean, std and
 //! log-variance of an emoji image, a posterior sample, and a decode; every parameter trains.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::{err, fixture, tensors};
 use diffusion::vae::Vae;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sd_tiny")
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// max |a − b| over max(1, max |b|).
-fn err(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    d / m.max(1.0)
-}
 
 #[test]
 fn encode_and_decode_match_diffusers() {

@@ -17,7 +17,7 @@ use colossal_core::config::load_config;
 use colossal_core::models::llama::Llama;
 use colossal_core::models::llama::{generate, GenerateOptions, Sampling};
 use colossal_core::params::Params;
-use colossal_core::train::{list_checkpoints, SampleConfig, TrainConfig};
+use colossal_core::train::{SampleConfig, TrainConfig};
 use colossal_session::train;
 
 #[global_allocator]
@@ -79,7 +79,10 @@ fn main() -> Result<()> {
                 overrides.push(format!("train.out_dir=\"{}\"", out.display()));
             }
             let cfg: TrainConfig = load_config(&config, &overrides)?;
-            let resume = resume.map(resolve_resume).transpose()?;
+            let resume = resume
+                .as_deref()
+                .map(colossal_session::resolve_resume)
+                .transpose()?;
             let sample = cfg.sample.clone();
             let out_dir = cfg.train.out_dir.clone();
             let summary = train(cfg, resume.as_deref(), max_steps)?;
@@ -121,18 +124,6 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn resolve_resume(p: PathBuf) -> Result<PathBuf> {
-    if p.join("trainer_state.json").exists() {
-        return Ok(p);
-    }
-    list_checkpoints(&p).pop().with_context(|| {
-        format!(
-            "--resume {}: no checkpoint (trainer_state.json) found there",
-            p.display()
-        )
-    })
 }
 
 fn sample_text(model: &Llama, params: &Params, s: &SampleConfig) -> Result<String> {

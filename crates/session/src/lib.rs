@@ -2,10 +2,12 @@
 //! steps, evaluates and checkpoints; the session decides when, writes `metrics.jsonl`, shows
 //! progress and draws the curves. The core library stays free of terminals and plotting.
 
+mod args;
 mod metrics;
 mod pretrain;
 mod session;
 
+pub use args::{resolve_resume, TrainArgs};
 pub use metrics::{plot_curves, plot_loss_curve, run_outputs, MetricsWriter};
 pub use pretrain::{train, RunExt, RunSummary};
 pub use session::{run_session, Plan, Record, Summary, Task};

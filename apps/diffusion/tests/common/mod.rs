@@ -1,0 +1,42 @@
+//! What the diffusion tests share: where the fixtures are, reading them, and the error
+//! measure the fixture README suggests. Each test binary uses part of it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// `../shared` (data and fixtures).
+pub fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+/// `../shared/fixtures/sd_tiny`: a tiny SD pipeline and diffusers' outputs on it.
+pub fn fixture() -> PathBuf {
+    shared().join("fixtures/sd_tiny")
+}
+
+pub fn tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+pub fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// max |x|.
+pub fn max_abs(x: &Tensor) -> f32 {
+    x.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
+/// max |a − b| over max(1, max |b|).
+pub fn err(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap()) / max_abs(b).max(1.0)
+}
+
+/// max |a − b| over max |b| (the scale of a small tensor such as a gradient).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
+}
