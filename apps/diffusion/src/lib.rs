@@ -5,6 +5,7 @@
 //! conditional UNet (`unet`, from `unet/`) and the KL autoencoder (`vae`, from `vae/`).
 
 pub mod clip;
+pub mod config_keys;
 pub mod conv_blocks;
 pub mod data;
 pub mod error;

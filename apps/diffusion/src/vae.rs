@@ -61,7 +61,7 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
 }
 
-const KNOWN: [&str; 20] = [
+const KNOWN: [&str; 19] = [
     "_class_name",
     "_diffusers_version",
     "_name_or_path",
@@ -82,8 +82,6 @@ const KNOWN: [&str; 20] = [
     "sample_size",
     // Inference-time dtype advice; training here is f32.
     "force_upcast",
-    // Must be null (checked below): per-channel latent statistics are not implemented.
-    "latents_mean",
 ];
 
 impl VaeConfig {
@@ -93,26 +91,9 @@ impl VaeConfig {
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let v: serde_json::Map<String, Value> =
-            serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if let Some(c) = v.get("_class_name").and_then(Value::as_str) {
-            if c != "AutoencoderKL" {
-                return Err(format!(
-                    "_class_name `{c}` is not implemented (AutoencoderKL)"
-                ));
-            }
-        }
-        for (key, value) in &v {
-            if key == "latents_mean" || key == "latents_std" {
-                if !value.is_null() {
-                    return Err(format!(
-                        "`{key}` (per-channel latent statistics) is not implemented"
-                    ));
-                }
-            } else if !KNOWN.contains(&key.as_str()) {
-                return Err(format!("`{key}` is not an AutoencoderKL setting we know"));
-            }
-        }
+        // Per-channel latent statistics (SDXL-era VAEs) are not implemented.
+        let fixed = [("latents_mean", "null"), ("latents_std", "null")];
+        let v = crate::config_keys::checked(text, "AutoencoderKL", &KNOWN, &fixed)?;
         let cfg: Self = serde_json::from_value(Value::Object(v)).map_err(|e| e.to_string())?;
         let n = cfg.block_out_channels.len();
         if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
@@ -171,14 +152,9 @@ impl Vae {
 
     /// The model and its weights from a `vae/` folder.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Params)> {
-        let model = Self::new(VaeConfig::from_file(&dir.join("config.json"))?)?;
-        let params = crate::weights::load(
-            &dir.join("diffusion_pytorch_model.safetensors"),
-            &model.param_shapes(),
-            dtype,
-            device,
-        )?;
-        Ok((model, params))
+        let read = |f: &Path| Self::new(VaeConfig::from_file(f)?);
+        let file = "diffusion_pytorch_model.safetensors";
+        crate::weights::load_folder(dir, file, read, Self::param_shapes, dtype, device)
     }
 
     fn groups(&self) -> Groups {

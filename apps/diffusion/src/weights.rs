@@ -76,3 +76,18 @@ pub fn load(
     }
     Ok(params)
 }
+
+/// A model from its folder: `read` builds it from `dir/config.json`, then every parameter
+/// `shapes` lists is read from `dir/file` (or its shards).
+pub fn load_folder<M>(
+    dir: &Path,
+    file: &str,
+    read: impl FnOnce(&Path) -> Result<M>,
+    shapes: impl FnOnce(&M) -> Vec<(String, Vec<usize>)>,
+    dtype: DType,
+    device: &Device,
+) -> Result<(M, Params)> {
+    let model = read(&dir.join("config.json"))?;
+    let params = load(&dir.join(file), &shapes(&model), dtype, device)?;
+    Ok((model, params))
+}

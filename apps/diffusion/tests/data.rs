@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::shared;
+use common::{max_abs, shared};
 use diffusion::data;
 
 #[test]
@@ -19,14 +19,7 @@ fn an_emoji_becomes_the_fixtures_vae_input() {
     )
     .unwrap();
     let want: &Tensor = &t["vae.image"];
-    let d: f32 = (&ours - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d: f32 = max_abs(&(&ours - want).unwrap());
     // Below one 8-bit level (2/255): the compositing rounds every pixel as the fixture did.
     assert!(d < 1e-5, "image differs by {d}");
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use colossal_core::config::parse_config;
-use common::shared;
+use common::{max_abs, shared};
 use diffusion::train::{train, DiffusionConfig};
 
 /// A `captions.jsonl` folder with the first `n` emoji.
@@ -81,14 +81,7 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f32, String) {
     let mut worst = (0.0, String::new());
     for ((na, ta), (nb, tb)) in a.iter().zip(b) {
         assert_eq!(na, nb);
-        let d: f32 = (ta - tb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d: f32 = max_abs(&(ta - tb).unwrap());
         if d > worst.0 {
             worst = (d, na.clone());
         }

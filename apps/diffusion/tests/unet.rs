@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{err, fixture, reference, tensors};
+use common::{err, fixture, max_abs, reference, tensors};
 use diffusion::unet::{timestep_features, UNet};
 
 fn timesteps(v: &serde_json::Value) -> Vec<f64> {
@@ -70,15 +70,8 @@ fn a_training_step_matches_diffusers_loss_and_gradients() {
         assert!(s > 0.0, "{name}: zero gradient");
         sq += s as f64;
         if let Some(want) = t.get(&format!("train.grad.{name}")) {
-            let d: f32 = (g - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let m: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let d: f32 = max_abs(&(g - want).unwrap());
+            let m: f32 = max_abs(want);
             assert!(
                 d < 1e-4 * m,
                 "{name}: gradient off by {d} (largest element {m})"

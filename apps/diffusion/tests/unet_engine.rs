@@ -17,7 +17,7 @@ use colossal_core::models::ModelFamily;
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::params::Params;
 use colossal_core::train::{Engine, Origin, TrainConfig};
-use common::{fixture, tensors};
+use common::{fixture, max_abs, tensors};
 use diffusion::unet::{UNet, UNetCtx};
 
 const MICRO: usize = 4;
@@ -79,15 +79,8 @@ fn blockwise_gradients_equal_whole_graph_backward() {
                 .grads
                 .get(name)
                 .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let d: f32 = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let m: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let d: f32 = max_abs(&(got - want).unwrap());
+            let m: f32 = max_abs(want);
             // Biases just before a GroupNorm have no true gradient (the norm removes a
             // per-channel shift): theirs is rounding noise, compared absolutely.
             assert!(
@@ -149,14 +142,7 @@ fn assert_same(what: &str, got: &Run, want: &Run) {
     let (a, b) = (got.2.names(), want.2.names());
     assert_eq!(a.len(), b.len(), "{what}: parameter count");
     for name in b {
-        let d: f32 = (got.2.get(name).unwrap() - want.2.get(name).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d: f32 = max_abs(&(got.2.get(name).unwrap() - want.2.get(name).unwrap()).unwrap());
         assert!(d <= 1e-5, "{what}: {name} differs by {d}");
     }
 }
@@ -192,14 +178,7 @@ fn a_trained_unet_saves_as_a_diffusers_folder_that_loads_back() {
     let (again, q) = UNet::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(again.param_shapes(), unet.param_shapes());
     for (name, v) in p.iter() {
-        let d: f32 = (v.as_tensor() - q.get(name).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d: f32 = max_abs(&(v.as_tensor() - q.get(name).unwrap()).unwrap());
         assert_eq!(d, 0.0, "{name}");
     }
     // Sharded, as diffusers writes large models.

@@ -2,10 +2,13 @@
 //! `scripts/fixtures/diffusion_sd2_unet.py`): linear projections, per-level head counts, two
 //! transformer layers per block, upcast attention; every parameter trains.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs;
 use diffusion::unet::UNet;
 
 fn dir() -> PathBuf {
@@ -25,21 +28,8 @@ fn an_sd2_style_unet_matches_diffusers() {
         .map(|&v| v as f64)
         .collect();
     let y = unet.forward(&p, &t["x"], &ts, &t["ehs"]).unwrap();
-    let d: f32 = (&y - &t["y"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = t["y"]
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d: f32 = max_abs(&(&y - &t["y"]).unwrap());
+    let m: f32 = max_abs(&t["y"]);
     assert!(
         d <= 1e-4 * m.max(1.0),
         "noise prediction off by {d} (largest {m})"

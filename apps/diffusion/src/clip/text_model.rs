@@ -121,14 +121,9 @@ impl ClipTextModel {
     /// The model and its weights from a `text_encoder/` folder (`config.json`,
     /// `model.safetensors`); every parameter must be there with its shape.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Params)> {
-        let model = Self::new(ClipTextConfig::from_file(&dir.join("config.json"))?)?;
-        let params = crate::weights::load(
-            &dir.join("model.safetensors"),
-            &model.cfg.param_shapes(),
-            dtype,
-            device,
-        )?;
-        Ok((model, params))
+        let read = |f: &Path| Self::new(ClipTextConfig::from_file(f)?);
+        let shapes = |m: &Self| m.cfg.param_shapes();
+        crate::weights::load_folder(dir, "model.safetensors", read, shapes, dtype, device)
     }
 
     /// (last hidden state (B, T, H) after the final LayerNorm, pooled output (B, H)) for

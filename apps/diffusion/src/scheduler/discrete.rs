@@ -2,19 +2,18 @@
 
 use candle_core::Tensor;
 
-use super::{scale, Prediction, Scheduler, SchedulerKind, VarianceType};
+use super::{data_prediction, scale, Prediction, Scheduler, SchedulerKind, VarianceType};
 use crate::Result;
 
 /// x̂₀ and ε̂ from the model output at ᾱₜ, per the prediction type, x̂₀ clipped if asked.
 fn predictions(s: &Scheduler, out: &Tensor, sample: &Tensor, ac: f32) -> Result<(Tensor, Tensor)> {
     let (sa, sb) = (ac.sqrt(), (1.0 - ac).sqrt());
-    let (x0, eps) = match s.cfg.prediction_type {
-        Prediction::Epsilon => (scale(&(sample - scale(out, sb)?)?, 1.0 / sa)?, out.clone()),
-        Prediction::Sample => (out.clone(), scale(&(sample - scale(out, sa)?)?, 1.0 / sb)?),
-        Prediction::VPrediction => (
-            (scale(sample, sa)? - scale(out, sb)?)?,
-            (scale(out, sa)? + scale(sample, sb)?)?,
-        ),
+    let x0 = data_prediction(s.cfg.prediction_type, out, sample, sa, sb)?;
+    // ε̂ from x̂₀ (before any clipping), as diffusers does.
+    let eps = match s.cfg.prediction_type {
+        Prediction::Epsilon => out.clone(),
+        Prediction::Sample => scale(&(sample - scale(out, sa)?)?, 1.0 / sb)?,
+        Prediction::VPrediction => (scale(out, sa)? + scale(sample, sb)?)?,
     };
     let x0 = if s.cfg.clip_sample {
         let r = s.cfg.clip_sample_range;

@@ -232,6 +232,21 @@ impl Scheduler {
     }
 }
 
+/// x̂₀ from the model output on x = α·x₀ + σ·ε, per the prediction type.
+fn data_prediction(
+    p: Prediction,
+    out: &Tensor,
+    x: &Tensor,
+    alpha: f32,
+    sigma: f32,
+) -> Result<Tensor> {
+    Ok(match p {
+        Prediction::Epsilon => scale(&(x - scale(out, sigma)?)?, 1.0 / alpha)?,
+        Prediction::Sample => out.clone(),
+        Prediction::VPrediction => (scale(x, alpha)? - scale(out, sigma)?)?,
+    })
+}
+
 /// `x · s` for a scalar `s` (f32, as diffusers' 0-dim tensors).
 fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     Ok(x.affine(s as f64, 0.0)?)

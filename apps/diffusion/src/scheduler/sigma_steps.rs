@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::{scale, FinalSigma, Prediction, Scheduler, SolverType};
+use super::{data_prediction, scale, FinalSigma, Prediction, Scheduler, SolverType};
 use crate::Result;
 
 /// x̂₀ for the Euler schedulers from the output at σ.
@@ -68,11 +68,7 @@ pub(super) fn dpm_solver(
     let n = s.timesteps.len();
     let (sig_s0, sig_t) = (s.sigma(i)?, s.sigma(i + 1)?);
     let (alpha_s0, sigma_s0) = alpha_sigma(sig_s0);
-    let x0 = match s.cfg.prediction_type {
-        Prediction::Epsilon => scale(&(sample - scale(out, sigma_s0)?)?, 1.0 / alpha_s0)?,
-        Prediction::Sample => out.clone(),
-        Prediction::VPrediction => (scale(sample, alpha_s0)? - scale(out, sigma_s0)?)?,
-    };
+    let x0 = data_prediction(s.cfg.prediction_type, out, sample, alpha_s0, sigma_s0)?;
     let last = i + 1 == n;
     let lower_final = last
         && (s.cfg.euler_at_final

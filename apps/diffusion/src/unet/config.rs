@@ -155,14 +155,6 @@ const INERT: [&str; 8] = [
     "mid_block_only_cross_attention",
 ];
 
-/// JSON equality with numbers compared by value (`1` = `1.0`).
-fn same(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
-    }
-}
-
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
@@ -170,31 +162,8 @@ impl UNetConfig {
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let v: serde_json::Map<String, Value> =
-            serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if let Some(c) = v.get("_class_name").and_then(Value::as_str) {
-            if c != "UNet2DConditionModel" {
-                return Err(format!(
-                    "_class_name `{c}` is not implemented (UNet2DConditionModel)"
-                ));
-            }
-        }
-        for (key, value) in &v {
-            if let Some((_, ok)) = FIXED.iter().find(|(k, _)| k == key) {
-                let ok_v: Value = serde_json::from_str(ok).expect("literal");
-                if !same(value, &ok_v) && !value.is_null() {
-                    return Err(format!("`{key} = {value}` is not implemented (only {ok})"));
-                }
-            }
-        }
-        let known = |k: &str| {
-            INERT.contains(&k) || FIELDS.contains(&k) || FIXED.iter().any(|(f, _)| *f == k)
-        };
-        if let Some(k) = v.keys().find(|k| !known(k)) {
-            return Err(format!(
-                "`{k}` is not a UNet2DConditionModel setting we know"
-            ));
-        }
+        let known: Vec<&str> = INERT.iter().chain(&FIELDS).copied().collect();
+        let v = crate::config_keys::checked(text, "UNet2DConditionModel", &known, &FIXED)?;
         let cfg: Self = serde_json::from_value(Value::Object(v)).map_err(|e| e.to_string())?;
         cfg.validate()?;
         Ok(cfg)

@@ -51,14 +51,9 @@ impl UNet {
     /// The model and its weights from a `unet/` folder (`config.json`,
     /// `diffusion_pytorch_model.safetensors`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Params)> {
-        let model = Self::new(UNetConfig::from_file(&dir.join("config.json"))?)?;
-        let params = crate::weights::load(
-            &dir.join("diffusion_pytorch_model.safetensors"),
-            &model.param_shapes(),
-            dtype,
-            device,
-        )?;
-        Ok((model, params))
+        let read = |f: &Path| Self::new(UNetConfig::from_file(f)?);
+        let file = "diffusion_pytorch_model.safetensors";
+        crate::weights::load_folder(dir, file, read, Self::param_shapes, dtype, device)
     }
 
     fn levels(&self) -> usize {
