@@ -38,3 +38,12 @@ pub fn checked(
     }
     Ok(v)
 }
+
+/// Reads `path` and parses it with `parse`; errors name the file.
+pub fn read<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> crate::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::file(path, e))?;
+    parse(&text).map_err(|e| crate::Error::file(path, e))
+}

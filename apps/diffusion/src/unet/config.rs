@@ -157,8 +157,7 @@ const INERT: [&str; 8] = [
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        Self::from_json(&text).map_err(|e| Error::file(path, e))
+        crate::config_keys::read(path, Self::from_json)
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
