@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use colossal_core::train::{ParallelConfig, TrainConfig, TrainSection};
+use colossal_core::train::{DeviceSpec, ParallelConfig, Precision, TrainConfig, TrainSection};
 use serde::Deserialize;
 
 use crate::scheduler::SchedulerKind;
@@ -199,6 +199,9 @@ impl DiffusionConfig {
             if db.with_prior_preservation && db.num_class_images == 0 {
                 return Err("dreambooth.num_class_images must be positive".into());
             }
+        }
+        if self.parallel.precision == Precision::Bf16 && self.train.device == DeviceSpec::Cpu {
+            return Err("parallel.precision = \"bf16\" on the CPU: candle's CPU matmul and convolution have no bf16; use \"fp16\" (with loss scaling), or train.device = \"cuda\"".into());
         }
         if let Some(g) = self.diffusion.snr_gamma {
             if g <= 0.0 {

@@ -221,17 +221,17 @@ impl DiffusionTask {
         let weights: Vec<f32> = weights.iter().zip(&set_w).map(|(a, b)| a * b).collect();
         let w = Tensor::from_vec(weights, m, &dev)?;
         let per_elem = (target.elem_count() / m) as f64;
+        // Mixed precision: the model computes in the compute dtype, the loss in f32.
+        let dtype = self.cfg.parallel.compute_dtype();
         let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
-            let sq = (out.get("pred")? - &target)?
-                .sqr()?
-                .flatten_from(1)?
-                .sum(1)?;
+            let pred = out.get("pred")?.to_dtype(candle_core::DType::F32)?;
+            let sq = (pred - &target)?.sqr()?.flatten_from(1)?.sum(1)?;
             Ok(((sq * &w)?.sum_all()? / (per_elem * global as f64))?)
         });
         Ok(MicroBatch {
-            inputs: Acts::one("x", noisy),
+            inputs: Acts::one("x", noisy.to_dtype(dtype)?),
             ctx: UNetCtx {
-                text: Tensor::stack(&texts, 0)?,
+                text: Tensor::stack(&texts, 0)?.to_dtype(dtype)?,
                 t: ts.iter().map(|&t| t as f64).collect(),
             },
             loss_fn,
