@@ -1,15 +1,17 @@
 //! `diffusion`: Stable Diffusion training and sampling on colossal-rs, on diffusers folders.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use candle_core::Device;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 use colossal_session::TrainArgs;
 use diffusion::data::save_grid;
 use diffusion::pipeline::{Pipeline, SampleOptions};
 use diffusion::scheduler::{Scheduler, SchedulerKind};
 use diffusion::train::{train, DiffusionConfig, SampleScheduler};
+use diffusion::unet::UNet;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,6 +33,18 @@ enum Cmd {
     /// DreamBooth: fine-tune the UNet on one subject's images (`[dreambooth]`), with prior
     /// preservation on class images the model generates.
     Dreambooth(TrainArgs),
+    /// The UNet alone, for checking against diffusers: reads `sample` (B, C, H, W), `timestep`
+    /// (B; float or integer) and `encoder_hidden_states` (B, S, D) from a safetensors file,
+    /// writes `noise_pred`.
+    Forward {
+        /// A `unet/` folder.
+        #[arg(long)]
+        unet: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Sample images from a diffusers folder into one PNG grid.
     Sample {
         /// A diffusers Stable Diffusion folder.
@@ -90,6 +104,28 @@ fn run_train(a: &TrainArgs, dreambooth: bool) -> Result<()> {
     Ok(())
 }
 
+/// `diffusion forward`.
+fn forward(unet: &Path, input: &Path, out: &Path) -> Result<()> {
+    let (model, params) = UNet::load(unet, DType::F32, &Device::Cpu)?;
+    let t = candle_core::safetensors::load(input, &Device::Cpu)
+        .with_context(|| format!("reading {}", input.display()))?;
+    let get = |name: &str| {
+        t.get(name)
+            .with_context(|| format!("{}: tensor `{name}` is missing", input.display()))
+    };
+    let timesteps: Vec<f64> = get("timestep")?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let sample = get("sample")?.to_dtype(DType::F32)?;
+    let text = get("encoder_hidden_states")?.to_dtype(DType::F32)?;
+    let pred = model.forward(&params, &sample, &timesteps, &text)?;
+    candle_core::safetensors::save(&HashMap::from([("noise_pred".to_string(), pred)]), out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("noise_pred: {}", out.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     colossal_core::runtime::tune_allocator();
     colossal_core::runtime::tune_threads();
@@ -97,6 +133,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train(a) => run_train(&a, false)?,
         Cmd::Dreambooth(a) => run_train(&a, true)?,
+        Cmd::Forward { unet, input, out } => forward(&unet, &input, &out)?,
         Cmd::Sample {
             model,
             prompts,
