@@ -86,6 +86,21 @@ fn prior_preservation_adds_the_class_term_and_nothing_else() {
             "weight 0 differs at step {s}"
         );
     }
+    // Reported apart: loss = instance_loss + prior_loss_weight · prior_loss; the instance part
+    // is what the run without prior preservation trains on.
+    let (inst, prior) = (one.series("instance_loss"), one.series("prior_loss"));
+    assert_eq!((inst.len(), prior.len()), (3, 3));
+    assert!(plain.series("prior_loss").is_empty());
+    for s in 0..3 {
+        assert!(
+            (inst[s] + prior[s] - o[s]).abs() <= 1e-5 * o[s],
+            "parts at step {s}"
+        );
+    }
+    assert!(
+        (inst[0] - p[0]).abs() <= 1e-5 * p[0],
+        "instance part of the first step"
+    );
     assert!(
         o[0] > p[0] * 1.05,
         "the class term adds to the loss: {} vs {}",

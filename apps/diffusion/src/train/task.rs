@@ -6,7 +6,9 @@
 //! (optionally Min-SNR-γ weighted). Randomness is a function of (seed, step, example
 //! position), so every parallel layout trains alike.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use colossal_core::exec::{Acts, LossFn};
@@ -68,7 +70,12 @@ pub struct DiffusionTask {
     /// The training examples, then (prior preservation) the class examples.
     sets: Vec<Set>,
     pub ema: Option<Params>,
+    /// Each micro-batch's loss per set (before the set's weight), written by its loss
+    /// function (a recomputation overwrites with the same value), summed after the step.
+    parts: Parts,
 }
+
+type Parts = Arc<Mutex<HashMap<usize, Vec<f64>>>>;
 
 fn core(e: Error) -> colossal_core::Error {
     colossal_core::Error::Config(e.to_string())
@@ -125,6 +132,7 @@ impl DiffusionTask {
             noise,
             sets,
             ema,
+            parts: Default::default(),
         })
     }
 
@@ -218,15 +226,24 @@ impl DiffusionTask {
                 })
                 .collect(),
         };
+        let snr_w = weights.clone();
         let weights: Vec<f32> = weights.iter().zip(&set_w).map(|(a, b)| a * b).collect();
         let w = Tensor::from_vec(weights, m, &dev)?;
+        let (parts, sets, per_set) = (self.parts.clone(), self.sets.len(), m / self.sets.len());
         let per_elem = (target.elem_count() / m) as f64;
         // Mixed precision: the model computes in the compute dtype, the loss in f32.
         let dtype = self.cfg.parallel.compute_dtype();
         let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
             let pred = out.get("pred")?.to_dtype(candle_core::DType::F32)?;
             let sq = (pred - &target)?.sqr()?.flatten_from(1)?.sum(1)?;
-            Ok(((sq * &w)?.sum_all()? / (per_elem * global as f64))?)
+            let norm = per_elem * global as f64;
+            let each: Vec<f32> = sq.detach().to_vec1()?;
+            let mut part = vec![0.0; sets];
+            for (i, (e, sw)) in each.iter().zip(&snr_w).enumerate() {
+                part[i / per_set] += (e * sw) as f64 / norm;
+            }
+            parts.lock().expect("loss parts").insert(mb, part);
+            Ok(((sq * &w)?.sum_all()? / norm)?)
         });
         Ok(MicroBatch {
             inputs: Acts::one("x", noisy.to_dtype(dtype)?),
@@ -330,9 +347,24 @@ impl colossal_session::Task for DiffusionTask {
                 .ok_or_else(|| colossal_core::msg!("no micro-batch left"))
         })?;
         self.engine.state.cursor += self.cfg.train.batch_size as u64;
+        let parts: Vec<f64> = {
+            let mut map = self.parts.lock().expect("loss parts");
+            let sums = map.values().fold(vec![0.0; self.sets.len()], |mut acc, p| {
+                acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                acc
+            });
+            map.clear();
+            sums
+        };
+        let parts = self.engine.sum_over_ranks(&parts)?;
         self.update_ema().map_err(core)?;
         let mut rec = self.engine.last_step_metrics();
         rec.insert("loss".into(), json!(loss));
+        if parts.len() > 1 {
+            // DreamBooth: loss = instance_loss + prior_loss_weight · prior_loss.
+            rec.insert("instance_loss".into(), json!(parts[0]));
+            rec.insert("prior_loss".into(), json!(parts[1]));
+        }
         rec.insert("grad_norm".into(), json!(grad_norm));
         rec.insert("lr".into(), json!(lr));
         Ok(rec)
@@ -364,7 +396,10 @@ impl colossal_session::Task for DiffusionTask {
     }
 
     fn curves(&self) -> Vec<(&'static str, Vec<&'static str>)> {
-        vec![("loss.png", vec!["loss"])]
+        match self.sets.len() {
+            1 => vec![("loss.png", vec!["loss"])],
+            _ => vec![("loss.png", vec!["loss", "instance_loss", "prior_loss"])],
+        }
     }
 }
 
