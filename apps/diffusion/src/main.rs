@@ -1,5 +1,7 @@
 //! `diffusion`: Stable Diffusion training and sampling on colossal-rs, on diffusers folders.
 
+mod bench;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +47,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Peak memory and step time of one UNet training step at an SD-shaped config: fp32 vs
+    /// ZeRO-3 + offload + activation checkpointing + half precision (JSON).
+    Bench(bench::BenchArgs),
     /// Sample images from a diffusers folder into one PNG grid.
     Sample {
         /// A diffusers Stable Diffusion folder.
@@ -134,6 +139,7 @@ fn main() -> Result<()> {
         Cmd::Train(a) => run_train(&a, false)?,
         Cmd::Dreambooth(a) => run_train(&a, true)?,
         Cmd::Forward { unet, input, out } => forward(&unet, &input, &out)?,
+        Cmd::Bench(a) => bench::run(&a)?,
         Cmd::Sample {
             model,
             prompts,
