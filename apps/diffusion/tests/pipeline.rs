@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{err, fixture, tensors};
+use common::{close, err, fixture, tensors};
 use diffusion::pipeline::{Pipeline, SampleOptions};
 
 #[test]
@@ -25,14 +25,14 @@ fn a_prompt_samples_as_diffusers_ddim_pipeline() {
         .generate(&prompt, &opts, Some(t["ddim.initial_latents"].clone()))
         .unwrap();
     let e = err(&latents, &t["ddim.final_latents"]);
-    assert!(e < 1e-4, "final latents err {e}");
+    close("final latents", e, 1e-4);
     let want = t["ddim.decoded_image"]
         .affine(0.5, 0.5)
         .unwrap()
         .clamp(0f32, 1f32)
         .unwrap();
     let e = err(&images, &want);
-    assert!(e < 1e-4, "image err {e}");
+    close("image", e, 1e-4);
 }
 
 #[test]

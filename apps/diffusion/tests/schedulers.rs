@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, reference, rel_err, tensors};
+use common::{close, fixture, reference, rel_err, tensors};
 use diffusion::scheduler::{Scheduler, SchedulerKind};
 
 #[test]
@@ -27,12 +27,12 @@ fn add_noise_matches_diffusers_at_per_sample_timesteps() {
         .add_noise(&t["ddpm.x0"], &t["ddpm.noise"], &[0, 10, 500, 999])
         .unwrap();
     let e = rel_err(&noisy, &t["ddpm.noisy"]);
-    assert!(e < 1e-6, "ddpm.noisy rel err {e}");
+    close("ddpm.noisy", e, 1e-6);
     let noisy = s
         .add_noise(&t["train.x0"], &t["train.noise"], &[100, 700])
         .unwrap();
     let e = rel_err(&noisy, &t["train.noisy"]);
-    assert!(e < 1e-6, "train.noisy rel err {e}");
+    close("train.noisy", e, 1e-6);
     // Epsilon prediction: the training target is the noise itself.
     let target = s
         .target(&t["train.x0"], &t["train.noise"], &[100, 700])
@@ -53,10 +53,10 @@ fn a_ten_step_ddim_trajectory_follows_diffusers() {
         let out = outs.get(i).unwrap().unsqueeze(0).unwrap();
         x = s.step(i, &out, &x, None).unwrap();
         let e = rel_err(&x, &steps.get(i).unwrap().unsqueeze(0).unwrap());
-        assert!(e < 1e-5, "step {i} (t = {ts}): rel err {e}");
+        close(&format!("step {i} (t = {ts})"), e, 1e-5);
     }
     let e = rel_err(&x, &t["ddim.final_latents"]);
-    assert!(e < 1e-5, "final latents rel err {e}");
+    close("final latents", e, 1e-5);
 }
 
 #[test]

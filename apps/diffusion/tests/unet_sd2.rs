@@ -30,6 +30,7 @@ fn an_sd2_style_unet_matches_diffusers() {
     let y = unet.forward(&p, &t["x"], &ts, &t["ehs"]).unwrap();
     let d: f32 = max_abs(&(&y - &t["y"]).unwrap());
     let m: f32 = max_abs(&t["y"]);
+    println!("SD 2.x-style noise prediction: off by {d:.2e} (largest {m:.3})");
     assert!(
         d <= 1e-4 * m.max(1.0),
         "noise prediction off by {d} (largest {m})"

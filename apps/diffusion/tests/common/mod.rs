@@ -40,3 +40,9 @@ pub fn err(a: &Tensor, b: &Tensor) -> f32 {
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
 }
+
+/// Asserts `e < tol`, printing the figure (`--nocapture` shows what each check measured).
+pub fn close(what: &str, e: f32, tol: f32) {
+    println!("{what}: {e:.2e} (tolerance {tol:.0e})");
+    assert!(e < tol, "{what}: {e} is not below {tol}");
+}
