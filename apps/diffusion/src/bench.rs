@@ -75,13 +75,7 @@ fn unet_config(a: &BenchArgs) -> Result<UNetConfig> {
 }
 
 fn peak_rss() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("/proc/self/status")?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmHWM in /proc/self/status")?;
-    Ok(kb * 1024)
+    colossal_core::runtime::peak_rss_bytes().context("no VmHWM in /proc/self/status")
 }
 
 /// Child: one setup's training step on random inputs.

@@ -42,16 +42,6 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
-/// The process's peak resident set (VmHWM), 0 where /proc is not there.
-pub fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn parse_kernels(s: &str) -> std::result::Result<Kernels, String> {
     match s {
         "fused" => Ok(Kernels::Fused),
@@ -134,7 +124,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "flops_per_step": flops,
         "flops_formula": "tokens * (6 * N_matmul + 12 * layers * dim * seq); N_matmul = params - vocab*dim (input embedding excluded)",
         "final_loss": last_loss,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": colossal_core::runtime::peak_rss_bytes().unwrap_or(0),
     });
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(&a.out, &text)?;
