@@ -47,3 +47,19 @@ pub fn read<T>(
     let text = std::fs::read_to_string(path).map_err(|e| crate::Error::file(path, e))?;
     parse(&text).map_err(|e| crate::Error::file(path, e))
 }
+
+/// serde defaults diffusers' configs share (their `__init__` defaults).
+pub mod defaults {
+    pub fn one() -> usize {
+        1
+    }
+    pub fn groups() -> usize {
+        32
+    }
+    pub fn silu() -> String {
+        "silu".into()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}

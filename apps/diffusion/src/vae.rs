@@ -19,18 +19,6 @@ use crate::{Error, Result};
 /// The VAE's norms all use this eps (diffusers fixes it).
 const EPS: f64 = 1e-6;
 
-fn d_one() -> usize {
-    1
-}
-fn d_groups() -> usize {
-    32
-}
-fn d_act() -> String {
-    "silu".into()
-}
-fn d_true() -> bool {
-    true
-}
 fn d_scale() -> f64 {
     0.18215
 }
@@ -42,22 +30,22 @@ pub struct VaeConfig {
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default = "d_one")]
+    #[serde(default = "crate::config_keys::defaults::one")]
     pub layers_per_block: usize,
     pub latent_channels: usize,
-    #[serde(default = "d_groups")]
+    #[serde(default = "crate::config_keys::defaults::groups")]
     pub norm_num_groups: usize,
-    #[serde(default = "d_act")]
+    #[serde(default = "crate::config_keys::defaults::silu")]
     pub act_fn: String,
     #[serde(default = "d_scale")]
     pub scaling_factor: f64,
     #[serde(default)]
     pub shift_factor: Option<f64>,
-    #[serde(default = "d_true")]
+    #[serde(default = "crate::config_keys::defaults::yes")]
     pub use_quant_conv: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "crate::config_keys::defaults::yes")]
     pub use_post_quant_conv: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "crate::config_keys::defaults::yes")]
     pub mid_block_add_attention: bool,
 }
 

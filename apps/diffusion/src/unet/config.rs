@@ -46,20 +46,8 @@ pub enum UpKind {
     Plain,
 }
 
-fn d_groups() -> usize {
-    32
-}
 fn d_eps() -> f64 {
     1e-5
-}
-fn d_one() -> usize {
-    1
-}
-fn d_true() -> bool {
-    true
-}
-fn d_act() -> String {
-    "silu".into()
 }
 fn d_heads() -> PerBlock {
     PerBlock::One(8)
@@ -77,7 +65,7 @@ pub struct UNetConfig {
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default = "d_one")]
+    #[serde(default = "crate::config_keys::defaults::one")]
     pub layers_per_block: usize,
     pub cross_attention_dim: usize,
     /// diffusers' legacy naming: the number of heads (head size = channels / this).
@@ -85,13 +73,13 @@ pub struct UNetConfig {
     pub attention_head_dim: PerBlock,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
-    #[serde(default = "d_groups")]
+    #[serde(default = "crate::config_keys::defaults::groups")]
     pub norm_num_groups: usize,
     #[serde(default = "d_eps")]
     pub norm_eps: f64,
-    #[serde(default = "d_act")]
+    #[serde(default = "crate::config_keys::defaults::silu")]
     pub act_fn: String,
-    #[serde(default = "d_true")]
+    #[serde(default = "crate::config_keys::defaults::yes")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
@@ -99,7 +87,7 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     #[serde(default = "d_one_block")]
     pub transformer_layers_per_block: PerBlock,
-    #[serde(default = "d_one")]
+    #[serde(default = "crate::config_keys::defaults::one")]
     pub downsample_padding: usize,
     #[serde(default = "d_scale")]
     pub mid_block_scale_factor: f64,
