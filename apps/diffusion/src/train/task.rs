@@ -284,11 +284,8 @@ impl DiffusionTask {
             .then(|| self.ema.clone().unwrap_or(full)))
     }
 
-    fn sample_grid(&mut self, weights: Params) -> Result<Option<PathBuf>> {
+    fn sample_grid(&mut self, weights: Params) -> Result<PathBuf> {
         let d = &self.cfg.diffusion;
-        if d.sample_prompts.is_empty() {
-            return Ok(None);
-        }
         let mut sc = self.noise.cfg.clone();
         sc.kind = d.sample_scheduler.kind();
         if sc.kind != crate::scheduler::SchedulerKind::Ddpm {
@@ -311,7 +308,7 @@ impl DiffusionTask {
         let cols = (d.sample_prompts.len() as f64).sqrt().ceil() as usize;
         data::save_grid(&images, cols, &path)?;
         tracing::info!(path = %path.display(), "sample grid");
-        Ok(Some(path))
+        Ok(path)
     }
 
     pub fn out_dir(&self) -> &Path {
@@ -371,6 +368,10 @@ impl colossal_session::Task for DiffusionTask {
     }
 
     fn evaluate(&mut self) -> colossal_core::Result<colossal_session::Record> {
+        // Every rank has the same prompts, so all skip the weight gather together.
+        if self.cfg.diffusion.sample_prompts.is_empty() {
+            return Ok(Default::default());
+        }
         if let Some(w) = self.weights_for_output().map_err(core)? {
             self.sample_grid(w).map_err(core)?;
         }
