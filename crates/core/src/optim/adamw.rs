@@ -195,13 +195,29 @@ impl AdamWKernel {
         v: Tensor,
         decay: f32,
     ) -> Result<(Tensor, Tensor)> {
+        let p = var.as_tensor().to_dtype(DType::F32)?;
+        let (p, m, v) = self.update_values(&p, g, &m, &v, decay)?;
+        var.set(&p.to_dtype(var.dtype())?)?;
+        Ok((m, v))
+    }
+
+    /// [`Self::update_tensors`] on plain f32 tensors of one shape, wherever they live: returns
+    /// the new (parameter, first moment, second moment).
+    pub fn update_values(
+        &self,
+        p: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        decay: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let k = self.with_decay(decay);
-        let scalar = |x: f32| Tensor::new(x, var.device());
+        let scalar = |x: f32| Tensor::new(x, p.device());
         let g = g.to_dtype(DType::F32)?;
         // torch's lerp(m, g, w) = m + w (g − m) for w < 0.5, else g − (g − m)(1 − w).
-        let diff = (&g - &m)?;
+        let diff = (&g - m)?;
         let m = if k.lerp_w < 0.5 {
-            (&m + diff.affine(k.lerp_w as f64, 0.0)?)?
+            (m + diff.affine(k.lerp_w as f64, 0.0)?)?
         } else {
             (&g - diff.affine((1.0 - k.lerp_w) as f64, 0.0)?)?
         };
@@ -210,11 +226,9 @@ impl AdamWKernel {
             .sqrt()?
             .broadcast_div(&scalar(k.bc2_sqrt)?)?
             .affine(1.0, k.eps as f64)?;
-        let p = var.as_tensor().to_dtype(DType::F32)?;
         let step = (&m / denom)?.affine(k.step_size as f64, 0.0)?;
         let p = (p.affine(k.decay as f64, 0.0)? + step)?;
-        var.set(&p.to_dtype(var.dtype())?)?;
-        Ok((m, v))
+        Ok((p, m, v))
     }
 }
 

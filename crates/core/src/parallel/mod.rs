@@ -5,6 +5,7 @@ pub mod pipeline;
 pub mod pipeline_run;
 pub mod plan;
 pub mod sequence;
+pub mod state_ops;
 pub mod tensor;
 pub mod weight_grad;
 pub mod zero;
@@ -12,5 +13,6 @@ pub mod zero3;
 
 pub use data::DataParallelSink;
 pub use offload::{Placement, StateBuf};
+pub use state_ops::{adam_update, SqSum};
 pub use zero::{FlatLayout, ZeroGradSink, ZeroOptimizer};
 pub use zero3::{Zero3, Zero3GradSink, Zero3Source};

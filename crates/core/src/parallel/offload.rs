@@ -2,11 +2,13 @@
 //! memory-mapped files on disk whose pages are handed back to the OS after each use, so state
 //! larger than RAM still trains (the OS streams it through the page cache). A disk placement
 //! may carry a memory budget: buffers stay in memory, in creation order, until it is spent.
+//! Without offload on a GPU, the state stays in the GPU's memory as tensors (`Device`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use candle_core::{Device, Tensor};
 use memmap2::{MmapMut, UncheckedAdvice};
 
 use crate::{Error, Result};
@@ -16,6 +18,8 @@ pub enum Placement {
     Memory,
     /// Files under this directory (one per buffer), past the memory budget.
     Disk(DiskPlacement),
+    /// Tensors on this device, updated there by tensor ops (no host round trip).
+    Device(Device),
 }
 
 #[derive(Clone, Debug)]
@@ -37,8 +41,8 @@ impl Placement {
     /// The same place with no memory budget (for transient buffers that must not use it up).
     pub fn without_budget(&self) -> Self {
         match self {
-            Placement::Memory => Placement::Memory,
             Placement::Disk(d) => Placement::disk(d.dir.clone(), 0),
+            other => other.clone(),
         }
     }
 }
@@ -60,6 +64,9 @@ pub enum StateBuf {
         len: usize,
         path: PathBuf,
     },
+    /// A contiguous 1-D f32 tensor on a device; its values are read and written by the tensor
+    /// operations in `state_ops.rs`, never as a host slice.
+    Dev(Tensor),
 }
 
 impl StateBuf {
@@ -67,6 +74,10 @@ impl StateBuf {
     pub fn new(placement: &Placement, name: &str, values: Vec<f32>) -> Result<Self> {
         let dir = match placement {
             Placement::Memory => return Ok(StateBuf::Mem(values)),
+            Placement::Device(dev) => {
+                let len = values.len();
+                return Ok(StateBuf::Dev(Tensor::from_vec(values, len, dev)?));
+            }
             Placement::Disk(d) if d.reserve(4 * values.len() as u64) => {
                 return Ok(StateBuf::Mem(values))
             }
@@ -96,13 +107,21 @@ impl StateBuf {
         match self {
             StateBuf::Mem(v) => v.len(),
             StateBuf::Disk { len, .. } => *len,
+            StateBuf::Dev(t) => t.elem_count(),
         }
+    }
+
+    /// Whether the values live on a device (as a tensor) rather than on the host.
+    pub fn is_device(&self) -> bool {
+        matches!(self, StateBuf::Dev(_))
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The values of a host buffer. Panics for `Dev`, whose values never come to the host
+    /// (callers branch on the variant, as `state_ops.rs` does).
     pub fn as_slice(&self) -> &[f32] {
         match self {
             StateBuf::Mem(v) => v,
@@ -110,6 +129,7 @@ impl StateBuf {
             StateBuf::Disk { map, len, .. } => unsafe {
                 std::slice::from_raw_parts(map.as_ptr() as *const f32, *len)
             },
+            StateBuf::Dev(_) => panic!("a device state buffer has no host slice"),
         }
     }
 
@@ -120,6 +140,7 @@ impl StateBuf {
             StateBuf::Disk { map, len, .. } => unsafe {
                 std::slice::from_raw_parts_mut(map.as_mut_ptr() as *mut f32, *len)
             },
+            StateBuf::Dev(_) => panic!("a device state buffer has no host slice"),
         }
     }
 
@@ -135,26 +156,26 @@ impl StateBuf {
         Ok(())
     }
 
-    /// Bytes kept in memory between uses.
+    /// Bytes kept in (host or device) memory between uses.
     pub fn resident_bytes(&self) -> u64 {
         match self {
-            StateBuf::Mem(v) => 4 * v.len() as u64,
             StateBuf::Disk { .. } => 0,
+            other => 4 * other.len() as u64,
         }
     }
 
     /// Bytes kept on disk.
     pub fn offloaded_bytes(&self) -> u64 {
         match self {
-            StateBuf::Mem(_) => 0,
             StateBuf::Disk { len, .. } => 4 * *len as u64,
+            _ => 0,
         }
     }
 
     pub fn path(&self) -> Option<&Path> {
         match self {
-            StateBuf::Mem(_) => None,
             StateBuf::Disk { path, .. } => Some(path),
+            _ => None,
         }
     }
 }

@@ -22,6 +22,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 
 use super::offload::{Placement, StateBuf};
+use super::state_ops::{adam_update, SqSum};
 use crate::dist::{Communicator, ReduceOp};
 use crate::exec::Hooks;
 use crate::optim::{AdamW, AdamWConfig, AdamWKernel};
@@ -103,9 +104,10 @@ pub struct ZeroGradSink<'a> {
     bucket_bytes: usize,
     pub last_micro_batch: bool,
     local: Grads,
-    bucket: Vec<(String, Vec<f32>)>,
+    /// Complete gradients waiting to be sent, flattened to f32 where they were computed.
+    bucket: Vec<(String, Tensor)>,
     bucket_len: usize,
-    shard_grad: Vec<f32>,
+    shard_grad: StateBuf,
 }
 
 impl<'a> ZeroGradSink<'a> {
@@ -115,8 +117,16 @@ impl<'a> ZeroGradSink<'a> {
         stage: u8,
         ready_at: HashMap<String, usize>,
         bucket_bytes: usize,
-    ) -> Self {
-        Self {
+        placement: &Placement,
+    ) -> Result<Self> {
+        // The shard's gradient sum lives with the moments on a device; on the host it is
+        // transient and small, so never on disk.
+        let at = match placement {
+            Placement::Device(d) => Placement::Device(d.clone()),
+            _ => Placement::Memory,
+        };
+        let shard_grad = StateBuf::new(&at, "grad", vec![0.0; layout.shard])?;
+        Ok(Self {
             comm,
             layout,
             stage,
@@ -126,40 +136,42 @@ impl<'a> ZeroGradSink<'a> {
             local: Grads::new(),
             bucket: Vec::new(),
             bucket_len: 0,
-            shard_grad: vec![0.0; layout.shard],
-        }
+            shard_grad,
+        })
     }
 
     /// Sends each peer the bucket's elements it owns and adds what peers send for ours.
     fn flush(&mut self) -> Result<()> {
         let (me, n) = (self.comm.rank(), self.comm.size());
-        let part = |rank: usize, bucket: &[(String, Vec<f32>)]| -> Vec<f32> {
-            let mut out = Vec::new();
+        let part = |rank: usize, bucket: &[(String, Tensor)]| -> Result<Option<Tensor>> {
+            let mut pieces = Vec::new();
             for (name, g) in bucket {
                 if let Some(r) = self.layout.overlap(name, rank) {
                     let off = self.layout.entries[self.layout.index[name]].offset;
-                    out.extend_from_slice(&g[r.start - off..r.end - off]);
+                    pieces.push(g.narrow(0, r.start - off, r.len())?);
                 }
             }
-            out
+            Ok(match pieces.len() {
+                0 => None,
+                1 => pieces.pop(),
+                _ => Some(Tensor::cat(&pieces, 0)?),
+            })
         };
         for peer in (0..n).filter(|&p| p != me) {
-            let data = part(peer, &self.bucket);
-            if !data.is_empty() {
-                let len = data.len();
-                self.comm
-                    .send(&Tensor::from_vec(data, len, &Device::Cpu)?, peer)?;
+            if let Some(data) = part(peer, &self.bucket)? {
+                self.comm.send(&data, peer)?;
             }
         }
-        let mine = part(me, &self.bucket);
         // Every peer sends its copy of the same elements (the bucket holds the same parameters
         // on every rank), so nothing arrives when this rank owns none of them.
-        let owns_any = !mine.is_empty();
+        let Some(mine) = part(me, &self.bucket)? else {
+            self.bucket.clear();
+            self.bucket_len = 0;
+            return Ok(());
+        };
         let mut incoming = vec![mine];
         for peer in (0..n).filter(|&p| p != me) {
-            if owns_any {
-                incoming.push(self.comm.recv(peer)?.to_vec1::<f32>()?);
-            }
+            incoming.push(self.comm.recv(peer)?);
         }
         // Destination offsets of this rank's pieces, in bucket order.
         let shard_start = self.layout.shard_range(me).start;
@@ -167,12 +179,8 @@ impl<'a> ZeroGradSink<'a> {
             let mut k = 0;
             for (name, _) in &self.bucket {
                 if let Some(r) = self.layout.overlap(name, me) {
-                    for (dst, x) in self.shard_grad[r.start - shard_start..r.end - shard_start]
-                        .iter_mut()
-                        .zip(&data[k..k + r.len()])
-                    {
-                        *dst += x;
-                    }
+                    let piece = data.narrow(0, k, r.len())?;
+                    self.shard_grad.add_at(r.start - shard_start, &piece)?;
                     k += r.len();
                 }
             }
@@ -183,7 +191,7 @@ impl<'a> ZeroGradSink<'a> {
     }
 
     /// This rank's gradient shard, summed over ranks and micro-batches.
-    pub fn finish(mut self) -> Result<Vec<f32>> {
+    pub fn finish(mut self) -> Result<StateBuf> {
         self.flush()?;
         if !self.local.is_empty() {
             return Err(crate::msg!("ZeRO: the last micro-batch was never marked"));
@@ -204,8 +212,8 @@ impl Hooks for ZeroGradSink<'_> {
         }
         for name in complete {
             let g = self.local.take(&name).expect("just accumulated");
-            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            self.bucket_len += g.len() * 4;
+            let g = g.to_dtype(DType::F32)?.flatten_all()?;
+            self.bucket_len += g.elem_count() * 4;
             self.bucket.push((name, g));
             if self.bucket_len >= self.bucket_bytes {
                 self.flush()?;
@@ -223,6 +231,7 @@ pub struct ZeroOptimizer {
     rank: usize,
     m: StateBuf,
     v: StateBuf,
+    pub placement: Placement,
 }
 
 impl ZeroOptimizer {
@@ -263,6 +272,7 @@ impl ZeroOptimizer {
             rank,
             m,
             v,
+            placement: placement.clone(),
         })
     }
 
@@ -271,8 +281,10 @@ impl ZeroOptimizer {
     }
 
     /// L2 norm of the whole gradient, from every rank's shard.
-    pub fn grad_norm(&self, comm: &dyn Communicator, grad: &[f32]) -> Result<f64> {
-        let local: f64 = grad.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    pub fn grad_norm(&self, comm: &dyn Communicator, grad: &StateBuf) -> Result<f64> {
+        let mut sq = SqSum::default();
+        sq.add_all(grad, 1.0)?;
+        let local = sq.total()?;
         let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
         Ok(total.to_vec1::<f64>()?[0].sqrt())
     }
@@ -283,7 +295,7 @@ impl ZeroOptimizer {
         &mut self,
         comm: &dyn Communicator,
         params: &Params,
-        mut grad: Vec<f32>,
+        mut grad: StateBuf,
         lr: f64,
         max_norm: f64,
         norm: f64,
@@ -291,34 +303,22 @@ impl ZeroOptimizer {
         if max_norm > 0.0 {
             let coef = (max_norm / (norm + 1e-6)).min(1.0);
             if coef < 1.0 {
-                grad.iter_mut().for_each(|g| *g = (*g as f64 * coef) as f32);
+                grad.scale(coef)?;
             }
         }
         self.adam.step += 1;
         let k = AdamWKernel::new(&self.adam.cfg, self.adam.step, lr);
         let start = self.layout.shard_range(self.rank).start;
-        let mut shard = vec![0.0f32; self.layout.shard];
-        for (e, r) in self.layout.pieces(self.rank) {
-            let p: Vec<f32> = params
-                .get(&e.name)?
-                .flatten_all()?
-                .narrow(0, r.start - e.offset, r.len())?
-                .to_vec1()?;
-            let d = r.start - start..r.end - start;
-            shard[d.clone()].copy_from_slice(&p);
+        let pieces = self.layout.pieces(self.rank);
+        let mut shard = self.param_shard(params, &pieces)?;
+        for (e, r) in pieces {
             let decay = self.adam.decay_factor(&e.name, lr);
-            k.update(
-                &mut shard[d.clone()],
-                &grad[d.clone()],
-                &mut self.m.as_mut_slice()[d.clone()],
-                &mut self.v.as_mut_slice()[d],
-                decay,
-            );
+            let d = r.start - start..r.end - start;
+            adam_update(&k, decay, d, &mut shard, &grad, &mut self.m, &mut self.v)?;
         }
         self.m.release()?;
         self.v.release()?;
-        let len = shard.len();
-        let full = comm.all_gather(&Tensor::from_vec(shard, len, &Device::Cpu)?)?;
+        let full = comm.all_gather(&shard.tensor()?)?;
         for e in &self.layout.entries {
             let var = params.var(&e.name)?;
             let t = full
@@ -330,15 +330,45 @@ impl ZeroOptimizer {
         Ok(())
     }
 
+    /// This rank's shard of the flat parameters (f32, zero padding after the last piece), where
+    /// the moments live. `pieces` tile the shard in order from its start.
+    fn param_shard(
+        &self,
+        params: &Params,
+        pieces: &[(&FlatEntry, Range<usize>)],
+    ) -> Result<StateBuf> {
+        let piece = |e: &FlatEntry, r: &Range<usize>| -> Result<Tensor> {
+            let p = params.get(&e.name)?.flatten_all()?;
+            Ok(p.narrow(0, r.start - e.offset, r.len())?
+                .to_dtype(DType::F32)?)
+        };
+        let used: usize = pieces.iter().map(|(_, r)| r.len()).sum();
+        if let StateBuf::Dev(m) = &self.m {
+            let mut parts = pieces
+                .iter()
+                .map(|(e, r)| Ok(piece(e, r)?.to_device(m.device())?))
+                .collect::<Result<Vec<_>>>()?;
+            if used < self.layout.shard {
+                parts.push(Tensor::zeros(
+                    self.layout.shard - used,
+                    DType::F32,
+                    m.device(),
+                )?);
+            }
+            return Ok(StateBuf::Dev(Tensor::cat(&parts, 0)?.contiguous()?));
+        }
+        let mut shard = Vec::with_capacity(self.layout.shard);
+        for (e, r) in pieces {
+            shard.extend(piece(e, r)?.to_vec1::<f32>()?);
+        }
+        shard.resize(self.layout.shard, 0.0);
+        Ok(StateBuf::Mem(shard))
+    }
+
     /// The full moments (all-gathered), as a plain `AdamW` for checkpointing.
     pub fn gather_full(&self, comm: &dyn Communicator) -> Result<AdamW> {
-        let n = self.layout.shard;
-        let m = comm
-            .all_gather(&Tensor::from_slice(self.m.as_slice(), n, &Device::Cpu)?)?
-            .to_vec1::<f32>()?;
-        let v = comm
-            .all_gather(&Tensor::from_slice(self.v.as_slice(), n, &Device::Cpu)?)?
-            .to_vec1::<f32>()?;
+        let m = comm.all_gather(&self.m.tensor()?)?.to_vec1::<f32>()?;
+        let v = comm.all_gather(&self.v.tensor()?)?.to_vec1::<f32>()?;
         let mut full = AdamW::new(self.adam.cfg.clone());
         full.step = self.adam.step;
         for e in &self.layout.entries {
@@ -368,6 +398,11 @@ impl ZeroOptimizer {
             grads,
             self.m.resident_bytes() + self.v.resident_bytes(),
         )
+    }
+
+    /// Whether the moments live on a device.
+    pub fn on_device(&self) -> bool {
+        self.m.is_device() && self.v.is_device()
     }
 
     /// Bytes of moments kept on disk.

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::offload::{Placement, StateBuf};
+use super::state_ops::{adam_update, SqSum};
 use crate::dist::{Communicator, ReduceOp};
 use crate::exec::{Hooks, ParamSource};
 use crate::optim::{AdamW, AdamWKernel, Moment};
@@ -150,13 +151,7 @@ impl Zero3 {
     /// The whole parameter `name`, gathered from every rank's chunk.
     pub fn gather(&self, comm: &dyn Communicator, name: &str) -> Result<Tensor> {
         let e = self.entry(name)?;
-        let buf = &self.chunks[name];
-        let full = comm.all_gather(&Tensor::from_slice(
-            buf.as_slice(),
-            buf.len(),
-            &Device::Cpu,
-        )?)?;
-        buf.release()?;
+        let full = comm.all_gather(&self.chunks[name].tensor()?)?;
         Ok(full.narrow(0, 0, e.len)?.reshape(e.shape.as_slice())?)
     }
 
@@ -171,10 +166,7 @@ impl Zero3 {
                 Var::from_tensor(&self.gather(comm, &e.name)?)?,
             );
             for (src, dst) in [(&self.m, &mut opt.m), (&self.v, &mut opt.v)] {
-                let c = &src[&e.name];
-                let full =
-                    comm.all_gather(&Tensor::from_slice(c.as_slice(), c.len(), &Device::Cpu)?)?;
-                c.release()?;
+                let full = comm.all_gather(&src[&e.name].tensor()?)?;
                 dst.insert(e.name.clone(), full.narrow(0, 0, e.len)?.to_vec1()?.into());
             }
         }
@@ -187,15 +179,11 @@ impl Zero3 {
         comm: &dyn Communicator,
         grads: &HashMap<String, StateBuf>,
     ) -> Result<f64> {
-        let mut local = 0f64;
+        let mut sq = SqSum::default();
         for g in grads.values() {
-            local += g
-                .as_slice()
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>();
-            g.release()?;
+            sq.add_all(g, 1.0)?;
         }
+        let local = sq.total()?;
         let total = comm.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
         Ok(total.to_vec1::<f64>()?[0].sqrt())
     }
@@ -217,12 +205,11 @@ impl Zero3 {
         let k = AdamWKernel::new(&self.adam.cfg, self.adam.step, lr);
         for e in &self.entries {
             // Taken out so its pages are unmapped as soon as this parameter is done.
-            let Some(mut g_buf) = grads.remove(&e.name) else {
+            let Some(mut g) = grads.remove(&e.name) else {
                 continue;
             };
-            let g = g_buf.as_mut_slice();
             if coef < 1.0 {
-                g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+                g.scale(coef)?;
             }
             let decay = self.adam.decay_factor(&e.name, lr);
             let (p, m, v) = (
@@ -230,13 +217,7 @@ impl Zero3 {
                 self.m.get_mut(&e.name).expect("m"),
                 self.v.get_mut(&e.name).expect("v"),
             );
-            k.update(
-                p.as_mut_slice(),
-                g,
-                m.as_mut_slice(),
-                v.as_mut_slice(),
-                decay,
-            );
+            adam_update(&k, decay, 0..g.len(), p, &g, m, v)?;
             for b in [&*p, &*m, &*v] {
                 b.release()?;
             }
@@ -249,8 +230,8 @@ impl Zero3 {
         let p: u64 = self.chunks.values().map(StateBuf::resident_bytes).sum();
         // Gradient chunks exist during a step: in memory, or on disk (never on the budget).
         let g: u64 = match self.placement {
-            Placement::Memory => self.chunks.values().map(|c| 4 * c.len() as u64).sum(),
             Placement::Disk(_) => 0,
+            _ => self.chunks.values().map(|c| 4 * c.len() as u64).sum(),
         };
         let o: u64 = self
             .m
@@ -259,6 +240,16 @@ impl Zero3 {
             .map(StateBuf::resident_bytes)
             .sum();
         (p, g, o)
+    }
+
+    /// Whether every parameter chunk and moment lives on a device.
+    pub fn on_device(&self) -> bool {
+        let mut all = self
+            .chunks
+            .values()
+            .chain(self.m.values())
+            .chain(self.v.values());
+        all.all(StateBuf::is_device)
     }
 
     /// Bytes of parameter chunks and moments kept on disk.
@@ -350,19 +341,15 @@ impl Hooks for Zero3GradSink<'_> {
             } else {
                 g
             };
-            let mine: Vec<f32> = self.comm.reduce_scatter(&g, ReduceOp::Sum)?.to_vec1()?;
+            let mine = self.comm.reduce_scatter(&g, ReduceOp::Sum)?;
             match self.chunks.get_mut(&name) {
-                Some(acc) => {
-                    acc.as_mut_slice()
-                        .iter_mut()
-                        .zip(&mine)
-                        .for_each(|(a, b)| *a += b);
-                    acc.release()?;
-                }
+                Some(acc) => acc.add_at(0, &mine)?,
                 None => {
-                    // Gradient chunks follow the state's placement (disk when offloading), outside
-                    // the memory budget, which holds the persistent state.
-                    let buf = StateBuf::new(&self.zero.placement, &format!("grad.{name}"), mine)?;
+                    // Gradient chunks follow the state's placement (disk when offloading, the
+                    // device's memory on a GPU), outside the memory budget, which holds the
+                    // persistent state.
+                    let path = format!("grad.{name}");
+                    let buf = StateBuf::from_tensor(&self.zero.placement, &path, mine)?;
                     self.chunks.insert(name, buf);
                 }
             }

@@ -268,7 +268,7 @@ impl<M: ModelFamily> Engine<M> {
                 let budget = cfg.parallel.memory_budget_bytes().map_err(Error::Config)?;
                 Placement::disk(base.join(format!("rank{}", g.world_rank)), budget)
             }
-            _ => Placement::Memory,
+            (offload, _) => state_placement(offload, &device),
         };
         let zero3 = match (&g.grads, cfg.parallel.zero_stage) {
             (Some(c), 3) => {
@@ -326,5 +326,14 @@ impl<M: ModelFamily> Engine<M> {
             last_step_skipped: false,
             last_bubble: None,
         })
+    }
+}
+
+/// Where ZeRO keeps its shards when not on disk: with the parameters on a GPU (unless offloaded
+/// to the CPU, which is what `offload = "cpu"` asks for); in host memory on a CPU.
+pub(crate) fn state_placement(offload: Offload, device: &Device) -> Placement {
+    match offload {
+        Offload::None if !device.is_cpu() => Placement::Device(device.clone()),
+        _ => Placement::Memory,
     }
 }

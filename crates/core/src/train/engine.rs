@@ -166,7 +166,10 @@ impl<M: ModelFamily> Engine<M> {
         let mut sink = match (self.comm.as_deref(), &self.zero, &self.zero3) {
             (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
             (Some(c), Some(z), _) => {
-                Sink::Zero(ZeroGradSink::new(c, &z.layout, z.stage, ready, bucket))
+                let placement = &z.placement;
+                Sink::Zero(ZeroGradSink::new(
+                    c, &z.layout, z.stage, ready, bucket, placement,
+                )?)
             }
             (Some(c), None, _) => Sink::Data(DataParallelSink::new(c, bucket, ready)),
             _ => Sink::Local(GradAccumulator::default()),

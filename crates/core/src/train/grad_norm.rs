@@ -76,14 +76,11 @@ impl NormGroups<'_> {
     ) -> Result<f64> {
         let mut names: Vec<&String> = chunks.keys().collect();
         names.sort();
-        let mut local = 0f64;
+        let mut sq = crate::parallel::SqSum::default();
         for name in names {
-            let g = &chunks[name];
-            let sq: f64 = g.as_slice().iter().map(|&x| x as f64 * x as f64).sum();
-            g.release()?;
-            local += self.weight(name) * sq;
+            sq.add_all(&chunks[name], self.weight(name))?;
         }
-        self.total(local, Some(dp))
+        self.total(sq.total()?, Some(dp))
     }
 
     /// Norm from this rank's ZeRO shard of the flat gradient.
@@ -91,16 +88,15 @@ impl NormGroups<'_> {
         &self,
         layout: &FlatLayout,
         rank: usize,
-        shard: &[f32],
+        shard: &crate::parallel::StateBuf,
         dp: &dyn Communicator,
     ) -> Result<f64> {
         let start = layout.shard_range(rank).start;
-        let mut local = 0f64;
+        let mut sq = crate::parallel::SqSum::default();
         for (entry, range) in layout.pieces(rank) {
             let w = self.weight(&entry.name);
-            let part = &shard[range.start - start..range.end - start];
-            local += w * part.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            sq.add(shard, range.start - start..range.end - start, w)?;
         }
-        self.total(local, Some(dp))
+        self.total(sq.total()?, Some(dp))
     }
 }

@@ -38,7 +38,7 @@ impl<'a> Sink<'a> {
 /// What a step's backward leaves: all gradients, or this rank's ZeRO shard of them.
 pub(super) enum StepGrads {
     Full(Grads),
-    Shard(Vec<f32>),
+    Shard(StateBuf),
     /// ZeRO-3: this rank's chunk of each parameter's gradient.
     Chunks(HashMap<String, StateBuf>),
 }
@@ -53,13 +53,10 @@ impl StepGrads {
                     g.set(&n, t);
                 }
             }
-            StepGrads::Shard(v) => v.iter_mut().for_each(|x| *x = (*x as f64 * factor) as f32),
+            StepGrads::Shard(v) => v.scale(factor)?,
             StepGrads::Chunks(c) => {
                 for g in c.values_mut() {
-                    g.as_mut_slice()
-                        .iter_mut()
-                        .for_each(|x| *x = (*x as f64 * factor) as f32);
-                    g.release()?;
+                    g.scale(factor)?;
                 }
             }
         }
@@ -77,13 +74,13 @@ impl StepGrads {
                 }
             }
             StepGrads::Shard(v) => {
-                if let Some(x) = v.first_mut() {
-                    *x = f32::INFINITY;
-                }
+                v.poison()?;
             }
             StepGrads::Chunks(c) => {
-                if let Some(x) = c.values_mut().find_map(|g| g.as_mut_slice().first_mut()) {
-                    *x = f32::INFINITY;
+                for g in c.values_mut() {
+                    if g.poison()? {
+                        break;
+                    }
                 }
             }
         }

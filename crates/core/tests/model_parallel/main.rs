@@ -8,3 +8,4 @@ mod sequence_parallel;
 mod shared;
 mod skipnet;
 mod tensor_parallel;
+mod zero_state;
