@@ -7,7 +7,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use colossal_core::dist::{run_local, Communicator, ReduceOp};
-use colossal_core::exec::{grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator};
+use colossal_core::exec::{
+    grad_ready_block, BlockModel, Executor, FullParams, GradAccumulator, Hooks,
+};
 use colossal_core::optim::{clip_grad_norm, clip_to_norm};
 use colossal_core::parallel::pipeline::Schedule;
 use colossal_core::parallel::pipeline_run::{MicroBatch, PipelineRank};
@@ -106,28 +108,14 @@ fn blockwise_gradients_equal_whole_graph_backward() {
 
 fn data_parallel(exec: Executor) -> Run {
     let runs = run_local(2, T, |comm| {
-        let (r, n) = (comm.rank(), comm.size());
         let params = init();
         let mut opt = adamw();
         let (mut losses, mut norms) = (Vec::new(), Vec::new());
         for step in 0..STEPS {
             let mut sink = DataParallelSink::new(&comm, 64, grad_ready_block(&SkipNet));
-            let mine: Vec<usize> = (r..MICRO).step_by(n).collect();
-            let mut loss = 0.0f32;
-            for (i, &mb) in mine.iter().enumerate() {
-                sink.last_micro_batch = i + 1 == mine.len();
-                let (inputs, target) = batch(step, mb);
-                loss += exec
-                    .forward_backward(
-                        &SkipNet,
-                        &params,
-                        &inputs,
-                        &(),
-                        &*loss_fn(target),
-                        &mut sink,
-                    )?
-                    .loss;
-            }
+            let loss = rank_step(exec, &comm, step, &params, &mut sink, |s, last| {
+                s.last_micro_batch = last
+            })?;
             let mut grads = sink.finish()?;
             norms.push(clip_grad_norm(&mut grads, MAX_NORM)?);
             losses.push(sum(&comm, loss)?);
@@ -138,6 +126,29 @@ fn data_parallel(exec: Executor) -> Run {
     .unwrap();
     assert_same_params("dp rank 0 vs rank 1", &runs[0].2, &runs[1].2, 0.0);
     runs.into_iter().next().unwrap()
+}
+
+/// This rank's share of step `step`'s micro-batches (round-robin over ranks) through `exec`,
+/// `mark(sink, last)` before each so the sink knows the last; returns the summed local loss.
+pub fn rank_step<H: Hooks>(
+    exec: Executor,
+    comm: &dyn Communicator,
+    step: usize,
+    params: &Params,
+    sink: &mut H,
+    mark: impl Fn(&mut H, bool),
+) -> Result<f32> {
+    let mine: Vec<usize> = (comm.rank()..MICRO).step_by(comm.size()).collect();
+    let mut loss = 0.0f32;
+    for (i, &mb) in mine.iter().enumerate() {
+        mark(sink, i + 1 == mine.len());
+        let (inputs, target) = batch(step, mb);
+        let lf = loss_fn(target);
+        loss += exec
+            .forward_backward(&SkipNet, params, &inputs, &(), &*lf, sink)?
+            .loss;
+    }
+    Ok(loss)
 }
 
 pub fn sum(comm: &dyn Communicator, x: f32) -> Result<f32> {

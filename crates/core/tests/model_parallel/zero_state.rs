@@ -12,7 +12,7 @@ use colossal_core::parallel::offload::Placement;
 use colossal_core::parallel::{FlatLayout, Zero3, Zero3GradSink, Zero3Source};
 use colossal_core::parallel::{ZeroGradSink, ZeroOptimizer};
 
-use super::multi_stream::{assert_same_run, one_rank, sum, Run};
+use super::multi_stream::{assert_same_run, one_rank, rank_step, sum, Run};
 use super::shared::adamw;
 use super::skipnet::{batch, init, loss_fn, SkipNet, LR, MAX_NORM, MICRO, STEPS, T};
 
@@ -73,22 +73,10 @@ fn zero12_run(stage: u8, placement: Placement) -> Vec<Run> {
         for step in 0..STEPS {
             let ready = grad_ready_block(&SkipNet);
             let mut sink = ZeroGradSink::new(&comm, &z.layout, stage, ready, 64, &placement)?;
-            let mine: Vec<usize> = (r..MICRO).step_by(comm.size()).collect();
-            let mut loss = 0.0f32;
-            for (i, &mb) in mine.iter().enumerate() {
-                sink.last_micro_batch = i + 1 == mine.len();
-                let (inputs, target) = batch(step, mb);
-                loss += Executor::default()
-                    .forward_backward(
-                        &SkipNet,
-                        &params,
-                        &inputs,
-                        &(),
-                        &*loss_fn(target),
-                        &mut sink,
-                    )?
-                    .loss;
-            }
+            let exec = Executor::default();
+            let loss = rank_step(exec, &comm, step, &params, &mut sink, |s, last| {
+                s.last_micro_batch = last
+            })?;
             let shard = sink.finish()?;
             assert_eq!(shard.is_device(), on_device, "the gradient shard's place");
             let norm = z.grad_norm(&comm, &shard)?;
