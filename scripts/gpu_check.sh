@@ -6,9 +6,10 @@
 #   3. the quickstart for 20 steps with train.device = "cuda": prints tokens/s and MFU
 #      (6·params·tokens/s over PEAK_TFLOPS, default 989 = H100/H200 dense bf16; the quickstart
 #      trains in fp32, so expect a small MFU on a 4-layer 128-wide model)
-#   4. ZeRO-1/2 with their gradient shards and moments on the GPU (tensor-op update) equal one
+#   4. the kernels crate's CUDA kernels (NVRTC at run time) against its CPU kernels, f32 and bf16
+#   5. ZeRO-1/2 with their gradient shards and moments on the GPU (tensor-op update) equal one
 #      rank (cargo test … zero_state with COLOSSAL_TEST_DEVICE=cuda)
-#   5. with two GPUs or more: the same 20 steps on 2 NCCL ranks, losses equal to the one-GPU run
+#   6. with two GPUs or more: the same 20 steps on 2 NCCL ranks, losses equal to the one-GPU run
 #
 #   scripts/gpu_check.sh            run it (fails at once without nvidia-smi or nvcc)
 #   scripts/gpu_check.sh --plan     print the one line of what it would run, and exit
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${SHARED:-../shared}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
-plan="build --release --features colossal-core/cuda; colossal --device cuda generate on llama_tiny + llama_tf5 (greedy ids = transformers); llama-pretrain quickstart 20 steps on cuda → tokens/s, MFU vs ${PEAK_TFLOPS} TFLOP/s; ZeRO-1/2 state on the GPU = one rank; with 2+ GPUs, the 20 steps on 2 NCCL ranks = the one-GPU losses"
+plan="build --release --features colossal-core/cuda; colossal --device cuda generate on llama_tiny + llama_tf5 (greedy ids = transformers); llama-pretrain quickstart 20 steps on cuda → tokens/s, MFU vs ${PEAK_TFLOPS} TFLOP/s; CUDA kernels = CPU kernels (f32, bf16, AdamW); ZeRO-1/2 state on the GPU = one rank; with 2+ GPUs, the 20 steps on 2 NCCL ranks = the one-GPU losses"
 echo "gpu_check: $plan"
 [ "${1:-}" = --plan ] && exit 0
 command -v nvidia-smi >/dev/null || { echo "gpu_check: no nvidia-smi: this machine has no NVIDIA GPU" >&2; exit 1; }
@@ -59,6 +60,8 @@ print(f"quickstart on cuda: {len(rows)} steps, median tokens/s {tps:.0f}, "
       f"MFU {6 * params * tps / (peak * 1e12):.2e} ({params} params, peak {peak} TFLOP/s)")
 EOF
 
+cargo test --release -p colossal-kernels --features cuda --test cuda -- --nocapture |
+  grep -E "relative difference|max difference|test result"
 COLOSSAL_TEST_DEVICE=cuda cargo test --release --features colossal-core/cuda -p colossal-core \
   --test model_parallel zero_state -- --nocapture | grep -E "worst|test result"
 

@@ -91,6 +91,46 @@ impl AdamWUpdate {
         param.inplace_op2(grad, &op)?;
         Ok(true)
     }
+
+    /// The update on a GPU by one CUDA kernel, in place: `param`, `m`, `v` f32 and `grad` f32 or
+    /// bf16, all contiguous with as many elements on one device. `false` (nothing done) where it
+    /// does not apply — not a GPU, or a build without the `cuda` feature.
+    pub fn apply_on_device(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+    ) -> Result<bool> {
+        #[cfg(feature = "cuda")]
+        {
+            let n = param.elem_count();
+            let fits = param.device().is_cuda()
+                && [grad, m, v].iter().all(|t| {
+                    t.elem_count() == n
+                        && t.is_contiguous()
+                        && t.device().same_device(param.device())
+                })
+                && [param, m, v].iter().all(|t| t.dtype() == DType::F32)
+                && matches!(grad.dtype(), DType::F32 | DType::BF16)
+                && param.is_contiguous();
+            if !fits {
+                return Ok(false);
+            }
+            let op = crate::cuda::adamw::OnDevice {
+                k: *self,
+                m: m.clone(),
+                v: v.clone(),
+            };
+            param.inplace_op2(grad, &op)?;
+            Ok(true)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (param, grad, m, v);
+            Ok(false)
+        }
+    }
 }
 
 struct InPlace<'a> {

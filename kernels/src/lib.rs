@@ -2,9 +2,11 @@
 //!
 //! Each op is a candle custom op whose CPU forward and backward are single multi-threaded
 //! passes, vectorised for the widest instruction set the CPU has (AVX-512, AVX2+FMA, or the
-//! baseline; chosen at run time), writing outputs without zero-filling them first. Where a
-//! fused kernel does not apply — a dtype other than f32, a GPU tensor — the op runs its
-//! reference formulation ([`reference`]), which is also what the kernels are tested against.
+//! baseline; chosen at run time), writing outputs without zero-filling them first. With the
+//! `cuda` feature, RMSNorm, softmax, SwiGLU and rotary also run on GPU tensors (f32 or bf16)
+//! through CUDA kernels compiled at run time by NVRTC (`kernels/cuda`). Where no fused kernel
+//! applies — another dtype, or a GPU op without a CUDA kernel yet — the op runs its reference
+//! formulation ([`reference`]), which is also what the kernels are tested against.
 //!
 //! [`Kernels`] is the switch a model holds: `Fused` (the default) or `Reference`.
 
@@ -20,6 +22,8 @@ pub mod adamw;
 mod attention;
 mod cpu;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod linear;
 mod matmul;
 mod norm;
@@ -59,9 +63,35 @@ impl Kernels {
                 .all(|x| x.dtype() == DType::F32 && x.device().is_cpu())
     }
 
+    /// Whether an op with a CUDA kernel runs it on these tensors: all on one GPU, of one dtype
+    /// the kernels take (f32 or bf16). Always false without the `cuda` feature.
+    fn fused_on_gpu(self, xs: &[&Tensor]) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            let first = xs[0];
+            self == Kernels::Fused
+                && first.device().is_cuda()
+                && cuda::takes(first.dtype())
+                && xs
+                    .iter()
+                    .all(|x| x.dtype() == first.dtype() && x.device().same_device(first.device()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = xs;
+            false
+        }
+    }
+
+    /// Either kernel set, CPU or GPU, for an op that has both.
+    fn fused_anywhere(self, xs: &[&Tensor]) -> bool {
+        self.fused_on(xs) || self.fused_on_gpu(xs)
+    }
+
     /// RMSNorm over the last dimension with weight `w` (HF LlamaRMSNorm).
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        if !self.fused_on(&[x, w]) {
+        let d = x.dims().last().copied().unwrap_or(0);
+        if !self.fused_anywhere(&[x, w]) || w.dims() != [d] {
             return reference::rms_norm(x, w, eps);
         }
         let op = rms_norm::RmsNorm { eps: eps as f32 };
@@ -127,7 +157,7 @@ impl Kernels {
 
     /// Softmax over the last dimension.
     pub fn softmax(self, x: &Tensor) -> Result<Tensor> {
-        if !self.fused_on(&[x]) {
+        if !self.fused_anywhere(&[x]) {
             return reference::softmax(x);
         }
         x.contiguous()?.apply_op1(softmax::Softmax)
@@ -135,7 +165,7 @@ impl Kernels {
 
     /// silu(gate) · up.
     pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        if !self.fused_on(&[gate, up]) || gate.shape() != up.shape() {
+        if !self.fused_anywhere(&[gate, up]) || gate.shape() != up.shape() {
             return reference::swiglu(gate, up);
         }
         gate.contiguous()?
@@ -144,7 +174,7 @@ impl Kernels {
 
     /// Rotary embedding of x (B, H, T, D) with tables cos, sin (B or 1, T, D).
     pub fn rotary(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if !self.fused_on(&[x, cos, sin]) {
+        if !self.fused_anywhere(&[x, cos, sin]) {
             return reference::rotary(x, cos, sin);
         }
         let op = rotary::Rotary { inverse: false };

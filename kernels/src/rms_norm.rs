@@ -66,6 +66,17 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::rms_norm(a, al, b, bl, self.eps)
+    }
+
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
@@ -99,7 +110,8 @@ impl CustomOp2 for RmsNorm {
                 d: w.elem_count(),
             },
         )?;
-        Ok((Some(dx), Some(dw)))
+        // The GPU kernel sums dw in f32 whatever the weight's dtype.
+        Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)))
     }
 }
 
@@ -110,6 +122,19 @@ struct RmsNormDx {
 impl CustomOp3 for RmsNormDx {
     fn name(&self) -> &'static str {
         "fused-rms-norm-dx"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::rms_norm_dx(a, al, b, bl, c, cl, self.eps)
     }
 
     fn cpu_fwd(
@@ -141,6 +166,17 @@ struct RmsNormDw {
 impl CustomOp2 for RmsNormDw {
     fn name(&self) -> &'static str {
         "fused-rms-norm-dw"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::rms_norm_dw(a, al, b, bl, self.eps)
     }
 
     fn cpu_fwd(

@@ -36,6 +36,20 @@ simd_fn! {
     }
 }
 
+/// x (B, H, T, D) needs tables (B or 1, T, D) of even D.
+fn check_shapes(xl: &Layout, cl: &Layout, sl: &Layout) -> Result<()> {
+    let (b, _, t, d) = xl.shape().dims4()?;
+    let (cb, ct, cd) = cl.shape().dims3()?;
+    if (cb != b && cb != 1) || ct != t || cd != d || d % 2 != 0 || sl.shape() != cl.shape() {
+        return Err(Error::Msg(format!(
+            "rotary: x {:?} needs cos/sin ({b} or 1, {t}, {d}) with even {d}, got {:?}",
+            xl.dims(),
+            cl.dims()
+        )));
+    }
+    Ok(())
+}
+
 /// `inverse`: the transposed rotation (the backward pass).
 pub(crate) struct Rotary {
     pub inverse: bool,
@@ -44,6 +58,20 @@ pub(crate) struct Rotary {
 impl CustomOp3 for Rotary {
     fn name(&self) -> &'static str {
         "fused-rotary"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check_shapes(xl, cl, sl)?;
+        crate::cuda::ops::rotary(xs, xl, cs, cl, ss, sl, self.inverse)
     }
 
     fn cpu_fwd(
@@ -57,15 +85,9 @@ impl CustomOp3 for Rotary {
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.name();
         let (x, cos, sin) = (f32s(xs, xl, n)?, f32s(cs, cl, n)?, f32s(ss, sl, n)?);
-        let (b, heads, t, d) = xl.shape().dims4()?;
-        let (cb, ct, cd) = cl.shape().dims3()?;
-        if (cb != b && cb != 1) || ct != t || cd != d || d % 2 != 0 || sl.shape() != cl.shape() {
-            return Err(Error::Msg(format!(
-                "rotary: x {:?} needs cos/sin ({b} or 1, {t}, {d}) with even {d}, got {:?}",
-                xl.dims(),
-                cl.dims()
-            )));
-        }
+        check_shapes(xl, cl, sl)?;
+        let (_, heads, t, d) = xl.shape().dims4()?;
+        let cb = cl.dims()[0];
         let mut y = output(x.len());
         let plane_len = t * d;
         y.par_chunks_mut(plane_len)

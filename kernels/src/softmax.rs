@@ -43,6 +43,15 @@ impl CustomOp1 for Softmax {
         "fused-softmax"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::softmax(a, al)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let d = l.dims().last().copied().unwrap_or(1);
@@ -66,6 +75,17 @@ struct SoftmaxGrad;
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "fused-softmax-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::softmax_grad(a, al, b, bl)
     }
 
     fn cpu_fwd(

@@ -37,6 +37,17 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::swiglu(a, al, b, bl)
+    }
+
     fn cpu_fwd(
         &self,
         a: &CpuStorage,
@@ -69,6 +80,19 @@ struct SwiGluGrad;
 impl CustomOp3 for SwiGluGrad {
     fn name(&self) -> &'static str {
         "fused-swiglu-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::ops::swiglu_grad(a, al, b, bl, c, cl)
     }
 
     fn cpu_fwd(

@@ -122,7 +122,11 @@ impl AdamW {
                     Some(v) => v.on_device_of(var)?,
                     None => zeros()?,
                 };
-                let (m, v) = k.update_tensors(var, g, m, v, decay)?;
+                let (m, v) = if k.update_on_device(var.as_tensor(), g, &m, &v, decay)? {
+                    (m, v)
+                } else {
+                    k.update_tensors(var, g, m, v, decay)?
+                };
                 self.m.insert(name.to_string(), Moment::Device(m));
                 self.v.insert(name.to_string(), Moment::Device(v));
                 continue;
@@ -183,6 +187,20 @@ impl AdamWKernel {
     /// Updates `p`, `m`, `v` in place from gradient `g`; `decay` = 1 − lr·wd (1 for no decay).
     pub fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: f32) {
         self.with_decay(decay).apply(p, g, m, v);
+    }
+
+    /// The update in place by the kernels crate's CUDA kernel (one launch, no temporaries),
+    /// where it applies: GPU tensors, f32 parameter and moments. `false`: nothing done, use
+    /// [`Self::update_tensors`] / [`Self::update_values`].
+    pub fn update_on_device(
+        &self,
+        p: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        decay: f32,
+    ) -> Result<bool> {
+        Ok(self.with_decay(decay).apply_on_device(p, g, m, v)?)
     }
 
     /// The same update by tensor ops on the parameter's device, in torch's order of

@@ -152,8 +152,12 @@ pub fn adam_update(
         [&*p, g, &*m, &*v]
     {
         let part = |t: &Tensor| t.narrow(0, r.start, r.len());
-        let (np, nm, nv) =
-            k.update_values(&part(pt)?, &part(gt)?, &part(mt)?, &part(vt)?, decay)?;
+        let (pp, gp, mp, vp) = (part(pt)?, part(gt)?, part(mt)?, part(vt)?);
+        // On a GPU one kernel updates the three views in place.
+        if k.update_on_device(&pp, &gp, &mp, &vp, decay)? {
+            return Ok(());
+        }
+        let (np, nm, nv) = k.update_values(&pp, &gp, &mp, &vp, decay)?;
         for (dst, src) in [(pt, np), (mt, nm), (vt, nv)] {
             dst.slice_set(&src, 0, r.start)?;
         }

@@ -1,0 +1,53 @@
+//! The CUDA sources under `kernels/cuda` and the kernels the ops launch from each (f32 and bf16
+//! instances). `scripts/check_cuda_sources.py` reads this table: CI compiles every source with
+//! NVRTC and checks that each name listed here is an entry point of its PTX.
+
+pub(crate) const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
+
+pub(crate) const SOURCES: &[(&str, &[&str])] = &[
+    (
+        "rms_norm",
+        &[
+            "rms_norm_fwd_f32",
+            "rms_norm_fwd_bf16",
+            "rms_norm_dx_f32",
+            "rms_norm_dx_bf16",
+            "rms_norm_inv_f32",
+            "rms_norm_inv_bf16",
+            "rms_norm_dw_f32",
+            "rms_norm_dw_bf16",
+        ],
+    ),
+    (
+        "softmax",
+        &[
+            "softmax_fwd_f32",
+            "softmax_fwd_bf16",
+            "softmax_bwd_f32",
+            "softmax_bwd_bf16",
+        ],
+    ),
+    (
+        "swiglu",
+        &[
+            "swiglu_fwd_f32",
+            "swiglu_fwd_bf16",
+            "swiglu_bwd_f32",
+            "swiglu_bwd_bf16",
+        ],
+    ),
+    ("rotary", &["rotary_f32", "rotary_bf16"]),
+    ("adamw", &["adamw_f32", "adamw_bf16"]),
+];
+
+/// The text of source `stem` (without the prelude).
+pub(crate) fn source(stem: &str) -> Option<&'static str> {
+    Some(match stem {
+        "rms_norm" => include_str!("../../cuda/rms_norm.cu"),
+        "softmax" => include_str!("../../cuda/softmax.cu"),
+        "swiglu" => include_str!("../../cuda/swiglu.cu"),
+        "rotary" => include_str!("../../cuda/rotary.cu"),
+        "adamw" => include_str!("../../cuda/adamw.cu"),
+        _ => return None,
+    })
+}
