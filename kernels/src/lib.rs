@@ -3,7 +3,7 @@
 //! Each op is a candle custom op whose CPU forward and backward are single multi-threaded
 //! passes, vectorised for the widest instruction set the CPU has (AVX-512, AVX2+FMA, or the
 //! baseline; chosen at run time), writing outputs without zero-filling them first. With the
-//! `cuda` feature, RMSNorm, softmax, SwiGLU and rotary also run on GPU tensors (f32 or bf16)
+//! `cuda` feature, RMSNorm, LayerNorm, GroupNorm, softmax, SwiGLU and rotary also run on GPU tensors (f32 or bf16)
 //! through CUDA kernels compiled at run time by NVRTC (`kernels/cuda`). Where no fused kernel
 //! applies — another dtype, or a GPU op without a CUDA kernel yet — the op runs its reference
 //! formulation ([`reference`]), which is also what the kernels are tested against.
@@ -111,7 +111,7 @@ impl Kernels {
     pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let d = x.dims().last().copied().unwrap_or(0);
         let fits = w.dims() == [d] && b.dims() == [d] && d > 0;
-        if !self.fused_on(&[x, w, b]) || !fits {
+        if !self.fused_anywhere(&[x, w, b]) || !fits {
             return reference::layer_norm(x, w, b, eps);
         }
         let g = norm::Grouping {
@@ -142,7 +142,7 @@ impl Kernels {
         }
         let c = dims[1];
         let fits = w.dims() == [c] && b.dims() == [c];
-        if !self.fused_on(&[x, w, b]) || !fits {
+        if !self.fused_anywhere(&[x, w, b]) || !fits {
             return reference::group_norm(x, groups, w, b, eps);
         }
         let g = norm::Grouping {

@@ -117,6 +117,19 @@ impl CustomOp3 for Norm {
         "fused-norm"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::norm::forward(&self.0, a, al, b, bl, c, cl)
+    }
+
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
@@ -152,11 +165,12 @@ impl CustomOp3 for Norm {
         let g = g.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &g, &NormDx(self.0))?;
         let both = x.apply_op2_no_bwd(&g, &NormDwDb(self.0))?;
-        let shape = w.shape();
+        // The GPU kernel sums dw and db in f32 whatever the weight's dtype.
+        let (shape, dtype) = (w.shape(), w.dtype());
         Ok((
             Some(dx),
-            Some(both.get(0)?.reshape(shape)?),
-            Some(both.get(1)?.reshape(shape)?),
+            Some(both.get(0)?.reshape(shape)?.to_dtype(dtype)?),
+            Some(both.get(1)?.reshape(shape)?.to_dtype(dtype)?),
         ))
     }
 }
@@ -166,6 +180,19 @@ struct NormDx(Grouping);
 impl CustomOp3 for NormDx {
     fn name(&self) -> &'static str {
         "fused-norm-dx"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::norm::dx(&self.0, a, al, b, bl, c, cl)
     }
 
     fn cpu_fwd(
@@ -198,6 +225,17 @@ struct NormDwDb(Grouping);
 impl CustomOp2 for NormDwDb {
     fn name(&self) -> &'static str {
         "fused-norm-dwdb"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::norm::dw_db(&self.0, a, al, b, bl)
     }
 
     fn cpu_fwd(

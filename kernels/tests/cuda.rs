@@ -1,6 +1,7 @@
 //! The CUDA kernels against the CPU ones (feature `cuda`, a GPU at ordinal 0; run by
-//! scripts/gpu_check.sh): forward and every gradient of RMSNorm, softmax, SwiGLU and rotary in
-//! f32 (tight) and bf16 (to bf16's precision), and the in-place AdamW over several steps.
+//! scripts/gpu_check.sh): forward and every gradient of RMSNorm, LayerNorm, GroupNorm, softmax,
+//! SwiGLU and rotary in f32 (tight) and bf16 (to bf16's precision), and the in-place AdamW
+//! over several steps.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -113,6 +114,15 @@ fn cuda_kernels_match_the_cpu_kernels() {
         &[x, up],
         &[true, true],
     );
+    let (wd, bias) = (random(&[d], 7), random(&[d], 8));
+    let x = random(&[rows, d], 1);
+    let ln = |t: &[Tensor]| K.layer_norm(&t[0], &t[1], &t[2], 1e-5);
+    check("layer_norm", &ln, &[x, wd, bias], &[true, true, true]);
+    let (n, c, hw) = (2, 12, 33);
+    let img = random(&[n, c, hw], 9);
+    let (wc, bc) = (random(&[c], 10), random(&[c], 11));
+    let gn = |t: &[Tensor]| K.group_norm(&t[0], 4, &t[1], &t[2], 1e-5);
+    check("group_norm", &gn, &[img, wc, bc], &[true, true, true]);
     let (b, h, t, hd) = (2, 3, 17, 16);
     let q = random(&[b, h, t, hd], 4);
     let (cos, sin) = (random(&[1, t, hd], 5), random(&[1, t, hd], 6));

@@ -11,6 +11,7 @@ use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, Error, Layout, Result};
 
 pub(crate) mod adamw;
+pub(crate) mod norm;
 pub(crate) mod ops;
 mod sources;
 

@@ -28,7 +28,7 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-fn wrap<T: Elem>(
+pub(crate) fn wrap<T: Elem>(
     dev: &CudaDevice,
     s: candle_core::cuda::cudarc::driver::CudaSlice<T>,
 ) -> CudaStorage {

@@ -37,6 +37,19 @@ pub(crate) const SOURCES: &[(&str, &[&str])] = &[
         ],
     ),
     ("rotary", &["rotary_f32", "rotary_bf16"]),
+    (
+        "norm",
+        &[
+            "norm_fwd_f32",
+            "norm_fwd_bf16",
+            "norm_dx_f32",
+            "norm_dx_bf16",
+            "norm_stats_f32",
+            "norm_stats_bf16",
+            "norm_dwdb_f32",
+            "norm_dwdb_bf16",
+        ],
+    ),
     ("adamw", &["adamw_f32", "adamw_bf16"]),
 ];
 
@@ -47,6 +60,7 @@ pub(crate) fn source(stem: &str) -> Option<&'static str> {
         "softmax" => include_str!("../../cuda/softmax.cu"),
         "swiglu" => include_str!("../../cuda/swiglu.cu"),
         "rotary" => include_str!("../../cuda/rotary.cu"),
+        "norm" => include_str!("../../cuda/norm.cu"),
         "adamw" => include_str!("../../cuda/adamw.cu"),
         _ => return None,
     })
