@@ -165,6 +165,22 @@ impl CustomOp1 for CrossEntropy {
         "fused-cross-entropy"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.split.is_some() {
+            return Err(Error::Msg(
+                "fused-cross-entropy: the vocabulary-split variant has no CUDA kernel".into(),
+            ));
+        }
+        let (rows, v) = l.shape().dims2()?;
+        self.check(rows, v)?;
+        crate::cuda::cross_entropy::forward(&self.targets, self.ignore, s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let (rows, v) = l.shape().dims2()?;
@@ -187,7 +203,8 @@ impl CustomOp1 for CrossEntropy {
         let g = g.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
         let (rows, v) = x.dims2()?;
-        if lse.len() != rows {
+        // The GPU kernel recomputes each row's log-sum-exp; the CPU one kept them.
+        if lse.len() != rows && x.device().is_cpu() {
             return Err(candle_core::Error::Msg(
                 "fused-cross-entropy: backward without forward".into(),
             ));
@@ -217,6 +234,15 @@ struct CrossEntropyGrad {
 impl CustomOp1 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "fused-cross-entropy-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::cross_entropy::grad(&self.targets, self.ignore, self.g, s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {

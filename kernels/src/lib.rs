@@ -3,8 +3,9 @@
 //! Each op is a candle custom op whose CPU forward and backward are single multi-threaded
 //! passes, vectorised for the widest instruction set the CPU has (AVX-512, AVX2+FMA, or the
 //! baseline; chosen at run time), writing outputs without zero-filling them first. With the
-//! `cuda` feature, RMSNorm, LayerNorm, GroupNorm, softmax, SwiGLU and rotary also run on GPU tensors (f32 or bf16)
-//! through CUDA kernels compiled at run time by NVRTC (`kernels/cuda`). Where no fused kernel
+//! `cuda` feature, RMSNorm, LayerNorm, GroupNorm, softmax, SwiGLU, rotary and cross-entropy
+//! (not vocabulary-split) also run on GPU tensors (f32 or bf16) through CUDA kernels compiled
+//! at run time by NVRTC (`kernels/cuda`), as does AdamW's update. Where no fused kernel
 //! applies — another dtype, or a GPU op without a CUDA kernel yet — the op runs its reference
 //! formulation ([`reference`]), which is also what the kernels are tested against.
 //!
@@ -211,7 +212,7 @@ impl Kernels {
         targets: &[i64],
         ignore: i64,
     ) -> Result<(Tensor, usize)> {
-        if !self.fused_on(&[logits]) {
+        if !self.fused_anywhere(&[logits]) {
             return reference::cross_entropy_sum(logits, targets, ignore);
         }
         let count = targets.iter().filter(|&&t| t != ignore).count();

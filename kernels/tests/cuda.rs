@@ -1,7 +1,7 @@
 //! The CUDA kernels against the CPU ones (feature `cuda`, a GPU at ordinal 0; run by
 //! scripts/gpu_check.sh): forward and every gradient of RMSNorm, LayerNorm, GroupNorm, softmax,
-//! SwiGLU and rotary in f32 (tight) and bf16 (to bf16's precision), and the in-place AdamW
-//! over several steps.
+//! SwiGLU, rotary and cross-entropy (with ignored rows) in f32 (tight) and bf16 (to bf16's
+//! precision), and the in-place AdamW over several steps.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -20,10 +20,10 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-type Op = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+type Op<'a> = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + 'a;
 
 /// Output and the gradients of Σ output·probe, on the device and dtype given.
-fn run(op: &Op, inputs: &[Tensor], grads: &[bool], dev: &Device, dtype: DType) -> Vec<Tensor> {
+fn run(op: &Op<'_>, inputs: &[Tensor], grads: &[bool], dev: &Device, dtype: DType) -> Vec<Tensor> {
     let vars: Vec<Var> = inputs
         .iter()
         .map(|t| Var::from_tensor(&t.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap())
@@ -71,7 +71,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// GPU (f32 and bf16) against the CPU fused kernels in f32.
-fn check(what: &str, op: &Op, inputs: &[Tensor], grads: &[bool]) {
+fn check(what: &str, op: &Op<'_>, inputs: &[Tensor], grads: &[bool]) {
     let want = run(op, inputs, grads, &Device::Cpu, DType::F32);
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
         let got = run(op, inputs, grads, &gpu(), dtype);
@@ -123,6 +123,12 @@ fn cuda_kernels_match_the_cpu_kernels() {
     let (wc, bc) = (random(&[c], 10), random(&[c], 11));
     let gn = |t: &[Tensor]| K.group_norm(&t[0], 4, &t[1], &t[2], 1e-5);
     check("group_norm", &gn, &[img, wc, bc], &[true, true, true]);
+    let logits = random(&[rows, 1000], 12);
+    let targets: Vec<i64> = (0..rows as i64)
+        .map(|r| if r % 5 == 3 { -100 } else { r * 26 % 1000 })
+        .collect();
+    let ce = |t: &[Tensor]| Ok(K.cross_entropy_sum(&t[0], &targets, -100)?.0);
+    check("cross_entropy", &ce, &[logits], &[true]);
     let (b, h, t, hd) = (2, 3, 17, 16);
     let q = random(&[b, h, t, hd], 4);
     let (cos, sin) = (random(&[1, t, hd], 5), random(&[1, t, hd], 6));

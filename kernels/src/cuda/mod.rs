@@ -11,6 +11,7 @@ use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, Error, Layout, Result};
 
 pub(crate) mod adamw;
+pub(crate) mod cross_entropy;
 pub(crate) mod norm;
 pub(crate) mod ops;
 mod sources;
@@ -56,24 +57,29 @@ fn ptx(stem: &'static str) -> Result<String> {
     Ok(ptx)
 }
 
-/// Kernel `{name}_{suffix of T}` of source `stem`, loaded on `dev`.
+/// Kernel `{name}_{suffix of T}` of source `stem`, loaded on `dev`, and its full name.
 pub(crate) fn kernel<T: Elem>(
     dev: &CudaDevice,
     stem: &'static str,
     name: &str,
 ) -> Result<(CudaFunction, String)> {
     let full = format!("{name}_{}", T::SUFFIX);
+    Ok((load(dev, stem, &full)?, full))
+}
+
+/// Kernel `full` of source `stem`, loaded on `dev`.
+pub(crate) fn load(dev: &CudaDevice, stem: &'static str, full: &str) -> Result<CudaFunction> {
     // Only names in the table CI compiles and checks against each source's PTX.
     let listed = sources::SOURCES
         .iter()
-        .any(|(s, names)| *s == stem && names.contains(&full.as_str()));
+        .any(|(s, names)| *s == stem && names.contains(&full));
     if !listed {
         return Err(Error::Msg(format!(
             "CUDA kernel {full} is not listed for {stem}.cu in kernels/src/cuda/sources.rs"
         )));
     }
-    let f = dev.get_or_load_custom_func(&full, &format!("colossal_{stem}"), &ptx(stem)?)?;
-    Ok((f.into_cuda_function(), full))
+    let f = dev.get_or_load_custom_func(full, &format!("colossal_{stem}"), &ptx(stem)?)?;
+    Ok(f.into_cuda_function())
 }
 
 /// The contiguous elements of a custom op's argument.

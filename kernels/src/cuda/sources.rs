@@ -38,6 +38,16 @@ pub(crate) const SOURCES: &[(&str, &[&str])] = &[
     ),
     ("rotary", &["rotary_f32", "rotary_bf16"]),
     (
+        "cross_entropy",
+        &[
+            "ce_rows_f32",
+            "ce_rows_bf16",
+            "ce_grad_f32",
+            "ce_grad_bf16",
+            "ce_sum",
+        ],
+    ),
+    (
         "norm",
         &[
             "norm_fwd_f32",
@@ -61,6 +71,7 @@ pub(crate) fn source(stem: &str) -> Option<&'static str> {
         "swiglu" => include_str!("../../cuda/swiglu.cu"),
         "rotary" => include_str!("../../cuda/rotary.cu"),
         "norm" => include_str!("../../cuda/norm.cu"),
+        "cross_entropy" => include_str!("../../cuda/cross_entropy.cu"),
         "adamw" => include_str!("../../cuda/adamw.cu"),
         _ => return None,
     })
