@@ -257,9 +257,36 @@ simd_fn! {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn shape4(q: &[usize], d: &Dims) -> crate::cuda::attention::Shape4 {
+    crate::cuda::attention::Shape4 {
+        b: q[0],
+        heads: d.heads,
+        rep: d.rep,
+        tq: d.tq,
+        tk: d.tk,
+        d: d.d,
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = dims(ql.dims(), kl.dims(), vl.dims(), self.mask.past_len)?;
+        let s = shape4(ql.dims(), &dims);
+        crate::cuda::attention::forward(&self.mask, s, qs, ql, ks, kl, vs, vl)
     }
 
     fn cpu_fwd(
@@ -304,6 +331,14 @@ impl CustomOp3 for Attention {
         let dout = dout.contiguous()?;
         let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
         let dims = dims(q.dims(), k.dims(), v.dims(), self.mask.past_len)?;
+        // On a GPU the backward kernels recompute each row's log-sum-exp.
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let s = shape4(q.dims(), &dims);
+            let (dq, dk, dv) =
+                crate::cuda::attention::backward(&self.mask, s, [q, k, v, o, &dout])?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         if lse.len() != q.elem_count() / dims.d.max(1) {
             return Err(Error::Msg(
                 "fused-attention: backward without forward".into(),

@@ -3,8 +3,8 @@
 //! Each op is a candle custom op whose CPU forward and backward are single multi-threaded
 //! passes, vectorised for the widest instruction set the CPU has (AVX-512, AVX2+FMA, or the
 //! baseline; chosen at run time), writing outputs without zero-filling them first. With the
-//! `cuda` feature, RMSNorm, LayerNorm, GroupNorm, softmax, SwiGLU, rotary and cross-entropy
-//! (not vocabulary-split) also run on GPU tensors (f32 or bf16) through CUDA kernels compiled
+//! `cuda` feature, RMSNorm, LayerNorm, GroupNorm, softmax, SwiGLU, rotary, causal attention and
+//! cross-entropy (not vocabulary-split) also run on GPU tensors (f32 or bf16) through CUDA kernels compiled
 //! at run time by NVRTC (`kernels/cuda`), as does AdamW's update. Where no fused kernel
 //! applies — another dtype, or a GPU op without a CUDA kernel yet — the op runs its reference
 //! formulation ([`reference`]), which is also what the kernels are tested against.
@@ -193,7 +193,9 @@ impl Kernels {
         v: &Tensor,
         mask: &CausalMask,
     ) -> Result<Option<Tensor>> {
-        if !self.fused_on(&[q, k, v]) {
+        // The CUDA kernel holds up to 512 columns of a head per block.
+        let gpu = self.fused_on_gpu(&[q, k, v]) && q.dims().last().is_some_and(|&d| d <= 512);
+        if !self.fused_on(&[q, k, v]) && !gpu {
             return Ok(None);
         }
         let op = attention::Attention {

@@ -1,7 +1,8 @@
 //! The CUDA kernels against the CPU ones (feature `cuda`, a GPU at ordinal 0; run by
 //! scripts/gpu_check.sh): forward and every gradient of RMSNorm, LayerNorm, GroupNorm, softmax,
-//! SwiGLU, rotary and cross-entropy (with ignored rows) in f32 (tight) and bf16 (to bf16's
-//! precision), and the in-place AdamW over several steps.
+//! SwiGLU, rotary, attention (GQA, cache, padding, documents) and cross-entropy (with ignored
+//! rows) in f32 (tight) and bf16 (to bf16's precision), and the in-place AdamW over several
+//! steps.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -138,6 +139,33 @@ fn cuda_kernels_match_the_cpu_kernels() {
         &[q, cos, sin],
         &[true, false, false],
     );
+}
+
+#[test]
+fn cuda_attention_matches_the_cpu_kernel() {
+    // GQA (4 query heads over 2), a KV cache of 3, padded keys; then documents without a cache.
+    let (b, h, hkv, t, d) = (2, 4, 2, 19, 32);
+    for (past, docs) in [(3, false), (0, true)] {
+        let key_valid: Vec<u8> = (0..b * (past + t)).map(|i| u8::from(i % 7 != 5)).collect();
+        let segments: Vec<u32> = (0..b * t).map(|i| ((i % t) / 6) as u32).collect();
+        let mask = colossal_kernels::CausalMask {
+            past_len: past,
+            key_valid: (!docs).then(|| std::sync::Arc::new(key_valid)),
+            segments: docs.then(|| std::sync::Arc::new(segments)),
+        };
+        let q = (random(&[b, h, t, d], 20) * 0.3).unwrap();
+        let (k, v) = (
+            random(&[b, hkv, past + t, d], 21),
+            random(&[b, hkv, past + t, d], 22),
+        );
+        let attn = |x: &[Tensor]| Ok(K.attention(&x[0], &x[1], &x[2], &mask)?.expect("fused"));
+        check(
+            &format!("attention (past {past}, documents {docs})"),
+            &attn,
+            &[q, k, v],
+            &[true; 3],
+        );
+    }
 }
 
 #[test]

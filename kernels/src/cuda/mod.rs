@@ -5,19 +5,22 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
+};
 use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, Error, Layout, Result};
 
 pub(crate) mod adamw;
+pub(crate) mod attention;
 pub(crate) mod cross_entropy;
 pub(crate) mod norm;
 pub(crate) mod ops;
 mod sources;
 
 /// The element types the kernels are instantiated for, by the suffix of their names.
-pub(crate) trait Elem: CudaDType + DeviceRepr {
+pub(crate) trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits {
     const SUFFIX: &'static str;
 }
 

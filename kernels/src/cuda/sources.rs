@@ -38,6 +38,17 @@ pub(crate) const SOURCES: &[(&str, &[&str])] = &[
     ),
     ("rotary", &["rotary_f32", "rotary_bf16"]),
     (
+        "attention",
+        &[
+            "attn_fwd_f32",
+            "attn_fwd_bf16",
+            "attn_bwd_dq_f32",
+            "attn_bwd_dq_bf16",
+            "attn_bwd_dkv_f32",
+            "attn_bwd_dkv_bf16",
+        ],
+    ),
+    (
         "cross_entropy",
         &[
             "ce_rows_f32",
@@ -71,6 +82,7 @@ pub(crate) fn source(stem: &str) -> Option<&'static str> {
         "swiglu" => include_str!("../../cuda/swiglu.cu"),
         "rotary" => include_str!("../../cuda/rotary.cu"),
         "norm" => include_str!("../../cuda/norm.cu"),
+        "attention" => include_str!("../../cuda/attention.cu"),
         "cross_entropy" => include_str!("../../cuda/cross_entropy.cu"),
         "adamw" => include_str!("../../cuda/adamw.cu"),
         _ => return None,
