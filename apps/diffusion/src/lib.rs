@@ -9,6 +9,7 @@ pub mod config_keys;
 pub mod conv_blocks;
 pub mod data;
 pub mod error;
+pub mod lora;
 pub mod nn;
 pub mod pipeline;
 pub mod scheduler;

@@ -70,6 +70,13 @@ enum Cmd {
         size: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// A LoRA as diffusers saves it (`pytorch_lora_weights.safetensors`, or its folder),
+        /// merged into the UNet and text encoder before sampling.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// How much of the LoRA to merge (1 = as trained).
+        #[arg(long, default_value_t = 1.0, requires = "lora")]
+        lora_scale: f64,
         #[arg(long)]
         out: PathBuf,
     },
@@ -148,9 +155,19 @@ fn main() -> Result<()> {
             guidance,
             size,
             seed,
+            lora,
+            lora_scale,
             out,
         } => {
             let mut pipe = Pipeline::load(&model, None, &Device::Cpu)?;
+            if let Some(path) = &lora {
+                let weights = diffusion::lora::LoraWeights::read(path)?;
+                let (u, t) = pipe.apply_lora(&weights, lora_scale)?;
+                println!(
+                    "LoRA {}: {u} UNet and {t} text-encoder weights merged at {lora_scale}",
+                    path.display()
+                );
+            }
             if let Some(name) = scheduler {
                 let choice: SampleScheduler = serde_json::from_value(name.clone().into())
                     .map_err(|_| anyhow::anyhow!("--scheduler {name}: expected ddpm, ddim, euler, euler_ancestral or dpmpp_two_m"))?;

@@ -63,6 +63,23 @@ fn check_model_index(dir: &Path) -> Result<()> {
 }
 
 impl Pipeline {
+    /// Merges a LoRA file's adapters into the UNet and text encoder at `strength` (1 = as
+    /// trained); returns how many (UNet, text encoder) weights changed.
+    pub fn apply_lora(
+        &mut self,
+        lora: &crate::lora::LoraWeights,
+        strength: f64,
+    ) -> Result<(usize, usize)> {
+        let u = crate::lora::merge(&lora.unet, &self.unet_params, strength, "the UNet")?;
+        let t = crate::lora::merge(
+            &lora.text_encoder,
+            &self.text_params,
+            strength,
+            "the text encoder",
+        )?;
+        Ok((u, t))
+    }
+
     /// Loads `dir` (a diffusers folder: `model_index.json`, `tokenizer/`, `text_encoder/`,
     /// `unet/`, `vae/`, `scheduler/`), with the scheduler from `scheduler_dir` if given.
     pub fn load(dir: &Path, scheduler_dir: Option<&Path>, device: &Device) -> Result<Self> {
