@@ -83,10 +83,27 @@ impl Pipeline {
     /// Loads `dir` (a diffusers folder: `model_index.json`, `tokenizer/`, `text_encoder/`,
     /// `unet/`, `vae/`, `scheduler/`), with the scheduler from `scheduler_dir` if given.
     pub fn load(dir: &Path, scheduler_dir: Option<&Path>, device: &Device) -> Result<Self> {
+        Self::load_with(dir, scheduler_dir, device, true)
+    }
+
+    /// [`Self::load`]; without `unet_weights` the UNet is built from its config only and its
+    /// parameters are left empty (training that resumes or starts fresh never reads them).
+    pub fn load_with(
+        dir: &Path,
+        scheduler_dir: Option<&Path>,
+        device: &Device,
+        unet_weights: bool,
+    ) -> Result<Self> {
         check_model_index(dir)?;
         let (text, text_params) =
             ClipTextModel::load(&dir.join("text_encoder"), DType::F32, device)?;
-        let (unet, unet_params) = UNet::load(&dir.join("unet"), DType::F32, device)?;
+        let (unet, unet_params) = match unet_weights {
+            true => UNet::load(&dir.join("unet"), DType::F32, device)?,
+            false => {
+                let cfg = crate::unet::UNetConfig::from_file(&dir.join("unet/config.json"))?;
+                (UNet::new(cfg)?, Params::new())
+            }
+        };
         let (vae, vae_params) = Vae::load(&dir.join("vae"), DType::F32, device)?;
         let sched_dir = scheduler_dir.map_or_else(|| dir.join("scheduler"), Path::to_path_buf);
         Ok(Self {

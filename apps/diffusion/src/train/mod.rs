@@ -44,7 +44,10 @@ pub fn train(
     launch_ranks(&cfg.parallel, cfg.train.device, |setup| {
         let mut ecfg = engine_cfg.clone();
         ecfg.parallel = setup.parallel;
-        let pipe = Pipeline::load(&cfg.model.pretrained, None, &setup.device).map_err(err)?;
+        // The pretrained UNet's weights are read only when training starts from them.
+        let from_pretrained = resume.is_none() && cfg.model.unet_config.is_none();
+        let pipe = Pipeline::load_with(&cfg.model.pretrained, None, &setup.device, from_pretrained)
+            .map_err(err)?;
         let origin = match (resume, &cfg.model.unet_config) {
             (Some(dir), _) => Origin::Resume(dir),
             (None, Some(path)) => Origin::Fresh {
