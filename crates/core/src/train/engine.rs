@@ -90,6 +90,11 @@ impl<M: ModelFamily> Engine<M> {
         &self.device
     }
 
+    /// The data-parallel group (ranks holding other shares of each batch), if there is one.
+    pub fn data_comm(&self) -> Option<&dyn Communicator> {
+        self.comm.as_deref()
+    }
+
     /// This rank's index in the whole job.
     pub fn world_rank(&self) -> usize {
         self.world_rank
