@@ -13,6 +13,7 @@ pub mod lora;
 pub mod nn;
 pub mod pipeline;
 pub mod scheduler;
+pub mod space;
 pub mod train;
 pub mod unet;
 pub mod vae;

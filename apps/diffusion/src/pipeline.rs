@@ -1,8 +1,8 @@
 //! Text-to-image sampling as diffusers' `StableDiffusionPipeline`: prompts → CLIP hidden
 //! states; Gaussian latents × the scheduler's initial σ; each step the UNet predicts on the
 //! (scaled) latents — twice, unconditioned and conditioned, under classifier-free guidance —
-//! and the scheduler steps; the VAE decodes latents / scaling factor; images map from [−1, 1]
-//! to [0, 1]. Randomness comes from one seeded generator, so a run is reproducible.
+//! and the scheduler steps; the VAE decodes latents / scaling factor (a pixel-space model's
+//! output is the image: `space.rs`); images map from [−1, 1] to [0, 1]. Randomness comes from one seeded generator, so a run is reproducible.
 
 use std::path::Path;
 
@@ -14,6 +14,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::clip::{ClipTextModel, ClipTokenizer};
 use crate::scheduler::Scheduler;
+use crate::space::Space;
 use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::{Error, Result};
@@ -25,8 +26,8 @@ pub struct Pipeline {
     pub text_params: Params,
     pub unet: UNet,
     pub unet_params: Params,
-    pub vae: Vae,
-    pub vae_params: Params,
+    /// The VAE's latent space, or pixels.
+    pub space: Space,
     pub scheduler: Scheduler,
     pub device: Device,
 }
@@ -49,17 +50,26 @@ pub fn gaussian(rng: &mut ChaCha8Rng, shape: &[usize], device: &Device) -> Resul
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-fn check_model_index(dir: &Path) -> Result<()> {
+/// Checks the folder's `model_index.json`; true when it has a VAE (`"vae": [null, null]` or no
+/// entry: a pixel-space model).
+fn check_model_index(dir: &Path) -> Result<bool> {
     let path = dir.join("model_index.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
     match v["_class_name"].as_str() {
-        Some("StableDiffusionPipeline") => Ok(()),
-        other => Err(Error::file(
-            &path,
-            format!("_class_name {other:?}: only StableDiffusionPipeline folders are implemented"),
-        )),
+        Some("StableDiffusionPipeline") => {}
+        other => {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "_class_name {other:?}: only StableDiffusionPipeline folders are implemented"
+                ),
+            ))
+        }
     }
+    Ok(v["vae"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| !x.is_null())))
 }
 
 impl Pipeline {
@@ -94,7 +104,7 @@ impl Pipeline {
         device: &Device,
         unet_weights: bool,
     ) -> Result<Self> {
-        check_model_index(dir)?;
+        let has_vae = check_model_index(dir)?;
         let (text, text_params) =
             ClipTextModel::load(&dir.join("text_encoder"), DType::F32, device)?;
         let (unet, unet_params) = match unet_weights {
@@ -104,7 +114,16 @@ impl Pipeline {
                 (UNet::new(cfg)?, Params::new())
             }
         };
-        let (vae, vae_params) = Vae::load(&dir.join("vae"), DType::F32, device)?;
+        let space = match has_vae {
+            true => {
+                let (vae, params) = Vae::load(&dir.join("vae"), DType::F32, device)?;
+                Space::Latent {
+                    vae: Box::new(vae),
+                    params,
+                }
+            }
+            false => Space::Pixels,
+        };
         let sched_dir = scheduler_dir.map_or_else(|| dir.join("scheduler"), Path::to_path_buf);
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
@@ -112,8 +131,7 @@ impl Pipeline {
             text_params,
             unet,
             unet_params,
-            vae,
-            vae_params,
+            space,
             scheduler: Scheduler::from_dir(&sched_dir)?,
             device: device.clone(),
         })
@@ -129,9 +147,9 @@ impl Pipeline {
         Ok(self.text.forward(&self.text_params, &ids)?.0.detach())
     }
 
-    /// How many pixels one latent covers (2 per VAE level after the first).
+    /// How many pixels one latent covers (2 per VAE level after the first; 1 in pixel space).
     pub fn latent_scale(&self) -> usize {
-        1 << (self.vae.cfg.block_out_channels.len() - 1)
+        self.space.scale()
     }
 
     /// Images (B, 3, H, W) in [0, 1] for `prompts`; `latents` replaces the initial noise
@@ -197,10 +215,7 @@ impl Pipeline {
             };
             x = self.scheduler.step(i, &pred, &x, noise.as_ref())?;
         }
-        let decoded = self
-            .vae
-            .decode(&self.vae_params, &self.vae.from_model_latents(&x)?)?
-            .detach();
+        let decoded = self.space.decode(&x)?;
         let images = (decoded.affine(0.5, 0.5)?).clamp(0f32, 1f32)?;
         Ok((images, x))
     }

@@ -9,23 +9,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use colossal_core::config::parse_config;
-use common::{max_abs, shared};
+use common::{max_abs, shared, tiny_data};
 use diffusion::train::{train, DiffusionConfig};
-
-/// A `captions.jsonl` folder with the first `n` emoji.
-fn tiny_data(dir: &Path, n: usize) {
-    let src = shared().join("data/t2i_images/noto_emoji_32px");
-    let text = std::fs::read_to_string(src.join("captions.jsonl")).unwrap();
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    let mut lines = Vec::new();
-    for line in text.lines().take(n) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let file = v["file"].as_str().unwrap();
-        std::fs::copy(src.join(file), dir.join(file)).unwrap();
-        lines.push(line.to_string());
-    }
-    std::fs::write(dir.join("captions.jsonl"), lines.join("\n")).unwrap();
-}
 
 fn config(data: &Path, out: &Path, extra: &[String]) -> DiffusionConfig {
     let text = format!(

@@ -36,6 +36,11 @@ pub struct ModelSection {
     /// Seed of a fresh UNet's initialisation.
     #[serde(default)]
     pub init_seed: u64,
+    /// Train on the images themselves instead of the folder VAE's latents (a fresh UNet with
+    /// 3 input and output channels, `sample_size` = the resolution): for small images and no
+    /// trained VAE. The exported folder then has no VAE (`"vae": [null, null]`).
+    #[serde(default)]
+    pub pixel_space: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -189,6 +194,9 @@ impl DiffusionConfig {
         }
         if self.resolution() == 0 {
             return Err("the resolution must be positive".into());
+        }
+        if self.model.pixel_space && self.model.unet_config.is_none() {
+            return Err("model.pixel_space needs model.unet_config (a fresh UNet on pixels; the folder's UNet works on latents)".into());
         }
         if let Some(db) = &self.dreambooth {
             if db.with_prior_preservation && (db.class_prompt.is_none() || db.class_dir.is_none()) {

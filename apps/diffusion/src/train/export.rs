@@ -26,16 +26,35 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Writes `out` as a diffusers pipeline folder: `pretrained`'s components with `unet`
-/// (`weights`) in place of its UNet. Built beside `out` and renamed into place.
-pub fn pipeline_folder(pretrained: &Path, unet: &UNet, weights: &Params, out: &Path) -> Result<()> {
+/// (`weights`) in place of its UNet, and no VAE for a pixel-space model (`"vae": [null, null]`).
+/// Built beside `out` and renamed into place.
+pub fn pipeline_folder(
+    pretrained: &Path,
+    unet: &UNet,
+    weights: &Params,
+    pixel_space: bool,
+    out: &Path,
+) -> Result<()> {
     let tmp = out.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
     let index = pretrained.join("model_index.json");
-    std::fs::copy(&index, tmp.join("model_index.json")).map_err(|e| Error::file(&index, e))?;
-    for part in ["tokenizer", "text_encoder", "vae", "scheduler"] {
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&index, e))?;
+    if pixel_space {
+        v["vae"] = serde_json::json!([null, null]);
+    }
+    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::file(&index, e))?;
+    let dst = tmp.join("model_index.json");
+    std::fs::write(&dst, text).map_err(|e| Error::file(&dst, e))?;
+    let vae = (!pixel_space).then_some("vae");
+    for part in ["tokenizer", "text_encoder", "scheduler"]
+        .into_iter()
+        .chain(vae)
+    {
         copy_dir(&pretrained.join(part), &tmp.join(part))?;
     }
     unet.save(&tmp.join("unet"), weights, 10 << 30)?;

@@ -46,8 +46,12 @@ pub fn train(
         ecfg.parallel = setup.parallel;
         // The pretrained UNet's weights are read only when training starts from them.
         let from_pretrained = resume.is_none() && cfg.model.unet_config.is_none();
-        let pipe = Pipeline::load_with(&cfg.model.pretrained, None, &setup.device, from_pretrained)
-            .map_err(err)?;
+        let mut pipe =
+            Pipeline::load_with(&cfg.model.pretrained, None, &setup.device, from_pretrained)
+                .map_err(err)?;
+        if cfg.model.pixel_space {
+            pipe.space = crate::space::Space::Pixels;
+        }
         let origin = match (resume, &cfg.model.unet_config) {
             (Some(dir), _) => Origin::Resume(dir),
             (None, Some(path)) => Origin::Fresh {

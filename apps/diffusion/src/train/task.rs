@@ -102,6 +102,13 @@ impl DiffusionTask {
             )));
         }
         pipe.unet = engine.model.clone();
+        let u = &pipe.unet.cfg;
+        if pipe.space.is_pixels() && (u.in_channels != 3 || u.out_channels != 3) {
+            return Err(Error::Config(format!(
+                "model.pixel_space: the UNet takes {} and gives {} channels; images have 3",
+                u.in_channels, u.out_channels
+            )));
+        }
         tracing::info!(
             examples = data.examples.len(),
             class_examples = data.prior.as_ref().map_or(0, |p| p.0.len()),
@@ -201,19 +208,17 @@ impl DiffusionTask {
         for chunk in raw.chunks(16) {
             let imgs = Tensor::stack(&chunk.iter().map(|e| &e.image).collect::<Vec<_>>(), 0)?
                 .to_device(&pipe.device)?;
-            let post = pipe.vae.encode(&pipe.vae_params, &imgs)?;
-            let mirrored = if flip {
-                let post = pipe.vae.encode(&pipe.vae_params, &imgs.flip(&[3])?)?;
-                Some((post.mean.detach(), post.std.detach()))
-            } else {
-                None
+            let (mean, std) = pipe.space.encode(&imgs)?;
+            let mirrored = match flip {
+                true => Some(pipe.space.encode(&imgs.flip(&[3])?)?),
+                false => None,
             };
             let captions: Vec<String> = chunk.iter().map(|e| e.caption.clone()).collect();
             let text = pipe.encode_prompts(&captions)?;
             for i in 0..chunk.len() {
                 out.push(Cached {
-                    mean: post.mean.get(i)?.detach(),
-                    std: post.std.get(i)?.detach(),
+                    mean: mean.get(i)?,
+                    std: std.get(i)?,
                     flipped: mirrored
                         .as_ref()
                         .map(|(m, s)| Ok::<_, Error>((m.get(i)?, s.get(i)?)))
@@ -253,7 +258,7 @@ impl DiffusionTask {
                     _ => (&c.mean, &c.std),
                 };
                 let eps = gaussian(&mut rng, mean.dims(), &dev)?;
-                let z = self.pipe.vae.to_model_latents(&(mean + (std * eps)?)?)?;
+                let z = self.pipe.space.to_model(&(mean + (std * eps)?)?)?;
                 let mut noise = gaussian(&mut rng, z.dims(), &dev)?;
                 if self.cfg.diffusion.noise_offset != 0.0 {
                     let shape = [z.dim(0)?, 1, 1];
@@ -446,8 +451,15 @@ impl colossal_session::Task for DiffusionTask {
                 export::save_ema(dir, &self.engine.model, ema).map_err(core)?;
             }
             let out = self.cfg.train.out_dir.join("pipeline");
-            export::pipeline_folder(&self.cfg.model.pretrained, &self.engine.model, &w, &out)
-                .map_err(core)?;
+            let pixels = self.pipe.space.is_pixels();
+            export::pipeline_folder(
+                &self.cfg.model.pretrained,
+                &self.engine.model,
+                &w,
+                pixels,
+                &out,
+            )
+            .map_err(core)?;
         }
         Ok(dir)
     }

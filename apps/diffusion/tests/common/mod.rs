@@ -46,3 +46,18 @@ pub fn close(what: &str, e: f32, tol: f32) {
     println!("{what}: {e:.2e} (tolerance {tol:.0e})");
     assert!(e < tol, "{what}: {e} is not below {tol}");
 }
+
+/// A `captions.jsonl` folder with the first `n` emoji.
+pub fn tiny_data(dir: &std::path::Path, n: usize) {
+    let src = shared().join("data/t2i_images/noto_emoji_32px");
+    let text = std::fs::read_to_string(src.join("captions.jsonl")).unwrap();
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let mut lines = Vec::new();
+    for line in text.lines().take(n) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let file = v["file"].as_str().unwrap();
+        std::fs::copy(src.join(file), dir.join(file)).unwrap();
+        lines.push(line.to_string());
+    }
+    std::fs::write(dir.join("captions.jsonl"), lines.join("\n")).unwrap();
+}
