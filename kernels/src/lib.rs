@@ -21,6 +21,7 @@ pub use cross_entropy::{Reduce, VocabSplit};
 
 pub mod adamw;
 mod attention;
+mod conv;
 mod cpu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -154,6 +155,17 @@ impl Kernels {
         };
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, norm::Norm(g))
+    }
+
+    /// 2-D convolution of x (B, C, H, W) by w (O, C, k, k) (groups 1, dilation 1), as
+    /// `Tensor::conv2d`, with the input gradient taken by a convolution instead of candle's
+    /// direct-loop `conv_transpose2d` (see `conv.rs`).
+    pub fn conv2d(self, x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        let op = conv::Conv2d { padding, stride };
+        if !self.fused_on(&[x, w]) || !op.fits(w) || x.rank() != 4 {
+            return x.conv2d(w, padding, stride, 1, 1);
+        }
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
     }
 
     /// Softmax over the last dimension.

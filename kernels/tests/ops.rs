@@ -420,6 +420,53 @@ fn linear_matches_reference_and_finite_differences() {
 }
 
 #[test]
+fn conv2d_matches_candle_with_its_input_gradient_taken_by_a_convolution() {
+    // Reference = candle's conv2d, whose input gradient is conv_transpose2d. Strides 1 and 2
+    // (odd sizes: the forward's stride drops rows the backward must give back), padding 0 and
+    // 1, kernels 3 and 1. candle's backward takes the dropped rows of the height for the width
+    // too, so a non-square stride-2 input is checked against finite differences only.
+    let op = |p: usize, s: usize| {
+        move |kk: Kernels, t: &[Tensor]| match kk {
+            Reference => t[0].conv2d(&t[1], p, s, 1, 1),
+            Fused => kk.conv2d(&t[0], &t[1], p, s),
+        }
+    };
+    let cases = [
+        (3, 1, 1, 9, 7),
+        (3, 1, 2, 9, 9),
+        (3, 0, 2, 10, 10),
+        (1, 0, 1, 5, 6),
+        (3, 0, 1, 6, 6),
+    ];
+    for (i, (k, p, s, h, w)) in cases.into_iter().enumerate() {
+        let x = random(&[2, 3, h, w], 40 + i as u64, 1.0);
+        let wt = random(&[4, 3, k, k], 50 + i as u64, 0.5);
+        let what = format!("conv2d k{k} p{p} s{s} {h}x{w}");
+        check(&what, &op(p, s), &[x, wt], &[true, true], 1e-5);
+    }
+    let (x, wt) = (
+        random(&[2, 3, 9, 8], 60, 1.0),
+        random(&[4, 3, 3, 3], 61, 0.5),
+    );
+    let (y, grads) = run(&op(1, 2), Fused, &[x.clone(), wt.clone()]);
+    assert_eq!(y.dims(), [2, 4, 5, 4]);
+    assert_eq!(
+        grads[0].dims(),
+        [2, 3, 9, 8],
+        "the input gradient has the input's shape"
+    );
+    for (i, g) in grads.iter().enumerate() {
+        finite_differences(
+            "conv2d k3 p1 s2 9x8",
+            &op(1, 2),
+            &[x.clone(), wt.clone()],
+            i,
+            g,
+        );
+    }
+}
+
+#[test]
 fn layer_and_group_norm_match_reference_and_finite_differences() {
     let op = |k: Kernels, t: &[Tensor]| k.layer_norm(&t[0], &t[1], &t[2], 1e-5);
     for (rows, d) in [(1, 3), (7, 37), (2, 130)] {

@@ -31,15 +31,15 @@ pub fn resnet(
 ) -> Result<Tensor> {
     let n = |s: &str| format!("{prefix}.{s}");
     let h = nn::group_norm(p, &n("norm1"), x, g.groups, g.eps, k)?;
-    let mut h = nn::conv2d(p, &n("conv1"), &act.apply(&h)?, 1, 1)?;
+    let mut h = nn::conv2d(p, &n("conv1"), &act.apply(&h)?, 1, 1, k)?;
     if let Some(temb) = temb {
         let t = nn::linear(p, &n("time_emb_proj"), &act.apply(temb)?, k)?;
         h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
     }
     let h = nn::group_norm(p, &n("norm2"), &h, g.groups, g.eps, k)?;
-    let h = nn::conv2d(p, &n("conv2"), &act.apply(&h)?, 1, 1)?;
+    let h = nn::conv2d(p, &n("conv2"), &act.apply(&h)?, 1, 1, k)?;
     let x = if p.get(&n("conv_shortcut.weight")).is_ok() {
-        nn::conv2d(p, &n("conv_shortcut"), x, 1, 0)?
+        nn::conv2d(p, &n("conv_shortcut"), x, 1, 0, k)?
     } else {
         x.clone()
     };
@@ -52,20 +52,26 @@ pub fn resnet(
 }
 
 /// `Downsample2D`: a stride-2 3×3 convolution; padding 0 pads right and bottom by one first.
-pub fn downsample(p: &Params, prefix: &str, x: &Tensor, padding: usize) -> Result<Tensor> {
+pub fn downsample(
+    p: &Params,
+    prefix: &str,
+    x: &Tensor,
+    padding: usize,
+    k: Kernels,
+) -> Result<Tensor> {
     let x = if padding == 0 {
         x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?
     } else {
         x.clone()
     };
-    nn::conv2d(p, &format!("{prefix}.conv"), &x, 2, padding)
+    nn::conv2d(p, &format!("{prefix}.conv"), &x, 2, padding, k)
 }
 
 /// `Upsample2D`: nearest-neighbour to twice the size, then a 3×3 convolution.
-pub fn upsample(p: &Params, prefix: &str, x: &Tensor) -> Result<Tensor> {
+pub fn upsample(p: &Params, prefix: &str, x: &Tensor, k: Kernels) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let up = x.upsample_nearest2d(2 * h, 2 * w)?;
-    nn::conv2d(p, &format!("{prefix}.conv"), &up, 1, 1)
+    nn::conv2d(p, &format!("{prefix}.conv"), &up, 1, 1, k)
 }
 
 /// Shapes of a ResNet block's parameters (`tdim`: the time embedding's width, if any).

@@ -125,9 +125,10 @@ pub fn conv2d(
     x: &Tensor,
     stride: usize,
     padding: usize,
+    k: Kernels,
 ) -> Result<Tensor> {
     let w = p.get(&format!("{prefix}.weight"))?;
-    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    let y = k.conv2d(x, w, padding, stride)?;
     Ok(match p.get(&format!("{prefix}.bias")) {
         Ok(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
         Err(_) => y,

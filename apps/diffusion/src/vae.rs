@@ -258,7 +258,7 @@ impl Vae {
     pub fn encode(&self, p: &Params, x: &Tensor) -> Result<Posterior> {
         let (k, act, g) = (self.kernels, self.act, self.groups());
         let n = self.cfg.block_out_channels.len();
-        let mut h = nn::conv2d(p, "encoder.conv_in", x, 1, 1)?;
+        let mut h = nn::conv2d(p, "encoder.conv_in", x, 1, 1, k)?;
         for i in 0..n {
             for j in 0..self.cfg.layers_per_block {
                 let prefix = format!("encoder.down_blocks.{i}.resnets.{j}");
@@ -270,14 +270,15 @@ impl Vae {
                     &format!("encoder.down_blocks.{i}.downsamplers.0"),
                     &h,
                     0,
+                    k,
                 )?;
             }
         }
         let h = self.mid(p, "encoder.mid_block", &h)?;
         let h = nn::group_norm(p, "encoder.conv_norm_out", &h, g.groups, EPS, k)?;
-        let mut h = nn::conv2d(p, "encoder.conv_out", &act.apply(&h)?, 1, 1)?;
+        let mut h = nn::conv2d(p, "encoder.conv_out", &act.apply(&h)?, 1, 1, k)?;
         if self.cfg.use_quant_conv {
-            h = nn::conv2d(p, "quant_conv", &h, 1, 0)?;
+            h = nn::conv2d(p, "quant_conv", &h, 1, 0, k)?;
         }
         let z = self.cfg.latent_channels;
         let mean = h.narrow(1, 0, z)?;
@@ -292,11 +293,11 @@ impl Vae {
         let (k, act, g) = (self.kernels, self.act, self.groups());
         let n = self.cfg.block_out_channels.len();
         let z = if self.cfg.use_post_quant_conv {
-            nn::conv2d(p, "post_quant_conv", z, 1, 0)?
+            nn::conv2d(p, "post_quant_conv", z, 1, 0, k)?
         } else {
             z.clone()
         };
-        let mut h = nn::conv2d(p, "decoder.conv_in", &z, 1, 1)?;
+        let mut h = nn::conv2d(p, "decoder.conv_in", &z, 1, 1, k)?;
         h = self.mid(p, "decoder.mid_block", &h)?;
         for i in 0..n {
             for j in 0..=self.cfg.layers_per_block {
@@ -304,11 +305,16 @@ impl Vae {
                 h = conv_blocks::resnet(p, k, act, &prefix, &h, None, g, 1.0)?;
             }
             if i + 1 < n {
-                h = conv_blocks::upsample(p, &format!("decoder.up_blocks.{i}.upsamplers.0"), &h)?;
+                h = conv_blocks::upsample(
+                    p,
+                    &format!("decoder.up_blocks.{i}.upsamplers.0"),
+                    &h,
+                    k,
+                )?;
             }
         }
         let h = nn::group_norm(p, "decoder.conv_norm_out", &h, g.groups, EPS, k)?;
-        nn::conv2d(p, "decoder.conv_out", &act.apply(&h)?, 1, 1)
+        nn::conv2d(p, "decoder.conv_out", &act.apply(&h)?, 1, 1, k)
     }
 
     /// Posterior samples → the UNet's latents: (z − shift) · scaling_factor.

@@ -141,7 +141,7 @@ impl Ctx<'_> {
         let mut h = if linear_proj {
             nn::linear(p, &n("proj_in"), &tokens(&h)?, k)?
         } else {
-            tokens(&nn::conv2d(p, &n("proj_in"), &h, 1, 0)?)?
+            tokens(&nn::conv2d(p, &n("proj_in"), &h, 1, 0, k)?)?
         };
         for j in 0..layers {
             h = self.transformer_block(&n(&format!("transformer_blocks.{j}")), &h, text, heads)?;
@@ -149,7 +149,7 @@ impl Ctx<'_> {
         let h = if linear_proj {
             image(&nn::linear(p, &n("proj_out"), &h, k)?)?
         } else {
-            nn::conv2d(p, &n("proj_out"), &image(&h)?, 1, 0)?
+            nn::conv2d(p, &n("proj_out"), &image(&h)?, 1, 0, k)?
         };
         Ok((h + x)?)
     }

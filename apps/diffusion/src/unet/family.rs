@@ -82,7 +82,7 @@ impl UNet {
             Part::Stem => {
                 let x = out.take("x")?;
                 let temb = self.time_embedding(p, &ctx.t, x.device(), x.dtype())?;
-                let h = nn::conv2d(p, "conv_in", &x, 1, 1)?;
+                let h = nn::conv2d(p, "conv_in", &x, 1, 1, self.kernels)?;
                 out.insert("skip.0", h.clone());
                 out.insert("h", h);
                 out.insert("temb", temb);
@@ -102,7 +102,13 @@ impl UNet {
                 }
                 if i + 1 < n {
                     let prefix = format!("down_blocks.{i}.downsamplers.0");
-                    h = conv_blocks::downsample(p, &prefix, &h, c.downsample_padding)?;
+                    h = conv_blocks::downsample(
+                        p,
+                        &prefix,
+                        &h,
+                        c.downsample_padding,
+                        self.kernels,
+                    )?;
                     out.insert(&format!("skip.{k}"), h.clone());
                 }
                 out.insert("h", h);
@@ -136,7 +142,12 @@ impl UNet {
                     }
                 }
                 if i + 1 < n {
-                    h = conv_blocks::upsample(p, &format!("up_blocks.{i}.upsamplers.0"), &h)?;
+                    h = conv_blocks::upsample(
+                        p,
+                        &format!("up_blocks.{i}.upsamplers.0"),
+                        &h,
+                        self.kernels,
+                    )?;
                 }
                 out.insert("h", h);
             }
@@ -150,7 +161,7 @@ impl UNet {
                     c.norm_eps,
                     self.kernels,
                 )?;
-                let pred = nn::conv2d(p, "conv_out", &self.act.apply(&h)?, 1, 1)?;
+                let pred = nn::conv2d(p, "conv_out", &self.act.apply(&h)?, 1, 1, self.kernels)?;
                 out = Acts::one("pred", pred);
             }
         }
