@@ -1,65 +1,138 @@
-//! 2-D convolution (groups 1, dilation 1) whose input gradient is a convolution too. candle's
-//! backward takes it by `conv_transpose2d`, whose CPU kernel is a direct loop — measured at
-//! about 40% of a small UNet's training step — while a convolution runs as im2col + gemm. The
-//! transposed convolution equals a convolution of the output gradient, spread by the stride
-//! (zeros between its elements) and padded by k − 1 − p (plus the rows the forward's stride
-//! dropped), with the kernel flipped and its channel axes swapped. The forward and the weight
-//! gradient are candle's own (im2col).
+//! 2-D convolution (groups 1, dilation 1) as im2col + gemm, forward and backward. Per image:
+//! the patches matrix P (C·kh·kw × Ho·Wo) is gathered once per pass, then y = W·P,
+//! dW += dY·Pᵀ and dP = Wᵀ·dY scattered back into dX (col2im). Images run in parallel, each
+//! with its own patch buffer and single-threaded products; dW sums per-thread partials.
+//! candle's own backward takes dX by a direct-loop `conv_transpose2d` and gathers patches with
+//! scalar loops — most of a small UNet's training step.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
-use crate::cpu::f32s;
+use crate::cpu::{f32s, output};
+use crate::matmul::matmul;
 
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Conv2d {
     pub padding: usize,
     pub stride: usize,
 }
 
-/// `g` with `s − 1` zeros between neighbours along `dim` (2 or 3) and `extra` zeros after.
-fn spread(g: &Tensor, dim: usize, s: usize, extra: usize) -> Result<Tensor> {
-    let g = if s > 1 {
-        let n = g.dim(dim)?;
-        let x = g.unsqueeze(dim + 1)?;
-        let mut parts = vec![x.clone()];
-        parts.extend(std::iter::repeat_n(x.zeros_like()?, s - 1));
-        let mut dims = g.dims().to_vec();
-        dims[dim] = n * s;
-        Tensor::cat(&parts, dim + 1)?
-            .reshape(dims)?
-            .narrow(dim, 0, (n - 1) * s + 1)?
-    } else {
-        g.clone()
-    };
-    g.pad_with_zeros(dim, 0, extra)
+/// One call's sizes.
+#[derive(Clone, Copy)]
+struct Geo {
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    s: usize,
+    p: usize,
+}
+
+impl Geo {
+    fn new(x: &[usize], w: &[usize], s: usize, p: usize) -> Result<Self> {
+        let bad = || Error::Msg(format!("conv2d: x {x:?}, w {w:?}, stride {s}, padding {p}"));
+        let (&[_, c, h, wd], &[o, wc, kh, kw]) = (x, w) else {
+            return Err(bad());
+        };
+        if wc != c || s == 0 || h + 2 * p < kh || wd + 2 * p < kw {
+            return Err(bad());
+        }
+        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (wd + 2 * p - kw) / s + 1);
+        Ok(Self {
+            c,
+            h,
+            w: wd,
+            o,
+            kh,
+            kw,
+            ho,
+            wo,
+            s,
+            p,
+        })
+    }
+
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// The input column of output column `o` at kernel column `j`, if inside the image.
+    #[inline]
+    fn col(&self, o: usize, j: usize) -> Option<usize> {
+        (o * self.s + j).checked_sub(self.p).filter(|&v| v < self.w)
+    }
+
+    #[inline]
+    fn row(&self, o: usize, i: usize) -> Option<usize> {
+        (o * self.s + i).checked_sub(self.p).filter(|&v| v < self.h)
+    }
+
+    /// P (k × n) of one image x (c × h × w).
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let n = self.n();
+        for c in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let r = (c * self.kh + i) * self.kw + j;
+                    let dst = &mut cols[r * n..(r + 1) * n];
+                    for oh in 0..self.ho {
+                        let out = &mut dst[oh * self.wo..(oh + 1) * self.wo];
+                        let Some(ih) = self.row(oh, i) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let src = &x[(c * self.h + ih) * self.w..(c * self.h + ih + 1) * self.w];
+                        for (ow, v) in out.iter_mut().enumerate() {
+                            *v = self.col(ow, j).map_or(0.0, |iw| src[iw]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// dx (c × h × w) += the patches' gradients dP (k × n), each added where it was gathered.
+    fn col2im(&self, dcols: &[f32], dx: &mut [f32]) {
+        let n = self.n();
+        for c in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let r = (c * self.kh + i) * self.kw + j;
+                    let src = &dcols[r * n..(r + 1) * n];
+                    for oh in 0..self.ho {
+                        let Some(ih) = self.row(oh, i) else { continue };
+                        let row =
+                            &mut dx[(c * self.h + ih) * self.w..(c * self.h + ih + 1) * self.w];
+                        for (ow, &g) in src[oh * self.wo..(oh + 1) * self.wo].iter().enumerate() {
+                            if let Some(iw) = self.col(ow, j) {
+                                row[iw] += g;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Conv2d {
-    /// d(loss)/d(input) of shape `x_dims` from the output gradient `g`.
-    pub(crate) fn input_grad(&self, g: &Tensor, w: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
-        let (p, s) = (self.padding, self.stride);
-        let (k_h, k_w) = (w.dim(2)?, w.dim(3)?);
-        // Output size of the transposed convolution without output padding, per axis.
-        let natural = |gn: usize, k: usize| (gn - 1) * s + k - 2 * p;
-        let extra_h = x_dims[2] - natural(g.dim(2)?, k_h);
-        let extra_w = x_dims[3] - natural(g.dim(3)?, k_w);
-        let g = spread(&spread(g, 2, s, extra_h)?, 3, s, extra_w)?;
-        let g = g
-            .pad_with_zeros(2, k_h - 1 - p, k_h - 1 - p)?
-            .pad_with_zeros(3, k_w - 1 - p, k_w - 1 - p)?;
-        let wt = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        g.contiguous()?.conv2d(&wt, 0, 1, 1, 1)
-    }
-
-    /// Whether [`Self::input_grad`] applies: padding at most k − 1 on both axes.
-    pub(crate) fn fits(&self, w: &Tensor) -> bool {
-        let k = w.dims();
-        k.len() == 4 && self.padding < k[2] && self.padding < k[3] && self.stride > 0
+    /// Whether this kernel takes the call (else candle's conv2d runs).
+    pub(crate) fn fits(&self, x: &Tensor, w: &Tensor) -> bool {
+        Geo::new(x.dims(), w.dims(), self.stride, self.padding).is_ok()
     }
 }
 
 impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
-        "conv2d-conv-backward"
+        "fused-conv2d"
     }
 
     fn cpu_fwd(
@@ -69,12 +142,20 @@ impl CustomOp2 for Conv2d {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = self.name();
-        let x = Tensor::from_slice(f32s(xs, xl, n)?, xl.shape(), &candle_core::Device::Cpu)?;
-        let w = Tensor::from_slice(f32s(ws, wl, n)?, wl.shape(), &candle_core::Device::Cpu)?;
-        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+        let (x, w) = (f32s(xs, xl, self.name())?, f32s(ws, wl, self.name())?);
+        let g = Geo::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        let (k, n, b) = (g.k(), g.n(), xl.dims()[0]);
+        let mut y = output(b * g.o * n);
+        y.par_chunks_mut((g.o * n).max(1))
+            .zip(x.par_chunks((g.c * g.h * g.w).max(1)))
+            .for_each_init(
+                || output(k * n),
+                |cols, (y, x)| {
+                    g.im2col(x, cols);
+                    matmul((g.o, n, k), y, n, false, (w, k, 1), (cols, n, 1), false);
+                },
+            );
+        Ok((CpuStorage::F32(y), Shape::from((b, g.o, g.ho, g.wo))))
     }
 
     fn bwd(
@@ -84,14 +165,103 @@ impl CustomOp2 for Conv2d {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = self.input_grad(g, w, x.dims())?;
-        // candle's weight gradient: a convolution of the input by the output gradient.
-        let (k_h, k_w) = (w.dim(2)?, w.dim(3)?);
-        let dw = x
-            .transpose(0, 1)?
-            .conv2d(&g.transpose(0, 1)?, self.padding, 1, self.stride, 1)?
-            .transpose(0, 1)?;
-        let dw = dw.narrow(2, 0, k_h)?.narrow(3, 0, k_w)?;
+        let g = g.contiguous()?;
+        let dx = g.apply_op2_no_bwd(
+            w,
+            &InputGrad {
+                conv: *self,
+                x: x.dims().to_vec(),
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &g,
+            &WeightGrad {
+                conv: *self,
+                w: w.dims().to_vec(),
+            },
+        )?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dX from (dY, W): per image dP = Wᵀ·dY, then col2im.
+struct InputGrad {
+    conv: Conv2d,
+    x: Vec<usize>,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (dy, w) = (f32s(gs, gl, self.name())?, f32s(ws, wl, self.name())?);
+        let g = Geo::new(&self.x, wl.dims(), self.conv.stride, self.conv.padding)?;
+        let (k, n, b) = (g.k(), g.n(), self.x[0]);
+        // col2im adds into every element, so dx starts at zero.
+        let mut dx = vec![0f32; b * g.c * g.h * g.w];
+        dx.par_chunks_mut((g.c * g.h * g.w).max(1))
+            .zip(dy.par_chunks((g.o * n).max(1)))
+            .for_each_init(
+                || output(k * n),
+                |dcols, (dx, dy)| {
+                    matmul((k, n, g.o), dcols, n, false, (w, 1, k), (dy, n, 1), false);
+                    g.col2im(dcols, dx);
+                },
+            );
+        Ok((CpuStorage::F32(dx), Shape::from(self.x.clone())))
+    }
+}
+
+/// dW from (X, dY): Σ over images of dY·Pᵀ, per-thread partial sums.
+struct WeightGrad {
+    conv: Conv2d,
+    w: Vec<usize>,
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "fused-conv2d-dw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (f32s(xs, xl, self.name())?, f32s(gs, gl, self.name())?);
+        let g = Geo::new(xl.dims(), &self.w, self.conv.stride, self.conv.padding)?;
+        let (k, n) = (g.k(), g.n());
+        let zero = || (vec![0f32; g.o * k], output(k * n));
+        let (dw, _) = x
+            .par_chunks((g.c * g.h * g.w).max(1))
+            .zip(dy.par_chunks((g.o * n).max(1)))
+            .fold(zero, |(mut dw, mut cols), (x, dy)| {
+                g.im2col(x, &mut cols);
+                matmul(
+                    (g.o, k, n),
+                    &mut dw,
+                    k,
+                    true,
+                    (dy, n, 1),
+                    (&cols, 1, n),
+                    false,
+                );
+                (dw, cols)
+            })
+            .reduce(zero, |(mut a, c), (b, _)| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                (a, c)
+            });
+        Ok((CpuStorage::F32(dw), Shape::from(self.w.clone())))
     }
 }

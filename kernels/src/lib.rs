@@ -157,12 +157,11 @@ impl Kernels {
             .apply_op3(&w.contiguous()?, &b.contiguous()?, norm::Norm(g))
     }
 
-    /// 2-D convolution of x (B, C, H, W) by w (O, C, k, k) (groups 1, dilation 1), as
-    /// `Tensor::conv2d`, with the input gradient taken by a convolution instead of candle's
-    /// direct-loop `conv_transpose2d` (see `conv.rs`).
+    /// 2-D convolution of x (B, C, H, W) by w (O, C, kh, kw) (groups 1, dilation 1), as
+    /// `Tensor::conv2d`: im2col + gemm per image, forward and backward (see `conv.rs`).
     pub fn conv2d(self, x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
         let op = conv::Conv2d { padding, stride };
-        if !self.fused_on(&[x, w]) || !op.fits(w) || x.rank() != 4 {
+        if !self.fused_on(&[x, w]) || !op.fits(x, w) {
             return x.conv2d(w, padding, stride, 1, 1);
         }
         x.contiguous()?.apply_op2(&w.contiguous()?, op)

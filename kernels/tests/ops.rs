@@ -420,8 +420,8 @@ fn linear_matches_reference_and_finite_differences() {
 }
 
 #[test]
-fn conv2d_matches_candle_with_its_input_gradient_taken_by_a_convolution() {
-    // Reference = candle's conv2d, whose input gradient is conv_transpose2d. Strides 1 and 2
+fn conv2d_as_im2col_and_gemm_matches_candle_and_finite_differences() {
+    // Reference = candle's conv2d (its input gradient by conv_transpose2d). Strides 1 and 2
     // (odd sizes: the forward's stride drops rows the backward must give back), padding 0 and
     // 1, kernels 3 and 1. candle's backward takes the dropped rows of the height for the width
     // too, so a non-square stride-2 input is checked against finite differences only.
