@@ -64,10 +64,17 @@ impl Geo {
         self.ho * self.wo
     }
 
-    /// The input column of output column `o` at kernel column `j`, if inside the image.
+    /// The output columns `lo..hi` whose input column `ow·s + j − p` (kernel column `j`) lies
+    /// inside the image; the others read padding.
     #[inline]
-    fn col(&self, o: usize, j: usize) -> Option<usize> {
-        (o * self.s + j).checked_sub(self.p).filter(|&v| v < self.w)
+    fn valid_cols(&self, j: usize) -> (usize, usize) {
+        let lo = self.p.saturating_sub(j).div_ceil(self.s);
+        // ow·s + j − p ≤ w − 1  ⇔  ow ≤ (w − 1 + p − j) / s
+        let hi = match (self.w + self.p).checked_sub(j + 1) {
+            Some(m) => (m / self.s + 1).min(self.wo),
+            None => 0,
+        };
+        (lo.min(hi), hi)
     }
 
     #[inline]
@@ -90,8 +97,16 @@ impl Geo {
                             continue;
                         };
                         let src = &x[(c * self.h + ih) * self.w..(c * self.h + ih + 1) * self.w];
-                        for (ow, v) in out.iter_mut().enumerate() {
-                            *v = self.col(ow, j).map_or(0.0, |iw| src[iw]);
+                        let (lo, hi) = self.valid_cols(j);
+                        out[..lo].fill(0.0);
+                        out[hi..].fill(0.0);
+                        if self.s == 1 {
+                            // Contiguous: one copy of the row's valid part.
+                            out[lo..hi].copy_from_slice(&src[lo + j - self.p..hi + j - self.p]);
+                        } else {
+                            for (ow, v) in out[lo..hi].iter_mut().enumerate() {
+                                *v = src[(lo + ow) * self.s + j - self.p];
+                            }
                         }
                     }
                 }
@@ -111,9 +126,14 @@ impl Geo {
                         let Some(ih) = self.row(oh, i) else { continue };
                         let row =
                             &mut dx[(c * self.h + ih) * self.w..(c * self.h + ih + 1) * self.w];
-                        for (ow, &g) in src[oh * self.wo..(oh + 1) * self.wo].iter().enumerate() {
-                            if let Some(iw) = self.col(ow, j) {
-                                row[iw] += g;
+                        let (lo, hi) = self.valid_cols(j);
+                        let g = &src[oh * self.wo + lo..oh * self.wo + hi];
+                        if self.s == 1 {
+                            let dst = &mut row[lo + j - self.p..hi + j - self.p];
+                            dst.iter_mut().zip(g).for_each(|(d, v)| *d += v);
+                        } else {
+                            for (ow, &v) in g.iter().enumerate() {
+                                row[(lo + ow) * self.s + j - self.p] += v;
                             }
                         }
                     }

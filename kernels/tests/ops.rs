@@ -437,6 +437,8 @@ fn conv2d_as_im2col_and_gemm_matches_candle_and_finite_differences() {
         (3, 0, 2, 10, 10),
         (1, 0, 1, 5, 6),
         (3, 0, 1, 6, 6),
+        (3, 2, 1, 5, 5),
+        (5, 2, 2, 9, 9),
     ];
     for (i, (k, p, s, h, w)) in cases.into_iter().enumerate() {
         let x = random(&[2, 3, h, w], 40 + i as u64, 1.0);
