@@ -2,20 +2,10 @@
 //! f32, and its gradient with each row's log-sum-exp recomputed (no state between the passes).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::PushKernelArg;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
-use super::{by_dtype, kernel, load, output, view, LaunchErr};
-
-const THREADS: u32 = 256;
-
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
+use super::{by_dtype, kernel, load, output, per_row, view, LaunchErr};
 
 /// Σ over rows not `ignore` of log Σ e^x − x[target] (a scalar, f32). Targets are checked by
 /// the caller.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::cuda::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda::{CudaDType, CudaDevice};
@@ -106,6 +106,18 @@ pub(crate) fn output<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>
 /// Blocks of 256 threads covering `n` elements (grid-stride loops cover the rest).
 pub(crate) fn elementwise_grid(n: usize) -> u32 {
     n.div_ceil(256).clamp(1, 65_535) as u32
+}
+
+/// Threads per block of the row kernels (a multiple of 32: their reductions are per warp).
+pub(crate) const THREADS: u32 = 256;
+
+/// One block of [`THREADS`] threads per row.
+pub(crate) fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Runs `f` with the element type of `dtype` (f32 or bf16), or says the op does not take it.

@@ -4,18 +4,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
-use super::{by_dtype, kernel, output, view, LaunchErr};
+use super::{by_dtype, kernel, output, per_row, view, LaunchErr, THREADS};
 use crate::norm::Grouping;
-
-const THREADS: u32 = 256;
-
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 fn ints(g: &Grouping) -> (i32, i32, i32) {
     (g.groups as i32, g.per_group as i32, g.spatial as i32)

@@ -7,18 +7,7 @@ use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda::CudaDevice;
 use candle_core::{CudaStorage, Error, Layout, Result, Shape};
 
-use super::{by_dtype, elementwise_grid, kernel, output, view, Elem, LaunchErr};
-
-const THREADS: u32 = 256;
-
-/// One block of 256 threads per row.
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
+use super::{by_dtype, elementwise_grid, kernel, output, per_row, view, Elem, LaunchErr, THREADS};
 
 fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig {
