@@ -2,6 +2,7 @@
 //! layout the engine offers), with sample grids, a loss curve, resumable checkpoints and a
 //! diffusers pipeline folder.
 
+mod cache;
 mod config;
 mod export;
 mod sets;

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
-use colossal_core::dist::Communicator;
 use colossal_core::exec::{Acts, LossFn};
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::params::Params;
@@ -21,23 +20,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::cache::{self, Cached};
 use super::config::DiffusionConfig;
 use super::export;
 use super::sets::TrainData;
-use crate::data::{self, Example};
+use crate::data;
 use crate::pipeline::{gaussian, Pipeline, SampleOptions};
 use crate::scheduler::{Prediction, Scheduler};
 use crate::unet::{UNet, UNetCtx};
 use crate::{Error, Result};
-
-/// What training reads of one example: its posterior (and its mirror's) and its text.
-#[derive(Clone)]
-struct Cached {
-    mean: Tensor,
-    std: Tensor,
-    flipped: Option<(Tensor, Tensor)>,
-    text: Tensor,
-}
 
 /// One stream of examples: the training images, or DreamBooth's class images.
 struct Set {
@@ -117,13 +108,13 @@ impl DiffusionTask {
         let flip = cfg.random_flip();
         let comm = engine.data_comm();
         let mut sets = vec![Set {
-            cached: Self::encode_shared(&pipe, &data.examples, flip, comm)?,
+            cached: cache::encode_shared(&pipe, &data.examples, flip, comm)?,
             weight: 1.0,
             order: (u64::MAX, Vec::new()),
         }];
         if let Some((class, w)) = &data.prior {
             sets.push(Set {
-                cached: Self::encode_shared(&pipe, class, flip, comm)?,
+                cached: cache::encode_shared(&pipe, class, flip, comm)?,
                 weight: *w as f32,
                 order: (u64::MAX, Vec::new()),
             });
@@ -144,90 +135,6 @@ impl DiffusionTask {
             ema,
             parts: Default::default(),
         })
-    }
-
-    /// [`Self::encode`] split over the data-parallel ranks: each encodes its contiguous share
-    /// and the shares are all-gathered, so every rank holds every example's cache (any rank may
-    /// draw any example) for 1/N of the VAE and CLIP work.
-    fn encode_shared(
-        pipe: &Pipeline,
-        raw: &[Example],
-        flip: bool,
-        comm: Option<&dyn Communicator>,
-    ) -> Result<Vec<Cached>> {
-        let Some(c) = comm.filter(|c| c.size() > 1 && !raw.is_empty()) else {
-            return Self::encode(pipe, raw, flip);
-        };
-        let (per, len) = (raw.len().div_ceil(c.size()), raw.len());
-        let span = |r: usize| (r * per).min(len)..((r + 1) * per).min(len);
-        let mine = Self::encode(pipe, &raw[span(c.rank())], flip)?;
-        // Every field stacked (zero rows pad a short last share), gathered, and split back.
-        let gather = |pick: &dyn Fn(&Cached) -> Tensor, like: &Tensor| -> Result<Vec<Tensor>> {
-            let mut rows: Vec<Tensor> = mine.iter().map(pick).collect();
-            while rows.len() < per {
-                rows.push(like.zeros_like()?);
-            }
-            let all = c.all_gather(&Tensor::stack(&rows, 0)?)?;
-            let mut out = Vec::with_capacity(len);
-            for r in 0..c.size() {
-                for i in 0..span(r).len() {
-                    out.push(all.get(r * per + i)?);
-                }
-            }
-            Ok(out)
-        };
-        // Shapes for the padding rows: this share's first example (an empty last share encodes
-        // the dataset's first).
-        let probe = match mine.first() {
-            Some(x) => x.clone(),
-            None => Self::encode(pipe, &raw[..1], flip)?.remove(0),
-        };
-        let mean = gather(&|x| x.mean.clone(), &probe.mean)?;
-        let std = gather(&|x| x.std.clone(), &probe.std)?;
-        let text = gather(&|x| x.text.clone(), &probe.text)?;
-        let flipped = match &probe.flipped {
-            Some((fm, fs)) => {
-                let m = gather(&|x| x.flipped.as_ref().expect("flip on").0.clone(), fm)?;
-                let s = gather(&|x| x.flipped.as_ref().expect("flip on").1.clone(), fs)?;
-                m.into_iter().zip(s).map(Some).collect()
-            }
-            None => vec![None; len],
-        };
-        Ok((0..len)
-            .map(|i| Cached {
-                mean: mean[i].clone(),
-                std: std[i].clone(),
-                flipped: flipped[i].clone(),
-                text: text[i].clone(),
-            })
-            .collect())
-    }
-
-    fn encode(pipe: &Pipeline, raw: &[Example], flip: bool) -> Result<Vec<Cached>> {
-        let mut out = Vec::with_capacity(raw.len());
-        for chunk in raw.chunks(16) {
-            let imgs = Tensor::stack(&chunk.iter().map(|e| &e.image).collect::<Vec<_>>(), 0)?
-                .to_device(&pipe.device)?;
-            let (mean, std) = pipe.space.encode(&imgs)?;
-            let mirrored = match flip {
-                true => Some(pipe.space.encode(&imgs.flip(&[3])?)?),
-                false => None,
-            };
-            let captions: Vec<String> = chunk.iter().map(|e| e.caption.clone()).collect();
-            let text = pipe.encode_prompts(&captions)?;
-            for i in 0..chunk.len() {
-                out.push(Cached {
-                    mean: mean.get(i)?,
-                    std: std.get(i)?,
-                    flipped: mirrored
-                        .as_ref()
-                        .map(|(m, s)| Ok::<_, Error>((m.get(i)?, s.get(i)?)))
-                        .transpose()?,
-                    text: text.get(i)?,
-                });
-            }
-        }
-        Ok(out)
     }
 
     /// Micro-batch `mb` (global index) of the step starting at stream position `start`.
