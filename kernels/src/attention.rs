@@ -274,20 +274,11 @@ impl CustomOp3 for Attention {
         "fused-attention"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qs: &candle_core::CudaStorage,
-        ql: &Layout,
-        ks: &candle_core::CudaStorage,
-        kl: &Layout,
-        vs: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_fwd!(|self, qs, ql, ks, kl, vs, vl| {
         let dims = dims(ql.dims(), kl.dims(), vl.dims(), self.mask.past_len)?;
         let s = shape4(ql.dims(), &dims);
         crate::cuda::attention::forward(&self.mask, s, qs, ql, ks, kl, vs, vl)
-    }
+    });
 
     fn cpu_fwd(
         &self,

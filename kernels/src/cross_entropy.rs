@@ -165,12 +165,7 @@ impl CustomOp1 for CrossEntropy {
         "fused-cross-entropy"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_fwd!(|self, s, l| {
         if self.split.is_some() {
             return Err(Error::Msg(
                 "fused-cross-entropy: the vocabulary-split variant has no CUDA kernel".into(),
@@ -179,7 +174,7 @@ impl CustomOp1 for CrossEntropy {
         let (rows, v) = l.shape().dims2()?;
         self.check(rows, v)?;
         crate::cuda::cross_entropy::forward(&self.targets, self.ignore, s, l)
-    }
+    });
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
@@ -236,14 +231,9 @@ impl CustomOp1 for CrossEntropyGrad {
         "fused-cross-entropy-grad"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_fwd!(|self, s, l| {
         crate::cuda::cross_entropy::grad(&self.targets, self.ignore, self.g, s, l)
-    }
+    });
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;

@@ -19,6 +19,41 @@ use serde::{Deserialize, Serialize};
 pub use attention::CausalMask;
 pub use cross_entropy::{Reduce, VocabSplit};
 
+/// A custom op's `cuda_fwd` (feature `cuda`): the storages and layouts, named as given, handed
+/// to a GPU body in `cuda/`. One signature per arity, written once.
+macro_rules! cuda_fwd {
+    (|$s:ident, $a:ident, $al:ident| $body:block) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &$s,
+            $a: &candle_core::CudaStorage,
+            $al: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> $body
+    };
+    (|$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident| $body:block) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &$s,
+            $a: &candle_core::CudaStorage,
+            $al: &candle_core::Layout,
+            $b: &candle_core::CudaStorage,
+            $bl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> $body
+    };
+    (|$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident, $c:ident, $cl:ident| $body:block) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &$s,
+            $a: &candle_core::CudaStorage,
+            $al: &candle_core::Layout,
+            $b: &candle_core::CudaStorage,
+            $bl: &candle_core::Layout,
+            $c: &candle_core::CudaStorage,
+            $cl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> $body
+    };
+}
+
 pub mod adamw;
 mod attention;
 mod conv;

@@ -117,18 +117,9 @@ impl CustomOp3 for Norm {
         "fused-norm"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-        c: &candle_core::CudaStorage,
-        cl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_fwd!(|self, a, al, b, bl, c, cl| {
         crate::cuda::norm::forward(&self.0, a, al, b, bl, c, cl)
-    }
+    });
 
     fn cpu_fwd(
         &self,
@@ -182,18 +173,7 @@ impl CustomOp3 for NormDx {
         "fused-norm-dx"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-        c: &candle_core::CudaStorage,
-        cl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::norm::dx(&self.0, a, al, b, bl, c, cl)
-    }
+    cuda_fwd!(|self, a, al, b, bl, c, cl| { crate::cuda::norm::dx(&self.0, a, al, b, bl, c, cl) });
 
     fn cpu_fwd(
         &self,
@@ -227,16 +207,7 @@ impl CustomOp2 for NormDwDb {
         "fused-norm-dwdb"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::norm::dw_db(&self.0, a, al, b, bl)
-    }
+    cuda_fwd!(|self, a, al, b, bl| { crate::cuda::norm::dw_db(&self.0, a, al, b, bl) });
 
     fn cpu_fwd(
         &self,

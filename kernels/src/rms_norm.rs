@@ -66,16 +66,7 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::ops::rms_norm(a, al, b, bl, self.eps)
-    }
+    cuda_fwd!(|self, a, al, b, bl| { crate::cuda::ops::rms_norm(a, al, b, bl, self.eps) });
 
     fn cpu_fwd(
         &self,
@@ -124,18 +115,9 @@ impl CustomOp3 for RmsNormDx {
         "fused-rms-norm-dx"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-        c: &candle_core::CudaStorage,
-        cl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_fwd!(|self, a, al, b, bl, c, cl| {
         crate::cuda::ops::rms_norm_dx(a, al, b, bl, c, cl, self.eps)
-    }
+    });
 
     fn cpu_fwd(
         &self,
@@ -168,16 +150,7 @@ impl CustomOp2 for RmsNormDw {
         "fused-rms-norm-dw"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::ops::rms_norm_dw(a, al, b, bl, self.eps)
-    }
+    cuda_fwd!(|self, a, al, b, bl| { crate::cuda::ops::rms_norm_dw(a, al, b, bl, self.eps) });
 
     fn cpu_fwd(
         &self,

@@ -60,19 +60,10 @@ impl CustomOp3 for Rotary {
         "fused-rotary"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        cs: &candle_core::CudaStorage,
-        cl: &Layout,
-        ss: &candle_core::CudaStorage,
-        sl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_fwd!(|self, xs, xl, cs, cl, ss, sl| {
         check_shapes(xl, cl, sl)?;
         crate::cuda::ops::rotary(xs, xl, cs, cl, ss, sl, self.inverse)
-    }
+    });
 
     fn cpu_fwd(
         &self,

@@ -43,14 +43,7 @@ impl CustomOp1 for Softmax {
         "fused-softmax"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::ops::softmax(a, al)
-    }
+    cuda_fwd!(|self, a, al| { crate::cuda::ops::softmax(a, al) });
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
@@ -77,16 +70,7 @@ impl CustomOp2 for SoftmaxGrad {
         "fused-softmax-grad"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::ops::softmax_grad(a, al, b, bl)
-    }
+    cuda_fwd!(|self, a, al, b, bl| { crate::cuda::ops::softmax_grad(a, al, b, bl) });
 
     fn cpu_fwd(
         &self,

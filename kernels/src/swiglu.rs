@@ -37,16 +37,7 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::ops::swiglu(a, al, b, bl)
-    }
+    cuda_fwd!(|self, a, al, b, bl| { crate::cuda::ops::swiglu(a, al, b, bl) });
 
     fn cpu_fwd(
         &self,
@@ -82,18 +73,7 @@ impl CustomOp3 for SwiGluGrad {
         "fused-swiglu-grad"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-        c: &candle_core::CudaStorage,
-        cl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::ops::swiglu_grad(a, al, b, bl, c, cl)
-    }
+    cuda_fwd!(|self, a, al, b, bl, c, cl| { crate::cuda::ops::swiglu_grad(a, al, b, bl, c, cl) });
 
     fn cpu_fwd(
         &self,
