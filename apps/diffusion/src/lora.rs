@@ -35,10 +35,6 @@ pub struct LoraWeights {
     pub text_encoder: Vec<Adapter>,
 }
 
-fn bad(path: &Path, what: String) -> Error {
-    Error::file(path, what)
-}
-
 #[derive(Default)]
 struct Parts {
     down: Option<Tensor>,
@@ -54,18 +50,19 @@ impl LoraWeights {
         } else {
             path.to_path_buf()
         };
-        let bytes = std::fs::read(&file).map_err(|e| bad(&file, e.to_string()))?;
+        let bytes = std::fs::read(&file).map_err(|e| Error::file(&file, e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(&file, format!("not a safetensors file: {e}")))?;
+            .map_err(|e| Error::file(&file, format!("not a safetensors file: {e}")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(&file, format!("not a safetensors file: {e}")))?;
+            .map_err(|e| Error::file(&file, format!("not a safetensors file: {e}")))?;
         let meta = match header
             .metadata()
             .as_ref()
             .and_then(|m| m.get("lora_adapter_metadata"))
         {
-            Some(s) => serde_json::from_str::<Value>(s)
-                .map_err(|e| bad(&file, format!("lora_adapter_metadata is not JSON: {e}")))?,
+            Some(s) => serde_json::from_str::<Value>(s).map_err(|e| {
+                Error::file(&file, format!("lora_adapter_metadata is not JSON: {e}"))
+            })?,
             None => Value::Null,
         };
         let mut modules: BTreeMap<(String, String), Parts> = BTreeMap::new();
@@ -74,13 +71,13 @@ impl LoraWeights {
                 .split_once('.')
                 .filter(|(m, _)| *m == "unet" || *m == "text_encoder")
                 .ok_or_else(|| {
-                    bad(&file, format!("key `{key}` is not under `unet.` or `text_encoder.` (only diffusers' and PEFT's key names are read)"))
+                    Error::file(&file, format!("key `{key}` is not under `unet.` or `text_encoder.` (only diffusers' and PEFT's key names are read)"))
                 })?;
             let (module, part) = [".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha"]
                 .iter()
                 .find_map(|s| rest.strip_suffix(s).map(|m| (m, *s)))
-                .ok_or_else(|| bad(&file, format!("key `{key}`: not a LoRA down/up weight or alpha (DoRA and other variants are not supported)")))?;
-            let t = tensor(&view).map_err(|e| bad(&file, format!("`{key}`: {e}")))?;
+                .ok_or_else(|| Error::file(&file, format!("key `{key}`: not a LoRA down/up weight or alpha (DoRA and other variants are not supported)")))?;
+            let t = tensor(&view).map_err(|e| Error::file(&file, format!("`{key}`: {e}")))?;
             let slot = modules
                 .entry((model.to_string(), module.to_string()))
                 .or_default();
@@ -93,14 +90,14 @@ impl LoraWeights {
         let mut out = LoraWeights::default();
         for ((model, module), parts) in modules {
             let (Some(down), Some(up)) = (parts.down, parts.up) else {
-                return Err(bad(
+                return Err(Error::file(
                     &file,
                     format!("{model}.{module}: needs both a down and an up weight"),
                 ));
             };
             let (r, r_up) = (down.dims()[0], *up.dims().last().unwrap_or(&0));
             if down.rank() != 2 || up.rank() != 2 || r != r_up {
-                return Err(bad(&file, format!(
+                return Err(Error::file(&file, format!(
                     "{model}.{module}: down {:?} and up {:?} are not (r, in) and (out, r) (convolution LoRA is not supported)",
                     down.dims(),
                     up.dims()
@@ -108,7 +105,7 @@ impl LoraWeights {
             }
             let scale = match parts.alpha {
                 Some(a) => a / r as f64,
-                None => metadata_scale(&meta, &model, r).map_err(|e| bad(&file, e))?,
+                None => metadata_scale(&meta, &model, r).map_err(|e| Error::file(&file, e))?,
             };
             let a = Adapter {
                 module,
@@ -122,7 +119,7 @@ impl LoraWeights {
             }
         }
         if out.unet.is_empty() && out.text_encoder.is_empty() {
-            return Err(bad(&file, "holds no LoRA weights".into()));
+            return Err(Error::file(&file, "holds no LoRA weights"));
         }
         Ok(out)
     }

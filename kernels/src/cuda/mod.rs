@@ -3,7 +3,7 @@
 //! stream of the tensors' device. f32 and bf16 (computed in f32, stored rounded to nearest even).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::cuda::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, ValidAsZeroBits,
@@ -32,10 +32,10 @@ impl Elem for half::bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
-/// PTX per source, compiled on first use.
-static PTX: Mutex<Option<HashMap<&'static str, String>>> = Mutex::new(None);
+/// PTX per source, compiled on first use; shared, not copied, by every later launch.
+static PTX: Mutex<Option<HashMap<&'static str, Arc<str>>>> = Mutex::new(None);
 
-fn ptx(stem: &'static str) -> Result<String> {
+fn ptx(stem: &'static str) -> Result<Arc<str>> {
     let mut cache = PTX.lock().expect("ptx cache");
     let cache = cache.get_or_insert_with(HashMap::new);
     if let Some(p) = cache.get(stem) {
@@ -56,6 +56,7 @@ fn ptx(stem: &'static str) -> Result<String> {
             ))
         })?
         .to_src();
+    let ptx: Arc<str> = ptx.into();
     cache.insert(stem, ptx.clone());
     Ok(ptx)
 }
