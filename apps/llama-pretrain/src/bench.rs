@@ -87,7 +87,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let norm = targets.len() as f64;
     let mut times = Vec::new();
     let mut last_loss = 0.0;
+    let mut faults_at_start = None;
     for i in 0..a.warmup + a.steps {
+        if i == a.warmup {
+            faults_at_start = colossal_core::runtime::minor_faults();
+        }
         let t0 = Instant::now();
         let mut sink = GradAccumulator::default();
         let tg = targets.clone();
@@ -101,6 +105,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    // Fresh pages touched per timed step: ~0 when the step's buffers are reused.
+    let faults_per_step = faults_at_start
+        .zip(colossal_core::runtime::minor_faults())
+        .map(|(a0, a1)| (a1 - a0) as f64 / a.steps as f64);
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let mean = times.iter().sum::<f64>() / times.len() as f64;
@@ -125,6 +133,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "flops_formula": "tokens * (6 * N_matmul + 12 * layers * dim * seq); N_matmul = params - vocab*dim (input embedding excluded)",
         "final_loss": last_loss,
         "peak_rss_bytes": colossal_core::runtime::peak_rss_bytes().unwrap_or(0),
+        "minor_page_faults_per_timed_step": faults_per_step,
     });
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(&a.out, &text)?;

@@ -24,6 +24,16 @@ pub fn tune_threads() {
     }
 }
 
+/// Minor page faults of this process so far (`/proc/self/stat`); `None` where `/proc` does not
+/// say. A step that reuses its buffers (the allocator keeps freed pages, `tune_allocator`)
+/// touches no fresh pages, so the count stays flat from one step to the next.
+pub fn minor_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, minflt field 10.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(7)?.parse().ok()
+}
+
 /// This process's peak resident set (VmHWM) in bytes; `None` where `/proc` does not say.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
