@@ -41,6 +41,47 @@ extern "C" __global__ void ce_sum(const float *loss, u64 n, float *out) {
     if (threadIdx.x == 0) out[0] = s;
 }
 
+// Vocabulary split over a group of ranks: this rank holds v columns of each row. The host
+// completes the row statistics over the group between the passes (max, then Σ e^(x − max) and
+// the target's logit), so each kernel is one per-row pass over the local columns; `local` is
+// the target's column on this rank, or −1.
+template <typename T>
+__device__ void ce_split_max(const T *x, int v, float *m) {
+    const u64 row = blockIdx.x, base = row * v;
+    float mx = neg_inf();
+    for (int i = threadIdx.x; i < v; i += blockDim.x) mx = fmaxf(mx, to_f32(x[base + i]));
+    mx = block_max(mx);
+    if (threadIdx.x == 0) m[row] = mx;
+}
+
+template <typename T>
+__device__ void ce_split_stats(const T *x, const long long *local, const float *m, int v, float *sum,
+                               float *picked) {
+    const u64 row = blockIdx.x, base = row * v;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) s += expf(to_f32(x[base + i]) - m[row]);
+    s = block_sum(s);
+    if (threadIdx.x == 0) {
+        sum[row] = s;
+        const long long c = local[row];
+        picked[row] = c < 0 ? 0.0f : to_f32(x[base + c]);
+    }
+}
+
+// dx = scale · e^(x − lse) − scale · onehot(local), with the group's log-sum-exp per row and
+// scale 0 on ignored rows.
+template <typename T>
+__device__ void ce_split_grad(const T *x, const long long *local, const float *lse, const float *scale,
+                              int v, T *dx) {
+    const u64 row = blockIdx.x, base = row * v;
+    const float l = lse[row], sc = scale[row];
+    const long long c = local[row];
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        const float onehot = (i == c) ? sc : 0.0f;
+        put(dx, base + i, sc * expf(to_f32(x[base + i]) - l) - onehot);
+    }
+}
+
 #define CROSS_ENTROPY(T, S)                                                                      \
     extern "C" __global__ void ce_rows_##S(const T *x, const long long *targets, long long ignore, \
                                            int v, float *loss) {                                 \
@@ -49,6 +90,17 @@ extern "C" __global__ void ce_sum(const float *loss, u64 n, float *out) {
     extern "C" __global__ void ce_grad_##S(const T *x, const long long *targets, long long ignore, \
                                            int v, float g, T *dx) {                              \
         ce_grad(x, targets, ignore, v, g, dx);                                                   \
+    }                                                                                            \
+    extern "C" __global__ void ce_split_max_##S(const T *x, int v, float *m) {                   \
+        ce_split_max(x, v, m);                                                                   \
+    }                                                                                            \
+    extern "C" __global__ void ce_split_stats_##S(const T *x, const long long *local, const float *m, \
+                                                  int v, float *sum, float *picked) {           \
+        ce_split_stats(x, local, m, v, sum, picked);                                             \
+    }                                                                                            \
+    extern "C" __global__ void ce_split_grad_##S(const T *x, const long long *local, const float *lse, \
+                                                 const float *scale, int v, T *dx) {             \
+        ce_split_grad(x, local, lse, scale, v, dx);                                              \
     }
 
 CROSS_ENTROPY(float, f32)

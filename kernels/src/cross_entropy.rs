@@ -166,14 +166,21 @@ impl CustomOp1 for CrossEntropy {
     }
 
     cuda_fwd!(|self, s, l| {
-        if self.split.is_some() {
-            return Err(Error::Msg(
-                "fused-cross-entropy: the vocabulary-split variant has no CUDA kernel".into(),
-            ));
-        }
         let (rows, v) = l.shape().dims2()?;
         self.check(rows, v)?;
-        crate::cuda::cross_entropy::forward(&self.targets, self.ignore, s, l)
+        let Some(split) = &self.split else {
+            return crate::cuda::cross_entropy::forward(&self.targets, self.ignore, s, l);
+        };
+        let local: Vec<i64> = self
+            .targets
+            .iter()
+            .map(|&t| column(self.local(t, v)))
+            .collect();
+        let counted: Vec<bool> = self.targets.iter().map(|&t| t != self.ignore).collect();
+        let (out, shape, lse) =
+            crate::cuda::cross_entropy::split_forward(&local, &counted, split, s, l)?;
+        *self.lse.lock().expect("lse lock") = lse;
+        Ok((out, shape))
     });
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -208,6 +215,7 @@ impl CustomOp1 for CrossEntropy {
         let grad = CrossEntropyGrad {
             targets: self.targets.clone(),
             ignore: self.ignore,
+            split: self.split.is_some(),
             local,
             lse,
             g,
@@ -219,11 +227,31 @@ impl CustomOp1 for CrossEntropy {
 struct CrossEntropyGrad {
     targets: Arc<Vec<i64>>,
     ignore: i64,
+    /// Logits split by vocabulary: `lse` holds the group's log-sum-exps.
+    split: bool,
     /// Each row's target column on this rank, if here.
     local: Vec<Option<usize>>,
     /// The forward pass's log-sum-exps (over the whole vocabulary).
     lse: Vec<f32>,
     g: f32,
+}
+
+impl CrossEntropyGrad {
+    /// Each row's factor: g, or 0 where the target is ignored.
+    fn scale(&self) -> Vec<f32> {
+        let g = self.g;
+        let ignore = self.ignore;
+        self.targets
+            .iter()
+            .map(|&t| if t == ignore { 0.0 } else { g })
+            .collect()
+    }
+}
+
+/// A local target column as the CUDA kernels take it: −1 where the row has none here.
+#[cfg(feature = "cuda")]
+fn column(c: Option<usize>) -> i64 {
+    c.map_or(-1, |c| c as i64)
 }
 
 impl CustomOp1 for CrossEntropyGrad {
@@ -232,18 +260,18 @@ impl CustomOp1 for CrossEntropyGrad {
     }
 
     cuda_fwd!(|self, s, l| {
-        crate::cuda::cross_entropy::grad(&self.targets, self.ignore, self.g, s, l)
+        if !self.split {
+            return crate::cuda::cross_entropy::grad(&self.targets, self.ignore, self.g, s, l);
+        }
+        let local: Vec<i64> = self.local.iter().map(|&c| column(c)).collect();
+        crate::cuda::cross_entropy::split_grad(&local, &self.lse, &self.scale(), s, l)
     });
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let (rows, v) = l.shape().dims2()?;
         let lse = &self.lse;
-        let scale: Vec<f32> = self
-            .targets
-            .iter()
-            .map(|&t| if t == self.ignore { 0.0 } else { self.g })
-            .collect();
+        let scale = self.scale();
         let mut dx = output(x.len());
         if rows > 0 {
             let per = rows_per_task(rows, v, GRAIN);

@@ -283,7 +283,7 @@ impl Kernels {
         ignore: i64,
         split: VocabSplit,
     ) -> Result<Option<(Tensor, usize)>> {
-        if !self.fused_on(&[logits]) {
+        if !self.fused_anywhere(&[logits]) {
             return Ok(None);
         }
         let count = targets.iter().filter(|&&t| t != ignore).count();

@@ -1,9 +1,11 @@
 //! The CUDA kernels against the CPU ones (feature `cuda`, a GPU at ordinal 0; run by
 //! scripts/gpu_check.sh): forward and every gradient of RMSNorm, LayerNorm, GroupNorm, softmax,
 //! SwiGLU, rotary, attention (GQA, cache, padding, documents) and cross-entropy (with ignored
-//! rows) in f32 (tight) and bf16 (to bf16's precision), and the in-place AdamW over several
+//! rows; whole and split by vocabulary over 2 ranks) in f32 (tight) and bf16 (to bf16's precision), and the in-place AdamW over several
 //! steps.
 #![cfg(feature = "cuda")]
+
+mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use colossal_kernels::adamw::AdamWUpdate;
@@ -139,6 +141,33 @@ fn cuda_kernels_match_the_cpu_kernels() {
         &[q, cos, sin],
         &[true, false, false],
     );
+}
+
+#[test]
+fn cuda_split_cross_entropy_matches_the_cpu_kernel() {
+    let (rows, v, ignore) = (37, 1000, -100);
+    let logits = random(&[rows, v], 13);
+    let targets: Vec<i64> = (0..rows as i64)
+        .map(|r| if r % 5 == 3 { ignore } else { r * 26 % 1000 })
+        .collect();
+    let want = common::split_cross_entropy(&logits, &targets, ignore, 2);
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let on_gpu = logits.to_device(&gpu()).unwrap().to_dtype(dtype).unwrap();
+        let got = common::split_cross_entropy(&on_gpu, &targets, ignore, 2);
+        for (r, ((loss, g), (want_loss, want_g))) in got.iter().zip(&want).enumerate() {
+            let g = g
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let (el, eg) = ((loss - want_loss).abs() / want_loss.abs(), rel(&g, want_g));
+            println!("split cross_entropy {dtype:?} rank {r}: loss {el:e}, gradient {eg:e}");
+            assert!(
+                el <= tol && eg <= tol,
+                "rank {r}: loss {el:e}, gradient {eg:e}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! input — on odd shapes, with masks and ignored targets, and against central finite
 //! differences of its own forward.
 
+mod common;
+
 use candle_core::{Device, Result, Tensor, Var};
 use colossal_kernels::Kernels::{self, Fused, Reference};
 use rand::{Rng, SeedableRng};
@@ -515,31 +517,8 @@ fn layer_and_group_norm_match_reference_and_finite_differences() {
 
 /// An in-process stand-in for a group's all-reduce: each rank posts its buffer, all wait,
 /// each folds every rank's buffer.
-struct Exchange {
-    slots: std::sync::Mutex<Vec<Vec<f32>>>,
-    barrier: std::sync::Barrier,
-}
-
-fn reducer(
-    ex: std::sync::Arc<Exchange>,
-    rank: usize,
-    fold: fn(f32, f32) -> f32,
-) -> colossal_kernels::Reduce {
-    Box::new(move |buf: &mut [f32]| {
-        ex.slots.lock().unwrap()[rank] = buf.to_vec();
-        ex.barrier.wait();
-        let all = ex.slots.lock().unwrap().clone();
-        ex.barrier.wait();
-        for (i, x) in buf.iter_mut().enumerate() {
-            *x = all.iter().map(|s| s[i]).reduce(fold).unwrap();
-        }
-        Ok(())
-    })
-}
-
 #[test]
 fn vocabulary_split_cross_entropy_equals_the_whole() {
-    use std::sync::Arc;
     let (rows, v, ranks, ignore) = (9, 40, 2, -100);
     let targets: Vec<i64> = (0..rows)
         .map(|r| {
@@ -562,39 +541,7 @@ fn vocabulary_split_cross_entropy_equals_the_whole() {
         .unwrap()
         .clone();
     let want = sum.to_scalar::<f32>().unwrap();
-    let ex = Arc::new(Exchange {
-        slots: std::sync::Mutex::new(vec![Vec::new(); ranks]),
-        barrier: std::sync::Barrier::new(ranks),
-    });
-    let per = v / ranks;
-    let results: Vec<(f32, Tensor)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..ranks)
-            .map(|r| {
-                let (ex, targets, logits) = (ex.clone(), &targets, &logits);
-                s.spawn(move || {
-                    let mine = Var::from_tensor(&logits.narrow(1, r * per, per).unwrap()).unwrap();
-                    let split = colossal_kernels::VocabSplit {
-                        start: r * per,
-                        all_max: reducer(ex.clone(), r, f32::max),
-                        all_sum: reducer(ex, r, |a, b| a + b),
-                    };
-                    let (sum, n) = Fused
-                        .cross_entropy_sum_split(mine.as_tensor(), targets, ignore, split)
-                        .unwrap()
-                        .expect("fused on f32");
-                    assert_eq!(n, rows - 1);
-                    let g = sum
-                        .backward()
-                        .unwrap()
-                        .get(mine.as_tensor())
-                        .unwrap()
-                        .clone();
-                    (sum.to_scalar::<f32>().unwrap(), g)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results = common::split_cross_entropy(&logits, &targets, ignore, ranks);
     for (r, (loss, _)) in results.iter().enumerate() {
         assert!(
             (loss - want).abs() <= 1e-5 * want.abs(),

@@ -56,6 +56,12 @@ pub(crate) const SOURCES: &[(&str, &[&str])] = &[
             "ce_grad_f32",
             "ce_grad_bf16",
             "ce_sum",
+            "ce_split_max_f32",
+            "ce_split_max_bf16",
+            "ce_split_stats_f32",
+            "ce_split_stats_bf16",
+            "ce_split_grad_f32",
+            "ce_split_grad_bf16",
         ],
     ),
     (
