@@ -227,7 +227,9 @@ impl CustomOp1 for CrossEntropy {
 struct CrossEntropyGrad {
     targets: Arc<Vec<i64>>,
     ignore: i64,
-    /// Logits split by vocabulary: `lse` holds the group's log-sum-exps.
+    /// Logits split by vocabulary: `lse` holds the group's log-sum-exps (the GPU kernel reads
+    /// this; the CPU one always has them).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     split: bool,
     /// Each row's target column on this rank, if here.
     local: Vec<Option<usize>>,

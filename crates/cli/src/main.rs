@@ -3,14 +3,16 @@
 //! * `colossal forward --model DIR --input IDS.json --out LOGITS.safetensors`
 //! * `colossal generate --model DIR --prompt-ids 1,261,340 --max-new-tokens 10`
 //! * `colossal convert --from DIR --to DIR --format hf|distributed` (checkpoints)
+//! * `colossal merge-lora --base DIR --adapter DIR --out DIR` (a PEFT LoRA folded into the base)
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::{Parser, Subcommand};
 use colossal_core::checkpoint::{hf, llama::load_llama};
 use colossal_core::exec::{llama_inputs, Executor};
+use colossal_core::lora;
 use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Sampling};
 use colossal_core::train::DeviceSpec;
 
@@ -74,6 +76,19 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         max_shard_mb: usize,
     },
+    /// Folds a LoRA adapter in PEFT's layout into its base model (PEFT's `merge_and_unload`):
+    /// a plain model directory in the base's dtype.
+    MergeLora {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Shard HF weight files above this size (MB).
+        #[arg(long, default_value_t = 2000)]
+        max_shard_mb: usize,
+    },
 }
 
 #[derive(serde::Deserialize)]
@@ -93,6 +108,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = cli.device.device_for(0, "--device")?;
     match cli.cmd {
+        Cmd::MergeLora {
+            base,
+            adapter,
+            out,
+            max_shard_mb,
+        } => merge_lora(&base, &adapter, &out, max_shard_mb << 20)?,
         Cmd::Convert {
             from,
             to,
@@ -215,5 +236,34 @@ fn main() -> Result<()> {
             println!("{}", serde_json::json!({ "ids": ids[0] }));
         }
     }
+    Ok(())
+}
+
+/// Base + adapter → one plain model directory, written atomically.
+fn merge_lora(base: &Path, adapter: &Path, out: &Path, max_shard_bytes: usize) -> Result<()> {
+    use colossal_core::models::family::ModelFamily;
+    let (llama, mut params) = load_llama(base, DType::F32, &candle_core::Device::Cpu)
+        .with_context(|| format!("--base {}", base.display()))?;
+    let dtype = match llama.cfg.dtype.as_deref() {
+        None | Some("float32") => DType::F32,
+        Some("bfloat16") => DType::BF16,
+        Some("float16") => DType::F16,
+        Some(other) => bail!(
+            "--base {}: dtype `{other}` is not supported",
+            base.display()
+        ),
+    };
+    let (cfg, sites) = lora::load_adapter(adapter, &llama.linear_layers(), &mut params)
+        .with_context(|| format!("--adapter {}", adapter.display()))?;
+    let merged = lora::merge(&params, &cfg, &sites)?.cast(dtype)?;
+    colossal_core::checkpoint::atomic::write_dir(out, |tmp| -> Result<()> {
+        llama.save(tmp, &merged, max_shard_bytes)?;
+        Ok(())
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({"merged_modules": sites.len(), "r": cfg.r, "scaling": cfg.scaling(),
+                           "out": out.display().to_string()})
+    );
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Named trainable parameters, in a fixed (checkpoint) order.
+//! Named trainable parameters, in a fixed (checkpoint) order, and frozen ones (a LoRA's base
+//! weights) that the model reads but nothing trains: no gradient, no optimizer state, not in
+//! the trainable names the engine partitions and saves.
 
 use std::collections::HashMap;
 
@@ -11,6 +13,8 @@ use crate::{msg, Result};
 pub struct Params {
     names: Vec<String>,
     vars: HashMap<String, Var>,
+    frozen: HashMap<String, Tensor>,
+    frozen_names: Vec<String>,
 }
 
 impl Params {
@@ -20,8 +24,30 @@ impl Params {
 
     pub fn insert(&mut self, name: impl Into<String>, var: Var) {
         let name = name.into();
+        if self.frozen.remove(&name).is_some() {
+            self.frozen_names.retain(|n| n != &name);
+        }
         if self.vars.insert(name.clone(), var).is_none() {
             self.names.push(name);
+        }
+    }
+
+    /// Adds a parameter that is read but never trained (detached: no gradient reaches it).
+    pub fn insert_frozen(&mut self, name: impl Into<String>, t: Tensor) {
+        let name = name.into();
+        if self.vars.remove(&name).is_some() {
+            self.names.retain(|n| n != &name);
+        }
+        if self.frozen.insert(name.clone(), t.detach()).is_none() {
+            self.frozen_names.push(name);
+        }
+    }
+
+    /// Freezes every trainable parameter (the base model under an adapter).
+    pub fn freeze_all(&mut self) {
+        for name in std::mem::take(&mut self.names) {
+            let var = self.vars.remove(&name).expect("names and vars agree");
+            self.insert_frozen(name, var.as_tensor().clone());
         }
     }
 
@@ -29,17 +55,32 @@ impl Params {
         self.vars
             .get(name)
             .map(|v| v.as_tensor())
+            .or_else(|| self.frozen.get(name))
             .ok_or_else(|| msg!("no parameter named `{name}`"))
     }
 
     pub fn var(&self, name: &str) -> Result<&Var> {
         self.vars
             .get(name)
-            .ok_or_else(|| msg!("no parameter named `{name}`"))
+            .ok_or_else(|| match self.frozen.contains_key(name) {
+                true => msg!("parameter `{name}` is frozen: it has no variable to train"),
+                false => msg!("no parameter named `{name}`"),
+            })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.vars.contains_key(name)
+        self.vars.contains_key(name) || self.frozen.contains_key(name)
+    }
+
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen.contains_key(name)
+    }
+
+    /// The frozen parameters, in the order they were frozen.
+    pub fn frozen(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.frozen_names
+            .iter()
+            .map(|n| (n.as_str(), &self.frozen[n]))
     }
 
     pub fn names(&self) -> &[String] {
@@ -69,6 +110,9 @@ impl Params {
         for (name, var) in self.iter() {
             let t = var.as_tensor().to_dtype(dtype)?.detach();
             out.insert(name, Var::from_tensor(&t)?);
+        }
+        for (name, t) in self.frozen() {
+            out.insert_frozen(name, t.to_dtype(dtype)?);
         }
         Ok(out)
     }

@@ -293,6 +293,9 @@ impl Executor {
             if let Some(root) = root {
                 let mut store = root.backward()?;
                 for name in model.block_param_names(i) {
+                    if params.is_frozen(&name) {
+                        continue;
+                    }
                     let var = params.var(&name)?;
                     if let Some(g) = store.remove(var.as_tensor()) {
                         block_grads.push((name, g));

@@ -22,9 +22,7 @@ impl BlockModel for Llama {
         } else if block <= layers {
             self.layer_param_names(block - 1)
         } else {
-            let mut v = vec![Llama::NORM.to_string()];
-            v.push(self.head_weight_name().to_string());
-            v
+            self.head_param_names()
         }
     }
 

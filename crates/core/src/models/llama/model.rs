@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
+use crate::lora::{LoraConfig, Site};
 use crate::models::family::{ModelFamily, ParamSink};
 use crate::params::Params;
 use crate::Result;
@@ -21,6 +22,15 @@ pub struct Llama {
     pub rope: Rope,
     pub regions: Arc<dyn Regions>,
     pub kernels: Kernels,
+    /// LoRA adapters on some projections (their pairs are in the parameters); `None`: none.
+    pub lora: Option<Arc<Adapters>>,
+}
+
+/// Which projections carry a LoRA pair, and its scale α/r.
+#[derive(Clone, Debug)]
+pub struct Adapters {
+    pub scaling: f64,
+    pub sites: Vec<Site>,
 }
 
 impl Llama {
@@ -32,7 +42,53 @@ impl Llama {
             rope,
             regions: Arc::new(Local),
             kernels: Kernels::default(),
+            lora: None,
         })
+    }
+
+    /// This model with LoRA adapters at `sites`, scaled as `cfg` says.
+    pub fn with_lora(&self, cfg: &LoraConfig, sites: Vec<Site>) -> Self {
+        Self {
+            lora: Some(Arc::new(Adapters {
+                scaling: cfg.scaling(),
+                sites,
+            })),
+            ..self.clone()
+        }
+    }
+
+    /// Every Linear weight (name, (out, in), whether it is the output head): where LoRA
+    /// adapters may go. A tied head is the embedding, no Linear of its own.
+    pub fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let head = self.head_weight_name();
+        self.param_shapes()
+            .into_iter()
+            .filter(|(n, s)| s.len() == 2 && n != Self::EMBED)
+            .map(|(n, s)| {
+                let is_head = n == head;
+                (n, s, is_head)
+            })
+            .collect()
+    }
+
+    /// The adapter pair on the projection whose weight is `w`, if it has one.
+    fn adapter(&self, w: &str) -> Option<(String, String, f64)> {
+        let lora = self.lora.as_ref()?;
+        let module = w.strip_suffix(".weight")?;
+        let s = lora.sites.iter().find(|s| s.module == module)?;
+        Some((s.a_name(), s.b_name(), lora.scaling))
+    }
+
+    /// The adapter parameters on weights whose names start with `prefix`.
+    fn adapter_names(&self, prefix: &str) -> Vec<String> {
+        let Some(lora) = &self.lora else {
+            return Vec::new();
+        };
+        lora.sites
+            .iter()
+            .filter(|s| s.module.starts_with(prefix))
+            .flat_map(|s| [s.a_name(), s.b_name()])
+            .collect()
     }
 
     /// This model with its ops run by `kernels`.
@@ -117,7 +173,23 @@ impl Llama {
             .into_iter()
             .map(|(n, _)| n)
             .filter(|n| n.starts_with(&prefix))
+            .chain(self.adapter_names(&prefix))
             .collect()
+    }
+
+    /// Parameter names of the final block: the norm, the head and any adapter on the head.
+    pub fn head_param_names(&self) -> Vec<String> {
+        let head = self.head_weight_name();
+        let module = head.strip_suffix(".weight").unwrap_or(head);
+        let mut v = vec![Self::NORM.to_string(), head.to_string()];
+        v.extend(
+            self.lora
+                .iter()
+                .flat_map(|l| l.sites.iter())
+                .filter(|s| s.module == module)
+                .flat_map(|s| [s.a_name(), s.b_name()]),
+        );
+        v
     }
 
     /// Token embedding. Rows of `pad_token_id` get no gradient, as with torch's `padding_idx`.
@@ -228,6 +300,15 @@ impl Llama {
     fn proj(&self, p: &Params, w: &str, x: &Tensor, b: Option<String>) -> Result<Tensor> {
         let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
         let y = self.regions.output(w, &y)?;
+        // LoRA: y + (α/r)·B(A·x), the low-rank path beside the frozen weight.
+        let y = match self.adapter(w) {
+            Some((a, b, scaling)) => {
+                let k = self.kernels;
+                let low = k.linear(&k.linear(x, p.get(&a)?)?, p.get(&b)?)?;
+                (y + (low * scaling)?)?
+            }
+            None => y,
+        };
         Ok(match b {
             Some(b) => y.broadcast_add(&self.param(p, &b)?)?,
             None => y,
