@@ -251,6 +251,7 @@ impl ChatConfig {
             train: self.train.clone(),
             sample: None,
             parallel: self.parallel.clone(),
+            lora: None,
         }
     }
 }

@@ -252,6 +252,7 @@ impl DiffusionConfig {
             train: self.train.clone(),
             sample: None,
             parallel: self.parallel.clone(),
+            lora: None,
         }
     }
 }

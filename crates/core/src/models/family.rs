@@ -15,6 +15,7 @@ use colossal_kernels::Kernels;
 
 use crate::dist::Group;
 use crate::exec::BlockModel;
+use crate::lora::{LoraConfig, Site};
 use crate::parallel::plan::TpPlan;
 use crate::parallel::sequence::SpMode as SeqSplit;
 use crate::parallel::weight_grad::WeightGradStash;
@@ -156,6 +157,22 @@ pub trait ModelFamily: BlockModel + Sized {
     /// The input and output embeddings (what `train.freeze = "non_embedding"` keeps training).
     fn embedding_params(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Its Linear weights (name, (out, in), whether it is the output head): where LoRA adapters
+    /// may go. Empty: the family takes none.
+    fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
+        Vec::new()
+    }
+
+    /// This model computing W·x + (α/r)·B(A·x) at `sites` (the pairs are in the parameters).
+    fn with_lora(self, _cfg: &LoraConfig, _sites: Vec<Site>) -> Result<Self> {
+        Err(self.unsupported("LoRA (`[lora]`)"))
+    }
+
+    /// Its LoRA adapters, if it has any (a checkpoint saves them in PEFT's layout).
+    fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
+        None
     }
 
     /// The error for a parallel style or setting this family does not implement.

@@ -175,6 +175,20 @@ impl<M: ModelFamily> Engine<M> {
             Origin::Whole { model, params } => (model, params, None, true),
             Origin::Sliced { model, params } => (model, params, None, false),
         };
+        let (model, params) = match &cfg.lora {
+            Some(_) if distributed => {
+                return Err(Error::Config(
+                    "[lora] cannot resume from a distributed checkpoint".into(),
+                ))
+            }
+            Some(l) => {
+                l.validate(&cfg)?;
+                let mut params = params;
+                let model = super::lora::apply(l, model, &mut params, resume, t.seed)?;
+                (model, params)
+            }
+            None => (model, params),
+        };
         let mut model = model.with_kernels(t.kernels)?;
         if t.freeze == Freeze::NonEmbedding && model.embedding_params().is_empty() {
             return Err(

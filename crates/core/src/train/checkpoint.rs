@@ -67,6 +67,10 @@ pub fn save<M: ModelFamily>(
 ) -> Result<()> {
     atomic::write_dir(dir, |tmp| {
         model.save(tmp, params, max_shard_bytes)?;
+        if let Some((cfg, sites)) = model.adapters() {
+            let adapter = super::lora::adapter_dir(tmp);
+            crate::lora::save_adapter(&adapter, cfg, sites, params, None)?;
+        }
         let mut moments = Vec::new();
         for name in params.names() {
             if let (Some(m), Some(v)) = (opt.m.get(name), opt.v.get(name)) {

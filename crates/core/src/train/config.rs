@@ -25,6 +25,9 @@ pub struct TrainConfig {
     pub sample: Option<SampleConfig>,
     #[serde(default)]
     pub parallel: ParallelConfig,
+    /// Train LoRA adapters on a frozen base instead of every weight.
+    #[serde(default)]
+    pub lora: Option<super::lora::LoraSection>,
 }
 
 /// How the run is spread over ranks. The math (global batch, schedule) does not depend on it.

@@ -9,6 +9,7 @@ mod engine;
 mod eval;
 mod grad_norm;
 mod launch;
+mod lora;
 mod modes;
 mod neftune;
 mod output;
@@ -30,6 +31,7 @@ pub use config::{
 };
 pub use engine::{Backward, Engine};
 pub use launch::{launch_ranks, RankSetup};
+pub use lora::{adapter_dir, LoraSection};
 pub use modes::{
     Backend, CheckpointFormat, DeviceSpec, Freeze, MpiCollectives, Offload, PpSchedule, Precision,
     SpMode,

@@ -10,6 +10,7 @@ use candle_core::DType;
 
 use super::{Llama, LlamaConfig};
 use crate::dist::Group;
+use crate::lora::{LoraConfig, Site};
 use crate::models::{Init, ModelFamily, ParamSpec};
 use crate::parallel::pipeline;
 use crate::parallel::sequence::SpMode as SeqSplit;
@@ -105,5 +106,17 @@ impl ModelFamily for Llama {
 
     fn embedding_params(&self) -> Vec<String> {
         vec![Self::EMBED.to_string(), "lm_head.weight".to_string()]
+    }
+
+    fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
+        Llama::linear_layers(self)
+    }
+
+    fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> Result<Self> {
+        Ok(Llama::with_lora(&self, cfg, sites))
+    }
+
+    fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
+        self.lora.as_ref().map(|a| (&a.cfg, a.sites.as_slice()))
     }
 }

@@ -26,10 +26,10 @@ pub struct Llama {
     pub lora: Option<Arc<Adapters>>,
 }
 
-/// Which projections carry a LoRA pair, and its scale α/r.
+/// Which projections carry a LoRA pair, and the adapter's config (its scale α/r).
 #[derive(Clone, Debug)]
 pub struct Adapters {
-    pub scaling: f64,
+    pub cfg: LoraConfig,
     pub sites: Vec<Site>,
 }
 
@@ -50,7 +50,7 @@ impl Llama {
     pub fn with_lora(&self, cfg: &LoraConfig, sites: Vec<Site>) -> Self {
         Self {
             lora: Some(Arc::new(Adapters {
-                scaling: cfg.scaling(),
+                cfg: cfg.clone(),
                 sites,
             })),
             ..self.clone()
@@ -76,7 +76,7 @@ impl Llama {
         let lora = self.lora.as_ref()?;
         let module = w.strip_suffix(".weight")?;
         let s = lora.sites.iter().find(|s| s.module == module)?;
-        Some((s.a_name(), s.b_name(), lora.scaling))
+        Some((s.a_name(), s.b_name(), lora.cfg.scaling()))
     }
 
     /// The adapter parameters on weights whose names start with `prefix`.

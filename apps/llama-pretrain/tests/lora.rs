@@ -1,0 +1,196 @@
+//! `[lora]` training: only the adapters train (the base stays bit-identical), data parallel and
+//! ZeRO-1/2 equal one rank over steps, a checkpoint holds the adapter in PEFT's layout and
+//! resumes bit-exactly, and the layouts not implemented with LoRA are refused by name.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::Device;
+use colossal_core::config::parse_config;
+use colossal_core::dist::{run_local, Communicator};
+use colossal_core::train::{TrainConfig, Trainer};
+use colossal_session::RunExt;
+use common::{assert_same_run, config_text, flat, prepare, Flat, Run};
+
+const STEPS: usize = 5;
+const LORA: &str = "\n[lora]\nr = 4\nalpha = 8\ntarget_modules = [\"all-linear\"]\n";
+
+fn lora_config(data: &Path, out: &Path, overrides: &[&str]) -> TrainConfig {
+    let text = config_text(data, out, 32000) + LORA;
+    let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    parse_config(&text, "test.toml", &ov).unwrap()
+}
+
+/// `STEPS` steps of a global batch of 8 on `ranks` local ranks: the run (adapters as the
+/// parameters) and the frozen base weights at the end.
+fn run(data: &Path, out: &Path, ranks: usize, micro: usize, extra: &[&str]) -> (Run, Flat) {
+    let mbs = format!("train.micro_batch_size={micro}");
+    let mut overrides = vec![
+        "train.batch_size=8",
+        &mbs,
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+    ];
+    overrides.extend_from_slice(extra);
+    let cfg = lora_config(data, out, &overrides);
+    let mut results = run_local(ranks, Duration::from_secs(60), |comm| {
+        let comm: Box<dyn Communicator> = Box::new(comm);
+        let mut t = Trainer::new_rank(cfg.clone(), None, Device::Cpu, (ranks > 1).then_some(comm))?;
+        let mut run = Run::default();
+        for _ in 0..STEPS {
+            run.step(t.train_step()?);
+        }
+        let full = t.full_params()?;
+        run.params = flat(&full);
+        let base: Flat = full
+            .frozen()
+            .map(|(n, t)| (n.to_string(), t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        Ok((run, base))
+    })
+    .unwrap();
+    results.swap_remove(0)
+}
+
+#[test]
+fn lora_trains_adapters_only_and_data_parallel_zero_match_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let (reference, base_after) = run(&data, &tmp.path().join("ref"), 1, 8, &[]);
+    // The base the adapters start from: the same seed's fresh model, untrained.
+    let fresh = Trainer::new(
+        lora_config(&data, &tmp.path().join("fresh"), &[]),
+        None,
+        Device::Cpu,
+    )
+    .unwrap();
+    let base_before: Flat = fresh
+        .params
+        .frozen()
+        .map(|(n, t)| (n.to_string(), t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    assert_eq!(base_after, base_before, "a frozen base weight changed");
+    let names: Vec<&str> = reference.params.iter().map(|(n, _)| n.as_str()).collect();
+    // 2 layers × 7 projections × (A, B); the tied head is no Linear of its own.
+    assert_eq!(names.len(), 28, "{names:?}");
+    assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+    let trainable: usize = reference.params.iter().map(|(_, v)| v.len()).sum();
+    let base: usize = base_before.iter().map(|(_, v)| v.len()).sum();
+    println!(
+        "trainable {trainable} of {} parameters; Adam state {} bytes vs {} for full fine-tuning; losses {:?}",
+        trainable + base,
+        8 * trainable,
+        8 * (trainable + base),
+        reference.losses
+    );
+    for (zero, ranks, micro) in [(0, 2, 4), (0, 2, 2), (1, 2, 4), (2, 2, 2)] {
+        let stage = format!("parallel.zero_stage={zero}");
+        let out = tmp.path().join(format!("z{zero}-dp{ranks}-{micro}"));
+        let (got, base) = run(&data, &out, ranks, micro, &[&stage]);
+        let what = format!("lora zero={zero} dp={ranks} micro={micro}");
+        assert_same_run(&what, &got, &reference, 1e-5);
+        assert_eq!(base, base_before, "{what}: a frozen base weight changed");
+        println!("{what}: equals one rank");
+    }
+}
+
+#[test]
+fn lora_loss_falls_below_the_frozen_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    // The same 48 batches with the adapters trained (lr 5e-2) and left at zero (lr 0).
+    let losses = |lr: &str| -> Vec<f32> {
+        let (lr, min) = (format!("train.lr={lr}"), format!("train.min_lr={lr}"));
+        let sets = ["train.max_steps=48", &lr, &min, "train.save_every=0"];
+        let cfg = lora_config(&data, &tmp.path().join(&lr), &sets);
+        let mut t = Trainer::new(cfg, None, Device::Cpu).unwrap();
+        (0..48).map(|_| t.train_step().unwrap().0).collect()
+    };
+    let (trained, frozen) = (losses("5e-2"), losses("0"));
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (a, b) = (mean(&trained[40..]), mean(&frozen[40..]));
+    println!(
+        "LoRA loss over the last 8 of 48 steps: {a:.4} trained vs {b:.4} frozen base (first step {:.4} both)",
+        trained[0]
+    );
+    assert_eq!(
+        trained[0], frozen[0],
+        "B starts at zero: the first step is the base's"
+    );
+    assert!(a < b - 0.02, "trained {trained:?}\nfrozen {frozen:?}");
+}
+
+#[test]
+fn lora_checkpoint_is_a_peft_adapter_and_resumes_bit_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let straight = tmp.path().join("straight");
+    let mut t = Trainer::new(lora_config(&data, &straight, &[]), None, Device::Cpu).unwrap();
+    let final_a = t.run(None).unwrap().final_dir.unwrap();
+    let split = tmp.path().join("split");
+    let mut t = Trainer::new(lora_config(&data, &split, &[]), None, Device::Cpu).unwrap();
+    let half = t.run(Some(3)).unwrap().final_dir.unwrap();
+    drop(t);
+    let mut t = Trainer::new(lora_config(&data, &split, &[]), Some(&half), Device::Cpu).unwrap();
+    assert_eq!(t.state.step, 3);
+    let final_b = t.run(None).unwrap().final_dir.unwrap();
+    for file in [
+        "adapter/adapter_model.safetensors",
+        "optimizer.safetensors",
+        "model.safetensors",
+    ] {
+        let a = std::fs::read(final_a.join(file)).unwrap();
+        let b = std::fs::read(final_b.join(file)).unwrap();
+        assert_eq!(a, b, "{file}: 6 straight steps vs 3 + resume 3");
+    }
+    // The checkpoint's adapter is PEFT's layout: it loads onto the checkpoint's base.
+    let (model, mut params) = colossal_core::checkpoint::llama::load_llama(
+        &final_a,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (cfg, sites) = colossal_core::lora::load_adapter(
+        &final_a.join("adapter"),
+        &model.linear_layers(),
+        &mut params,
+    )
+    .unwrap();
+    assert_eq!((cfg.r, cfg.alpha, sites.len()), (4, 8.0, 14));
+    // The optimizer state holds the adapters only.
+    let opt = colossal_core::checkpoint::hf::read_tensors(
+        &[final_a.join("optimizer.safetensors")],
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(opt.len(), 2 * 28);
+    assert!(opt.keys().all(|k| k.contains(".lora_")));
+}
+
+#[test]
+fn lora_refuses_layouts_it_does_not_implement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    for (set, says) in [
+        (
+            "parallel.zero_stage=3",
+            "[lora] with parallel.zero_stage = 3 is not implemented",
+        ),
+        ("lora.dropout=0.1", "lora.dropout = 0.1"),
+        (
+            "lora.target_modules=[\"nothing\"]",
+            "matches no Linear layer",
+        ),
+    ] {
+        let cfg = lora_config(&data, &tmp.path().join("x"), &[set]);
+        let err = Trainer::new(cfg, None, Device::Cpu)
+            .err()
+            .expect(set)
+            .to_string();
+        println!("{set}: {err}");
+        assert!(err.contains(says), "{set}: {err}");
+    }
+}

@@ -1,0 +1,135 @@
+//! `[lora]`: train LoRA adapters on a frozen base. The base weights are frozen parameters (no
+//! gradient, no optimizer state, not reduced or sharded); the adapters are the only trainable
+//! parameters, so data parallelism and ZeRO-1/2 apply to them unchanged. A checkpoint keeps the
+//! base weights and writes the adapters in PEFT's layout under `adapter/`, which a resume reads.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::TrainConfig;
+use super::{CheckpointFormat, Freeze};
+use crate::lora::{self, LoraConfig, Targets};
+use crate::models::ModelFamily;
+use crate::params::Params;
+use crate::{Error, Result};
+
+/// PEFT's `LoraConfig` fields, as a section of the training config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    pub r: usize,
+    pub alpha: f64,
+    /// Dropout on the adapters' input; only 0 is implemented.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module names (a path or its last components, as PEFT matches them), or
+    /// `["all-linear"]`: every Linear but the output head.
+    pub target_modules: Vec<String>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Start from this adapter (PEFT's layout) instead of fresh ones.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl LoraSection {
+    pub fn lora_config(&self) -> LoraConfig {
+        let targets = match self.target_modules.as_slice() {
+            [one] if one == "all-linear" => Targets::AllLinear,
+            names => Targets::Names(names.to_vec()),
+        };
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            targets,
+            dropout: self.dropout,
+            use_rslora: self.use_rslora,
+        }
+    }
+
+    /// What LoRA training does not combine with yet, each an error naming the setting.
+    pub fn validate(&self, cfg: &TrainConfig) -> Result<()> {
+        self.lora_config().validate()?;
+        if self.dropout != 0.0 {
+            return Err(Error::Config(format!(
+                "lora.dropout = {}: dropout on the adapters is not implemented (use 0)",
+                self.dropout
+            )));
+        }
+        let p = &cfg.parallel;
+        let refuse = |what: String| {
+            Err(Error::Config(format!(
+                "[lora] with {what} is not implemented"
+            )))
+        };
+        if p.tp > 1 {
+            return refuse(format!("parallel.tp = {}", p.tp));
+        }
+        if p.pp > 1 {
+            return refuse(format!("parallel.pp = {}", p.pp));
+        }
+        if p.sp > 1 {
+            return refuse(format!("parallel.sp = {}", p.sp));
+        }
+        if p.zero_stage == 3 {
+            return refuse("parallel.zero_stage = 3".into());
+        }
+        if cfg.train.checkpoint_format == CheckpointFormat::Distributed {
+            return refuse("train.checkpoint_format = \"distributed\"".into());
+        }
+        if cfg.train.freeze != Freeze::None {
+            return refuse("train.freeze".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a checkpoint keeps its adapters.
+pub fn adapter_dir(checkpoint: &Path) -> PathBuf {
+    checkpoint.join("adapter")
+}
+
+/// The model with adapters and `params` with its base frozen: read from `resume`'s adapter,
+/// or `lora.adapter`, or made fresh from `seed`.
+pub fn apply<M: ModelFamily>(
+    section: &LoraSection,
+    model: M,
+    params: &mut Params,
+    resume: Option<&Path>,
+    seed: u64,
+) -> Result<M> {
+    let linears = model.linear_layers();
+    if linears.is_empty() {
+        return Err(model.unsupported("LoRA (`[lora]`)"));
+    }
+    let from = resume.map(adapter_dir).or_else(|| section.adapter.clone());
+    let (cfg, sites) = match from {
+        Some(dir) => {
+            let (cfg, sites) = lora::load_adapter(&dir, &linears, params)?;
+            let want = section.lora_config();
+            if (cfg.r, cfg.alpha, cfg.use_rslora) != (want.r, want.alpha, want.use_rslora) {
+                return Err(Error::file(
+                    dir.join(lora::ADAPTER_CONFIG),
+                    format!(
+                        "r = {}, alpha = {}, use_rslora = {} differ from [lora]'s {}, {}, {}",
+                        cfg.r, cfg.alpha, cfg.use_rslora, want.r, want.alpha, want.use_rslora
+                    ),
+                ));
+            }
+            (cfg, sites)
+        }
+        None => {
+            let cfg = section.lora_config();
+            let sites = lora::sites(&cfg, &linears)?;
+            lora::add_fresh(params, cfg.r, &sites, seed)?;
+            (cfg, sites)
+        }
+    };
+    tracing::info!(
+        modules = sites.len(),
+        trainable = params.num_elements(),
+        "LoRA adapters on a frozen base"
+    );
+    model.with_lora(&cfg, sites)
+}
