@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use colossal_core::train::{DataConfig, ModelConfig, ParallelConfig, TrainConfig, TrainSection};
+use colossal_core::train::{
+    DataConfig, LoraSection, ModelConfig, ParallelConfig, TrainConfig, TrainSection,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::{KlEstimator, PreferenceLoss};
@@ -25,6 +27,9 @@ pub struct ChatConfig {
     pub grpo: Option<GrpoSection>,
     #[serde(default)]
     pub generation: GenerationSection,
+    /// Train LoRA adapters on the frozen policy; its base is then the reference (no second copy).
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -251,7 +256,7 @@ impl ChatConfig {
             train: self.train.clone(),
             sample: None,
             parallel: self.parallel.clone(),
-            lora: None,
+            lora: self.lora.clone(),
         }
     }
 }

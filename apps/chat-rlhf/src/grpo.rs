@@ -71,7 +71,7 @@ impl Grpo {
             );
         }
         Ok(Self {
-            reference: Frozen::load(&start, policy.device())?,
+            reference: Frozen::reference(policy, &start, false)?,
             cfg,
             gen: c.generation.clone(),
             pad: crate::run::pad_id(c, policy),

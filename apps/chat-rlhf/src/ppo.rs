@@ -71,6 +71,8 @@ impl Ppo {
                 .unwrap_or_else(|| cfg.reward_model.clone()),
         );
         critic_cfg.model.config = None;
+        // The critic's value head starts fresh: it trains whole, not through adapters.
+        critic_cfg.lora = None;
         critic_cfg.train.lr = cfg.critic_lr;
         critic_cfg.train.out_dir = c.train.out_dir.join("critic");
         let critic_resume = resume
@@ -95,7 +97,7 @@ impl Ppo {
             _ => None,
         };
         Ok(Self {
-            reference: Frozen::open(&start, cfg.offload_frozen, policy.device())?,
+            reference: Frozen::reference(policy, &start, cfg.offload_frozen)?,
             reward: Frozen::open(&cfg.reward_model, cfg.offload_frozen, policy.device())?,
             cfg,
             gen: c.generation.clone(),

@@ -69,6 +69,35 @@ impl Frozen {
         })
     }
 
+    /// A LoRA policy's base as the reference: the policy's frozen weights, shared (not copied),
+    /// run without the adapters.
+    pub fn base_of(policy: &colossal_core::train::Trainer) -> Result<Self> {
+        anyhow::ensure!(
+            policy.model.lora.is_some(),
+            "the policy has no LoRA adapters"
+        );
+        let mut model = policy.model.clone();
+        model.lora = None;
+        Ok(Self {
+            model,
+            weights: Weights::Resident(policy.params.clone()),
+            device: policy.device().clone(),
+        })
+    }
+
+    /// The reference of `policy`: its frozen base under LoRA, else the model in `dir`
+    /// (resident, or streamed block by block with `offload`).
+    pub fn reference(
+        policy: &colossal_core::train::Trainer,
+        dir: &Path,
+        offload: bool,
+    ) -> Result<Self> {
+        match policy.model.lora.is_some() {
+            true => Self::base_of(policy),
+            false => Self::open(dir, offload, policy.device()),
+        }
+    }
+
     /// Resident, or (`offload`) streamed from `dir` block by block.
     pub fn open(dir: &Path, offload: bool, device: &Device) -> Result<Self> {
         if !offload {

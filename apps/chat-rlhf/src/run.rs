@@ -26,6 +26,9 @@ pub fn train(
     let make: Box<Factory<'_>> = match method {
         "sft" => Box::new(|c, p, _| Ok(Box::new(crate::sft::Sft { pad: pad_id(c, p) }))),
         "rm" => {
+            if cfg.lora.is_some() {
+                bail!("[lora] with rm is not implemented: the fresh score head would stay frozen");
+            }
             // A causal LM starts as a reward model with a fresh score head.
             if resume.is_none() {
                 let base = cfg
@@ -46,7 +49,7 @@ pub fn train(
                     LossChoice::Kto { .. } => true,
                 };
                 let reference = match (needs_ref, &c.model.hf_dir) {
-                    (true, Some(dir)) => Some(crate::reference::Frozen::load(dir, p.device())?),
+                    (true, Some(dir)) => Some(crate::reference::Frozen::reference(p, dir, false)?),
                     (true, None) => bail!(
                         "[model] hf_dir: {section:?} needs the starting model as its reference"
                     ),

@@ -2,6 +2,7 @@
 
 mod cli;
 mod common;
+mod lora;
 mod model_parallel;
 mod reward_fixture;
 mod trainers;

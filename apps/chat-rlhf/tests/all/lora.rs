@@ -1,0 +1,102 @@
+//! LoRA in the chat trainers: SFT and DPO train adapters on a frozen policy (loss falls, the
+//! optimizer holds the adapters only), DPO's reference is the policy's own frozen base (its
+//! first loss is log 2, as with a separate reference copy), two ranks under ZeRO-2 give one
+//! rank's first step.
+
+use crate::common::*;
+use chat_rlhf::run::train;
+
+/// Every projection and the (untied) LM head.
+const LORA: &str = "[lora]\nr = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\", \"lm_head\"]\n";
+
+/// Adam's state bytes for the parameters in `dir`'s optimizer file.
+fn adam_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::metadata(dir.join("optimizer.safetensors"))
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn sft_and_dpo_train_lora_adapters_on_a_frozen_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("base"), 1);
+    let sft_data = dolly_sft(&dir.path().join("sft"), 60, 96);
+    let mut sft = config(&model, &sft_data, &dir.path().join("sft-run"), LORA);
+    sft.train.max_steps = 8;
+    sft.train.lr = 3e-2;
+    let s = train("sft", &sft, None, None).unwrap();
+    let l = s.series("loss");
+    let lora_dir = s.final_dir.unwrap();
+    // The frozen base on the same batches (adapters left at B = 0): the control.
+    let mut still = sft.clone();
+    still.train.lr = 0.0;
+    still.train.out_dir = dir.path().join("sft-lr0");
+    let base = train("sft", &still, None, None).unwrap().series("loss");
+    // The same steps training every weight, for the optimizer-state comparison.
+    let mut full = sft.clone();
+    full.lora = None;
+    full.train.lr = 1e-2;
+    full.train.out_dir = dir.path().join("sft-full");
+    let f = train("sft", &full, None, None).unwrap();
+    let (a, b) = (adam_bytes(&lora_dir), adam_bytes(&f.final_dir.unwrap()));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (trained, frozen) = (mean(&l[4..]), mean(&base[4..]));
+    println!(
+        "LoRA SFT losses {l:?}; last 4 steps {trained:.4} vs {frozen:.4} for the frozen base; optimizer state {a} bytes vs {b} for full fine-tuning"
+    );
+    assert_eq!(
+        l[0], base[0],
+        "B starts at zero: the first step is the base's"
+    );
+    assert!(
+        trained < frozen - 0.1,
+        "LoRA SFT loss falls: {l:?} vs {base:?}"
+    );
+    assert!(a * 5 < b, "optimizer state {a} vs {b}");
+    assert!(lora_dir.join("adapter/adapter_model.safetensors").exists());
+
+    let pref = hh_pairs(&dir.path().join("pref"), 40, 128);
+    let extra = format!("{LORA}[dpo]\nloss = \"dpo\"\nbeta = 0.1\nlabel_smoothing = 0.0\n");
+    let mut dpo = config(&model, &pref, &dir.path().join("dpo-run"), &extra);
+    let one = train("dpo", &dpo, None, Some(1)).unwrap().series("loss");
+    let two = train(
+        "dpo",
+        &zero2(&dpo, &dir.path().join("dpo-z2")),
+        None,
+        Some(1),
+    )
+    .unwrap()
+    .series("loss");
+    // B starts at zero: the policy is its base, the reference, so the loss is −log σ(0).
+    assert!(
+        (one[0] - 2f64.ln()).abs() < 1e-6,
+        "DPO at the reference: {}",
+        one[0]
+    );
+    assert!(
+        rel(one[0], two[0]) < 1e-6,
+        "one rank {one:?} vs ZeRO-2 {two:?}"
+    );
+    dpo.train.max_steps = 8;
+    dpo.train.lr = 1e-2;
+    dpo.train.out_dir = dir.path().join("dpo-long");
+    let d = train("dpo", &dpo, None, None).unwrap();
+    let l = d.series("loss");
+    let acc = d.series("reward_accuracy");
+    println!("LoRA DPO losses {l:?}; reward accuracy {acc:?}");
+    // Below log 2, the loss at the reference, from the first update on.
+    assert!(
+        mean(&l[4..]) < 2f64.ln() - 0.02,
+        "LoRA DPO loss falls: {l:?}"
+    );
+}
+
+#[test]
+fn a_reward_model_with_lora_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("base"), 2);
+    let pref = hh_pairs(&dir.path().join("pref"), 8, 64);
+    let cfg = config(&model, &pref, &dir.path().join("rm"), LORA);
+    let err = train("rm", &cfg, None, Some(1)).err().unwrap().to_string();
+    assert!(err.contains("[lora] with rm"), "{err}");
+}
