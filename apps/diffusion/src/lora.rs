@@ -205,3 +205,56 @@ pub fn merge(adapters: &[Adapter], params: &Params, strength: f64, what: &str) -
     }
     Ok(adapters.len())
 }
+
+/// The file diffusers' `save_lora_weights` writes and `load_lora_weights(folder)` reads.
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// Writes a trained UNet's adapters as diffusers saves them: keys
+/// `unet.<module>.lora_A.weight` / `.lora_B.weight` (PEFT's names, f32) and α, r and the target
+/// modules in the `lora_adapter_metadata` JSON (prefixed `unet.`). Atomic.
+pub fn save_unet_lora(
+    path: &Path,
+    lora: &colossal_core::lora::Adapters,
+    params: &Params,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for s in &lora.sites {
+        for (name, key) in [(s.a_name(), "lora_A"), (s.b_name(), "lora_B")] {
+            let t = params.get(&name)?.to_dtype(DType::F32)?;
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            tensors.push((
+                format!("unet.{}.{key}.weight", s.module),
+                t.dims().to_vec(),
+                bytes,
+            ));
+        }
+    }
+    let cfg = &lora.cfg;
+    let targets = match &cfg.targets {
+        colossal_core::lora::Targets::Names(n) => serde_json::json!(n),
+        colossal_core::lora::Targets::AllLinear => serde_json::json!("all-linear"),
+    };
+    let meta = serde_json::json!({
+        "unet.r": cfg.r, "unet.lora_alpha": cfg.alpha, "unet.target_modules": targets,
+        "unet.lora_dropout": cfg.dropout, "unet.use_dora": false, "unet.use_rslora": cfg.use_rslora,
+        "unet.bias": "none", "unet.peft_type": "LORA", "unet.init_lora_weights": true,
+    });
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .map_err(|e| Error::file(path, e.to_string()))?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let metadata = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("lora_adapter_metadata".to_string(), meta.to_string()),
+    ]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    colossal_core::checkpoint::atomic::write_file(path, &bytes)?;
+    Ok(())
+}

@@ -22,6 +22,10 @@ pub struct DiffusionConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub parallel: ParallelConfig,
+    /// Train LoRA adapters on the UNet's transformer linears (diffusers' DreamBooth LoRA targets
+    /// `to_q`, `to_k`, `to_v`, `to_out.0`); the UNet's weights stay frozen.
+    #[serde(default)]
+    pub lora: Option<colossal_core::train::LoraSection>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -222,6 +226,14 @@ impl DiffusionConfig {
                 self.diffusion.ema_decay
             ));
         }
+        if let Some(lora) = &self.lora {
+            if self.diffusion.ema_decay > 0.0 {
+                return Err("diffusion.ema_decay with [lora] is not implemented".into());
+            }
+            if lora.use_rslora {
+                return Err("lora.use_rslora for the UNet is not implemented".into());
+            }
+        }
         if self.diffusion.sample_steps == 0 {
             return Err("diffusion.sample_steps must be positive".into());
         }
@@ -252,7 +264,7 @@ impl DiffusionConfig {
             train: self.train.clone(),
             sample: None,
             parallel: self.parallel.clone(),
-            lora: None,
+            lora: self.lora.clone(),
         }
     }
 }

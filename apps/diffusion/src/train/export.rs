@@ -27,6 +27,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 /// Writes `out` as a diffusers pipeline folder: `pretrained`'s components with `unet`
 /// (`weights`) in place of its UNet, and no VAE for a pixel-space model (`"vae": [null, null]`).
+/// A UNet with LoRA adapters keeps its base weights in `unet/` and its adapters in
+/// `pytorch_lora_weights.safetensors` (what `load_lora_weights(folder)` reads).
 /// Built beside `out` and renamed into place.
 pub fn pipeline_folder(
     pretrained: &Path,
@@ -58,6 +60,9 @@ pub fn pipeline_folder(
         copy_dir(&pretrained.join(part), &tmp.join(part))?;
     }
     unet.save(&tmp.join("unet"), weights, 10 << 30)?;
+    if let Some(lora) = &unet.lora {
+        crate::lora::save_unet_lora(&tmp.join(crate::lora::LORA_FILE), lora, weights)?;
+    }
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| Error::file(out, e))?;
     }

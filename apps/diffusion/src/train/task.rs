@@ -265,6 +265,8 @@ impl DiffusionTask {
         }
         self.pipe.scheduler = Scheduler::new(sc)?;
         self.pipe.unet_params = weights;
+        // Sample with what trains: the UNet's adapters too.
+        self.pipe.unet.lora = self.engine.model.lora.clone();
         let res = self.cfg.resolution();
         let opts = SampleOptions {
             steps: d.sample_steps,

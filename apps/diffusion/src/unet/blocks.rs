@@ -18,6 +18,7 @@ pub struct Ctx<'a> {
     pub k: Kernels,
     pub cfg: &'a UNetConfig,
     pub act: Activation,
+    pub lora: Option<&'a colossal_core::lora::Adapters>,
 }
 
 /// `Transformer2DModel`'s GroupNorm eps (fixed in diffusers).
@@ -59,6 +60,15 @@ impl Ctx<'_> {
         self.cfg.norm_num_groups
     }
 
+    /// A transformer's Linear at `prefix`, with its LoRA term where it has an adapter.
+    fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        let y = nn::linear(self.p, prefix, x, self.k)?;
+        Ok(match self.lora {
+            Some(l) => l.add_term(self.p, &format!("{prefix}.weight"), x, y, self.k)?,
+            None => y,
+        })
+    }
+
     /// `ResnetBlock2D` with the time embedding.
     pub fn resnet(&self, prefix: &str, x: &Tensor, temb: &Tensor, scale: f64) -> Result<Tensor> {
         let g = Groups {
@@ -76,14 +86,14 @@ impl Ctx<'_> {
         ctx: Option<&Tensor>,
         heads: usize,
     ) -> Result<Tensor> {
-        let (p, k) = (self.p, self.k);
+        let k = self.k;
         let n = |s: &str| format!("{prefix}.{s}");
         let ctx = ctx.unwrap_or(x);
         let c = x.dim(2)?;
         let scale = 1.0 / ((c / heads) as f64).sqrt();
-        let q = nn::linear(p, &n("to_q"), x, k)?.affine(scale, 0.0)?;
-        let kk = nn::linear(p, &n("to_k"), ctx, k)?;
-        let v = nn::linear(p, &n("to_v"), ctx, k)?;
+        let q = self.linear(&n("to_q"), x)?.affine(scale, 0.0)?;
+        let kk = self.linear(&n("to_k"), ctx)?;
+        let v = self.linear(&n("to_v"), ctx)?;
         let o = nn::attention(
             &nn::split_heads(&q, heads)?,
             &nn::split_heads(&kk, heads)?,
@@ -91,7 +101,7 @@ impl Ctx<'_> {
             false,
             k,
         )?;
-        nn::linear(p, &n("to_out.0"), &nn::merge_heads(&o)?, k)
+        self.linear(&n("to_out.0"), &nn::merge_heads(&o)?)
     }
 
     /// `BasicTransformerBlock`: pre-LayerNorm self-attention, cross-attention, GEGLU.
@@ -109,10 +119,10 @@ impl Ctx<'_> {
         let h = nn::layer_norm(p, &n("norm2"), &x, BLOCK_NORM_EPS, k)?;
         let x = (&x + self.attention(&n("attn2"), &h, Some(text), heads)?)?;
         let h = nn::layer_norm(p, &n("norm3"), &x, BLOCK_NORM_EPS, k)?;
-        let proj = nn::linear(p, &n("ff.net.0.proj"), &h, k)?;
+        let proj = self.linear(&n("ff.net.0.proj"), &h)?;
         let inner = proj.dim(2)? / 2;
         let geglu = (proj.narrow(2, 0, inner)? * proj.narrow(2, inner, inner)?.gelu_erf()?)?;
-        Ok((x + nn::linear(p, &n("ff.net.2"), &geglu, k)?)?)
+        Ok((x + self.linear(&n("ff.net.2"), &geglu)?)?)
     }
 
     /// `Transformer2DModel`: GroupNorm, project in (1×1 conv, or linear after flattening),
@@ -139,7 +149,7 @@ impl Ctx<'_> {
         };
         let linear_proj = self.cfg.use_linear_projection;
         let mut h = if linear_proj {
-            nn::linear(p, &n("proj_in"), &tokens(&h)?, k)?
+            self.linear(&n("proj_in"), &tokens(&h)?)?
         } else {
             tokens(&nn::conv2d(p, &n("proj_in"), &h, 1, 0, k)?)?
         };
@@ -147,7 +157,7 @@ impl Ctx<'_> {
             h = self.transformer_block(&n(&format!("transformer_blocks.{j}")), &h, text, heads)?;
         }
         let h = if linear_proj {
-            image(&nn::linear(p, &n("proj_out"), &h, k)?)?
+            image(&self.linear(&n("proj_out"), &h)?)?
         } else {
             nn::conv2d(p, &n("proj_out"), &image(&h)?, 1, 0, k)?
         };

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use colossal_core::exec::{Acts, BlockModel};
+use colossal_core::lora::{Adapters, LoraConfig, Site};
 use colossal_core::models::{Init, ModelFamily, ParamSpec};
 use colossal_core::parallel::plan::TpPlan;
 use colossal_core::params::Params;
@@ -178,9 +179,15 @@ impl BlockModel for UNet {
 
     fn block_param_names(&self, block: usize) -> Vec<String> {
         let prefixes = self.prefixes(block);
+        let adapters = self
+            .lora
+            .iter()
+            .flat_map(|l| l.sites.iter())
+            .flat_map(|s| [s.a_name(), s.b_name()]);
         self.param_shapes()
             .into_iter()
             .map(|(n, _)| n)
+            .chain(adapters)
             .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
             .collect()
     }
@@ -263,5 +270,29 @@ impl ModelFamily for UNet {
 
     fn weights_stem(&self) -> &'static str {
         "diffusion_pytorch_model"
+    }
+
+    /// The Linear layers of the spatial transformers (attention projections, feed-forward,
+    /// linear proj_in/out): where the UNet applies LoRA. The time-embedding linears are not.
+    fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
+        self.param_shapes()
+            .into_iter()
+            .filter(|(n, s)| s.len() == 2 && n.ends_with(".weight") && n.contains(".attentions."))
+            .map(|(n, s)| (n, s, false))
+            .collect()
+    }
+
+    fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> colossal_core::Result<Self> {
+        Ok(UNet {
+            lora: Some(std::sync::Arc::new(Adapters {
+                cfg: cfg.clone(),
+                sites,
+            })),
+            ..self
+        })
+    }
+
+    fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
+        self.lora.as_ref().map(|a| (&a.cfg, a.sites.as_slice()))
     }
 }

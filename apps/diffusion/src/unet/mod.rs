@@ -31,6 +31,8 @@ pub struct UNet {
     down: Vec<DownKind>,
     up: Vec<UpKind>,
     pub kernels: Kernels,
+    /// LoRA adapters on the spatial transformers' linears (pairs in the parameters).
+    pub lora: Option<std::sync::Arc<colossal_core::lora::Adapters>>,
 }
 
 impl UNet {
@@ -45,6 +47,7 @@ impl UNet {
             down,
             up,
             kernels: Kernels::default(),
+            lora: None,
         })
     }
 
@@ -203,6 +206,7 @@ impl UNet {
             k: self.kernels,
             cfg: &self.cfg,
             act: self.act,
+            lora: self.lora.as_deref(),
         }
     }
 }

@@ -101,6 +101,41 @@ impl Site {
     }
 }
 
+/// A model's adapters: the config (its scale) and where they sit. Models keep one to add
+/// (α/r)·B(A·x) to each adapted projection.
+#[derive(Clone, Debug)]
+pub struct Adapters {
+    pub cfg: LoraConfig,
+    pub sites: Vec<Site>,
+}
+
+impl Adapters {
+    /// The pair's names and the scale for the Linear whose weight is `weight`, if adapted.
+    pub fn pair(&self, weight: &str) -> Option<(String, String, f64)> {
+        let module = weight.strip_suffix(".weight")?;
+        let s = self.sites.iter().find(|s| s.module == module)?;
+        Some((s.a_name(), s.b_name(), self.cfg.scaling()))
+    }
+
+    /// `y` plus the adapter's term for the Linear with weight `weight` applied to `x`.
+    pub fn add_term(
+        &self,
+        p: &Params,
+        weight: &str,
+        x: &Tensor,
+        y: Tensor,
+        k: colossal_kernels::Kernels,
+    ) -> Result<Tensor> {
+        Ok(match self.pair(weight) {
+            Some((a, b, scaling)) => {
+                let low = k.linear(&k.linear(x, p.get(&a)?)?, p.get(&b)?)?;
+                (y + (low * scaling)?)?
+            }
+            None => y,
+        })
+    }
+}
+
 /// The adapter sites of a model whose Linear weights are `linears` (name ending in `.weight`,
 /// shape (out, in), whether it is the output head). An error if nothing matches.
 pub fn sites(cfg: &LoraConfig, linears: &[(String, Vec<usize>, bool)]) -> Result<Vec<Site>> {

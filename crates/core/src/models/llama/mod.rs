@@ -15,6 +15,6 @@ pub use crate::models::family::ParamSink;
 pub use config::LlamaConfig;
 pub use generate::{generate, generate_stream, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
-pub use model::{init_each_param, init_params, Adapters, Kernels, Llama};
+pub use model::{init_each_param, init_params, Kernels, Llama};
 pub use regions::{Local, Regions};
 pub use rope::{Rope, RopeParameters, RopeType};

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
-use crate::lora::{LoraConfig, Site};
+use crate::lora::{Adapters, LoraConfig, Site};
 use crate::models::family::{ModelFamily, ParamSink};
 use crate::params::Params;
 use crate::Result;
@@ -24,13 +24,6 @@ pub struct Llama {
     pub kernels: Kernels,
     /// LoRA adapters on some projections (their pairs are in the parameters); `None`: none.
     pub lora: Option<Arc<Adapters>>,
-}
-
-/// Which projections carry a LoRA pair, and the adapter's config (its scale α/r).
-#[derive(Clone, Debug)]
-pub struct Adapters {
-    pub cfg: LoraConfig,
-    pub sites: Vec<Site>,
 }
 
 impl Llama {
@@ -69,14 +62,6 @@ impl Llama {
                 (n, s, is_head)
             })
             .collect()
-    }
-
-    /// The adapter pair on the projection whose weight is `w`, if it has one.
-    fn adapter(&self, w: &str) -> Option<(String, String, f64)> {
-        let lora = self.lora.as_ref()?;
-        let module = w.strip_suffix(".weight")?;
-        let s = lora.sites.iter().find(|s| s.module == module)?;
-        Some((s.a_name(), s.b_name(), lora.cfg.scaling()))
     }
 
     /// The adapter parameters on weights whose names start with `prefix`.
@@ -301,12 +286,8 @@ impl Llama {
         let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
         let y = self.regions.output(w, &y)?;
         // LoRA: y + (α/r)·B(A·x), the low-rank path beside the frozen weight.
-        let y = match self.adapter(w) {
-            Some((a, b, scaling)) => {
-                let k = self.kernels;
-                let low = k.linear(&k.linear(x, p.get(&a)?)?, p.get(&b)?)?;
-                (y + (low * scaling)?)?
-            }
+        let y = match &self.lora {
+            Some(lora) => lora.add_term(p, w, x, y, self.kernels)?,
             None => y,
         };
         Ok(match b {
