@@ -26,18 +26,6 @@ fn fixture_data() -> Fixture {
     Fixture { reference, tensors }
 }
 
-fn batch(model: &Llama, f: &Fixture) -> (Tensor, AttnInputs, Vec<i64>, Vec<Vec<u8>>) {
-    let ids = ids_2d(&f.reference["input_ids"]);
-    let mask = mask_of(&f.reference["attention_mask"]);
-    let labels = ids_2d(&f.reference["labels"]);
-    let (b, t) = (ids.len(), ids[0].len());
-    let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
-    let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
-    let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
-    let targets: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
-    (ids, inp, targets, mask)
-}
-
 fn check_forward(model_dir: &str) {
     for kernels in [Kernels::Fused, Kernels::Reference] {
         check_forward_with(model_dir, kernels);
@@ -48,7 +36,7 @@ fn check_forward_with(model_dir: &str, kernels: Kernels) {
     let f = fixture_data();
     let (model, params) = load_llama(&fixture(model_dir), DType::F32, &Device::Cpu).unwrap();
     let model = model.with_kernels(kernels);
-    let (ids, inp, targets, mask) = batch(&model, &f);
+    let (ids, inp, targets, mask) = lm_batch(&model, &f.reference);
     let logits = model.forward(&params, &ids, &inp).unwrap();
     let e = assert_close(
         "logits",
@@ -91,7 +79,7 @@ fn hidden_states_rope_and_layer_outputs_match() {
     let f = fixture_data();
     let (model, params) =
         load_llama(&fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap();
-    let (ids, inp, _, mask) = batch(&model, &f);
+    let (ids, inp, _, mask) = lm_batch(&model, &f.reference);
     let inv = Tensor::new(model.rope.inv_freq(1).as_slice(), &Device::Cpu).unwrap();
     assert_close("rope.inv_freq", &inv, &f.tensors["rope.inv_freq"], 1e-6);
     assert_close(
@@ -143,7 +131,7 @@ fn grads_blockwise(
     f: &Fixture,
     checkpointing: bool,
 ) -> GradAccumulator {
-    let (ids, inp, targets, _) = batch(model, f);
+    let (ids, inp, targets, _) = lm_batch(model, &f.reference);
     let mut sink = GradAccumulator::default();
     let kernels = model.kernels;
     let loss_fn = move |l: &Tensor| lm_loss(kernels, l, &targets, 26.0);

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
 use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::lora;
-use colossal_core::models::llama::{generate, AttnInputs, GenerateOptions, Llama, Sampling};
+use colossal_core::models::llama::{generate, GenerateOptions, Llama, Sampling};
 use colossal_core::params::Params;
 use colossal_core::train::lm_loss;
 use common::*;
@@ -41,18 +41,6 @@ fn adapted() -> (Llama, Params, lora::LoraConfig, Vec<lora::Site>) {
     (model.with_lora(&cfg, sites.clone()), params, cfg, sites)
 }
 
-fn batch(model: &Llama, f: &Fixture) -> (Tensor, AttnInputs, Vec<i64>, Vec<Vec<u8>>) {
-    let ids = ids_2d(&f.reference["input_ids"]);
-    let mask = mask_of(&f.reference["attention_mask"]);
-    let labels = ids_2d(&f.reference["labels"]);
-    let (b, t) = (ids.len(), ids[0].len());
-    let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
-    let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
-    let inp = AttnInputs::causal(&model.cfg, &model.rope, b, t, Some(&mask), &Device::Cpu).unwrap();
-    let targets: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
-    (ids, inp, targets, mask)
-}
-
 #[test]
 fn peft_adapter_gives_peft_logits_loss_and_lora_gradients_only() {
     let f = fixture_data();
@@ -66,7 +54,7 @@ fn peft_adapter_gives_peft_logits_loss_and_lora_gradients_only() {
     assert!(trainable.iter().all(|n| n.contains(".lora_")));
     assert!(params.is_frozen("model.layers.0.self_attn.q_proj.weight"));
 
-    let (ids, inp, targets, mask) = batch(&model, &f);
+    let (ids, inp, targets, mask) = lm_batch(&model, &f.reference);
     let logits = model.forward(&params, &ids, &inp).unwrap();
     let e = assert_close(
         "logits",
@@ -128,7 +116,7 @@ fn saved_adapter_reads_back_and_merges_into_peft_merged_model() {
     let merged_dir = dir.path().join("merged");
     save_llama(&merged_dir, &base, &merged, usize::MAX).unwrap();
     let (plain, merged) = load_llama(&merged_dir, DType::F32, &Device::Cpu).unwrap();
-    let (ids, inp, _, mask) = batch(&plain, &f);
+    let (ids, inp, _, mask) = lm_batch(&plain, &f.reference);
     let logits = plain.forward(&merged, &ids, &inp).unwrap();
     let e = assert_close(
         "merged logits",

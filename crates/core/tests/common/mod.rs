@@ -94,3 +94,33 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     );
     out
 }
+
+/// A fixture's batch as a LLaMA takes it (`input_ids`, `attention_mask`, `labels` in
+/// `reference`): ids (B, T), attention inputs, next-token targets (labels shifted), the mask.
+pub fn lm_batch(
+    model: &colossal_core::models::llama::Llama,
+    reference: &serde_json::Value,
+) -> (
+    Tensor,
+    colossal_core::models::llama::AttnInputs,
+    Vec<i64>,
+    Vec<Vec<u8>>,
+) {
+    let ids = ids_2d(&reference["input_ids"]);
+    let mask = mask_of(&reference["attention_mask"]);
+    let labels = ids_2d(&reference["labels"]);
+    let (b, t) = (ids.len(), ids[0].len());
+    let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    let inp = colossal_core::models::llama::AttnInputs::causal(
+        &model.cfg,
+        &model.rope,
+        b,
+        t,
+        Some(&mask),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let targets: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
+    (ids, inp, targets, mask)
+}
