@@ -1,7 +1,7 @@
 //! LoRA in the chat trainers: SFT and DPO train adapters on a frozen policy (loss falls, the
-//! optimizer holds the adapters only), DPO's reference is the policy's own frozen base (its
-//! first loss is log 2, as with a separate reference copy), two ranks under ZeRO-2 give one
-//! rank's first step.
+//! optimizer holds the adapters only), DPO's, PPO's and GRPO's reference is the policy's own
+//! frozen base (DPO's first loss is log 2, PPO's and GRPO's first KL is 0, then PPO's grows),
+//! two ranks under ZeRO-2 give one rank's first step.
 
 use crate::common::*;
 use chat_rlhf::run::train;
@@ -99,4 +99,52 @@ fn a_reward_model_with_lora_is_refused() {
     let cfg = config(&model, &pref, &dir.path().join("rm"), LORA);
     let err = train("rm", &cfg, None, Some(1)).err().unwrap().to_string();
     assert!(err.contains("[lora] with rm"), "{err}");
+}
+
+#[test]
+fn ppo_and_grpo_with_lora_use_the_frozen_base_as_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let rl = rl_setup(dir.path(), 4, "");
+    let lora = |c: &chat_rlhf::config::ChatConfig| {
+        let text = format!("{LORA}");
+        let section: toml::Table = toml::from_str(&text).unwrap();
+        let mut c = c.clone();
+        c.lora = Some(section["lora"].clone().try_into().unwrap());
+        c
+    };
+    let mut ppo = lora(&rl.ppo);
+    // Two PPO iterations: each makes ppo_epochs = 2 optimizer steps.
+    ppo.train.max_steps = 4;
+    let one = train("ppo", &ppo, None, None).unwrap();
+    let two = train(
+        "ppo",
+        &zero2(&ppo, &dir.path().join("ppo-z2")),
+        None,
+        Some(1),
+    )
+    .unwrap();
+    let (kl, loss) = (one.series("kl"), one.series("loss"));
+    println!(
+        "PPO with LoRA: kl {kl:?}, loss {loss:?}, ZeRO-2 first loss {:?}",
+        two.series("loss")
+    );
+    // Rollouts of the initial policy (B = 0) against its own base: no divergence at all.
+    assert_eq!(kl[0], 0.0, "the reference is the base without adapters");
+    assert!(
+        kl[1] > 0.0,
+        "after an update the adapters move the policy: {kl:?}"
+    );
+    assert!(
+        rel(loss[0], two.series("loss")[0]) < 1e-5,
+        "one rank vs ZeRO-2"
+    );
+    let mut grpo = lora(&rl.grpo);
+    grpo.train.out_dir = dir.path().join("grpo-lora");
+    let g = train("grpo", &grpo, None, Some(1)).unwrap();
+    println!(
+        "GRPO with LoRA: kl {:?}, loss {:?}",
+        g.series("kl"),
+        g.series("loss")
+    );
+    assert_eq!(g.series("kl")[0], 0.0);
 }
