@@ -106,8 +106,7 @@ fn ppo_and_grpo_with_lora_use_the_frozen_base_as_reference() {
     let dir = tempfile::tempdir().unwrap();
     let rl = rl_setup(dir.path(), 4, "");
     let lora = |c: &chat_rlhf::config::ChatConfig| {
-        let text = format!("{LORA}");
-        let section: toml::Table = toml::from_str(&text).unwrap();
+        let section: toml::Table = toml::from_str(LORA).unwrap();
         let mut c = c.clone();
         c.lora = Some(section["lora"].clone().try_into().unwrap());
         c
