@@ -217,44 +217,23 @@ pub fn save_unet_lora(
     lora: &colossal_core::lora::Adapters,
     params: &Params,
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for s in &lora.sites {
         for (name, key) in [(s.a_name(), "lora_A"), (s.b_name(), "lora_B")] {
             let t = params.get(&name)?.to_dtype(DType::F32)?;
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            tensors.push((
-                format!("unet.{}.{key}.weight", s.module),
-                t.dims().to_vec(),
-                bytes,
-            ));
+            tensors.push((format!("unet.{}.{key}.weight", s.module), t));
         }
     }
     let cfg = &lora.cfg;
-    let targets = match &cfg.targets {
-        colossal_core::lora::Targets::Names(n) => serde_json::json!(n),
-        colossal_core::lora::Targets::AllLinear => serde_json::json!("all-linear"),
-    };
     let meta = serde_json::json!({
-        "unet.r": cfg.r, "unet.lora_alpha": cfg.alpha, "unet.target_modules": targets,
+        "unet.r": cfg.r, "unet.lora_alpha": cfg.alpha, "unet.target_modules": cfg.targets.to_json(),
         "unet.lora_dropout": cfg.dropout, "unet.use_dora": false, "unet.use_rslora": cfg.use_rslora,
         "unet.bias": "none", "unet.peft_type": "LORA", "unet.init_lora_weights": true,
     });
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, shape, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                    .map_err(|e| Error::file(path, e.to_string()))?;
-            Ok((n.clone(), view))
-        })
-        .collect::<Result<_>>()?;
-    let metadata = std::collections::HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("lora_adapter_metadata".to_string(), meta.to_string()),
-    ]);
-    let bytes = safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| Error::file(path, e.to_string()))?;
+    let bytes = colossal_core::checkpoint::hf::to_safetensors_bytes_with(
+        &tensors,
+        &[("lora_adapter_metadata", meta.to_string())],
+    )?;
     colossal_core::checkpoint::atomic::write_file(path, &bytes)?;
     Ok(())
 }

@@ -248,12 +248,21 @@ fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
 
 /// Serialises tensors to safetensors bytes with HF's `{"format": "pt"}` metadata.
 pub fn to_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    to_safetensors_bytes_with(tensors, &[])
+}
+
+/// [`to_safetensors_bytes`] with more header metadata entries (key, value) beside `format`.
+pub fn to_safetensors_bytes_with(
+    tensors: &[(String, Tensor)],
+    metadata: &[(&str, String)],
+) -> Result<Vec<u8>> {
     let raws: Vec<(String, Raw)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
         .collect::<Result<_>>()?;
     let views: Vec<(&str, &Raw)> = raws.iter().map(|(n, r)| (n.as_str(), r)).collect();
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    meta.extend(metadata.iter().map(|(k, v)| (k.to_string(), v.clone())));
     safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| crate::msg!("safetensors serialisation: {e}"))
 }

@@ -23,6 +23,16 @@ pub enum Targets {
     AllLinear,
 }
 
+impl Targets {
+    /// As PEFT writes `target_modules`: a list of names, or `"all-linear"`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Targets::Names(n) => serde_json::json!(n),
+            Targets::AllLinear => serde_json::json!("all-linear"),
+        }
+    }
+}
+
 impl std::fmt::Display for Targets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

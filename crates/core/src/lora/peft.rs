@@ -170,10 +170,6 @@ pub fn save_adapter(
             tensors.push((format!("{PREFIX}{name}"), params.get(&name)?.clone()));
         }
     }
-    let target_modules = match &cfg.targets {
-        Targets::AllLinear => json!("all-linear"),
-        Targets::Names(n) => json!(n),
-    };
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -181,7 +177,7 @@ pub fn save_adapter(
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": target_modules,
+        "target_modules": cfg.targets.to_json(),
         "use_rslora": cfg.use_rslora,
         "use_dora": false,
         "bias": "none",
