@@ -19,7 +19,7 @@ use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::train::{Engine, Origin, TrainConfig};
 use serde_json::json;
 
-use diffusion::unet::{UNet, UNetConfig, UNetCtx};
+use diffusion::unet::{Text, UNet, UNetConfig, UNetCtx};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -114,7 +114,7 @@ fn run_setup(a: &BenchArgs, name: &str) -> Result<()> {
         Ok(MicroBatch {
             inputs: Acts::one("x", x.to_dtype(dtype)?),
             ctx: UNetCtx {
-                text: text.to_dtype(dtype)?,
+                text: Text::Hidden(text.to_dtype(dtype)?),
                 t: (0..a.batch).map(|i| (100 + 300 * i) as f64).collect(),
             },
             loss_fn,

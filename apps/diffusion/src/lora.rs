@@ -209,30 +209,43 @@ pub fn merge(adapters: &[Adapter], params: &Params, strength: f64, what: &str) -
 /// The file diffusers' `save_lora_weights` writes and `load_lora_weights(folder)` reads.
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 
-/// Writes a trained UNet's adapters as diffusers saves them: keys
-/// `unet.<module>.lora_A.weight` / `.lora_B.weight` (PEFT's names, f32) and α, r and the target
-/// modules in the `lora_adapter_metadata` JSON (prefixed `unet.`). Atomic.
-pub fn save_unet_lora(
-    path: &Path,
-    lora: &colossal_core::lora::Adapters,
-    params: &Params,
-) -> Result<()> {
+/// Writes trained adapters as diffusers saves them: keys `unet.<module>.lora_A.weight` /
+/// `.lora_B.weight` (PEFT's names, f32) — a jointly trained text encoder's already carry
+/// `text_encoder.` — and α, r and the target modules in the `lora_adapter_metadata` JSON,
+/// prefixed by the model each applies to. Atomic.
+pub fn save_lora(path: &Path, lora: &colossal_core::lora::Adapters, params: &Params) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut models = Vec::new();
     for s in &lora.sites {
-        for (name, key) in [(s.a_name(), "lora_A"), (s.b_name(), "lora_B")] {
+        let key = match s.module.starts_with(crate::unet::TEXT_PREFIX) {
+            true => s.module.clone(),
+            false => format!("unet.{}", s.module),
+        };
+        let model = key.split_once('.').map_or("unet", |(m, _)| m);
+        if !models.contains(&model.to_string()) {
+            models.push(model.to_string());
+        }
+        for (name, part) in [(s.a_name(), "lora_A"), (s.b_name(), "lora_B")] {
             let t = params.get(&name)?.to_dtype(DType::F32)?;
-            tensors.push((format!("unet.{}.{key}.weight", s.module), t));
+            tensors.push((format!("{key}.{part}.weight"), t));
         }
     }
     let cfg = &lora.cfg;
-    let meta = serde_json::json!({
-        "unet.r": cfg.r, "unet.lora_alpha": cfg.alpha, "unet.target_modules": cfg.targets.to_json(),
-        "unet.lora_dropout": cfg.dropout, "unet.use_dora": false, "unet.use_rslora": cfg.use_rslora,
-        "unet.bias": "none", "unet.peft_type": "LORA", "unet.init_lora_weights": true,
-    });
+    let mut meta = serde_json::Map::new();
+    for m in &models {
+        let entries = serde_json::json!({
+            "r": cfg.r, "lora_alpha": cfg.alpha, "target_modules": cfg.targets.to_json(),
+            "lora_dropout": cfg.dropout, "use_dora": false, "use_rslora": cfg.use_rslora,
+            "bias": "none", "peft_type": "LORA", "init_lora_weights": true,
+        });
+        for (k, v) in entries.as_object().expect("an object") {
+            meta.insert(format!("{m}.{k}"), v.clone());
+        }
+    }
+    let meta = serde_json::Value::Object(meta).to_string();
     let bytes = colossal_core::checkpoint::hf::to_safetensors_bytes_with(
         &tensors,
-        &[("lora_adapter_metadata", meta.to_string())],
+        &[("lora_adapter_metadata", meta)],
     )?;
     colossal_core::checkpoint::atomic::write_file(path, &bytes)?;
     Ok(())

@@ -137,13 +137,19 @@ impl Pipeline {
         })
     }
 
-    /// CLIP hidden states (B, 77, D) of `prompts`, without gradient history.
-    pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor> {
+    /// The token ids (B, 77) of `prompts`, padded and truncated as transformers does.
+    pub fn token_ids(&self, prompts: &[String]) -> Result<Tensor> {
         let ids: Vec<u32> = prompts
             .iter()
             .flat_map(|p| self.tokenizer.encode(p))
             .collect();
-        let ids = Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_len), &self.device)?;
+        let shape = (prompts.len(), self.tokenizer.max_len);
+        Ok(Tensor::from_vec(ids, shape, &self.device)?)
+    }
+
+    /// CLIP hidden states (B, 77, D) of `prompts`, without gradient history.
+    pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor> {
+        let ids = self.token_ids(prompts)?;
         Ok(self.text.forward(&self.text_params, &ids)?.0.detach())
     }
 

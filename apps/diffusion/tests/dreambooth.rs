@@ -248,3 +248,153 @@ fn dreambooth_lora_trains_adapters_on_a_frozen_unet_and_exports_them_for_diffuse
     let err = bad.err().unwrap().to_string();
     assert!(err.contains("matches no Linear layer"), "{err}");
 }
+
+/// Largest |a − b| over two tensors' files' common names (each name in both).
+fn file_diff(a: &Path, b: &Path) -> f32 {
+    let (x, y) = (
+        candle_core::safetensors::load(a, &candle_core::Device::Cpu).unwrap(),
+        candle_core::safetensors::load(b, &candle_core::Device::Cpu).unwrap(),
+    );
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    x.iter()
+        .map(|(n, t)| common::max_abs(&(t - &y[n]).unwrap()))
+        .fold(0f32, f32::max)
+}
+
+/// `--train_text_encoder`: the caption's gradient reaches CLIP, the exported folder holds the
+/// trained text encoder, and a resumed run continues exactly. With `[lora]` naming CLIP's
+/// projections, its adapters are saved under `text_encoder.` beside the UNet's and merge into
+/// the base text encoder to give what the adapted one gives.
+#[test]
+fn dreambooth_trains_the_text_encoder_too() {
+    use candle_core::{DType, Device, Tensor};
+    use diffusion::clip::{ClipTextModel, ClipTokenizer};
+    let tmp = tempfile::tempdir().unwrap();
+    let class = tmp.path().join("class");
+    let joint = |out: &Path| -> DiffusionConfig {
+        let mut cfg = config(out, &class, false, 1.0);
+        cfg.model.train_text_encoder = true;
+        cfg.train.save_every = 1;
+        cfg
+    };
+    let plain = train(
+        config(&tmp.path().join("plain"), &class, false, 1.0),
+        None,
+        None,
+    )
+    .unwrap();
+    let out = tmp.path().join("joint");
+    let s = train(joint(&out), None, None).unwrap();
+    let (p, j) = (plain.series("loss"), s.series("loss"));
+    println!("losses: UNet only {p:?}, with the text encoder {j:?}");
+    assert!((p[0] - j[0]).abs() <= 1e-6 * p[0], "first step: same model");
+    assert!(
+        (p[2] - j[2]).abs() > 1e-7,
+        "the text encoder changed nothing"
+    );
+
+    let base = shared().join("fixtures/sd_tiny/text_encoder/model.safetensors");
+    let trained = out.join("pipeline/text_encoder/model.safetensors");
+    let moved = file_diff(&trained, &base);
+    println!("exported text encoder: largest change {moved:e}");
+    assert!(moved > 1e-5);
+    diffusion::pipeline::Pipeline::load(&out.join("pipeline"), None, &Device::Cpu).unwrap();
+
+    // Resumed at step 2: the same third step and the same exported models, bit for bit.
+    let again = tmp.path().join("again");
+    train(joint(&again), None, Some(2)).unwrap();
+    let ckpt = again.join("checkpoints/step-0000002");
+    let rest = train(joint(&again), Some(&ckpt), None).unwrap();
+    assert_eq!(rest.series("loss"), vec![j[2]], "resumed third step");
+    for f in [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+    ] {
+        let d = file_diff(
+            &again.join("pipeline").join(f),
+            &out.join("pipeline").join(f),
+        );
+        assert_eq!(d, 0.0, "resumed {f}");
+    }
+
+    // LoRA on both models (diffusers' DreamBooth LoRA targets for each).
+    let lora_out = tmp.path().join("lora");
+    let mut cfg = joint(&lora_out);
+    let targets = [
+        "to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj",
+    ];
+    cfg.lora = Some(colossal_core::train::LoraSection {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
+        use_rslora: false,
+        adapter: None,
+    });
+    train(cfg, None, None).unwrap();
+    let pipeline = lora_out.join("pipeline");
+    let saved =
+        diffusion::lora::LoraWeights::read(&pipeline.join(diffusion::lora::LORA_FILE)).unwrap();
+    let te = &saved.text_encoder;
+    assert_eq!(te.len(), 4 * 2, "q, k, v, out of each of the 2 layers");
+    assert!(te.iter().all(|a| a.scale == 2.0), "alpha 8 over rank 4");
+    let d = file_diff(&pipeline.join("text_encoder/model.safetensors"), &base);
+    assert_eq!(d, 0.0, "the base text encoder is exported unchanged");
+    let up = te
+        .iter()
+        .map(|a| common::max_abs(&a.up))
+        .fold(0f32, f32::max);
+    assert!(up > 0.0, "no text-encoder adapter trained");
+
+    // Adapted (the pairs beside the base weights) vs merged, on a caption.
+    let dev = Device::Cpu;
+    let dir = pipeline.join("text_encoder");
+    let (clip, mut adapted) = ClipTextModel::load(&dir, DType::F32, &dev).unwrap();
+    let mut sites = Vec::new();
+    for a in te {
+        for (part, t) in [("lora_A", &a.down), ("lora_B", &a.up)] {
+            let name = format!("{}.{part}.weight", a.module);
+            adapted.insert(
+                name,
+                candle_core::Var::from_tensor(&t.copy().unwrap()).unwrap(),
+            );
+        }
+        sites.push(colossal_core::lora::Site {
+            module: a.module.clone(),
+            out_features: a.up.dims()[0],
+            in_features: a.down.dims()[1],
+        });
+    }
+    let lora_cfg = colossal_core::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        targets: colossal_core::lora::Targets::Names(vec!["q_proj".into()]),
+        dropout: 0.0,
+        use_rslora: false,
+    };
+    let mut with = clip.clone();
+    with.lora = Some(std::sync::Arc::new(colossal_core::lora::Adapters {
+        cfg: lora_cfg,
+        sites,
+    }));
+    let (_, merged) = ClipTextModel::load(&dir, DType::F32, &dev).unwrap();
+    diffusion::lora::merge(te, &merged, 1.0, "the text encoder").unwrap();
+    let tok = ClipTokenizer::from_dir(&pipeline.join("tokenizer")).unwrap();
+    let ids = tok.encode("a photo of sks dog");
+    let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &dev).unwrap();
+    let (a, _) = with.forward(&adapted, &ids).unwrap();
+    let (b, _) = clip.forward(&merged, &ids).unwrap();
+    let (base_h, _) = clip
+        .forward(
+            &ClipTextModel::load(&dir, DType::F32, &dev).unwrap().1,
+            &ids,
+        )
+        .unwrap();
+    let e = common::rel_err(&a, &b);
+    let shift = common::rel_err(&base_h, &b);
+    println!(
+        "text encoder: adapted vs merged {e:e}; the adapters move the hidden states by {shift:e}"
+    );
+    assert!(e < 1e-5, "{e:e}");
+    assert!(shift > 1e-4, "adapters with no effect: {shift:e}");
+}

@@ -4,17 +4,19 @@
 //! (`text_model.encoder.layers.{i}.self_attn.q_proj.weight`, …).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use colossal_core::lora::Adapters;
 use colossal_core::params::Params;
 use colossal_kernels::Kernels;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::nn::{self, Activation};
 use crate::{Error, Result};
 
 /// The `config.json` of a `text_encoder/` folder.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct ClipTextConfig {
     #[serde(default)]
     pub architectures: Vec<String>,
@@ -105,6 +107,11 @@ pub struct ClipTextModel {
     pub cfg: ClipTextConfig,
     act: Activation,
     pub kernels: Kernels,
+    /// Put before every parameter name: `text_encoder.` when it trains in one parameter set
+    /// with the UNet (its blocks are the first of the UNet family's).
+    pub prefix: String,
+    /// LoRA adapters on its linears (sites named with the prefix; pairs in the parameters).
+    pub lora: Option<Arc<Adapters>>,
 }
 
 impl ClipTextModel {
@@ -115,6 +122,8 @@ impl ClipTextModel {
             cfg,
             act,
             kernels: Kernels::default(),
+            prefix: String::new(),
+            lora: None,
         })
     }
 
@@ -126,11 +135,54 @@ impl ClipTextModel {
         crate::weights::load_folder(dir, "model.safetensors", read, shapes, dtype, device)
     }
 
-    /// (last hidden state (B, T, H) after the final LayerNorm, pooled output (B, H)) for
-    /// token ids (B, T).
-    pub fn forward(&self, p: &Params, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Writes a `text_encoder/` folder: the config (`config_from`, as transformers wrote it)
+    /// and `model.safetensors` with the checkpoint's names (this model's prefix removed).
+    pub fn save(&self, dir: &Path, params: &Params, config_from: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let cfg = dir.join("config.json");
+        std::fs::copy(config_from, &cfg).map_err(|e| Error::file(config_from, e))?;
+        let tensors = self
+            .cfg
+            .param_shapes()
+            .into_iter()
+            .map(|(n, _)| Ok((n.clone(), params.get(&self.name(&n))?.clone())))
+            .collect::<Result<Vec<_>>>()?;
+        colossal_core::checkpoint::hf::save_model_named(dir, "model", &tensors, 10 << 30)?;
+        Ok(())
+    }
+
+    /// Every parameter's name (with the prefix) and shape.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let shapes = self.cfg.param_shapes();
+        shapes
+            .into_iter()
+            .map(|(n, s)| (self.name(&n), s))
+            .collect()
+    }
+
+    /// Its Linear weights (name with the prefix, (out, in)): where LoRA may go.
+    pub fn linear_layers(&self) -> Vec<(String, Vec<usize>)> {
+        self.param_shapes()
+            .into_iter()
+            .filter(|(n, s)| s.len() == 2 && n.contains(".encoder.layers."))
+            .collect()
+    }
+
+    fn name(&self, s: &str) -> String {
+        format!("{}{s}", self.prefix)
+    }
+
+    fn linear(&self, p: &Params, module: &str, x: &Tensor) -> Result<Tensor> {
+        let y = nn::linear(p, module, x, self.kernels)?;
+        Ok(match &self.lora {
+            Some(l) => l.add_term(p, &format!("{module}.weight"), x, y, self.kernels)?,
+            None => y,
+        })
+    }
+
+    /// Token plus position embeddings (B, T, H) of token ids (B, T).
+    pub fn embed(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let k = self.kernels;
         let (b, t) = ids.dims2()?;
         if t > c.max_position_embeddings {
             return Err(Error::Config(format!(
@@ -138,39 +190,60 @@ impl ClipTextModel {
                 c.max_position_embeddings
             )));
         }
-        let tok = p.get("text_model.embeddings.token_embedding.weight")?;
+        let tok = p.get(&self.name("text_model.embeddings.token_embedding.weight"))?;
         let pos = p
-            .get("text_model.embeddings.position_embedding.weight")?
+            .get(&self.name("text_model.embeddings.position_embedding.weight"))?
             .narrow(0, 0, t)?;
-        let mut x = tok
+        Ok(tok
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, c.hidden_size))?
-            .broadcast_add(&pos)?;
+            .broadcast_add(&pos)?)
+    }
+
+    /// Encoder layer `l`: causal self-attention then the MLP, each after a LayerNorm and added
+    /// back.
+    pub fn layer(&self, p: &Params, l: usize, x: &Tensor) -> Result<Tensor> {
+        let (c, k) = (&self.cfg, self.kernels);
+        let n = |s: &str| self.name(&format!("text_model.encoder.layers.{l}.{s}"));
         let heads = c.num_attention_heads;
         let scale = 1.0 / ((c.hidden_size / heads) as f64).sqrt();
-        for l in 0..c.num_hidden_layers {
-            let n = |s: &str| format!("text_model.encoder.layers.{l}.{s}");
-            let h = nn::layer_norm(p, &n("layer_norm1"), &x, c.layer_norm_eps, k)?;
-            let q = nn::linear(p, &n("self_attn.q_proj"), &h, k)?.affine(scale, 0.0)?;
-            let kk = nn::linear(p, &n("self_attn.k_proj"), &h, k)?;
-            let v = nn::linear(p, &n("self_attn.v_proj"), &h, k)?;
-            let (q, kk, v) = (
-                nn::split_heads(&q, heads)?,
-                nn::split_heads(&kk, heads)?,
-                nn::split_heads(&v, heads)?,
-            );
-            let o = nn::merge_heads(&nn::attention(&q, &kk, &v, true, k)?)?;
-            x = (x + nn::linear(p, &n("self_attn.out_proj"), &o, k)?)?;
-            let h = nn::layer_norm(p, &n("layer_norm2"), &x, c.layer_norm_eps, k)?;
-            let h = self.act.apply(&nn::linear(p, &n("mlp.fc1"), &h, k)?)?;
-            x = (x + nn::linear(p, &n("mlp.fc2"), &h, k)?)?;
+        let h = nn::layer_norm(p, &n("layer_norm1"), x, c.layer_norm_eps, k)?;
+        let q = self
+            .linear(p, &n("self_attn.q_proj"), &h)?
+            .affine(scale, 0.0)?;
+        let kk = self.linear(p, &n("self_attn.k_proj"), &h)?;
+        let v = self.linear(p, &n("self_attn.v_proj"), &h)?;
+        let (q, kk, v) = (
+            nn::split_heads(&q, heads)?,
+            nn::split_heads(&kk, heads)?,
+            nn::split_heads(&v, heads)?,
+        );
+        let o = nn::merge_heads(&nn::attention(&q, &kk, &v, true, k)?)?;
+        let x = (x + self.linear(p, &n("self_attn.out_proj"), &o)?)?;
+        let h = nn::layer_norm(p, &n("layer_norm2"), &x, c.layer_norm_eps, k)?;
+        let h = self.act.apply(&self.linear(p, &n("mlp.fc1"), &h)?)?;
+        Ok((&x + self.linear(p, &n("mlp.fc2"), &h)?)?)
+    }
+
+    /// The final LayerNorm: the last hidden state the UNet attends to.
+    pub fn final_norm(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let name = self.name("text_model.final_layer_norm");
+        nn::layer_norm(p, &name, x, self.cfg.layer_norm_eps, self.kernels)
+    }
+
+    /// (last hidden state (B, T, H) after the final LayerNorm, pooled output (B, H)) for
+    /// token ids (B, T).
+    pub fn forward(&self, p: &Params, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = self.embed(p, ids)?;
+        for l in 0..self.cfg.num_hidden_layers {
+            x = self.layer(p, l, &x)?;
         }
-        let last = nn::layer_norm(p, "text_model.final_layer_norm", &x, c.layer_norm_eps, k)?;
+        let last = self.final_norm(p, &x)?;
         let ids_host: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
         let rows = ids_host
             .iter()
             .enumerate()
-            .map(|(i, row)| last.i((i, pooled_position(row, c.eos_token_id))))
+            .map(|(i, row)| last.i((i, pooled_position(row, self.cfg.eos_token_id))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((last.clone(), Tensor::stack(&rows, 0)?))
     }

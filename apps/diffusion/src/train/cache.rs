@@ -1,6 +1,7 @@
 //! Each example's frozen-model outputs, computed once before training: the VAE posterior
 //! (mean and standard deviation; with random flips, of the mirrored image too) and the CLIP
-//! hidden states of its caption. Data-parallel ranks each encode a share and all-gather.
+//! hidden states of its caption (its token ids when the text encoder trains). Data-parallel
+//! ranks each encode a share and all-gather.
 
 use candle_core::Tensor;
 use colossal_core::dist::Communicator;
@@ -15,7 +16,16 @@ pub(super) struct Cached {
     pub mean: Tensor,
     pub std: Tensor,
     pub flipped: Option<(Tensor, Tensor)>,
+    /// The caption's CLIP hidden states (S, D), or its token ids (S) when the text encoder
+    /// trains (`Text::Ids`).
     pub text: Tensor,
+}
+
+/// What of a caption is cached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Caption {
+    Hidden,
+    Ids,
 }
 
 /// [`encode`] split over the data-parallel ranks: each encodes its contiguous share
@@ -25,14 +35,15 @@ pub(super) fn encode_shared(
     pipe: &Pipeline,
     raw: &[Example],
     flip: bool,
+    caption: Caption,
     comm: Option<&dyn Communicator>,
 ) -> Result<Vec<Cached>> {
     let Some(c) = comm.filter(|c| c.size() > 1 && !raw.is_empty()) else {
-        return encode(pipe, raw, flip);
+        return encode(pipe, raw, flip, caption);
     };
     let (per, len) = (raw.len().div_ceil(c.size()), raw.len());
     let span = |r: usize| (r * per).min(len)..((r + 1) * per).min(len);
-    let mine = encode(pipe, &raw[span(c.rank())], flip)?;
+    let mine = encode(pipe, &raw[span(c.rank())], flip, caption)?;
     // Every field stacked (zero rows pad a short last share), gathered, and split back.
     let gather = |pick: &dyn Fn(&Cached) -> Tensor, like: &Tensor| -> Result<Vec<Tensor>> {
         let mut rows: Vec<Tensor> = mine.iter().map(pick).collect();
@@ -52,11 +63,21 @@ pub(super) fn encode_shared(
     // the dataset's first).
     let probe = match mine.first() {
         Some(x) => x.clone(),
-        None => encode(pipe, &raw[..1], flip)?.remove(0),
+        None => encode(pipe, &raw[..1], flip, caption)?.remove(0),
     };
     let mean = gather(&|x| x.mean.clone(), &probe.mean)?;
     let std = gather(&|x| x.std.clone(), &probe.std)?;
-    let text = gather(&|x| x.text.clone(), &probe.text)?;
+    // Token ids cost nothing to compute: every rank makes all of them.
+    let text = match caption {
+        Caption::Hidden => gather(&|x| x.text.clone(), &probe.text)?,
+        Caption::Ids => {
+            let captions: Vec<String> = raw.iter().map(|e| e.caption.clone()).collect();
+            let ids = pipe.token_ids(&captions)?;
+            (0..len)
+                .map(|i| ids.get(i))
+                .collect::<candle_core::Result<_>>()?
+        }
+    };
     let flipped = match &probe.flipped {
         Some((fm, fs)) => {
             let m = gather(&|x| x.flipped.as_ref().expect("flip on").0.clone(), fm)?;
@@ -75,7 +96,12 @@ pub(super) fn encode_shared(
         .collect())
 }
 
-pub(super) fn encode(pipe: &Pipeline, raw: &[Example], flip: bool) -> Result<Vec<Cached>> {
+pub(super) fn encode(
+    pipe: &Pipeline,
+    raw: &[Example],
+    flip: bool,
+    caption: Caption,
+) -> Result<Vec<Cached>> {
     let mut out = Vec::with_capacity(raw.len());
     for chunk in raw.chunks(16) {
         let imgs = Tensor::stack(&chunk.iter().map(|e| &e.image).collect::<Vec<_>>(), 0)?
@@ -86,7 +112,10 @@ pub(super) fn encode(pipe: &Pipeline, raw: &[Example], flip: bool) -> Result<Vec
             false => None,
         };
         let captions: Vec<String> = chunk.iter().map(|e| e.caption.clone()).collect();
-        let text = pipe.encode_prompts(&captions)?;
+        let text = match caption {
+            Caption::Hidden => pipe.encode_prompts(&captions)?,
+            Caption::Ids => pipe.token_ids(&captions)?,
+        };
         for i in 0..chunk.len() {
             out.push(Cached {
                 mean: mean.get(i)?,

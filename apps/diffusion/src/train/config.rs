@@ -45,6 +45,12 @@ pub struct ModelSection {
     /// trained VAE. The exported folder then has no VAE (`"vae": [null, null]`).
     #[serde(default)]
     pub pixel_space: bool,
+    /// Train the folder's text encoder with the UNet (DreamBooth's `--train_text_encoder`):
+    /// captions are encoded in every step, the gradient reaches CLIP through the
+    /// cross-attentions, and the exported folder holds the trained `text_encoder/` (with
+    /// `[lora]`: its adapters, where `target_modules` name its linears, e.g. `q_proj`).
+    #[serde(default)]
+    pub train_text_encoder: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -225,6 +231,12 @@ impl DiffusionConfig {
                 "diffusion.ema_decay = {}: in [0, 1)",
                 self.diffusion.ema_decay
             ));
+        }
+        if self.model.train_text_encoder && self.diffusion.ema_decay > 0.0 {
+            return Err(
+                "diffusion.ema_decay with model.train_text_encoder is not implemented (the average covers the UNet)"
+                    .into(),
+            );
         }
         if let Some(lora) = &self.lora {
             if self.diffusion.ema_decay > 0.0 {

@@ -26,9 +26,10 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Writes `out` as a diffusers pipeline folder: `pretrained`'s components with `unet`
-/// (`weights`) in place of its UNet, and no VAE for a pixel-space model (`"vae": [null, null]`).
-/// A UNet with LoRA adapters keeps its base weights in `unet/` and its adapters in
-/// `pytorch_lora_weights.safetensors` (what `load_lora_weights(folder)` reads).
+/// (`weights`) in place of its UNet — and of its text encoder when that trained too — and no
+/// VAE for a pixel-space model (`"vae": [null, null]`). With LoRA adapters the models keep their
+/// base weights and the adapters go to `pytorch_lora_weights.safetensors` (what
+/// `load_lora_weights(folder)` reads).
 /// Built beside `out` and renamed into place.
 pub fn pipeline_folder(
     pretrained: &Path,
@@ -53,15 +54,21 @@ pub fn pipeline_folder(
     let dst = tmp.join("model_index.json");
     std::fs::write(&dst, text).map_err(|e| Error::file(&dst, e))?;
     let vae = (!pixel_space).then_some("vae");
-    for part in ["tokenizer", "text_encoder", "scheduler"]
+    let text = unet.text_encoder.is_none().then_some("text_encoder");
+    for part in ["tokenizer", "scheduler"]
         .into_iter()
         .chain(vae)
+        .chain(text)
     {
         copy_dir(&pretrained.join(part), &tmp.join(part))?;
     }
-    unet.save(&tmp.join("unet"), weights, 10 << 30)?;
+    if let Some(clip) = &unet.text_encoder {
+        let config = pretrained.join("text_encoder/config.json");
+        clip.save(&tmp.join("text_encoder"), weights, &config)?;
+    }
+    unet.denoiser().save(&tmp.join("unet"), weights, 10 << 30)?;
     if let Some(lora) = &unet.lora {
-        crate::lora::save_unet_lora(&tmp.join(crate::lora::LORA_FILE), lora, weights)?;
+        crate::lora::save_lora(&tmp.join(crate::lora::LORA_FILE), lora, weights)?;
     }
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| Error::file(out, e))?;
@@ -73,7 +80,7 @@ pub fn pipeline_folder(
 
 /// The EMA weights of a checkpoint: `ckpt/ema/` as a UNet folder.
 pub fn save_ema(ckpt: &Path, unet: &UNet, ema: &Params) -> Result<()> {
-    Ok(unet.save(&ckpt.join("ema"), ema, 10 << 30)?)
+    Ok(unet.denoiser().save(&ckpt.join("ema"), ema, 10 << 30)?)
 }
 
 /// The EMA weights saved with checkpoint `ckpt`, if any.

@@ -14,11 +14,12 @@ pub use task::DiffusionTask;
 
 use std::path::Path;
 
+use colossal_core::models::{init_all, ModelFamily};
 use colossal_core::train::{launch_ranks, Engine, Origin};
 use colossal_session::{run_session, Plan, Summary};
 
 use crate::pipeline::Pipeline;
-use crate::unet::{UNet, UNetConfig};
+use crate::unet::{UNet, UNetConfig, TEXT_PREFIX};
 
 /// Trains as configured on every rank (resuming from checkpoint `resume`); rank 0's summary.
 /// With `[dreambooth]` and prior preservation, missing class images are generated first.
@@ -53,16 +54,9 @@ pub fn train(
         if cfg.model.pixel_space {
             pipe.space = crate::space::Space::Pixels;
         }
-        let origin = match (resume, &cfg.model.unet_config) {
-            (Some(dir), _) => Origin::Resume(dir),
-            (None, Some(path)) => Origin::Fresh {
-                model: UNet::new(UNetConfig::from_file(path).map_err(err)?).map_err(err)?,
-                seed: cfg.model.init_seed,
-            },
-            (None, None) => Origin::Whole {
-                model: pipe.unet.clone(),
-                params: pipe.unet_params.clone(),
-            },
+        let origin = match resume {
+            Some(dir) => Origin::Resume(dir),
+            None => start(&cfg, &pipe).map_err(err)?,
         };
         let engine = Engine::new_rank(ecfg, origin, setup.device.clone(), setup.comm)?;
         let mut task =
@@ -76,5 +70,38 @@ pub fn train(
             })?);
         }
         run_session(&mut task, &Plan::of(&cfg.train, stop_at))
+    })
+}
+
+/// Where training starts without a checkpoint: the folder's UNet, or a fresh one from
+/// `model.unet_config`; with `model.train_text_encoder`, the folder's text encoder joins it
+/// (its weights named `text_encoder.…`) and a fresh UNet is initialised here, as the engine
+/// would from the same seed.
+fn start<'a>(cfg: &DiffusionConfig, pipe: &Pipeline) -> crate::Result<Origin<'a, UNet>> {
+    let joint = cfg.model.train_text_encoder;
+    let (unet, mut params) = match &cfg.model.unet_config {
+        Some(path) => {
+            let unet = UNet::new(UNetConfig::from_file(path)?)?;
+            if !joint {
+                let seed = cfg.model.init_seed;
+                return Ok(Origin::Fresh { model: unet, seed });
+            }
+            let params = init_all(&unet.param_specs(), cfg.model.init_seed, &pipe.device)?;
+            (unet, params)
+        }
+        None => (pipe.unet.clone(), pipe.unet_params.clone()),
+    };
+    if !joint {
+        return Ok(Origin::Whole {
+            model: unet,
+            params,
+        });
+    }
+    for (name, v) in pipe.text_params.iter() {
+        params.insert(format!("{TEXT_PREFIX}{name}"), v.clone());
+    }
+    Ok(Origin::Whole {
+        model: unet.with_text_encoder(pipe.text.clone()),
+        params,
     })
 }

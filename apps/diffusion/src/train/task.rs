@@ -20,14 +20,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::cache::{self, Cached};
+use super::cache::{self, Cached, Caption};
 use super::config::DiffusionConfig;
 use super::export;
 use super::sets::TrainData;
 use crate::data;
 use crate::pipeline::{gaussian, Pipeline, SampleOptions};
 use crate::scheduler::{Prediction, Scheduler};
-use crate::unet::{UNet, UNetCtx};
+use crate::unet::{Text, UNet, UNetCtx};
 use crate::{Error, Result};
 
 /// One stream of examples: the training images, or DreamBooth's class images.
@@ -107,14 +107,18 @@ impl DiffusionTask {
         );
         let flip = cfg.random_flip();
         let comm = engine.data_comm();
+        let caption = match engine.model.text_encoder {
+            Some(_) => Caption::Ids,
+            None => Caption::Hidden,
+        };
         let mut sets = vec![Set {
-            cached: cache::encode_shared(&pipe, &data.examples, flip, comm)?,
+            cached: cache::encode_shared(&pipe, &data.examples, flip, caption, comm)?,
             weight: 1.0,
             order: (u64::MAX, Vec::new()),
         }];
         if let Some((class, w)) = &data.prior {
             sets.push(Set {
-                cached: cache::encode_shared(&pipe, class, flip, comm)?,
+                cached: cache::encode_shared(&pipe, class, flip, caption, comm)?,
                 weight: *w as f32,
                 order: (u64::MAX, Vec::new()),
             });
@@ -217,10 +221,15 @@ impl DiffusionTask {
             parts.lock().expect("loss parts").insert(mb, part);
             Ok(((sq * &w)?.sum_all()? / norm)?)
         });
+        let text = Tensor::stack(&texts, 0)?;
+        let text = match self.engine.model.text_encoder {
+            Some(_) => Text::Ids(text),
+            None => Text::Hidden(text.to_dtype(dtype)?),
+        };
         Ok(MicroBatch {
             inputs: Acts::one("x", noisy.to_dtype(dtype)?),
             ctx: UNetCtx {
-                text: Tensor::stack(&texts, 0)?.to_dtype(dtype)?,
+                text,
                 t: ts.iter().map(|&t| t as f64).collect(),
             },
             loss_fn,
@@ -264,9 +273,14 @@ impl DiffusionTask {
             sc.variance_type = None;
         }
         self.pipe.scheduler = Scheduler::new(sc)?;
-        self.pipe.unet_params = weights;
-        // Sample with what trains: the UNet's adapters too.
+        // Sample with what trains: the UNet's adapters, and the text encoder when it trains
+        // (its weights are in the same set, under its prefix).
         self.pipe.unet.lora = self.engine.model.lora.clone();
+        if let Some(clip) = &self.engine.model.text_encoder {
+            self.pipe.text = clip.clone();
+            self.pipe.text_params = weights.clone();
+        }
+        self.pipe.unet_params = weights;
         let res = self.cfg.resolution();
         let opts = SampleOptions {
             steps: d.sample_steps,

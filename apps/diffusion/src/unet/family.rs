@@ -2,8 +2,10 @@
 //! `conv_in`), one block per down level, the middle, one block per up level, and the output
 //! head. Between blocks travel the running activation `h`, the time embedding `temb` (every
 //! ResNet reads it) and the skips `skip.k` each down level stashes for the up level that
-//! concatenates them; the noisy latents `x` take no gradient. The text conditioning and the
-//! timesteps are the per-batch context.
+//! concatenates them; the noisy latents `x` take no gradient. The timesteps and the text
+//! conditioning are the per-batch context — with a text encoder training alongside, the
+//! caption's token ids are, and its blocks come first and add the stream `text` (its hidden
+//! states) that every cross-attention reads and sends its gradient back through.
 
 use std::path::Path;
 
@@ -14,21 +16,32 @@ use colossal_core::models::{Init, ModelFamily, ParamSpec};
 use colossal_core::parallel::plan::TpPlan;
 use colossal_core::params::Params;
 
-use super::{DownKind, UNet, UNetConfig, UpKind};
+use super::{DownKind, UNet, UNetConfig, UpKind, TEXT_PREFIX};
+use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::conv_blocks;
 use crate::nn;
 
 /// Per-batch inputs every block reads.
 #[derive(Clone, Debug)]
 pub struct UNetCtx {
-    /// Text hidden states (B, S, cross_attention_dim), no gradient.
-    pub text: Tensor,
+    pub text: Text,
     /// Per-sample timesteps.
     pub t: Vec<f64>,
 }
 
-/// Which part of the UNet a block is.
+/// The text conditioning of a batch.
+#[derive(Clone, Debug)]
+pub enum Text {
+    /// A frozen text encoder's hidden states (B, S, cross_attention_dim), no gradient.
+    Hidden(Tensor),
+    /// Token ids (B, S) for the text encoder the model trains.
+    Ids(Tensor),
+}
+
+/// Which part of the model a block is.
 enum Part {
+    TextEmbed,
+    TextLayer(usize),
     Stem,
     Down(usize),
     Mid,
@@ -46,8 +59,13 @@ fn core_err(e: crate::Error) -> colossal_core::Error {
 
 impl UNet {
     fn part(&self, block: usize) -> Part {
-        let n = self.levels();
+        let (n, k) = (self.levels(), self.text_blocks());
         match block {
+            0 if k > 0 => return Part::TextEmbed,
+            b if b < k => return Part::TextLayer(b - 1),
+            _ => {}
+        }
+        match block - k {
             0 => Part::Stem,
             b if b <= n => Part::Down(b - 1),
             b if b == n + 1 => Part::Mid,
@@ -57,13 +75,27 @@ impl UNet {
     }
 
     fn prefixes(&self, block: usize) -> Vec<String> {
+        let text = |s: &str| format!("{TEXT_PREFIX}text_model.{s}");
         match self.part(block) {
+            Part::TextEmbed => vec![text("embeddings.")],
+            Part::TextLayer(l) if l + 1 == self.text_blocks() - 1 => vec![
+                text(&format!("encoder.layers.{l}.")),
+                text("final_layer_norm."),
+            ],
+            Part::TextLayer(l) => vec![text(&format!("encoder.layers.{l}."))],
             Part::Stem => vec!["time_embedding.".into(), "conv_in.".into()],
             Part::Down(i) => vec![format!("down_blocks.{i}.")],
             Part::Mid => vec!["mid_block.".into()],
             Part::Up(i) => vec![format!("up_blocks.{i}.")],
             Part::Head => vec!["conv_norm_out.".into(), "conv_out.".into()],
         }
+    }
+
+    /// The family's parameters: the UNet's, then a jointly trained text encoder's.
+    fn family_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = self.param_shapes();
+        out.extend(self.text_encoder.iter().flat_map(|c| c.param_shapes()));
+        out
     }
 
     /// Skips stashed before down level `i` (the stem stashes one).
@@ -74,12 +106,53 @@ impl UNet {
             .sum::<usize>()
     }
 
+    /// What the cross-attentions read: the trained text encoder's stream, else the batch's
+    /// hidden states.
+    fn text(&self, acts: &Acts, ctx: &UNetCtx) -> crate::Result<Tensor> {
+        if acts.names().contains(&"text") {
+            return Ok(acts.get("text")?.clone());
+        }
+        match &ctx.text {
+            Text::Hidden(h) => Ok(h.clone()),
+            Text::Ids(_) => Err(crate::Error::Config(
+                "the batch gives token ids but this UNet has no text encoder".into(),
+            )),
+        }
+    }
+
     fn run_block(&self, block: usize, p: &Params, x: &Acts, ctx: &UNetCtx) -> crate::Result<Acts> {
         let c = &self.cfg;
         let n = self.levels();
         let blocks = self.ctx(p);
         let mut out = x.clone();
-        match self.part(block) {
+        let part = self.part(block);
+        if let (Part::TextEmbed | Part::TextLayer(_), Some(clip)) = (&part, &self.text_encoder) {
+            let h = match (part, &ctx.text) {
+                (Part::TextEmbed, Text::Ids(ids)) => clip.embed(p, ids)?,
+                (Part::TextEmbed, Text::Hidden(_)) => {
+                    return Err(crate::Error::Config(
+                        "this UNet trains its text encoder: the batch must give token ids".into(),
+                    ))
+                }
+                (Part::TextLayer(l), _) => {
+                    let h = clip.layer(p, l, out.get("text")?)?;
+                    match l + 1 == clip.cfg.num_hidden_layers {
+                        true => clip.final_norm(p, &h)?,
+                        false => h,
+                    }
+                }
+                _ => unreachable!("a text block"),
+            };
+            out.insert("text", h);
+            return Ok(out);
+        }
+        let text = match part {
+            Part::Down(_) | Part::Mid | Part::Up(_) => Some(self.text(&out, ctx)?),
+            _ => None,
+        };
+        let text = text.as_ref();
+        match part {
+            Part::TextEmbed | Part::TextLayer(_) => unreachable!("text blocks need a text encoder"),
             Part::Stem => {
                 let x = out.take("x")?;
                 let temb = self.time_embedding(p, &ctx.t, x.device(), x.dtype())?;
@@ -96,7 +169,13 @@ impl UNet {
                     if self.down[i] == DownKind::CrossAttn {
                         let layers = c.transformer_layers_per_block.get(i);
                         let prefix = format!("down_blocks.{i}.attentions.{j}");
-                        h = blocks.transformer(&prefix, &h, &ctx.text, c.heads(i), layers)?;
+                        h = blocks.transformer(
+                            &prefix,
+                            &h,
+                            text.expect("down"),
+                            c.heads(i),
+                            layers,
+                        )?;
                     }
                     out.insert(&format!("skip.{k}"), h.clone());
                     k += 1;
@@ -122,7 +201,7 @@ impl UNet {
                 let h = blocks.transformer(
                     "mid_block.attentions.0",
                     &h,
-                    &ctx.text,
+                    text.expect("mid"),
                     c.heads(n - 1),
                     layers,
                 )?;
@@ -139,7 +218,13 @@ impl UNet {
                     if self.up[i] == UpKind::CrossAttn {
                         let layers = c.transformer_layers_per_block.get(level);
                         let prefix = format!("up_blocks.{i}.attentions.{j}");
-                        h = blocks.transformer(&prefix, &h, &ctx.text, c.heads(level), layers)?;
+                        h = blocks.transformer(
+                            &prefix,
+                            &h,
+                            text.expect("up"),
+                            c.heads(level),
+                            layers,
+                        )?;
                     }
                 }
                 if i + 1 < n {
@@ -174,7 +259,7 @@ impl BlockModel for UNet {
     type Ctx = UNetCtx;
 
     fn num_blocks(&self) -> usize {
-        2 * self.levels() + 3
+        self.text_blocks() + 2 * self.levels() + 3
     }
 
     fn block_param_names(&self, block: usize) -> Vec<String> {
@@ -184,7 +269,7 @@ impl BlockModel for UNet {
             .iter()
             .flat_map(|l| l.sites.iter())
             .flat_map(|s| [s.a_name(), s.b_name()]);
-        self.param_shapes()
+        self.family_shapes()
             .into_iter()
             .map(|(n, _)| n)
             .chain(adapters)
@@ -213,8 +298,102 @@ impl ModelFamily for UNet {
     }
 
     /// torch's defaults: norm weights 1 and biases 0; convolution and linear weights and
-    /// biases uniform in ±1/√fan_in.
+    /// biases uniform in ±1/√fan_in. A text encoder's as transformers initialises CLIP:
+    /// normal(0, 0.02) matrices, zero biases, unit LayerNorm weights.
     fn param_specs(&self) -> Vec<ParamSpec> {
+        let mut specs = self.unet_specs();
+        let text = self.text_encoder.iter().flat_map(|c| c.param_shapes());
+        specs.extend(text.map(|(name, shape)| {
+            let init = match (shape.len(), name.contains("norm")) {
+                (2, _) => Init::Normal {
+                    std: 0.02,
+                    zero_row: None,
+                },
+                (_, true) if name.ends_with(".weight") => Init::Ones,
+                _ => Init::Zeros,
+            };
+            ParamSpec { name, shape, init }
+        }));
+        specs
+    }
+
+    fn tied_params(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn tp_plan(&self) -> TpPlan {
+        TpPlan::new(&[])
+    }
+
+    /// `config.json` (the UNet's), and `text_encoder_config.json` when the text encoder trains.
+    fn read_config(dir: &Path) -> colossal_core::Result<Self> {
+        let cfg = UNetConfig::from_file(&dir.join("config.json")).map_err(core_err)?;
+        let unet = UNet::new(cfg).map_err(core_err)?;
+        let text = dir.join(TEXT_CONFIG);
+        if !text.exists() {
+            return Ok(unet);
+        }
+        let clip = ClipTextModel::new(ClipTextConfig::from_file(&text).map_err(core_err)?)
+            .map_err(core_err)?;
+        Ok(unet.with_text_encoder(clip))
+    }
+
+    fn write_config(&self, dir: &Path, _dtype: DType) -> colossal_core::Result<()> {
+        let path = dir.join("config.json");
+        let text = self.cfg.to_json().map_err(core_err)?;
+        colossal_core::checkpoint::atomic::write_file(&path, text.as_bytes())?;
+        if let Some(clip) = &self.text_encoder {
+            let text = serde_json::to_string_pretty(&clip.cfg)
+                .map_err(|e| colossal_core::Error::Config(e.to_string()))?;
+            colossal_core::checkpoint::atomic::write_file(&dir.join(TEXT_CONFIG), text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn weights_stem(&self) -> &'static str {
+        "diffusion_pytorch_model"
+    }
+
+    /// The Linear layers of the spatial transformers (attention projections, feed-forward,
+    /// linear proj_in/out): where the UNet applies LoRA. The time-embedding linears are not.
+    /// A trained text encoder's linears too (`text_encoder.…q_proj`, …).
+    fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let text = self.text_encoder.iter().flat_map(|c| c.linear_layers());
+        self.param_shapes()
+            .into_iter()
+            .filter(|(n, s)| s.len() == 2 && n.ends_with(".weight") && n.contains(".attentions."))
+            .chain(text)
+            .map(|(n, s)| (n, s, false))
+            .collect()
+    }
+
+    fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> colossal_core::Result<Self> {
+        let lora = Some(std::sync::Arc::new(Adapters {
+            cfg: cfg.clone(),
+            sites,
+        }));
+        let text_encoder = self.text_encoder.map(|mut c| {
+            c.lora = lora.clone();
+            c
+        });
+        Ok(UNet {
+            lora,
+            text_encoder,
+            ..self
+        })
+    }
+
+    fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
+        self.lora.as_ref().map(|a| (&a.cfg, a.sites.as_slice()))
+    }
+}
+
+/// A jointly trained text encoder's config inside an engine checkpoint.
+const TEXT_CONFIG: &str = "text_encoder_config.json";
+
+impl UNet {
+    /// The diffusers UNet's parameters as [`ModelFamily::param_specs`] gives them.
+    fn unet_specs(&self) -> Vec<ParamSpec> {
         let shapes = self.param_shapes();
         let fan_in = |weight: &str| -> usize {
             shapes
@@ -247,52 +426,5 @@ impl ModelFamily for UNet {
                 }
             })
             .collect()
-    }
-
-    fn tied_params(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    fn tp_plan(&self) -> TpPlan {
-        TpPlan::new(&[])
-    }
-
-    fn read_config(dir: &Path) -> colossal_core::Result<Self> {
-        let cfg = UNetConfig::from_file(&dir.join("config.json")).map_err(core_err)?;
-        UNet::new(cfg).map_err(core_err)
-    }
-
-    fn write_config(&self, dir: &Path, _dtype: DType) -> colossal_core::Result<()> {
-        let path = dir.join("config.json");
-        let text = self.cfg.to_json().map_err(core_err)?;
-        colossal_core::checkpoint::atomic::write_file(&path, text.as_bytes())
-    }
-
-    fn weights_stem(&self) -> &'static str {
-        "diffusion_pytorch_model"
-    }
-
-    /// The Linear layers of the spatial transformers (attention projections, feed-forward,
-    /// linear proj_in/out): where the UNet applies LoRA. The time-embedding linears are not.
-    fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
-        self.param_shapes()
-            .into_iter()
-            .filter(|(n, s)| s.len() == 2 && n.ends_with(".weight") && n.contains(".attentions."))
-            .map(|(n, s)| (n, s, false))
-            .collect()
-    }
-
-    fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> colossal_core::Result<Self> {
-        Ok(UNet {
-            lora: Some(std::sync::Arc::new(Adapters {
-                cfg: cfg.clone(),
-                sites,
-            })),
-            ..self
-        })
-    }
-
-    fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
-        self.lora.as_ref().map(|a| (&a.cfg, a.sites.as_slice()))
     }
 }

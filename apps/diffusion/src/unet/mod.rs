@@ -10,7 +10,7 @@ mod family;
 
 pub use blocks::timestep_features;
 pub use config::{DownKind, PerBlock, UNetConfig, UpKind};
-pub use family::UNetCtx;
+pub use family::{Text, UNetCtx};
 
 use std::path::Path;
 
@@ -18,11 +18,15 @@ use candle_core::{DType, Device, Tensor};
 use colossal_core::params::Params;
 use colossal_kernels::Kernels;
 
+use crate::clip::ClipTextModel;
 use crate::conv_blocks::resnet_shapes;
 use blocks::{transformer_shapes, Ctx};
 
 use crate::nn::{self, Activation};
 use crate::{Error, Result};
+
+/// Where a jointly trained text encoder's parameters are named.
+pub const TEXT_PREFIX: &str = "text_encoder.";
 
 #[derive(Clone, Debug)]
 pub struct UNet {
@@ -33,6 +37,10 @@ pub struct UNet {
     pub kernels: Kernels,
     /// LoRA adapters on the spatial transformers' linears (pairs in the parameters).
     pub lora: Option<std::sync::Arc<colossal_core::lora::Adapters>>,
+    /// The text encoder, when it trains with the UNet (DreamBooth's `--train_text_encoder`):
+    /// its layers are this family's first blocks, its hidden states a stream every
+    /// cross-attention reads, its parameters named `text_encoder.…` beside the UNet's.
+    pub text_encoder: Option<ClipTextModel>,
 }
 
 impl UNet {
@@ -48,7 +56,36 @@ impl UNet {
             up,
             kernels: Kernels::default(),
             lora: None,
+            text_encoder: None,
         })
+    }
+
+    /// This UNet training `clip` with it (as the family's first blocks).
+    pub fn with_text_encoder(self, mut clip: ClipTextModel) -> Self {
+        clip.prefix = TEXT_PREFIX.into();
+        clip.lora = self.lora.clone();
+        Self {
+            text_encoder: Some(clip),
+            ..self
+        }
+    }
+
+    /// The diffusers `UNet2DConditionModel` alone: no text encoder, no adapters (what `unet/`
+    /// and the EMA folder hold).
+    pub fn denoiser(&self) -> Self {
+        Self {
+            lora: None,
+            text_encoder: None,
+            ..self.clone()
+        }
+    }
+
+    /// How many blocks the text encoder takes before the UNet's (embeddings, then a block per
+    /// layer).
+    fn text_blocks(&self) -> usize {
+        self.text_encoder
+            .as_ref()
+            .map_or(0, |c| 1 + c.cfg.num_hidden_layers)
     }
 
     /// The model and its weights from a `unet/` folder (`config.json`,
@@ -77,7 +114,8 @@ impl UNet {
         (if j == 0 { prev } else { out }) + skip
     }
 
-    /// Every parameter's name and shape.
+    /// Every parameter's name and shape: the diffusers UNet's (a jointly trained text
+    /// encoder's are the family's: `ModelFamily::param_specs`).
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let c = &self.cfg;
         let boc = &c.block_out_channels;
@@ -186,15 +224,16 @@ impl UNet {
     }
 
     /// The model's prediction (B, out, H, W) for `x` (B, in, H, W) at per-sample timesteps
-    /// `t`, conditioned on `text` (B, S, cross_attention_dim): its blocks in order.
+    /// `t`, conditioned on `text` (B, S, cross_attention_dim): the UNet's blocks in order (a
+    /// text encoder it carries is not run: `text` is its output).
     pub fn forward(&self, p: &Params, x: &Tensor, t: &[f64], text: &Tensor) -> Result<Tensor> {
         use colossal_core::exec::{Acts, BlockModel};
         let ctx = UNetCtx {
-            text: text.clone(),
+            text: Text::Hidden(text.clone()),
             t: t.to_vec(),
         };
         let mut acts = Acts::one("x", x.clone());
-        for b in 0..self.num_blocks() {
+        for b in self.text_blocks()..self.num_blocks() {
             acts = self.block_forward(b, p, &acts, &ctx)?;
         }
         Ok(acts.take("pred")?)
