@@ -1,0 +1,271 @@
+//! PDB files: read the first model's protein chains (standard residues; selenomethionine
+//! `MSE` read as `MET`, as AlphaFold's parser does; water and ligands skipped; for an atom with
+//! alternative locations the first one listed), and write chains back with a per-atom
+//! B-factor (pLDDT for predictions). Errors name the file and line.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::residues;
+use crate::superpose::Vec3;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Atom {
+    pub name: String,
+    pub xyz: Vec3,
+    pub b_factor: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Residue {
+    /// Three-letter name (`MSE` is stored as `MET`).
+    pub name: String,
+    pub number: i32,
+    pub insertion: char,
+    pub atoms: Vec<Atom>,
+}
+
+impl Residue {
+    pub fn atom(&self, name: &str) -> Option<&Atom> {
+        self.atoms.iter().find(|a| a.name == name)
+    }
+
+    /// One-letter code.
+    pub fn code(&self) -> char {
+        residues::one_letter(&self.name).unwrap_or('X')
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chain {
+    pub id: char,
+    pub residues: Vec<Residue>,
+}
+
+impl Chain {
+    pub fn sequence(&self) -> String {
+        self.residues.iter().map(Residue::code).collect()
+    }
+}
+
+/// Reads a `.pdb` file (gzip-compressed when it ends in `.gz`).
+pub fn read(path: &Path) -> Result<Vec<Chain>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+    let text = match path.extension().is_some_and(|e| e == "gz") {
+        true => {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut s)
+                .map_err(|e| Error::file(path, format!("not gzip text: {e}")))?;
+            s
+        }
+        false => String::from_utf8(bytes).map_err(|e| Error::file(path, e))?,
+    };
+    parse(&text, path)
+}
+
+fn field(line: &str, from: usize, to: usize) -> &str {
+    line.get(from..to.min(line.len())).unwrap_or("").trim()
+}
+
+fn number<T: std::str::FromStr>(
+    line: &str,
+    from: usize,
+    to: usize,
+    what: &str,
+    path: &Path,
+    n: usize,
+) -> Result<T> {
+    let f = field(line, from, to);
+    f.parse()
+        .map_err(|_| Error::at_line(path, n, format!("{what} `{f}` is not a number")))
+}
+
+/// Parses PDB text (`path` names it in errors).
+pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
+    let mut chains: Vec<Chain> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.starts_with("ENDMDL") {
+            break;
+        }
+        let record = field(line, 0, 6);
+        if record != "ATOM" && record != "HETATM" {
+            continue;
+        }
+        if line.len() < 54 {
+            return Err(Error::at_line(
+                path,
+                n,
+                "an ATOM record shorter than its coordinates",
+            ));
+        }
+        let mut res_name = field(line, 17, 20).to_string();
+        if res_name == "MSE" {
+            res_name = "MET".into();
+        } else if record == "HETATM" {
+            continue; // water and ligands
+        }
+        if residues::one_letter(&res_name).is_none() {
+            return Err(Error::at_line(
+                path,
+                n,
+                format!("residue `{res_name}` is not one of the 20 standard amino acids"),
+            ));
+        }
+        let mut name = field(line, 12, 16).to_string();
+        if res_name == "MET" && name == "SE" {
+            name = "SD".into();
+        }
+        let altloc = line.as_bytes()[16] as char;
+        let chain_id = line.as_bytes()[21] as char;
+        let number = number(line, 22, 26, "residue number", path, n)?;
+        let insertion = line.as_bytes().get(26).map_or(' ', |&b| b as char);
+        let xyz = [
+            self::number(line, 30, 38, "x", path, n)?,
+            self::number(line, 38, 46, "y", path, n)?,
+            self::number(line, 46, 54, "z", path, n)?,
+        ];
+        let b_factor = match field(line, 60, 66) {
+            "" => 0.0,
+            _ => self::number(line, 60, 66, "B-factor", path, n)?,
+        };
+        if chains.last().is_none_or(|c| c.id != chain_id) {
+            if chains.iter().any(|c| c.id == chain_id) {
+                return Err(Error::at_line(
+                    path,
+                    n,
+                    format!("chain {chain_id} resumes after another chain"),
+                ));
+            }
+            chains.push(Chain {
+                id: chain_id,
+                residues: Vec::new(),
+            });
+        }
+        let chain = chains.last_mut().expect("pushed");
+        let same = |r: &Residue| r.number == number && r.insertion == insertion;
+        if !chain.residues.last().is_some_and(same) {
+            chain.residues.push(Residue {
+                name: res_name.clone(),
+                number,
+                insertion,
+                atoms: Vec::new(),
+            });
+        }
+        let res = chain.residues.last_mut().expect("pushed");
+        if res.name != res_name {
+            // A point mutation given as alternative locations: keep the first residue.
+            if altloc != ' ' {
+                continue;
+            }
+            return Err(Error::at_line(
+                path,
+                n,
+                format!("residue {number} is both {} and {res_name}", res.name),
+            ));
+        }
+        // Alternative locations: the first listed wins.
+        if res.atom(&name).is_some() {
+            continue;
+        }
+        res.atoms.push(Atom {
+            name,
+            xyz,
+            b_factor,
+        });
+    }
+    if chains.is_empty() {
+        return Err(Error::file(path, "no protein ATOM records"));
+    }
+    Ok(chains)
+}
+
+/// PDB text for `chains` (ATOM records, TER after each chain, END).
+pub fn format(chains: &[Chain]) -> String {
+    let mut out = String::new();
+    let mut serial = 1;
+    for chain in chains {
+        let mut last = None;
+        for res in &chain.residues {
+            for atom in &res.atoms {
+                // Atom names of up to 3 characters start in column 14, as PDB files align them.
+                let name = match atom.name.len() {
+                    4 => atom.name.clone(),
+                    _ => format!(" {:<3}", atom.name),
+                };
+                let element = atom.name.chars().next().unwrap_or('C');
+                out.push_str(&format!(
+                    "ATOM  {:>5} {} {:>3} {}{:>4}{}   {:>8.3}{:>8.3}{:>8.3}{:>6.2}{:>6.2}          {:>2}\n",
+                    serial % 100_000,
+                    name,
+                    res.name,
+                    chain.id,
+                    res.number,
+                    res.insertion,
+                    atom.xyz[0],
+                    atom.xyz[1],
+                    atom.xyz[2],
+                    1.0,
+                    atom.b_factor,
+                    element
+                ));
+                serial += 1;
+            }
+            last = Some(res);
+        }
+        if let Some(res) = last {
+            out.push_str(&format!(
+                "TER   {:>5}      {:>3} {}{:>4}{}\n",
+                serial % 100_000,
+                res.name,
+                chain.id,
+                res.number,
+                res.insertion
+            ));
+            serial += 1;
+        }
+    }
+    out.push_str("END\n");
+    out
+}
+
+/// Writes `chains` to `path` atomically (beside it, then renamed).
+pub fn write(path: &Path, chains: &[Chain]) -> Result<()> {
+    let tmp = path.with_extension("pdb.tmp");
+    std::fs::write(&tmp, format(chains)).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}
+
+/// A chain of Cα atoms for `sequence` (one-letter codes) at `ca`, numbered from 1, with
+/// per-residue B-factors (pLDDT) when given.
+pub fn ca_chain(id: char, sequence: &str, ca: &[Vec3], b: Option<&[f64]>) -> Result<Chain> {
+    if sequence.chars().count() != ca.len() {
+        return Err(Error::Invalid(format!(
+            "{} residues in the sequence, {} Cα positions",
+            sequence.chars().count(),
+            ca.len()
+        )));
+    }
+    let residues = sequence
+        .chars()
+        .zip(ca)
+        .enumerate()
+        .map(|(i, (c, xyz))| {
+            let name = residues::three_letter(c)
+                .ok_or_else(|| Error::Invalid(format!("`{c}` is not a standard residue code")))?;
+            Ok(Residue {
+                name: name.into(),
+                number: i as i32 + 1,
+                insertion: ' ',
+                atoms: vec![Atom {
+                    name: "CA".into(),
+                    xyz: *xyz,
+                    b_factor: b.map_or(0.0, |b| b[i]),
+                }],
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Chain { id, residues })
+}
