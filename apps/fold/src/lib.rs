@@ -1,9 +1,11 @@
 //! `fold`: AlphaFold-style structure prediction on colossal-rs. So far: protein structures in
-//! and out (`pdb`), optimal superposition (`superpose`) and the standard comparison metrics —
+//! and out (`pdb`, `mmcif`), sequences and alignments in (`msa`), optimal superposition (`superpose`) and the standard comparison metrics —
 //! RMSD, TM-score, lDDT-Cα, GDT-TS/HA (`metrics`).
 
 pub mod error;
 pub mod metrics;
+pub mod mmcif;
+pub mod msa;
 pub mod pdb;
 pub mod residues;
 pub mod superpose;

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Cα RMSD (Kabsch), TM-score, lDDT-Cα, GDT-TS and GDT-HA of a prediction against a
-    /// reference (PDB files, full-atom or Cα only; residues matched by number), as JSON.
+    /// reference (PDB or mmCIF files, full-atom or Cα only; residues matched by number), as JSON.
     Eval {
         #[arg(long)]
         pred: PathBuf,
@@ -32,11 +32,11 @@ enum Cmd {
         reference: PathBuf,
         /// The chain to compare (default: each file's first).
         #[arg(long)]
-        chain: Option<char>,
+        chain: Option<String>,
     },
 }
 
-fn pick(chains: Vec<Chain>, id: Option<char>, path: &Path) -> Result<Chain> {
+fn pick(chains: Vec<Chain>, id: Option<String>, path: &Path) -> Result<Chain> {
     match id {
         None => Ok(chains.into_iter().next().expect("read() gives a chain")),
         Some(id) => chains
@@ -84,6 +84,16 @@ fn ca_pairs(pred: &Chain, reference: &Chain, pred_path: &Path) -> Result<(Vec<Ve
     Ok((p, r))
 }
 
+/// A PDB or mmCIF file (by extension; `.gz` too).
+fn read_structure(path: &Path) -> Result<Vec<Chain>> {
+    let name = path.to_string_lossy();
+    let name = name.trim_end_matches(".gz");
+    Ok(match name.ends_with(".cif") {
+        true => fold::mmcif::read(path)?,
+        false => pdb::read(path)?,
+    })
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Eval {
@@ -91,8 +101,8 @@ fn main() -> Result<()> {
             reference,
             chain,
         } => {
-            let p = pick(pdb::read(&pred)?, chain, &pred)?;
-            let r = pick(pdb::read(&reference)?, chain, &reference)?;
+            let p = pick(read_structure(&pred)?, chain.clone(), &pred)?;
+            let r = pick(read_structure(&reference)?, chain, &reference)?;
             let (pc, rc) = ca_pairs(&p, &r, &pred)?;
             let report = fold::metrics::evaluate(&pc, &rc)?;
             println!("{}", serde_json::to_string(&report)?);

@@ -1,5 +1,6 @@
 //! PDB files: read the first model's protein chains (standard residues; selenomethionine
-//! `MSE` read as `MET`, as AlphaFold's parser does; water and ligands skipped; for an atom with
+//! `MSE` read as `MET`, as AlphaFold's parser does; water, ligands, DNA and RNA skipped; any
+//! other residue an error; for an atom with
 //! alternative locations the first one listed), and write chains back with a per-atom
 //! B-factor (pLDDT for predictions). Errors name the file and line.
 
@@ -39,7 +40,7 @@ impl Residue {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Chain {
-    pub id: char,
+    pub id: String,
     pub residues: Vec<Residue>,
 }
 
@@ -107,6 +108,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
         } else if record == "HETATM" {
             continue; // water and ligands
         }
+        if residues::is_nucleotide(&res_name) {
+            continue; // DNA or RNA in a complex
+        }
         if residues::one_letter(&res_name).is_none() {
             return Err(Error::at_line(
                 path,
@@ -119,7 +123,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
             name = "SD".into();
         }
         let altloc = line.as_bytes()[16] as char;
-        let chain_id = line.as_bytes()[21] as char;
+        let chain_id = (line.as_bytes()[21] as char).to_string();
         let number = number(line, 22, 26, "residue number", path, n)?;
         let insertion = line.as_bytes().get(26).map_or(' ', |&b| b as char);
         let xyz = [
@@ -140,7 +144,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
                 ));
             }
             chains.push(Chain {
-                id: chain_id,
+                id: chain_id.clone(),
                 residues: Vec::new(),
             });
         }
@@ -182,11 +186,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
     Ok(chains)
 }
 
-/// PDB text for `chains` (ATOM records, TER after each chain, END).
-pub fn format(chains: &[Chain]) -> String {
+/// PDB text for `chains` (ATOM records, TER after each chain, END). A PDB chain id is one
+/// character.
+pub fn format(chains: &[Chain]) -> Result<String> {
     let mut out = String::new();
     let mut serial = 1;
     for chain in chains {
+        if chain.id.chars().count() != 1 {
+            return Err(Error::Invalid(format!(
+                "chain id `{}`: a PDB file has one character for it (write mmCIF)",
+                chain.id
+            )));
+        }
         let mut last = None;
         for res in &chain.residues {
             for atom in &res.atoms {
@@ -228,19 +239,19 @@ pub fn format(chains: &[Chain]) -> String {
         }
     }
     out.push_str("END\n");
-    out
+    Ok(out)
 }
 
 /// Writes `chains` to `path` atomically (beside it, then renamed).
 pub fn write(path: &Path, chains: &[Chain]) -> Result<()> {
     let tmp = path.with_extension("pdb.tmp");
-    std::fs::write(&tmp, format(chains)).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::write(&tmp, format(chains)?).map_err(|e| Error::file(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
 }
 
 /// A chain of Cα atoms for `sequence` (one-letter codes) at `ca`, numbered from 1, with
 /// per-residue B-factors (pLDDT) when given.
-pub fn ca_chain(id: char, sequence: &str, ca: &[Vec3], b: Option<&[f64]>) -> Result<Chain> {
+pub fn ca_chain(id: &str, sequence: &str, ca: &[Vec3], b: Option<&[f64]>) -> Result<Chain> {
     if sequence.chars().count() != ca.len() {
         return Err(Error::Invalid(format!(
             "{} residues in the sequence, {} Cα positions",
@@ -267,5 +278,8 @@ pub fn ca_chain(id: char, sequence: &str, ca: &[Vec3], b: Option<&[f64]>) -> Res
             })
         })
         .collect::<Result<_>>()?;
-    Ok(Chain { id, residues })
+    Ok(Chain {
+        id: id.to_string(),
+        residues,
+    })
 }

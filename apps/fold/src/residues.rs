@@ -34,3 +34,11 @@ pub fn one_letter(three: &str) -> Option<char> {
 pub fn three_letter(one: char) -> Option<&'static str> {
     STANDARD.iter().find(|(_, o)| *o == one).map(|(t, _)| *t)
 }
+
+/// DNA and RNA residues: other polymers in a complex, skipped by the protein readers.
+pub fn is_nucleotide(name: &str) -> bool {
+    matches!(
+        name,
+        "DA" | "DC" | "DG" | "DT" | "DU" | "DI" | "A" | "C" | "G" | "U" | "I" | "N"
+    )
+}

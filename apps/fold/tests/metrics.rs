@@ -38,14 +38,14 @@ fn metrics_equal_the_reference_tools_on_real_chains() {
         let seq = chain["sequence"].as_str().unwrap();
         let ref_path = tmp.path().join(format!("{key}_ref.pdb"));
         let reference =
-            pdb::ca_chain('A', seq, &coords(&t, &format!("{key}.ref_ca")), None).unwrap();
+            pdb::ca_chain("A", seq, &coords(&t, &format!("{key}.ref_ca")), None).unwrap();
         pdb::write(&ref_path, &[reference]).unwrap();
         for (pert, want) in chain["results"].as_object().unwrap() {
             let pred_path = tmp.path().join(format!("{key}_{pert}.pdb"));
             let model = coords(&t, &format!("{key}.{pert}"));
             pdb::write(
                 &pred_path,
-                &[pdb::ca_chain('A', seq, &model, None).unwrap()],
+                &[pdb::ca_chain("A", seq, &model, None).unwrap()],
             )
             .unwrap();
             let ca = |p: &PathBuf| -> Vec<Vec3> {
@@ -108,12 +108,12 @@ fn fold_eval_prints_the_metrics_as_json() {
     let (r, p) = (tmp.path().join("ref.pdb"), tmp.path().join("pred.pdb"));
     pdb::write(
         &r,
-        &[pdb::ca_chain('A', seq, &coords(&t, &format!("{key}.ref_ca")), None).unwrap()],
+        &[pdb::ca_chain("A", seq, &coords(&t, &format!("{key}.ref_ca")), None).unwrap()],
     )
     .unwrap();
     pdb::write(
         &p,
-        &[pdb::ca_chain('A', seq, &coords(&t, &format!("{key}.noise_1.5")), None).unwrap()],
+        &[pdb::ca_chain("A", seq, &coords(&t, &format!("{key}.noise_1.5")), None).unwrap()],
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fold"))
@@ -145,7 +145,7 @@ fn fold_eval_prints_the_metrics_as_json() {
     let m = coords(&t, &format!("{key}.noise_1.5"));
     pdb::write(
         &p,
-        &[pdb::ca_chain('A', short, &m[..m.len() - 1], None).unwrap()],
+        &[pdb::ca_chain("A", short, &m[..m.len() - 1], None).unwrap()],
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fold"))
