@@ -3,8 +3,11 @@
 //! RMSD, TM-score, lDDT-Cα, GDT-TS/HA (`metrics`).
 
 pub mod error;
+pub mod features;
+pub mod loss;
 pub mod metrics;
 pub mod mmcif;
+pub mod model;
 pub mod msa;
 pub mod pdb;
 pub mod residues;

@@ -1,0 +1,181 @@
+//! The model as blocks for the engine: the input embedder, one block per Evoformer block, and
+//! the heads. Between blocks travel the two streams, `m` (MSA) and `z` (pair), so ZeRO,
+//! offload, checkpointing, data parallelism and pipeline stages apply as to any model; the
+//! features and masks of the example are the per-batch context.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use colossal_core::exec::{Acts, BlockModel};
+use colossal_core::models::{ModelFamily, ParamSpec};
+use colossal_core::parallel::plan::TpPlan;
+use colossal_core::params::Params;
+use colossal_kernels::Kernels;
+
+use super::config::FoldConfig;
+use super::embedders::{input_embedder, input_embedder_specs};
+use super::evoformer::{self, Masks};
+use super::heads::{self, heads_specs};
+use super::primitives::Ctx;
+use super::specs::Specs;
+
+#[derive(Clone, Debug)]
+pub struct FoldModel {
+    pub cfg: FoldConfig,
+    pub kernels: Kernels,
+}
+
+/// One example's inputs (see `features`).
+#[derive(Clone, Debug)]
+pub struct FoldCtx {
+    pub target_feat: Tensor,
+    pub msa_feat: Tensor,
+    pub residue_index: Tensor,
+    pub msa_mask: Tensor,
+    pub pair_mask: Tensor,
+}
+
+impl FoldCtx {
+    pub fn of(f: &crate::features::Features) -> Self {
+        Self {
+            target_feat: f.target_feat.clone(),
+            msa_feat: f.msa_feat.clone(),
+            residue_index: f.residue_index.clone(),
+            msa_mask: f.msa_mask.clone(),
+            pair_mask: f.pair_mask.clone(),
+        }
+    }
+}
+
+impl FoldModel {
+    pub fn new(cfg: FoldConfig) -> Result<Self, String> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            kernels: Kernels::default(),
+        })
+    }
+
+    fn prefixes(&self, block: usize) -> Vec<String> {
+        let n = self.cfg.evoformer_stack.no_blocks;
+        match block {
+            0 => vec!["input_embedder.".into()],
+            b if b <= n => vec![format!("evoformer.blocks.{}.", b - 1)],
+            _ => vec!["aux_heads.".into()],
+        }
+    }
+
+    /// Every block in order: the outputs (`distogram`, `masked_msa`) for one example.
+    pub fn forward(&self, p: &Params, ctx: &FoldCtx) -> colossal_core::Result<Acts> {
+        let mut acts = Acts::new();
+        for b in 0..self.num_blocks() {
+            acts = self.block_forward(b, p, &acts, ctx)?;
+        }
+        Ok(acts)
+    }
+}
+
+impl BlockModel for FoldModel {
+    type Ctx = FoldCtx;
+
+    fn num_blocks(&self) -> usize {
+        self.cfg.evoformer_stack.no_blocks + 2
+    }
+
+    fn block_param_names(&self, block: usize) -> Vec<String> {
+        let prefixes = self.prefixes(block);
+        self.param_specs()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+            .collect()
+    }
+
+    fn block_forward(
+        &self,
+        block: usize,
+        p: &Params,
+        x: &Acts,
+        ctx: &FoldCtx,
+    ) -> colossal_core::Result<Acts> {
+        let c = Ctx { p, k: self.kernels };
+        let n = self.cfg.evoformer_stack.no_blocks;
+        let dtype = p.iter().next().map_or(DType::F32, |(_, v)| v.dtype());
+        Ok(match block {
+            0 => {
+                let tf = ctx.target_feat.to_dtype(dtype)?;
+                let msa = ctx.msa_feat.to_dtype(dtype)?;
+                let (m, z) =
+                    input_embedder(&c, &self.cfg.input_embedder, &tf, &msa, &ctx.residue_index)?;
+                Acts::one("m", m).with("z", z)
+            }
+            b if b <= n => {
+                let masks = Masks {
+                    msa: &ctx.msa_mask.to_dtype(dtype)?,
+                    pair: &ctx.pair_mask.to_dtype(dtype)?,
+                };
+                let prefix = format!("evoformer.blocks.{}", b - 1);
+                let (m, z) = evoformer::block(
+                    &c,
+                    &prefix,
+                    &self.cfg.evoformer_stack,
+                    x.get("m")?,
+                    x.get("z")?,
+                    &masks,
+                )?;
+                Acts::one("m", m).with("z", z)
+            }
+            _ => {
+                let dist = heads::distogram(&c, x.get("z")?)?;
+                let msa = heads::masked_msa(&c, x.get("m")?)?;
+                Acts::one("distogram", dist).with("masked_msa", msa)
+            }
+        })
+    }
+}
+
+impl ModelFamily for FoldModel {
+    fn family(&self) -> &'static str {
+        "alphafold"
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        let mut s = Specs::default();
+        input_embedder_specs(&mut s, &self.cfg.input_embedder);
+        for i in 0..self.cfg.evoformer_stack.no_blocks {
+            evoformer::block_specs(
+                &mut s,
+                &format!("evoformer.blocks.{i}"),
+                &self.cfg.evoformer_stack,
+            );
+        }
+        heads_specs(&mut s, &self.cfg.evoformer_stack, &self.cfg.heads);
+        s.0
+    }
+
+    fn tied_params(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn tp_plan(&self) -> TpPlan {
+        TpPlan::new(&[])
+    }
+
+    fn read_config(dir: &Path) -> colossal_core::Result<Self> {
+        let path = dir.join(CONFIG);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| colossal_core::Error::file(&path, e.to_string()))?;
+        let cfg: FoldConfig = serde_json::from_str(&text)
+            .map_err(|e| colossal_core::Error::file(&path, e.to_string()))?;
+        Self::new(cfg).map_err(|e| colossal_core::Error::file(&path, e))
+    }
+
+    fn write_config(&self, dir: &Path, _dtype: DType) -> colossal_core::Result<()> {
+        let text = serde_json::to_string_pretty(&self.cfg)
+            .map_err(|e| colossal_core::Error::Config(e.to_string()))?;
+        colossal_core::checkpoint::atomic::write_file(&dir.join(CONFIG), text.as_bytes())
+    }
+}
+
+/// The model's config inside a checkpoint.
+const CONFIG: &str = "fold_config.json";

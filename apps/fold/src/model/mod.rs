@@ -1,0 +1,12 @@
+//! The AlphaFold 2 model as OpenFold builds it, module by module (so far: the input embedder, the Evoformer, the distogram and masked-MSA heads).
+
+pub mod config;
+pub mod embedders;
+pub mod evoformer;
+pub mod family;
+pub mod heads;
+pub mod primitives;
+pub mod specs;
+
+pub use config::FoldConfig;
+pub use family::{FoldCtx, FoldModel};
