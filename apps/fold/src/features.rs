@@ -40,6 +40,8 @@ pub struct Features {
     pub true_msa: Tensor,
     pub bert_mask: Tensor,
     pub aatype: Vec<u32>,
+    /// (R): which residues are real.
+    pub seq_mask: Tensor,
 }
 
 /// BERT-style masking (AlphaFold's `make_masked_msa`): each entry is picked with probability
@@ -143,5 +145,6 @@ pub fn make(
         true_msa: Tensor::from_vec(oh_true, (s, r, CLASSES), dev)?,
         bert_mask: Tensor::from_vec(bert, (s, r), dev)?,
         aatype,
+        seq_mask: Tensor::ones(r, candle_core::DType::F32, dev)?,
     })
 }

@@ -46,3 +46,74 @@ pub fn masked_msa_loss(logits: &Tensor, true_msa: &Tensor, bert_mask: &Tensor) -
     let denom = (bert_mask.sum_all()? + 1e-8)?;
     (errors * bert_mask)?.sum_all()?.broadcast_div(&denom)
 }
+
+/// Backbone frames of a true structure from its N, Cα, C (R each): rotation columns x̂ along
+/// C − Cα, ŷ toward N in the plane, ẑ = x̂ × ŷ (AlphaFold's backbone frame); origin at Cα.
+/// (rotations (R, 3, 3), translations (R, 3)).
+pub fn true_frames(
+    n: &[Vec3],
+    ca: &[Vec3],
+    c: &[Vec3],
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let unit = |v: Vec3| -> Vec3 {
+        let l = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt().max(1e-8);
+        [v[0] / l, v[1] / l, v[2] / l]
+    };
+    let sub = |a: &Vec3, b: &Vec3| -> Vec3 { [a[0] - b[0], a[1] - b[1], a[2] - b[2]] };
+    let (mut rots, mut trans) = (Vec::new(), Vec::new());
+    for i in 0..ca.len() {
+        let x = unit(sub(&c[i], &ca[i]));
+        let v = sub(&n[i], &ca[i]);
+        let d = v[0] * x[0] + v[1] * x[1] + v[2] * x[2];
+        let y = unit([v[0] - d * x[0], v[1] - d * x[1], v[2] - d * x[2]]);
+        let z = [
+            x[1] * y[2] - x[2] * y[1],
+            x[2] * y[0] - x[0] * y[2],
+            x[0] * y[1] - x[1] * y[0],
+        ];
+        for row in 0..3 {
+            rots.extend([x[row] as f32, y[row] as f32, z[row] as f32]);
+        }
+        trans.extend(ca[i].iter().map(|&v| v as f32));
+    }
+    let r = ca.len();
+    Ok((
+        Tensor::from_vec(rots, (r, 3, 3), dev)?,
+        Tensor::from_vec(trans, (r, 3), dev)?,
+    ))
+}
+
+/// Backbone FAPE (AlphaFold 2, Algorithm 28) averaged over the structure module's layers: for
+/// every frame i and Cα j, the distance between j seen from predicted frame i and j seen from
+/// true frame i, clamped at 10 Å and in units of 10 Å; the mean over real pairs.
+pub fn backbone_fape(
+    pred_rots: &Tensor,
+    pred_trans: &Tensor,
+    true_rots: &Tensor,
+    true_trans: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    const EPS: f64 = 1e-4;
+    let local = |rot: &Tensor, t: &Tensor| -> Result<Tensor> {
+        // (x_j − t_i)·R_i for all (i, j): (R, R, 3).
+        let d = t.unsqueeze(0)?.broadcast_sub(&t.unsqueeze(1)?)?;
+        d.matmul(rot)
+    };
+    let want = local(true_rots, true_trans)?;
+    let layers = pred_rots.dim(0)?;
+    let square = mask.unsqueeze(1)?.broadcast_mul(&mask.unsqueeze(0)?)?;
+    let denom = ((mask.sum_all()? + EPS)?.sqr()?).to_dtype(candle_core::DType::F32)?;
+    let mut total: Option<Tensor> = None;
+    for l in 0..layers {
+        let got = local(&pred_rots.get(l)?, &pred_trans.get(l)?)?;
+        let err = ((got - &want)?.sqr()?.sum(candle_core::D::Minus1)? + EPS)?.sqrt()?;
+        let err = (err.clamp(0f32, 10f32)? / 10.0)?;
+        let mean = (err * &square)?.sum_all()?.broadcast_div(&denom)?;
+        total = Some(match total {
+            None => mean,
+            Some(t) => (t + mean)?,
+        });
+    }
+    total.expect("at least one layer") / layers as f64
+}

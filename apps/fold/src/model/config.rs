@@ -10,6 +10,7 @@ pub struct FoldConfig {
     pub input_embedder: InputEmbedderConfig,
     pub recycling_embedder: RecyclingConfig,
     pub evoformer_stack: EvoformerConfig,
+    pub structure_module: super::structure::StructureConfig,
     pub heads: HeadsConfig,
 }
 
@@ -110,6 +111,19 @@ impl FoldConfig {
                 inf: inf(),
                 opm_eps: opm_eps(),
             },
+            structure_module: super::structure::StructureConfig {
+                c_s: 16,
+                c_z,
+                c_ipa: 8,
+                no_heads_ipa: 2,
+                no_qk_points: 4,
+                no_v_points: 4,
+                no_blocks: 4,
+                no_transition_layers: 1,
+                trans_scale_factor: 10.0,
+                epsilon: 1e-8,
+                inf: 1e5,
+            },
             heads: HeadsConfig {
                 distogram_bins: 64,
                 masked_msa_classes: 23,
@@ -129,6 +143,8 @@ impl FoldConfig {
             ("input_embedder.c_z", i.c_z, e.c_z),
             ("recycling_embedder.c_m", r.c_m, e.c_m),
             ("recycling_embedder.c_z", r.c_z, e.c_z),
+            ("structure_module.c_s", self.structure_module.c_s, e.c_s),
+            ("structure_module.c_z", self.structure_module.c_z, e.c_z),
         ] {
             if a != b {
                 return Err(format!("{what} = {a}, but evoformer_stack has {b}"));

@@ -1,5 +1,5 @@
 //! The model as blocks for the engine: the input embedder, one block per Evoformer block, and
-//! the heads. Between blocks travel the two streams, `m` (MSA) and `z` (pair), so ZeRO,
+//! the heads (the structure module, distogram and masked MSA). Between blocks travel the two streams, `m` (MSA) and `z` (pair), so ZeRO,
 //! offload, checkpointing, data parallelism and pipeline stages apply as to any model; the
 //! features and masks of the example are the per-batch context.
 
@@ -18,6 +18,7 @@ use super::evoformer::{self, Masks};
 use super::heads::{self, heads_specs};
 use super::primitives::Ctx;
 use super::specs::Specs;
+use super::structure::{structure_module, structure_specs};
 
 #[derive(Clone, Debug)]
 pub struct FoldModel {
@@ -33,6 +34,9 @@ pub struct FoldCtx {
     pub residue_index: Tensor,
     pub msa_mask: Tensor,
     pub pair_mask: Tensor,
+    /// Residue types (`residues::STANDARD` order; 20 unknown) and which residues are real (R).
+    pub aatype: Vec<u32>,
+    pub seq_mask: Tensor,
 }
 
 impl FoldCtx {
@@ -43,6 +47,8 @@ impl FoldCtx {
             residue_index: f.residue_index.clone(),
             msa_mask: f.msa_mask.clone(),
             pair_mask: f.pair_mask.clone(),
+            aatype: f.aatype.clone(),
+            seq_mask: f.seq_mask.clone(),
         }
     }
 }
@@ -61,11 +67,15 @@ impl FoldModel {
         match block {
             0 => vec!["input_embedder.".into()],
             b if b <= n => vec![format!("evoformer.blocks.{}.", b - 1)],
-            _ => vec!["aux_heads.".into()],
+            _ => vec![
+                "evoformer.linear.".into(),
+                "structure_module.".into(),
+                "aux_heads.".into(),
+            ],
         }
     }
 
-    /// Every block in order: the outputs (`distogram`, `masked_msa`) for one example.
+    /// Every block in order: the outputs for one example (see the heads block).
     pub fn forward(&self, p: &Params, ctx: &FoldCtx) -> colossal_core::Result<Acts> {
         let mut acts = Acts::new();
         for b in 0..self.num_blocks() {
@@ -125,10 +135,25 @@ impl BlockModel for FoldModel {
                 )?;
                 Acts::one("m", m).with("z", z)
             }
+            // The heads: the single representation (first MSA row, projected) through the
+            // structure module; distogram and masked MSA from the streams.
             _ => {
-                let dist = heads::distogram(&c, x.get("z")?)?;
-                let msa = heads::masked_msa(&c, x.get("m")?)?;
-                Acts::one("distogram", dist).with("masked_msa", msa)
+                let (m, z) = (x.get("m")?, x.get("z")?);
+                let single = c.linear("evoformer.linear", &m.get(0)?)?;
+                let mask = ctx.seq_mask.to_dtype(dtype)?;
+                let sm = structure_module(
+                    &c,
+                    &self.cfg.structure_module,
+                    &single,
+                    z,
+                    &ctx.aatype,
+                    &mask,
+                )?;
+                Acts::one("distogram", heads::distogram(&c, z)?)
+                    .with("masked_msa", heads::masked_msa(&c, m)?)
+                    .with("frames_rot", sm.rots)
+                    .with("frames_trans", sm.trans)
+                    .with("backbone", sm.backbone)
             }
         })
     }
@@ -149,7 +174,16 @@ impl ModelFamily for FoldModel {
                 &self.cfg.evoformer_stack,
             );
         }
-        heads_specs(&mut s, &self.cfg.evoformer_stack, &self.cfg.heads);
+        let e = &self.cfg.evoformer_stack;
+        s.linear(
+            "evoformer.linear",
+            e.c_m,
+            e.c_s,
+            true,
+            super::specs::LinearInit::Default,
+        );
+        structure_specs(&mut s, &self.cfg.structure_module);
+        heads_specs(&mut s, e, &self.cfg.heads);
         s.0
     }
 

@@ -1,4 +1,5 @@
-//! The AlphaFold 2 model as OpenFold builds it, module by module (so far: the input embedder, the Evoformer, the distogram and masked-MSA heads).
+//! The AlphaFold 2 model as OpenFold builds it, module by module (so far: the input embedder, the Evoformer, the backbone structure module, the distogram and
+//! masked-MSA heads).
 
 pub mod config;
 pub mod embedders;
@@ -6,7 +7,9 @@ pub mod evoformer;
 pub mod family;
 pub mod heads;
 pub mod primitives;
+pub mod rigid;
 pub mod specs;
+pub mod structure;
 
 pub use config::FoldConfig;
 pub use family::{FoldCtx, FoldModel};

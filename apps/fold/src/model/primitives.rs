@@ -20,6 +20,11 @@ fn get<'a>(p: &'a Params, name: &str) -> Result<&'a Tensor> {
 }
 
 impl Ctx<'_> {
+    /// A parameter by name.
+    pub fn param(&self, name: &str) -> Result<&Tensor> {
+        get(self.p, name)
+    }
+
     /// `x · Wᵀ (+ b)`; the bias is used when the parameters have one.
     pub fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let y = self
