@@ -11,6 +11,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
 impl Error {

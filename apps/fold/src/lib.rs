@@ -3,6 +3,7 @@
 //! RMSD, TM-score, lDDT-Cα, GDT-TS/HA (`metrics`).
 
 pub mod error;
+pub mod example;
 pub mod features;
 pub mod loss;
 pub mod metrics;

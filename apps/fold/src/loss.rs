@@ -117,3 +117,26 @@ pub fn backbone_fape(
     }
     total.expect("at least one layer") / layers as f64
 }
+
+/// The pLDDT loss: cross-entropy of the head's logits (R, bins) against each residue's true
+/// lDDT-Cα of the predicted Cα (no gradient through the structure), binned; mean over residues.
+pub fn plddt_loss(
+    logits: &Tensor,
+    pred_ca: &[Vec3],
+    true_ca: &[Vec3],
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let bins = logits.dim(1)?;
+    let per = crate::metrics::lddt_per_residue(pred_ca, true_ca, 15.0);
+    let mut oh = vec![0f32; per.len() * bins];
+    for (i, l) in per.iter().enumerate() {
+        let b = ((l * bins as f64).floor() as usize).min(bins - 1);
+        oh[i * bins + b] = 1.0;
+    }
+    let targets =
+        Tensor::from_vec(oh, (per.len(), bins), logits.device())?.to_dtype(logits.dtype())?;
+    let errors = softmax_cross_entropy(logits, &targets)?;
+    (errors * mask)?
+        .sum_all()?
+        .broadcast_div(&(mask.sum_all()? + 1e-10)?)
+}

@@ -139,10 +139,29 @@ pub fn tm_score(pred: &[Vec3], reference: &[Vec3]) -> f64 {
 /// lDDT on single atoms (Cα): pairs i ≠ j closer than `radius` in the reference, each scored by
 /// the share of the tolerances 0.5, 1, 2, 4 Å its distance keeps; the mean over all pairs.
 pub fn lddt(pred: &[Vec3], reference: &[Vec3], radius: f64) -> f64 {
-    const EPS: f64 = 1e-10;
+    let (kept, pairs) = lddt_sums(pred, reference, radius)
+        .into_iter()
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    (LDDT_EPS + kept) / (LDDT_EPS + pairs)
+}
+
+/// lDDT of each residue over its own pairs (what the pLDDT head learns).
+pub fn lddt_per_residue(pred: &[Vec3], reference: &[Vec3], radius: f64) -> Vec<f64> {
+    lddt_sums(pred, reference, radius)
+        .into_iter()
+        .map(|(kept, pairs)| (LDDT_EPS + kept) / (LDDT_EPS + pairs))
+        .collect()
+}
+
+const LDDT_EPS: f64 = 1e-10;
+
+/// Per residue i: (Σ_j share kept, number of pairs).
+fn lddt_sums(pred: &[Vec3], reference: &[Vec3], radius: f64) -> Vec<(f64, f64)> {
+    const EPS: f64 = LDDT_EPS;
     let n = reference.len();
-    let (mut pairs, mut kept) = (0.0, 0.0);
+    let mut out = Vec::with_capacity(n);
     for i in 0..n {
+        let (mut pairs, mut kept) = (0.0, 0.0);
         for j in 0..n {
             if i == j {
                 continue;
@@ -157,6 +176,7 @@ pub fn lddt(pred: &[Vec3], reference: &[Vec3], radius: f64) -> f64 {
             pairs += 1.0;
             kept += share;
         }
+        out.push((kept, pairs));
     }
-    (EPS + kept) / (EPS + pairs)
+    out
 }

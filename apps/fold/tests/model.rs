@@ -15,72 +15,39 @@ use colossal_core::models::{init_all, ModelFamily};
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::params::Params;
 use colossal_core::train::{Engine, Origin, TrainConfig};
-use fold::features::{self, Masking};
+use fold::example::{Example, LossWeights};
+use fold::features::Masking;
 use fold::model::{FoldConfig, FoldCtx, FoldModel};
-use fold::superpose::Vec3;
 use rand::SeedableRng;
 
 fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/proteins/openfold_test")
 }
 
-fn chain() -> fold::pdb::Chain {
-    let chains = fold::mmcif::read(&shared().join("mmcif/1psm.cif.gz")).unwrap();
-    chains.into_iter().find(|c| c.id == "A").unwrap()
-}
-
-/// The chain's Cβ (Cα for glycine), as the distogram's targets use.
-fn pseudo_beta() -> Vec<Vec3> {
-    let a = chain();
-    let atom = |r: &fold::pdb::Residue| if r.name == "GLY" { "CA" } else { "CB" };
-    a.residues
-        .iter()
-        .map(|r| r.atom(atom(r)).unwrap().xyz)
-        .collect()
-}
-
-/// The chain's backbone frames.
-fn frames() -> (Tensor, Tensor) {
-    let a = chain();
-    let at = |n: &str| -> Vec<Vec3> { a.residues.iter().map(|r| r.atom(n).unwrap().xyz).collect() };
-    fold::loss::true_frames(&at("N"), &at("CA"), &at("C"), &Device::Cpu).unwrap()
-}
-
-/// One training example: masked features (a seed per step) and the loss backbone FAPE +
-/// 0.3 · distogram + 2 · masked MSA (AlphaFold's weights), its share of a batch of `batch`.
-fn example(model: &FoldModel, seed: u64, batch: usize) -> MicroBatch<'static, FoldCtx> {
-    let msa = fold::msa::read(&shared().join("msas/1psm_A/bfd_uniclust_hits.a3m")).unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let f = features::make(
-        &msa,
-        8,
-        Some(&Masking { fraction: 0.15 }),
-        &mut rng,
-        &Device::Cpu,
+fn chain_example() -> Example {
+    Example::load(
+        &shared().join("mmcif/1psm.cif.gz"),
+        "A",
+        &shared().join("msas/1psm_A/bfd_uniclust_hits.a3m"),
     )
-    .unwrap();
-    let bins = model.cfg.heads.distogram_bins;
-    let targets = fold::loss::distogram_targets(&pseudo_beta(), bins, &Device::Cpu).unwrap();
-    let mask = Tensor::ones(f.aatype.len(), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let (true_msa, bert) = (f.true_msa.clone(), f.bert_mask.clone());
-    let (rots, trans) = frames();
-    let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
-        let d = fold::loss::distogram_loss(out.get("distogram")?, &targets, &mask)?;
-        let m = fold::loss::masked_msa_loss(out.get("masked_msa")?, &true_msa, &bert)?;
-        let fape = fold::loss::backbone_fape(
-            out.get("frames_rot")?,
-            out.get("frames_trans")?,
-            &rots,
-            &trans,
-            &mask,
-        )?;
-        Ok(((((d * 0.3)? + (m * 2.0)?)? + fape)? / batch as f64)?)
-    });
-    MicroBatch {
-        inputs: Acts::new(),
-        ctx: FoldCtx::of(&f),
-        loss_fn,
-    }
+    .unwrap()
+}
+
+/// One training example: features masked with `seed` and AlphaFold's weighted loss (backbone
+/// FAPE, distogram, masked MSA, pLDDT), its share of a batch of `batch`.
+fn example(model: &FoldModel, seed: u64, batch: usize) -> MicroBatch<'static, FoldCtx> {
+    let masking = Masking { fraction: 0.15 };
+    chain_example()
+        .micro_batch(
+            model,
+            seed,
+            batch,
+            8,
+            Some(&masking),
+            &LossWeights::default(),
+            &Device::Cpu,
+        )
+        .unwrap()
 }
 
 /// A fresh model whose every weight is perturbed off AlphaFold's zero initialisations (which
@@ -116,7 +83,7 @@ fn blockwise_gradients_equal_whole_graph_and_reach_every_parameter() {
     };
     exec.forward_backward(&model, &p, &mb.inputs, &mb.ctx, &*mb.loss_fn, &mut acc)
         .unwrap();
-    let mut worst = 0f32;
+    let (mut worst, mut at) = (0f32, String::new());
     for (name, var) in p.iter() {
         let want = whole
             .get(var.as_tensor())
@@ -126,11 +93,26 @@ fn blockwise_gradients_equal_whole_graph_and_reach_every_parameter() {
             .get(name)
             .unwrap_or_else(|| panic!("{name}: no gradient"));
         let (d, m) = (max_abs(&(got - want).unwrap()), max_abs(want));
-        assert!(m > 0.0, "{name}: zero gradient");
         assert!(d <= 1e-4 * m + 1e-7, "{name}: off by {d} of {m}");
-        worst = worst.max(d / m);
+        // Biases that shift every attention logit of a query alike (IPA's pair bias and key
+        // bias, the row attention's pair-bias LayerNorm bias) have a true gradient of 0 (softmax
+        // ignores the shift): theirs is rounding noise.
+        let invariant = [
+            "ipa.linear_b.bias",
+            "ipa.linear_kv.bias",
+            "msa_att_row.layer_norm_z.bias",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s));
+        if !invariant {
+            assert!(m > 1e-6, "{name}: gradient {m}");
+            if d / m > worst {
+                (worst, at) = (d / m, name.to_string());
+            }
+        }
     }
-    println!("{} parameters, every gradient non-zero; block-wise vs whole graph worst relative {worst:e}", p.len());
+    let n = p.len();
+    println!("{n} parameters, every gradient non-zero; block-wise vs whole graph worst relative {worst:e} ({at})");
 }
 
 const STEPS: usize = 3;

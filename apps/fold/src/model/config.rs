@@ -75,6 +75,9 @@ pub struct HeadsConfig {
     pub distogram_bins: usize,
     /// Masked-MSA classes (AlphaFold: 23).
     pub masked_msa_classes: usize,
+    /// pLDDT bins (AlphaFold: 50) and the head's hidden width (128).
+    pub plddt_bins: usize,
+    pub c_hidden_plddt: usize,
 }
 
 impl FoldConfig {
@@ -127,6 +130,8 @@ impl FoldConfig {
             heads: HeadsConfig {
                 distogram_bins: 64,
                 masked_msa_classes: 23,
+                plddt_bins: 50,
+                c_hidden_plddt: 16,
             },
         }
     }

@@ -153,6 +153,7 @@ impl BlockModel for FoldModel {
                     .with("masked_msa", heads::masked_msa(&c, m)?)
                     .with("frames_rot", sm.rots)
                     .with("frames_trans", sm.trans)
+                    .with("plddt", heads::plddt(&c, &sm.single)?)
                     .with("backbone", sm.backbone)
             }
         })

@@ -1,0 +1,177 @@
+//! A training example — a chain's structure and its MSA — and what one training step needs of
+//! it: freshly masked features, and AlphaFold's loss as OpenFold weighs it (backbone FAPE,
+//! distogram, masked MSA, pLDDT).
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use colossal_core::exec::{Acts, LossFn};
+use colossal_core::parallel::pipeline_run::MicroBatch;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::features::{self, Masking};
+use crate::model::{FoldCtx, FoldModel};
+use crate::msa::Msa;
+use crate::pdb::Chain;
+use crate::superpose::Vec3;
+use crate::{Error, Result};
+
+/// Loss weights (OpenFold's `loss.*.weight`; FAPE here is the backbone term alone).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LossWeights {
+    #[serde(default = "one")]
+    pub fape: f64,
+    #[serde(default = "distogram")]
+    pub distogram: f64,
+    #[serde(default = "masked_msa")]
+    pub masked_msa: f64,
+    #[serde(default = "plddt")]
+    pub plddt: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn distogram() -> f64 {
+    0.3
+}
+fn masked_msa() -> f64 {
+    2.0
+}
+fn plddt() -> f64 {
+    0.01
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        Self {
+            fape: one(),
+            distogram: distogram(),
+            masked_msa: masked_msa(),
+            plddt: plddt(),
+        }
+    }
+}
+
+pub struct Example {
+    pub chain: Chain,
+    pub msa: Msa,
+    pub n: Vec<Vec3>,
+    pub ca: Vec<Vec3>,
+    pub c: Vec<Vec3>,
+    pub pseudo_beta: Vec<Vec3>,
+}
+
+/// Reads a PDB or mmCIF file (by extension; `.gz` too).
+pub fn read_structure(path: &Path) -> Result<Vec<Chain>> {
+    let name = path.to_string_lossy();
+    match name.trim_end_matches(".gz").ends_with(".cif") {
+        true => crate::mmcif::read(path),
+        false => crate::pdb::read(path),
+    }
+}
+
+impl Example {
+    /// Chain `chain` of `structure` with the MSA at `msa` (its query must be the chain's
+    /// modelled sequence).
+    pub fn load(structure: &Path, chain: &str, msa: &Path) -> Result<Self> {
+        let chain = read_structure(structure)?
+            .into_iter()
+            .find(|c| c.id == chain)
+            .ok_or_else(|| Error::file(structure, format!("no chain {chain}")))?;
+        let msa = crate::msa::read(msa)?;
+        let seq = chain.sequence();
+        if msa.query() != seq {
+            return Err(Error::file(
+                structure,
+                format!(
+                    "chain {}'s modelled sequence {seq} is not the MSA's query {}",
+                    chain.id,
+                    msa.query()
+                ),
+            ));
+        }
+        let at = |name: &str| -> Result<Vec<Vec3>> {
+            chain
+                .residues
+                .iter()
+                .map(|r| {
+                    r.atom(name).map(|a| a.xyz).ok_or_else(|| {
+                        Error::file(
+                            structure,
+                            format!("residue {} {} has no {name}", r.number, r.name),
+                        )
+                    })
+                })
+                .collect()
+        };
+        let (n, ca, c) = (at("N")?, at("CA")?, at("C")?);
+        let pseudo_beta = chain
+            .residues
+            .iter()
+            .zip(&ca)
+            .map(|(r, ca)| r.atom("CB").map_or(*ca, |a| a.xyz))
+            .collect();
+        Ok(Self {
+            chain,
+            msa,
+            n,
+            ca,
+            c,
+            pseudo_beta,
+        })
+    }
+
+    /// The features (masked with `seed`) and the weighted loss, as its share of `batch`.
+    pub fn micro_batch(
+        &self,
+        model: &FoldModel,
+        seed: u64,
+        batch: usize,
+        max_seqs: usize,
+        masking: Option<&Masking>,
+        w: &LossWeights,
+        dev: &Device,
+    ) -> Result<MicroBatch<'static, FoldCtx>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let f = features::make(&self.msa, max_seqs, masking, &mut rng, dev)?;
+        let targets =
+            crate::loss::distogram_targets(&self.pseudo_beta, model.cfg.heads.distogram_bins, dev)?;
+        let mask = f.seq_mask.clone();
+        let (true_msa, bert) = (f.true_msa.clone(), f.bert_mask.clone());
+        let (rots, trans) = crate::loss::true_frames(&self.n, &self.ca, &self.c, dev)?;
+        let (w, true_ca) = (w.clone(), self.ca.clone());
+        let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
+            use crate::loss;
+            let fape = loss::backbone_fape(
+                out.get("frames_rot")?,
+                out.get("frames_trans")?,
+                &rots,
+                &trans,
+                &mask,
+            )?;
+            let d = loss::distogram_loss(out.get("distogram")?, &targets, &mask)?;
+            let m = loss::masked_msa_loss(out.get("masked_msa")?, &true_msa, &bert)?;
+            let pred_ca = ca_of(out.get("backbone")?)?;
+            let p = loss::plddt_loss(out.get("plddt")?, &pred_ca, &true_ca, &mask)?;
+            let total = ((((fape * w.fape)? + (d * w.distogram)?)? + (m * w.masked_msa)?)?
+                + (p * w.plddt)?)?;
+            Ok((total / batch as f64)?)
+        });
+        Ok(MicroBatch {
+            inputs: Acts::new(),
+            ctx: FoldCtx::of(&f),
+            loss_fn,
+        })
+    }
+}
+
+/// The Cα of a backbone (R, 3, 3) output.
+pub fn ca_of(backbone: &Tensor) -> candle_core::Result<Vec<Vec3>> {
+    let v: Vec<Vec<Vec<f32>>> = backbone.to_dtype(candle_core::DType::F32)?.to_vec3()?;
+    Ok(v.iter()
+        .map(|r| [r[1][0] as f64, r[1][1] as f64, r[1][2] as f64])
+        .collect())
+}
