@@ -55,6 +55,37 @@ impl Default for LossWeights {
     }
 }
 
+/// How an example becomes a training step: MSA depth, BERT masking, loss weights.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// At most this many MSA rows (the query first).
+    #[serde(default = "max_msa_seqs")]
+    pub max_msa_seqs: usize,
+    /// Share of MSA entries masked for the masked-MSA loss (AlphaFold: 0.15; 0: off).
+    #[serde(default = "masked_fraction")]
+    pub masked_msa_fraction: f64,
+    #[serde(default)]
+    pub loss: LossWeights,
+}
+
+fn max_msa_seqs() -> usize {
+    128
+}
+fn masked_fraction() -> f64 {
+    0.15
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            max_msa_seqs: max_msa_seqs(),
+            masked_msa_fraction: masked_fraction(),
+            loss: LossWeights::default(),
+        }
+    }
+}
+
 pub struct Example {
     pub chain: Chain,
     pub msa: Msa,
@@ -128,21 +159,23 @@ impl Example {
     pub fn micro_batch(
         &self,
         model: &FoldModel,
+        recipe: &Recipe,
         seed: u64,
         batch: usize,
-        max_seqs: usize,
-        masking: Option<&Masking>,
-        w: &LossWeights,
         dev: &Device,
     ) -> Result<MicroBatch<'static, FoldCtx>> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let f = features::make(&self.msa, max_seqs, masking, &mut rng, dev)?;
+        let masking = Masking {
+            fraction: recipe.masked_msa_fraction,
+        };
+        let masking = (masking.fraction > 0.0).then_some(&masking);
+        let f = features::make(&self.msa, recipe.max_msa_seqs, masking, &mut rng, dev)?;
         let targets =
             crate::loss::distogram_targets(&self.pseudo_beta, model.cfg.heads.distogram_bins, dev)?;
         let mask = f.seq_mask.clone();
         let (true_msa, bert) = (f.true_msa.clone(), f.bert_mask.clone());
         let (rots, trans) = crate::loss::true_frames(&self.n, &self.ca, &self.c, dev)?;
-        let (w, true_ca) = (w.clone(), self.ca.clone());
+        let (w, true_ca) = (recipe.loss.clone(), self.ca.clone());
         let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
             use crate::loss;
             let fape = loss::backbone_fape(

@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use colossal_core::dist::{run_local, Communicator};
-use colossal_core::exec::{Acts, Executor, GradAccumulator, LossFn};
+use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::models::{init_all, ModelFamily};
 use colossal_core::parallel::pipeline_run::MicroBatch;
 use colossal_core::params::Params;
 use colossal_core::train::{Engine, Origin, TrainConfig};
-use fold::example::{Example, LossWeights};
-use fold::features::Masking;
+use fold::example::{Example, Recipe};
 use fold::model::{FoldConfig, FoldCtx, FoldModel};
 use rand::SeedableRng;
 
@@ -36,17 +35,12 @@ fn chain_example() -> Example {
 /// One training example: features masked with `seed` and AlphaFold's weighted loss (backbone
 /// FAPE, distogram, masked MSA, pLDDT), its share of a batch of `batch`.
 fn example(model: &FoldModel, seed: u64, batch: usize) -> MicroBatch<'static, FoldCtx> {
-    let masking = Masking { fraction: 0.15 };
+    let recipe = Recipe {
+        max_msa_seqs: 8,
+        ..Default::default()
+    };
     chain_example()
-        .micro_batch(
-            model,
-            seed,
-            batch,
-            8,
-            Some(&masking),
-            &LossWeights::default(),
-            &Device::Cpu,
-        )
+        .micro_batch(model, &recipe, seed, batch, &Device::Cpu)
         .unwrap()
 }
 
