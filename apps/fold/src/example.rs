@@ -86,6 +86,7 @@ impl Default for Recipe {
     }
 }
 
+#[derive(Clone)]
 pub struct Example {
     pub chain: Chain,
     pub msa: Msa,

@@ -11,7 +11,9 @@ pub mod mmcif;
 pub mod model;
 pub mod msa;
 pub mod pdb;
+pub mod predict;
 pub mod residues;
 pub mod superpose;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -23,6 +23,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Train on chains and their MSAs (`[data] examples`), on any `[parallel]` layout.
+    Train(colossal_session::TrainArgs),
+    /// Predict a structure from an MSA (`.a3m` / `.sto`; its first row is the sequence) with a
+    /// trained checkpoint: a PDB file (pLDDT as B-factors) and a contact-map PNG beside it.
+    Predict {
+        /// A checkpoint directory of `fold train`.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        msa: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// MSA rows used (the query first).
+        #[arg(long, default_value_t = 128)]
+        max_msa_seqs: usize,
+    },
     /// Cα RMSD (Kabsch), TM-score, lDDT-Cα, GDT-TS and GDT-HA of a prediction against a
     /// reference (PDB or mmCIF files, full-atom or Cα only; residues matched by number), as JSON.
     Eval {
@@ -95,7 +111,67 @@ fn read_structure(path: &Path) -> Result<Vec<Chain>> {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     match Cli::parse().cmd {
+        Cmd::Train(a) => {
+            let cfg: fold::train::FoldTrainConfig = a.load()?;
+            let out = cfg.train.out_dir.clone();
+            let summary = fold::train::train(cfg, a.resume_dir()?.as_deref(), a.max_steps)?;
+            if summary.rank == 0 {
+                let (l, r) = (summary.series("loss"), summary.series("ca_rmsd"));
+                if let (Some(first), Some(last)) = (l.first(), l.last()) {
+                    println!(
+                        "train loss: first step {first:.4} -> last step {last:.4} ({} steps)",
+                        l.len()
+                    );
+                }
+                if let (Some(first), Some(last)) = (r.first(), r.last()) {
+                    println!("Cα RMSD at evaluations: first {first:.3} Å -> last {last:.3} Å");
+                }
+                if let Some(dir) = &summary.final_dir {
+                    println!("checkpoint: {}", dir.display());
+                }
+                println!(
+                    "curves: {} {}",
+                    out.join("loss.png").display(),
+                    out.join("structure.png").display()
+                );
+            }
+        }
+        Cmd::Predict {
+            model,
+            msa,
+            out,
+            max_msa_seqs,
+        } => {
+            use colossal_core::models::ModelFamily;
+            let (m, p) = fold::model::FoldModel::load(
+                &model,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            let msa_rows = fold::msa::read(&msa)?;
+            let pred = fold::predict::predict(&m, &p, &msa_rows, max_msa_seqs)?;
+            let chain = fold::predict::to_chain(msa_rows.query(), &pred)?;
+            pdb::write(&out, &[chain])?;
+            let png = out.with_extension("contacts.png");
+            fold::predict::write_contact_png(
+                &png,
+                &fold::predict::contact_probabilities(&pred.distogram)?,
+                4,
+            )?;
+            let mean = pred.plddt.iter().sum::<f64>() / pred.plddt.len().max(1) as f64;
+            println!(
+                "{}: {} residues, mean pLDDT {mean:.1}; contact map {}",
+                out.display(),
+                pred.plddt.len(),
+                png.display()
+            );
+        }
         Cmd::Eval {
             pred,
             reference,
