@@ -122,8 +122,8 @@ fn train_resume_and_predict() {
         .zip(pred.backbone.iter().zip(&pred.plddt))
     {
         for (a, xyz) in res.atoms.iter().zip(atoms) {
-            for d in 0..3 {
-                worst = worst.max((a.xyz[d] - xyz[d]).abs());
+            for (got, want) in a.xyz.iter().zip(xyz) {
+                worst = worst.max((got - want).abs());
             }
             assert!((a.b_factor - plddt).abs() < 5e-3);
         }
