@@ -29,6 +29,9 @@ pub struct LossWeights {
     pub masked_msa: f64,
     #[serde(default = "plddt")]
     pub plddt: f64,
+    /// Share of FAPE computed with distances clamped at 10 Å (OpenFold: 0.9).
+    #[serde(default = "clamped")]
+    pub fape_clamped_fraction: f64,
 }
 
 fn one() -> f64 {
@@ -43,6 +46,9 @@ fn masked_msa() -> f64 {
 fn plddt() -> f64 {
     0.01
 }
+fn clamped() -> f64 {
+    0.9
+}
 
 impl Default for LossWeights {
     fn default() -> Self {
@@ -51,6 +57,7 @@ impl Default for LossWeights {
             distogram: distogram(),
             masked_msa: masked_msa(),
             plddt: plddt(),
+            fape_clamped_fraction: clamped(),
         }
     }
 }
@@ -185,6 +192,7 @@ impl Example {
                 &rots,
                 &trans,
                 &mask,
+                w.fape_clamped_fraction,
             )?;
             let d = loss::distogram_loss(out.get("distogram")?, &targets, &mask)?;
             let m = loss::masked_msa_loss(out.get("masked_msa")?, &true_msa, &bert)?;

@@ -86,13 +86,16 @@ pub fn true_frames(
 
 /// Backbone FAPE (AlphaFold 2, Algorithm 28) averaged over the structure module's layers: for
 /// every frame i and Cα j, the distance between j seen from predicted frame i and j seen from
-/// true frame i, clamped at 10 Å and in units of 10 Å; the mean over real pairs.
+/// true frame i, in units of 10 Å; the mean over real pairs. A share `clamped` of it clamps
+/// distances at 10 Å, the rest does not (OpenFold trains with 0.9: the unclamped share keeps a
+/// signal for pairs still far off).
 pub fn backbone_fape(
     pred_rots: &Tensor,
     pred_trans: &Tensor,
     true_rots: &Tensor,
     true_trans: &Tensor,
     mask: &Tensor,
+    clamped: f64,
 ) -> Result<Tensor> {
     const EPS: f64 = 1e-4;
     let local = |rot: &Tensor, t: &Tensor| -> Result<Tensor> {
@@ -108,7 +111,12 @@ pub fn backbone_fape(
     for l in 0..layers {
         let got = local(&pred_rots.get(l)?, &pred_trans.get(l)?)?;
         let err = ((got - &want)?.sqr()?.sum(candle_core::D::Minus1)? + EPS)?.sqrt()?;
-        let err = (err.clamp(0f32, 10f32)? / 10.0)?;
+        let err = match clamped {
+            c if c >= 1.0 => err.clamp(0f32, 10f32)?,
+            c if c <= 0.0 => err,
+            c => ((err.clamp(0f32, 10f32)? * c)? + (&err * (1.0 - c))?)?,
+        };
+        let err = (err / 10.0)?;
         let mean = (err * &square)?.sum_all()?.broadcast_div(&denom)?;
         total = Some(match total {
             None => mean,

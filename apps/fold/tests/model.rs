@@ -336,6 +336,7 @@ fn fape_and_lddt_by_hand() {
         &eye,
         &t_true,
         &mask,
+        1.0,
     )
     .unwrap()
     .to_scalar::<f32>()
