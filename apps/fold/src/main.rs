@@ -38,6 +38,10 @@ enum Cmd {
         /// MSA rows used (the query first).
         #[arg(long, default_value_t = 128)]
         max_msa_seqs: usize,
+        /// Compute attention, transitions and the outer product mean this many rows at a time
+        /// (long chains: less memory, same result).
+        #[arg(long)]
+        chunk_size: Option<usize>,
     },
     /// Cα RMSD (Kabsch), TM-score, lDDT-Cα, GDT-TS and GDT-HA of a prediction against a
     /// reference (PDB or mmCIF files, full-atom or Cα only; residues matched by number), as JSON.
@@ -147,13 +151,15 @@ fn main() -> Result<()> {
             msa,
             out,
             max_msa_seqs,
+            chunk_size,
         } => {
             use colossal_core::models::ModelFamily;
-            let (m, p) = fold::model::FoldModel::load(
+            let (mut m, p) = fold::model::FoldModel::load(
                 &model,
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,
             )?;
+            m.chunk_size = chunk_size;
             let msa_rows = fold::msa::read(&msa)?;
             let pred = fold::predict::predict(&m, &p, &msa_rows, max_msa_seqs)?;
             let chain = fold::predict::to_chain(msa_rows.query(), &pred)?;

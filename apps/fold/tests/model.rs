@@ -226,6 +226,7 @@ fn an_evoformer_block_equals_openfolds() {
     let c = fold::model::primitives::Ctx {
         p: &p,
         k: Default::default(),
+        chunk: None,
     };
     let masks = fold::model::evoformer::Masks {
         msa: &t["input.msa_mask"],
@@ -283,6 +284,7 @@ fn structure_module_equals_openfolds() {
     let c = fold::model::primitives::Ctx {
         p: &p,
         k: Default::default(),
+        chunk: None,
     };
     let out = fold::model::structure::structure_module(
         &c,
@@ -350,4 +352,33 @@ fn fape_and_lddt_by_hand() {
     let lddt = fold::metrics::lddt(&p, &r, 15.0);
     println!("lDDT-Cα {lddt} vs by hand 0.75");
     assert!((lddt - 0.75).abs() < 1e-9);
+}
+
+/// Chunked computation (attention over a few rows at a time, transitions and the outer product
+/// mean in row chunks) gives what the whole computation gives.
+#[test]
+fn chunked_equals_unchunked() {
+    let (model, p) = model_and_params();
+    let mb = example(&model, 3, 1);
+    let whole = model.forward(&p, &mb.ctx).unwrap();
+    for chunk in [1, 3, 7] {
+        let chunked = FoldModel {
+            chunk_size: Some(chunk),
+            ..model.clone()
+        };
+        let out = chunked.forward(&p, &mb.ctx).unwrap();
+        let mut worst = 0f32;
+        for name in [
+            "distogram",
+            "masked_msa",
+            "frames_trans",
+            "backbone",
+            "plddt",
+        ] {
+            let (a, b) = (out.get(name).unwrap(), whole.get(name).unwrap());
+            worst = worst.max(max_abs(&(a - b).unwrap()) / max_abs(b));
+        }
+        println!("chunk {chunk}: worst relative difference {worst:e}");
+        assert!(worst < 1e-5, "chunk {chunk}: {worst:e}");
+    }
 }

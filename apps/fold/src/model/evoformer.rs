@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::EvoformerConfig;
-use super::primitives::{mask_bias, sigmoid, Ctx};
+use super::primitives::{chunked, mask_bias, sigmoid, Ctx};
 use super::specs::{LinearInit, Specs};
 
 /// The masks of one example: which MSA entries (S, R) and residue pairs (R, R) are real.
@@ -60,12 +60,15 @@ fn msa_column_attention(
 
 /// MSA or pair transition (Algorithms 9 and 15): LayerNorm, two linears around a ReLU.
 fn transition(c: &Ctx, p: &str, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let h = c.linear(
-        &format!("{p}.linear_1"),
-        &c.layer_norm(&format!("{p}.layer_norm"), x)?,
-    )?;
-    let h = c.linear(&format!("{p}.linear_2"), &h.relu()?)?;
-    mul_mask(&h, mask)
+    chunked(x.dim(0)?, c.chunk, |start, len| {
+        let x = x.narrow(0, start, len)?;
+        let h = c.linear(
+            &format!("{p}.linear_1"),
+            &c.layer_norm(&format!("{p}.layer_norm"), &x)?,
+        )?;
+        let h = c.linear(&format!("{p}.linear_2"), &h.relu()?)?;
+        mul_mask(&h, &mask.narrow(0, start, len)?)
+    })
 }
 
 /// Outer product mean (Algorithm 10): the MSA's per-column projections, outer products averaged
@@ -82,17 +85,17 @@ fn outer_product_mean(
     let ln = c.layer_norm(&format!("{p}.layer_norm"), m)?;
     let a = mul_mask(&c.linear(&format!("{p}.linear_1"), &ln)?, mask)?;
     let b = mul_mask(&c.linear(&format!("{p}.linear_2"), &ln)?, mask)?;
-    // Σ_s a[s, i, c] b[s, j, d] → (i, j, c, d).
-    let outer = a
-        .reshape((s, r * ch))?
-        .t()?
-        .contiguous()?
-        .matmul(&b.reshape((s, r * ch))?)?;
-    let outer = outer
-        .reshape((r, ch, r, ch))?
-        .permute((0, 2, 1, 3))?
-        .reshape((r, r, ch * ch))?;
-    let out = c.linear(&format!("{p}.linear_out"), &outer)?;
+    // Σ_s a[s, i, c] b[s, j, d] → (i, j, c, d), a chunk of rows i at a time.
+    let b = b.reshape((s, r * ch))?;
+    let out = chunked(r, c.chunk, |start, len| {
+        let a = a.narrow(1, start, len)?.reshape((s, len * ch))?;
+        let outer = a.t()?.contiguous()?.matmul(&b)?;
+        let outer = outer
+            .reshape((len, ch, r, ch))?
+            .permute((0, 2, 1, 3))?
+            .reshape((len, r, ch * ch))?;
+        c.linear(&format!("{p}.linear_out"), &outer)
+    })?;
     let norm = (mask.t()?.contiguous()?.matmul(mask)? + cfg.opm_eps)?; // (R, R)
     out.broadcast_div(&norm.unsqueeze(2)?)
 }

@@ -24,6 +24,8 @@ use super::structure::{structure_module, structure_specs};
 pub struct FoldModel {
     pub cfg: FoldConfig,
     pub kernels: Kernels,
+    /// Chunked computation (see `primitives::Ctx::chunk`); `None`: all rows at once.
+    pub chunk_size: Option<usize>,
 }
 
 /// One example's inputs (see `features`).
@@ -59,6 +61,7 @@ impl FoldModel {
         Ok(Self {
             cfg,
             kernels: Kernels::default(),
+            chunk_size: None,
         })
     }
 
@@ -108,7 +111,11 @@ impl BlockModel for FoldModel {
         x: &Acts,
         ctx: &FoldCtx,
     ) -> colossal_core::Result<Acts> {
-        let c = Ctx { p, k: self.kernels };
+        let c = Ctx {
+            p,
+            k: self.kernels,
+            chunk: self.chunk_size,
+        };
         let n = self.cfg.evoformer_stack.no_blocks;
         let dtype = p.iter().next().map_or(DType::F32, |(_, v)| v.dtype());
         Ok(match block {

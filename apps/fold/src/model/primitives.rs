@@ -7,11 +7,33 @@ use candle_core::{Result, Tensor, D};
 use colossal_core::params::Params;
 use colossal_kernels::Kernels;
 
-/// Where a module reads its weights.
+/// Where a module reads its weights, and how it runs.
 #[derive(Clone, Copy)]
 pub struct Ctx<'a> {
     pub p: &'a Params,
     pub k: Kernels,
+    /// Run attention, transitions and the outer product mean over at most this many rows at
+    /// a time (inference on long chains: memory for the chunk, not the whole row set).
+    pub chunk: Option<usize>,
+}
+
+/// `f` over row ranges of `n` rows (`chunk` at a time, or all at once), outputs concatenated
+/// along the first dimension.
+pub fn chunked(
+    n: usize,
+    chunk: Option<usize>,
+    f: impl Fn(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match chunk.filter(|&c| c > 0 && c < n) {
+        None => f(0, n),
+        Some(c) => {
+            let parts = (0..n)
+                .step_by(c)
+                .map(|start| f(start, c.min(n - start)))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        }
+    }
 }
 
 fn get<'a>(p: &'a Params, name: &str) -> Result<&'a Tensor> {
@@ -46,6 +68,27 @@ impl Ctx<'_> {
     /// OpenFold's `Attention`: `q_x` (B, Q, C), `kv_x` (B, K, C), `biases` broadcasting to
     /// (B, H, Q, K); (B, Q, C).
     pub fn attention(
+        &self,
+        prefix: &str,
+        q_x: &Tensor,
+        kv_x: &Tensor,
+        biases: &[&Tensor],
+        heads: usize,
+        c_hidden: usize,
+    ) -> Result<Tensor> {
+        let b = q_x.dim(0)?;
+        chunked(b, self.chunk, |start, len| {
+            let part = |t: &Tensor| match t.dim(0) {
+                Ok(d) if d == b && b > 1 => t.narrow(0, start, len),
+                _ => Ok(t.clone()),
+            };
+            let biases = biases.iter().map(|t| part(t)).collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = biases.iter().collect();
+            self.attention_all(prefix, &part(q_x)?, &part(kv_x)?, &refs, heads, c_hidden)
+        })
+    }
+
+    fn attention_all(
         &self,
         prefix: &str,
         q_x: &Tensor,
