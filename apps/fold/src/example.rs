@@ -163,6 +163,44 @@ impl Example {
         })
     }
 
+    /// Residues `start..start + len` (AlphaFold's cropping, contiguous): the structure and every
+    /// MSA row cut alike.
+    pub fn crop(&self, start: usize, len: usize) -> Result<Self> {
+        let r = self.ca.len();
+        if len == 0 || start + len > r {
+            return Err(Error::Invalid(format!(
+                "crop {start}..{} of {r} residues",
+                start + len
+            )));
+        }
+        let cut = |v: &[Vec3]| v[start..start + len].to_vec();
+        let msa = Msa {
+            names: self.msa.names.clone(),
+            rows: self
+                .msa
+                .rows
+                .iter()
+                .map(|row| row[start..start + len].to_string())
+                .collect(),
+            deletions: self
+                .msa
+                .deletions
+                .iter()
+                .map(|d| d[start..start + len].to_vec())
+                .collect(),
+        };
+        let mut chain = self.chain.clone();
+        chain.residues = chain.residues[start..start + len].to_vec();
+        Ok(Self {
+            chain,
+            msa,
+            n: cut(&self.n),
+            ca: cut(&self.ca),
+            c: cut(&self.c),
+            pseudo_beta: cut(&self.pseudo_beta),
+        })
+    }
+
     /// The features (masked with `seed`) and the weighted loss, as its share of `batch`.
     pub fn micro_batch(
         &self,

@@ -118,6 +118,9 @@ pub struct FoldTask {
     recipe: Recipe,
     /// Examples per step (one per micro-batch).
     batch: usize,
+    /// Ranks computing each example together (dynamic axial parallelism): each gives 1/N of
+    /// its loss.
+    dap: usize,
     seed: u64,
 }
 
@@ -127,10 +130,14 @@ impl FoldTask {
         if !self.engine.is_main() {
             return Ok(None);
         }
+        // Rank 0 alone predicts: the whole model, without the axial split's exchanges.
+        let model = FoldModel {
+            dap: None,
+            ..self.engine.model.clone()
+        };
         let (mut rmsd, mut tm, mut lddt) = (0.0, 0.0, 0.0);
         for ex in &self.examples {
-            let pred =
-                crate::predict::predict(&self.engine.model, &p, &ex.msa, self.recipe.max_msa_seqs)?;
+            let pred = crate::predict::predict(&model, &p, &ex.msa, self.recipe.max_msa_seqs)?;
             let atoms = pred.backbone;
             let ca: Vec<_> = atoms.iter().map(|a| a[1]).collect();
             let r = crate::metrics::evaluate(&ca, &ex.ca)
@@ -173,7 +180,7 @@ impl colossal_session::Task for FoldTask {
                     &self.engine.model,
                     &self.recipe,
                     seed,
-                    micro,
+                    micro * self.dap,
                     self.engine.device(),
                 )
             })
@@ -268,6 +275,10 @@ pub fn train(
             examples: examples.as_ref().clone(),
             recipe: cfg.recipe(),
             batch,
+            dap: match cfg.parallel.sp_mode {
+                colossal_core::train::SpMode::Dap => cfg.parallel.sp,
+                _ => 1,
+            },
             seed: cfg.train.seed,
         };
         run_session(&mut task, &Plan::of(&cfg.train, stop_at))

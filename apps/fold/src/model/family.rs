@@ -9,10 +9,12 @@ use candle_core::{DType, Tensor};
 use colossal_core::exec::{Acts, BlockModel};
 use colossal_core::models::{ModelFamily, ParamSpec};
 use colossal_core::parallel::plan::TpPlan;
+use colossal_core::parallel::sequence::SpMode as SeqSplit;
 use colossal_core::params::Params;
 use colossal_kernels::Kernels;
 
 use super::config::FoldConfig;
+use super::dap::{self, Dap};
 use super::embedders::{input_embedder, input_embedder_specs};
 use super::evoformer::{self, Masks};
 use super::heads::{self, heads_specs};
@@ -26,6 +28,9 @@ pub struct FoldModel {
     pub kernels: Kernels,
     /// Chunked computation (see `primitives::Ctx::chunk`); `None`: all rows at once.
     pub chunk_size: Option<usize>,
+    /// Dynamic axial parallelism (`parallel.sp_mode = "dap"`): between blocks each rank holds
+    /// its share of the MSA's sequences and of the pair rows.
+    pub dap: Option<Dap>,
 }
 
 /// One example's inputs (see `features`).
@@ -62,6 +67,7 @@ impl FoldModel {
             cfg,
             kernels: Kernels::default(),
             chunk_size: None,
+            dap: None,
         })
     }
 
@@ -120,11 +126,15 @@ impl BlockModel for FoldModel {
         let dtype = p.iter().next().map_or(DType::F32, |(_, v)| v.dtype());
         Ok(match block {
             0 => {
+                let (s, r) = (ctx.msa_feat.dim(0)?, ctx.msa_feat.dim(1)?);
+                dap::check(self.dap.as_ref(), s, r)?;
                 let tf = ctx.target_feat.to_dtype(dtype)?;
                 let msa = ctx.msa_feat.to_dtype(dtype)?;
                 let (m, z) =
                     input_embedder(&c, &self.cfg.input_embedder, &tf, &msa, &ctx.residue_index)?;
-                Acts::one("m", m).with("z", z)
+                // Every rank embeds the whole example and keeps its share.
+                let d = self.dap.as_ref();
+                Acts::one("m", dap::local(d, &m, 0)?).with("z", dap::local(d, &z, 0)?)
             }
             b if b <= n => {
                 let masks = Masks {
@@ -139,13 +149,20 @@ impl BlockModel for FoldModel {
                     x.get("m")?,
                     x.get("z")?,
                     &masks,
+                    self.dap.as_ref(),
                 )?;
                 Acts::one("m", m).with("z", z)
             }
             // The heads: the single representation (first MSA row, projected) through the
-            // structure module; distogram and masked MSA from the streams.
+            // structure module; distogram and masked MSA from the streams. Under DAP every rank
+            // gathers the streams and computes the same outputs (the task divides the loss by
+            // the group size, so the summed gradients are the whole ones).
             _ => {
-                let (m, z) = (x.get("m")?, x.get("z")?);
+                let d = self.dap.as_ref();
+                let (m, z) = (
+                    &dap::gather(d, x.get("m")?, 0)?,
+                    &dap::gather(d, x.get("z")?, 0)?,
+                );
                 let single = c.linear("evoformer.linear", &m.get(0)?)?;
                 let mask = ctx.seq_mask.to_dtype(dtype)?;
                 let sm = structure_module(
@@ -201,6 +218,21 @@ impl ModelFamily for FoldModel {
 
     fn tp_plan(&self) -> TpPlan {
         TpPlan::new(&[])
+    }
+
+    /// Dynamic axial parallelism over `group` (`parallel.sp_mode = "dap"`).
+    fn sequence_parallel(
+        &self,
+        group: colossal_core::dist::Group,
+        mode: SeqSplit,
+    ) -> colossal_core::Result<Self> {
+        match mode {
+            SeqSplit::Axial => Ok(Self {
+                dap: Some(Dap { group }),
+                ..self.clone()
+            }),
+            _ => Err(self.unsupported("parallel.sp_mode ulysses or ring (use \"dap\")")),
+        }
     }
 
     fn read_config(dir: &Path) -> colossal_core::Result<Self> {

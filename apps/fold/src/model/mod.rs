@@ -2,6 +2,7 @@
 //! masked-MSA heads).
 
 pub mod config;
+pub mod dap;
 pub mod embedders;
 pub mod evoformer;
 pub mod family;

@@ -27,6 +27,9 @@ use crate::{Error, Result};
 pub enum SpMode {
     Ulysses,
     Ring,
+    /// Dynamic axial parallelism of two-stream (MSA and pair) models: the family splits its
+    /// streams itself.
+    Axial,
 }
 
 /// Positions (of a sequence of `t` tokens) held by `rank` of `sp`: chunks r and 2·sp−1−r.
@@ -108,6 +111,11 @@ impl std::fmt::Debug for SequenceParallel {
 /// `peak_block`).
 pub fn parallelize(model: &Llama, group: Group, mode: SpMode) -> Result<(Llama, SequenceParallel)> {
     let (sp, heads) = (group.size(), model.cfg.num_attention_heads);
+    if mode == SpMode::Axial {
+        return Err(Error::Config(
+            "parallel.sp_mode = \"dap\" splits the MSA and pair streams of AlphaFold-style models; a LLaMA takes ulysses or ring".into(),
+        ));
+    }
     if mode == SpMode::Ulysses && !heads.is_multiple_of(sp) {
         return Err(Error::Config(format!(
             "parallel.sp = {sp} does not divide the model's num_attention_heads = {heads} (Ulysses splits heads)"
@@ -241,6 +249,7 @@ impl Regions for SequenceParallel {
         match self.mode {
             SpMode::Ulysses => self.ulysses(q, k, v, &inp.bias()?, kernels),
             SpMode::Ring => self.ring(q, k, v, &inp.bias()?),
+            SpMode::Axial => unreachable!("parallelize refuses axial parallelism"),
         }
     }
 }

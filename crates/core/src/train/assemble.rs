@@ -258,6 +258,7 @@ impl<M: ModelFamily> Engine<M> {
         if let Some(group) = &g.sp {
             let mode = match cfg.parallel.sp_mode {
                 SpMode::Ring => SeqSplit::Ring,
+                SpMode::Dap => SeqSplit::Axial,
                 _ => SeqSplit::Ulysses,
             };
             model = model.sequence_parallel(group.clone(), mode)?;

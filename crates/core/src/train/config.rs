@@ -190,13 +190,13 @@ impl ParallelConfig {
             (SpMode::Megatron, 1) => {
                 return Err("parallel.sp_mode = \"megatron\" splits the sequence over the tensor-parallel group: it needs parallel.tp > 1".into())
             }
-            (SpMode::Ulysses | SpMode::Ring, sp) if sp > 1 => {}
-            (mode @ (SpMode::Ulysses | SpMode::Ring), _) => {
+            (SpMode::Ulysses | SpMode::Ring | SpMode::Dap, sp) if sp > 1 => {}
+            (mode @ (SpMode::Ulysses | SpMode::Ring | SpMode::Dap), _) => {
                 return Err(format!("parallel.sp_mode = \"{mode}\" needs parallel.sp > 1"))
             }
             (mode @ (SpMode::None | SpMode::Megatron), sp) => {
                 return Err(format!(
-                    "parallel.sp = {sp} with parallel.sp_mode = \"{mode}\": set sp_mode to ulysses or ring (megatron uses the tp group)"
+                    "parallel.sp = {sp} with parallel.sp_mode = \"{mode}\": set sp_mode to ulysses, ring or dap (megatron uses the tp group)"
                 ))
             }
         }

@@ -44,6 +44,9 @@ pub enum SpMode {
     Ulysses,
     /// Ring attention: key/value blocks passed around the sequence-parallel group.
     Ring,
+    /// Dynamic axial parallelism (FastFold): an AlphaFold-style model's MSA and pair streams
+    /// split along one axis, switched by all-to-all between row- and column-wise operations.
+    Dap,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
