@@ -1,6 +1,8 @@
 //! `fold`: protein structure tools on colossal-rs. `fold eval` compares a predicted structure
 //! with a reference.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Peak memory and time of a forward pass against the residue count: whole, chunked, and
+    /// dynamic axial parallelism over 2 and 4 local ranks (JSON).
+    Bench(bench::BenchArgs),
     /// Train on chains and their MSAs (`[data] examples`), on any `[parallel]` layout.
     Train(colossal_session::TrainArgs),
     /// Predict a structure from an MSA (`.a3m` / `.sto`; its first row is the sequence) with a
@@ -121,6 +126,7 @@ fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().cmd {
+        Cmd::Bench(a) => bench::run(&a)?,
         Cmd::Train(a) => {
             let cfg: fold::train::FoldTrainConfig = a.load()?;
             let out = cfg.train.out_dir.clone();

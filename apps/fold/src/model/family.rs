@@ -123,7 +123,7 @@ impl BlockModel for FoldModel {
             chunk: self.chunk_size,
         };
         let n = self.cfg.evoformer_stack.no_blocks;
-        let dtype = p.iter().next().map_or(DType::F32, |(_, v)| v.dtype());
+        let dtype = p.get("input_embedder.linear_tf_m.weight")?.dtype();
         Ok(match block {
             0 => {
                 let (s, r) = (ctx.msa_feat.dim(0)?, ctx.msa_feat.dim(1)?);
