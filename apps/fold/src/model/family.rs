@@ -123,7 +123,13 @@ impl BlockModel for FoldModel {
             chunk: self.chunk_size,
         };
         let n = self.cfg.evoformer_stack.no_blocks;
-        let dtype = p.get("input_embedder.linear_tf_m.weight")?.dtype();
+        // The compute dtype: the weights' (trainable, or frozen for inference).
+        let dtype = p
+            .iter()
+            .map(|(_, v)| v.dtype())
+            .chain(p.frozen().map(|(_, t)| t.dtype()))
+            .next()
+            .unwrap_or(DType::F32);
         Ok(match block {
             0 => {
                 let (s, r) = (ctx.msa_feat.dim(0)?, ctx.msa_feat.dim(1)?);
