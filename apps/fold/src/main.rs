@@ -30,8 +30,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Train on chains and their MSAs (`[data] examples`), on any `[parallel]` layout.
     Train(colossal_session::TrainArgs),
-    /// Predict a structure from an MSA (`.a3m` / `.sto`; its first row is the sequence) with a
-    /// trained checkpoint: a PDB file (pLDDT as B-factors) and a contact-map PNG beside it.
+    /// Predict a structure from an MSA (`.a3m` / `.sto`; its first row is the sequence) or a
+    /// FASTA sequence alone, with a trained checkpoint: a PDB file (pLDDT as B-factors) and a
+    /// contact-map PNG beside it.
     Predict {
         /// A checkpoint directory of `fold train`.
         #[arg(long)]

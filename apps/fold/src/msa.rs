@@ -87,7 +87,7 @@ pub fn read_text(path: &Path) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::file(path, e))
 }
 
-/// Reads `.a3m` or `.sto` (optionally `.gz`) by its extension.
+/// Reads `.a3m`, `.sto`, or a FASTA file's first sequence (optionally `.gz`), by extension.
 pub fn read(path: &Path) -> Result<Msa> {
     let text = read_text(path)?;
     let name = path.to_string_lossy();
@@ -96,12 +96,33 @@ pub fn read(path: &Path) -> Result<Msa> {
         parse_a3m(&text, path)
     } else if name.ends_with(".sto") || name.ends_with(".stockholm") {
         parse_stockholm(&text, path)
+    } else if [".fasta", ".fa", ".faa"].iter().any(|e| name.ends_with(e)) {
+        single_sequence(&text, path)
     } else {
         Err(Error::file(
             path,
-            "not an MSA file: .a3m or .sto (optionally .gz)",
+            "not a sequence or MSA file: .fasta/.fa, .a3m or .sto (optionally .gz)",
         ))
     }
+}
+
+/// A FASTA file's first sequence as an alignment of one row (prediction without an MSA).
+pub fn single_sequence(text: &str, path: &Path) -> Result<Msa> {
+    let (name, seq) = parse_fasta(text, path)?.remove(0);
+    let seq = seq.to_ascii_uppercase();
+    if let Some(c) = seq.chars().find(|c| !c.is_ascii_alphabetic()) {
+        return Err(Error::file(
+            path,
+            format!("`{name}`: `{c}` is not a residue letter"),
+        ));
+    }
+    let deletions = vec![vec![0; seq.len()]];
+    Msa {
+        names: vec![name],
+        rows: vec![seq],
+        deletions,
+    }
+    .check(path)
 }
 
 /// A3M: lowercase letters (and `.`) are insertions.

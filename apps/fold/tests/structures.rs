@@ -92,6 +92,12 @@ fn openfold_test_mmcifs_give_the_chains_their_msas_align() {
         let a3m = msa::read(&msa_dir.join("bfd_uniclust_hits.a3m")).unwrap();
         let sto = msa::read(&msa_dir.join("uniref90_hits.sto.gz")).unwrap();
         assert_eq!(a3m.query(), sto.query(), "{id}: the two MSAs' queries");
+        if id == "1psm" {
+            // A FASTA file is a one-row alignment of its first sequence.
+            let single = msa::read(&dir.join("short.fasta")).unwrap();
+            assert_eq!(single.len(), 1);
+            assert!(single.query().starts_with("MAAHKGAEHHH") && single.query().len() == 73);
+        }
         // The modelled residues are the query's, in order (gaps are unmodelled residues).
         let seq = a.sequence();
         let query = a3m.query();
