@@ -58,6 +58,7 @@ fn inputs(s: usize, r: usize) -> Result<FoldCtx> {
         pair_mask: Tensor::ones((r, r), DType::F32, &dev)?,
         aatype: (0..r as u32).map(|i| i % 20).collect(),
         seq_mask: Tensor::ones(r, DType::F32, &dev)?,
+        prev: None,
     })
 }
 

@@ -48,6 +48,9 @@ enum Cmd {
         /// (long chains: less memory, same result).
         #[arg(long)]
         chunk_size: Option<usize>,
+        /// Recycling passes before the final one (AlphaFold: 3).
+        #[arg(long, default_value_t = 3)]
+        recycles: usize,
     },
     /// Cα RMSD (Kabsch), TM-score, lDDT-Cα, GDT-TS and GDT-HA of a prediction against a
     /// reference (PDB or mmCIF files, full-atom or Cα only; residues matched by number), as JSON.
@@ -159,6 +162,7 @@ fn main() -> Result<()> {
             out,
             max_msa_seqs,
             chunk_size,
+            recycles,
         } => {
             use colossal_core::models::ModelFamily;
             let (mut m, p) = fold::model::FoldModel::load(
@@ -168,7 +172,7 @@ fn main() -> Result<()> {
             )?;
             m.chunk_size = chunk_size;
             let msa_rows = fold::msa::read(&msa)?;
-            let pred = fold::predict::predict(&m, &p, &msa_rows, max_msa_seqs)?;
+            let pred = fold::predict::predict(&m, &p, &msa_rows, max_msa_seqs, recycles)?;
             let chain = fold::predict::to_chain(msa_rows.query(), &pred)?;
             pdb::write(&out, &[chain])?;
             let png = out.with_extension("contacts.png");

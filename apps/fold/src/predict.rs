@@ -23,16 +23,21 @@ pub struct Prediction {
     pub distogram: Tensor,
 }
 
-/// The model on `msa` (its first `max_seqs` rows, no masking).
+/// The model on `msa` (its first `max_seqs` rows, no masking) after `recycles` recycling
+/// passes.
 pub fn predict(
     model: &FoldModel,
     p: &Params,
     msa: &Msa,
     max_seqs: usize,
+    recycles: usize,
 ) -> colossal_core::Result<Prediction> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let f = crate::features::make(msa, max_seqs, None, &mut rng, &Device::Cpu)?;
-    let out = model.forward(p, &FoldCtx::of(&f))?;
+    // Inference: frozen weights, no gradient bookkeeping.
+    let mut p = p.clone();
+    p.freeze_all();
+    let out = model.forward_recycled(&p, &FoldCtx::of(&f), recycles)?;
     let bb: Vec<Vec<Vec<f32>>> = out
         .get("backbone")?
         .to_dtype(candle_core::DType::F32)?

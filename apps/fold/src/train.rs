@@ -8,6 +8,7 @@ use colossal_core::train::{
     launch_ranks, Engine, Origin, ParallelConfig, TrainConfig, TrainSection,
 };
 use colossal_session::{run_session, Plan, Record, Summary};
+use rand::SeedableRng;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -54,6 +55,14 @@ pub struct DataSection {
     pub max_msa_seqs: usize,
     #[serde(default = "masked_fraction")]
     pub masked_msa_fraction: f64,
+    /// Each step runs 0 to this many recycling passes first (uniformly drawn, as AlphaFold
+    /// trains); evaluations recycle this many times.
+    #[serde(default = "max_recycles")]
+    pub max_recycles: usize,
+}
+
+fn max_recycles() -> usize {
+    3
 }
 
 fn max_msa_seqs() -> usize {
@@ -121,6 +130,7 @@ pub struct FoldTask {
     /// Ranks computing each example together (dynamic axial parallelism): each gives 1/N of
     /// its loss.
     dap: usize,
+    max_recycles: usize,
     seed: u64,
 }
 
@@ -137,7 +147,13 @@ impl FoldTask {
         };
         let (mut rmsd, mut tm, mut lddt) = (0.0, 0.0, 0.0);
         for ex in &self.examples {
-            let pred = crate::predict::predict(&model, &p, &ex.msa, self.recipe.max_msa_seqs)?;
+            let pred = crate::predict::predict(
+                &model,
+                &p,
+                &ex.msa,
+                self.recipe.max_msa_seqs,
+                self.max_recycles,
+            )?;
             let atoms = pred.backbone;
             let ca: Vec<_> = atoms.iter().map(|a| a[1]).collect();
             let r = crate::metrics::evaluate(&ca, &ex.ca)
@@ -186,6 +202,21 @@ impl colossal_session::Task for FoldTask {
             })
             .collect::<crate::Result<Vec<_>>>()
             .map_err(|e| colossal_core::Error::Config(e.to_string()))?;
+        // Recycling passes (the same number for the whole step, drawn from the step's seed)
+        // run without gradient on the current whole weights.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407),
+        );
+        let recycles = rand::Rng::random_range(&mut rng, 0..=self.max_recycles);
+        let mut batches = batches;
+        if recycles > 0 {
+            let full = self.engine.full_params()?;
+            for mb in &mut batches {
+                self.engine
+                    .model
+                    .recycle_into(&full, &mut mb.ctx, recycles)?;
+            }
+        }
         let mut batches = batches.into_iter();
         let (loss, grad_norm, lr) = self.engine.step(mine.len(), |_| {
             batches
@@ -197,6 +228,7 @@ impl colossal_session::Task for FoldTask {
         rec.insert("loss".into(), json!(loss));
         rec.insert("grad_norm".into(), json!(grad_norm));
         rec.insert("lr".into(), json!(lr));
+        rec.insert("recycles".into(), json!(recycles));
         Ok(rec)
     }
 
@@ -280,6 +312,7 @@ pub fn train(
                 _ => 1,
             },
             seed: cfg.train.seed,
+            max_recycles: cfg.data.max_recycles,
         };
         run_session(&mut task, &Plan::of(&cfg.train, stop_at))
     })

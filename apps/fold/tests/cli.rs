@@ -112,7 +112,7 @@ fn train_resume_and_predict() {
         fold::model::FoldModel::load(&model, candle_core::DType::F32, &candle_core::Device::Cpu)
             .unwrap();
     let rows = fold::msa::read(&msa).unwrap();
-    let pred = fold::predict::predict(&m, &p, &rows, 8).unwrap();
+    let pred = fold::predict::predict(&m, &p, &rows, 8, 3).unwrap();
     let back = fold::pdb::read(&pdb).unwrap();
     assert_eq!(back[0].sequence(), rows.query());
     let mut worst = 0f64;

@@ -19,6 +19,7 @@ use super::embedders::{input_embedder, input_embedder_specs};
 use super::evoformer::{self, Masks};
 use super::heads::{self, heads_specs};
 use super::primitives::Ctx;
+use super::recycling::{self, Recycled};
 use super::specs::Specs;
 use super::structure::{structure_module, structure_specs};
 
@@ -44,6 +45,8 @@ pub struct FoldCtx {
     /// Residue types (`residues::STANDARD` order; 20 unknown) and which residues are real (R).
     pub aatype: Vec<u32>,
     pub seq_mask: Tensor,
+    /// The previous pass's outputs (recycling); `None`: the first pass.
+    pub prev: Option<Recycled>,
 }
 
 impl FoldCtx {
@@ -56,6 +59,7 @@ impl FoldCtx {
             pair_mask: f.pair_mask.clone(),
             aatype: f.aatype.clone(),
             seq_mask: f.seq_mask.clone(),
+            prev: None,
         }
     }
 }
@@ -74,7 +78,7 @@ impl FoldModel {
     fn prefixes(&self, block: usize) -> Vec<String> {
         let n = self.cfg.evoformer_stack.no_blocks;
         match block {
-            0 => vec!["input_embedder.".into()],
+            0 => vec!["input_embedder.".into(), "recycling_embedder.".into()],
             b if b <= n => vec![format!("evoformer.blocks.{}.", b - 1)],
             _ => vec![
                 "evoformer.linear.".into(),
@@ -82,6 +86,48 @@ impl FoldModel {
                 "aux_heads.".into(),
             ],
         }
+    }
+
+    /// The outputs for one example after `recycles` extra passes (the earlier passes without
+    /// gradient, each feeding the next; AlphaFold infers with 3).
+    pub fn forward_recycled(
+        &self,
+        p: &Params,
+        ctx: &FoldCtx,
+        recycles: usize,
+    ) -> colossal_core::Result<Acts> {
+        let mut ctx = ctx.clone();
+        self.recycle_into(p, &mut ctx, recycles)?;
+        self.forward(p, &ctx)
+    }
+
+    /// Runs `passes` passes on `ctx` without gradient (frozen copies of the weights), leaving
+    /// the last one's outputs in `ctx.prev` for the pass that follows.
+    pub fn recycle_into(
+        &self,
+        p: &Params,
+        ctx: &mut FoldCtx,
+        passes: usize,
+    ) -> colossal_core::Result<()> {
+        if passes == 0 {
+            return Ok(());
+        }
+        let mut frozen = p.clone();
+        frozen.freeze_all();
+        for _ in 0..passes {
+            let out = self.forward(&frozen, ctx)?;
+            ctx.prev = Some(self.recycled(&out, &ctx.aatype)?);
+        }
+        Ok(())
+    }
+
+    /// What a pass's outputs hand the next pass.
+    pub fn recycled(&self, out: &Acts, aatype: &[u32]) -> colossal_core::Result<Recycled> {
+        Ok(Recycled {
+            m1: out.get("msa_first")?.detach(),
+            z: out.get("pair")?.detach(),
+            x: recycling::pseudo_beta(out.get("backbone")?, aatype)?,
+        })
     }
 
     /// Every block in order: the outputs for one example (see the heads block).
@@ -138,6 +184,13 @@ impl BlockModel for FoldModel {
                 let msa = ctx.msa_feat.to_dtype(dtype)?;
                 let (m, z) =
                     input_embedder(&c, &self.cfg.input_embedder, &tf, &msa, &ctx.residue_index)?;
+                let rc = &self.cfg.recycling_embedder;
+                let (m1, dz) = recycling::embed(&c, rc, ctx.prev.as_ref(), r, &m)?;
+                let m = Tensor::cat(
+                    &[(m.get(0)? + m1)?.unsqueeze(0)?, m.narrow(0, 1, s - 1)?],
+                    0,
+                )?;
+                let z = (z + dz)?;
                 // Every rank embeds the whole example and keeps its share.
                 let d = self.dap.as_ref();
                 Acts::one("m", dap::local(d, &m, 0)?).with("z", dap::local(d, &z, 0)?)
@@ -185,6 +238,8 @@ impl BlockModel for FoldModel {
                     .with("frames_trans", sm.trans)
                     .with("plddt", heads::plddt(&c, &sm.single)?)
                     .with("backbone", sm.backbone)
+                    .with("msa_first", m.get(0)?)
+                    .with("pair", z.clone())
             }
         })
     }
@@ -198,6 +253,7 @@ impl ModelFamily for FoldModel {
     fn param_specs(&self) -> Vec<ParamSpec> {
         let mut s = Specs::default();
         input_embedder_specs(&mut s, &self.cfg.input_embedder);
+        recycling::specs(&mut s, &self.cfg.recycling_embedder);
         for i in 0..self.cfg.evoformer_stack.no_blocks {
             evoformer::block_specs(
                 &mut s,

@@ -8,6 +8,7 @@ pub mod evoformer;
 pub mod family;
 pub mod heads;
 pub mod primitives;
+pub mod recycling;
 pub mod rigid;
 pub mod specs;
 pub mod structure;
