@@ -59,6 +59,10 @@ pub struct DataSection {
     /// trains); evaluations recycle this many times.
     #[serde(default = "max_recycles")]
     pub max_recycles: usize,
+    /// Train on random contiguous crops of this many residues (longer chains); evaluation
+    /// predicts whole chains.
+    #[serde(default)]
+    pub crop_size: Option<usize>,
 }
 
 fn max_recycles() -> usize {
@@ -106,6 +110,9 @@ impl FoldTrainConfig {
                 self.data.masked_msa_fraction
             ));
         }
+        if self.data.crop_size == Some(0) {
+            return Err("data.crop_size must be positive".into());
+        }
         if self.data.max_msa_seqs == 0 {
             return Err("data.max_msa_seqs must be positive".into());
         }
@@ -131,6 +138,7 @@ pub struct FoldTask {
     /// its loss.
     dap: usize,
     max_recycles: usize,
+    crop_size: Option<usize>,
     seed: u64,
 }
 
@@ -192,7 +200,17 @@ impl colossal_session::Task for FoldTask {
             .map(|&mb| {
                 let pos = step * micro as u64 + mb as u64;
                 let seed = self.seed ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                self.examples[(pos % n) as usize].micro_batch(
+                let ex = &self.examples[(pos % n) as usize];
+                // A random contiguous crop (AlphaFold trains on crops of 256 residues).
+                let r = ex.ca.len();
+                let cropped = match self.crop_size.filter(|&c| c < r) {
+                    Some(c) => {
+                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
+                        Some(ex.crop(rand::Rng::random_range(&mut rng, 0..=r - c), c)?)
+                    }
+                    None => None,
+                };
+                cropped.as_ref().unwrap_or(ex).micro_batch(
                     &self.engine.model,
                     &self.recipe,
                     seed,
@@ -313,6 +331,7 @@ pub fn train(
             },
             seed: cfg.train.seed,
             max_recycles: cfg.data.max_recycles,
+            crop_size: cfg.data.crop_size,
         };
         run_session(&mut task, &Plan::of(&cfg.train, stop_at))
     })
