@@ -1,8 +1,8 @@
 """Makes apps/fold/tests/data/structure_module.safetensors with OpenFold's own StructureModule:
-random weights under OpenFold's names (the torsion-angle ResNet's too, which the backbone
-frames do not depend on), a single representation, a pair stream, residue types and a mask, and
-OpenFold's per-layer backbone frames (quaternion and translation, Å). The Rust test
-`structure_module_equals_openfolds` must give the same frames from the same weights.
+random weights under OpenFold's names, a single representation, a pair stream, residue types and
+a mask, and OpenFold's per-layer backbone frames (quaternion and translation, Å), final torsion
+angles and final N, CA, C, O positions. The Rust test `structure_module_equals_openfolds` must
+give the same from the same weights.
 
     git -C OPENFOLD_REPO archive HEAD openfold | tar -x -C /tmp/of
     python scripts/check/openfold_structure.py /tmp/of apps/fold/tests/data/structure_module.safetensors
@@ -35,9 +35,12 @@ mask = torch.ones(R)
 mask[7] = 0.0
 with torch.no_grad():
     o = sm({"single": single, "pair": pair}, aatype, mask)
-tensors = {f"structure_module.{k}": v.contiguous() for k, v in state.items()
-           if not k.startswith("angle_resnet")}
+tensors = {f"structure_module.{k}": v.contiguous() for k, v in state.items()}
 tensors.update({"input.single": single, "input.pair": pair, "input.aatype": aatype.to(torch.int64),
-                "input.mask": mask, "output.frames": o["frames"].contiguous()})
+                "input.mask": mask, "output.frames": o["frames"].contiguous(),
+                "output.angles": o["angles"][-1].contiguous(),
+                "output.unnormalized_angles": o["unnormalized_angles"][-1].contiguous(),
+                # atom14 slots 0-3 are N, CA, C, O for every residue type
+                "output.backbone": o["positions"][-1][:, :4].contiguous()})
 save_file(tensors, out, metadata={"made_by": "openfold StructureModule", "torch": torch.__version__})
 print(f"{len(tensors)} tensors; frames {tuple(o['frames'].shape)}; wrote {out}")

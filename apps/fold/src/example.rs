@@ -29,6 +29,12 @@ pub struct LossWeights {
     pub masked_msa: f64,
     #[serde(default = "plddt")]
     pub plddt: f64,
+    /// FAPE of N, Cα, C, O from the final frames (AlphaFold's all-atom FAPE on the backbone
+    /// atoms: it trains ψ, which places O) and the torsion vectors' norm loss.
+    #[serde(default = "atom_fape")]
+    pub atom_fape: f64,
+    #[serde(default = "angle_norm")]
+    pub angle_norm: f64,
     /// Share of FAPE computed with distances clamped at 10 Å (OpenFold: 0.9).
     #[serde(default = "clamped")]
     pub fape_clamped_fraction: f64,
@@ -42,6 +48,12 @@ fn distogram() -> f64 {
 }
 fn masked_msa() -> f64 {
     2.0
+}
+fn atom_fape() -> f64 {
+    0.5
+}
+fn angle_norm() -> f64 {
+    0.01
 }
 fn plddt() -> f64 {
     0.01
@@ -57,6 +69,8 @@ impl Default for LossWeights {
             distogram: distogram(),
             masked_msa: masked_msa(),
             plddt: plddt(),
+            atom_fape: atom_fape(),
+            angle_norm: angle_norm(),
             fape_clamped_fraction: clamped(),
         }
     }
@@ -100,6 +114,7 @@ pub struct Example {
     pub n: Vec<Vec3>,
     pub ca: Vec<Vec3>,
     pub c: Vec<Vec3>,
+    pub o: Vec<Vec3>,
     pub pseudo_beta: Vec<Vec3>,
 }
 
@@ -146,7 +161,7 @@ impl Example {
                 })
                 .collect()
         };
-        let (n, ca, c) = (at("N")?, at("CA")?, at("C")?);
+        let (n, ca, c, o) = (at("N")?, at("CA")?, at("C")?, at("O")?);
         let pseudo_beta = chain
             .residues
             .iter()
@@ -159,6 +174,7 @@ impl Example {
             n,
             ca,
             c,
+            o,
             pseudo_beta,
         })
     }
@@ -197,6 +213,7 @@ impl Example {
             n: cut(&self.n),
             ca: cut(&self.ca),
             c: cut(&self.c),
+            o: cut(&self.o),
             pseudo_beta: cut(&self.pseudo_beta),
         })
     }
@@ -222,6 +239,12 @@ impl Example {
         let (true_msa, bert) = (f.true_msa.clone(), f.bert_mask.clone());
         let (rots, trans) = crate::loss::true_frames(&self.n, &self.ca, &self.c, dev)?;
         let (w, true_ca) = (recipe.loss.clone(), self.ca.clone());
+        let atoms: Vec<f32> = (0..self.ca.len())
+            .flat_map(|i| [self.n[i], self.ca[i], self.c[i], self.o[i]])
+            .flatten()
+            .map(|v| v as f32)
+            .collect();
+        let true_atoms = Tensor::from_vec(atoms, (self.ca.len() * 4, 3), dev)?;
         let loss_fn: Box<LossFn<'static>> = Box::new(move |out: &Acts| {
             use crate::loss;
             let fape = loss::backbone_fape(
@@ -236,8 +259,16 @@ impl Example {
             let m = loss::masked_msa_loss(out.get("masked_msa")?, &true_msa, &bert)?;
             let pred_ca = ca_of(out.get("backbone")?)?;
             let p = loss::plddt_loss(out.get("plddt")?, &pred_ca, &true_ca, &mask)?;
+            let (fr, ft) = (out.get("frames_rot")?, out.get("frames_trans")?);
+            let last = fr.dim(0)? - 1;
+            let bb = out.get("backbone")?;
+            let pred_atoms = bb.reshape((bb.dim(0)? * 4, 3))?;
+            let (lr, lt) = (fr.get(last)?, ft.get(last)?);
+            let af = loss::atom_fape(&lr, &lt, &pred_atoms, &rots, &trans, &true_atoms)?;
+            let an = loss::angle_norm_loss(out.get("angles_raw")?)?;
             let total = ((((fape * w.fape)? + (d * w.distogram)?)? + (m * w.masked_msa)?)?
                 + (p * w.plddt)?)?;
+            let total = ((total + (af * w.atom_fape)?)? + (an * w.angle_norm)?)?;
             Ok((total / batch as f64)?)
         });
         Ok(MicroBatch {

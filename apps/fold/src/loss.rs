@@ -148,3 +148,32 @@ pub fn plddt_loss(
         .sum_all()?
         .broadcast_div(&(mask.sum_all()? + 1e-10)?)
 }
+
+/// FAPE of atoms (AlphaFold's all-atom FAPE restricted to the backbone atoms N, Cα, C, O): every
+/// atom j seen from every final backbone frame i, predicted against true; clamped at 10 Å, in
+/// units of 10 Å, the mean over pairs. `pred_atoms`/`true_atoms` (P, 3), frames (R, 3, 3) and
+/// (R, 3).
+pub fn atom_fape(
+    pred_rot: &Tensor,
+    pred_trans: &Tensor,
+    pred_atoms: &Tensor,
+    true_rot: &Tensor,
+    true_trans: &Tensor,
+    true_atoms: &Tensor,
+) -> Result<Tensor> {
+    const EPS: f64 = 1e-4;
+    let local = |rot: &Tensor, t: &Tensor, x: &Tensor| -> Result<Tensor> {
+        // (x_j − t_i)·R_i for all (i, j): (R, P, 3).
+        x.unsqueeze(0)?.broadcast_sub(&t.unsqueeze(1)?)?.matmul(rot)
+    };
+    let d = (local(pred_rot, pred_trans, pred_atoms)? - local(true_rot, true_trans, true_atoms)?)?;
+    let err = (d.sqr()?.sum(candle_core::D::Minus1)? + EPS)?.sqrt()?;
+    (err.clamp(0f32, 10f32)? / 10.0)?.mean_all()
+}
+
+/// AlphaFold's angle-norm loss: how far the predicted (unnormalised) torsion vectors (R, 7, 2)
+/// are from unit length, on average.
+pub fn angle_norm_loss(raw: &Tensor) -> Result<Tensor> {
+    let norm = (raw.sqr()?.sum(candle_core::D::Minus1)? + 1e-12)?.sqrt()?;
+    (norm - 1.0)?.abs()?.mean_all()
+}

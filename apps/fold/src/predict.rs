@@ -15,8 +15,8 @@ use crate::superpose::Vec3;
 use crate::{residues, Error, Result};
 
 pub struct Prediction {
-    /// N, Cα, C of each residue.
-    pub backbone: Vec<[Vec3; 3]>,
+    /// N, Cα, C, O of each residue.
+    pub backbone: Vec<[Vec3; 4]>,
     /// Per residue, 0–100.
     pub plddt: Vec<f64>,
     /// Distogram logits (R, R, bins).
@@ -66,7 +66,7 @@ pub fn to_chain(sequence: &str, pred: &Prediction) -> Result<Chain> {
                 name: name.into(),
                 number: i as i32 + 1,
                 insertion: ' ',
-                atoms: ["N", "CA", "C"]
+                atoms: ["N", "CA", "C", "O"]
                     .iter()
                     .zip(atoms)
                     .map(|(n, xyz)| Atom {

