@@ -6,8 +6,7 @@
 
 use std::path::Path;
 
-use crate::pdb::{Atom, Chain, Residue};
-use crate::residues;
+use crate::pdb::{AtomRecord, Chain, ChainBuilder};
 use crate::{Error, Result};
 
 /// (token, line, whether it was quoted: a quoted `loop_` or `_x` is a value).
@@ -140,7 +139,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
             ),
         ));
     }
-    let mut chains: Vec<Chain> = Vec::new();
+    let mut chains = ChainBuilder::default();
     let mut first_model = None;
     for row in values.chunks(w) {
         let n = row[0].1;
@@ -157,27 +156,6 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
                 _ => {}
             }
         }
-        let mut res_name = get(comp).to_string();
-        if res_name == "MSE" {
-            res_name = "MET".into();
-        } else if get(group) == "HETATM" {
-            continue;
-        }
-        if residues::is_nucleotide(&res_name) {
-            continue; // DNA or RNA in a complex
-        }
-        if residues::one_letter(&res_name).is_none() {
-            return Err(Error::at_line(
-                path,
-                n,
-                format!("residue `{res_name}` is not one of the 20 standard amino acids"),
-            ));
-        }
-        let mut name = get(atom_col).to_string();
-        if res_name == "MET" && name == "SE" {
-            name = "SD".into();
-        }
-        let chain_id = get(chain_col).to_string();
         let number: i32 = get(seq).parse().map_err(|_| {
             Error::at_line(
                 path,
@@ -190,56 +168,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
             .filter(|s| *s != "?" && *s != ".")
             .and_then(|s| s.chars().next())
             .unwrap_or(' ');
-        let xyz = [num(x, "Cartn_x")?, num(y, "Cartn_y")?, num(z, "Cartn_z")?];
         let b_factor = match bfac.map(get) {
             None | Some("?") | Some(".") => 0.0,
             Some(_) => num(bfac.expect("present"), "B_iso_or_equiv")?,
         };
-        let altloc = alt.map(get).filter(|s| *s != "." && *s != "?");
-        if chains.last().is_none_or(|c| c.id != chain_id) {
-            if chains.iter().any(|c| c.id == chain_id) {
-                return Err(Error::at_line(
-                    path,
-                    n,
-                    format!("chain {chain_id} resumes after another chain"),
-                ));
-            }
-            chains.push(Chain {
-                id: chain_id,
-                residues: Vec::new(),
-            });
-        }
-        let chain = chains.last_mut().expect("pushed");
-        let same = |r: &Residue| r.number == number && r.insertion == insertion;
-        if !chain.residues.last().is_some_and(same) {
-            chain.residues.push(Residue {
-                name: res_name.clone(),
-                number,
-                insertion,
-                atoms: Vec::new(),
-            });
-        }
-        let res = chain.residues.last_mut().expect("pushed");
-        if res.name != res_name {
-            if altloc.is_some() {
-                continue;
-            }
-            return Err(Error::at_line(
-                path,
-                n,
-                format!("residue {number} is both {} and {res_name}", res.name),
-            ));
-        }
-        if res.atom(&name).is_none() {
-            res.atoms.push(Atom {
-                name,
-                xyz,
-                b_factor,
-            });
-        }
+        let rec = AtomRecord {
+            hetatm: get(group) == "HETATM",
+            res_name: get(comp),
+            atom_name: get(atom_col),
+            chain: get(chain_col),
+            number,
+            insertion,
+            alternative: alt.map(get).is_some_and(|s| s != "." && s != "?"),
+            xyz: [num(x, "Cartn_x")?, num(y, "Cartn_y")?, num(z, "Cartn_z")?],
+            b_factor,
+        };
+        chains.add(rec, path, n)?;
     }
-    if chains.is_empty() {
-        return Err(Error::file(path, "no protein atoms in `_atom_site`"));
-    }
-    Ok(chains)
+    chains.finish(path, "no protein atoms in `_atom_site`")
 }

@@ -85,7 +85,7 @@ fn number<T: std::str::FromStr>(
 
 /// Parses PDB text (`path` names it in errors).
 pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
-    let mut chains: Vec<Chain> = Vec::new();
+    let mut chains = ChainBuilder::default();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         if line.starts_with("ENDMDL") {
@@ -102,88 +102,124 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
                 "an ATOM record shorter than its coordinates",
             ));
         }
-        let mut res_name = field(line, 17, 20).to_string();
-        if res_name == "MSE" {
-            res_name = "MET".into();
-        } else if record == "HETATM" {
-            continue; // water and ligands
+        let b_factor = match field(line, 60, 66) {
+            "" => 0.0,
+            _ => self::number(line, 60, 66, "B-factor", path, n)?,
+        };
+        let rec = AtomRecord {
+            hetatm: record == "HETATM",
+            res_name: field(line, 17, 20),
+            atom_name: field(line, 12, 16),
+            chain: &(line.as_bytes()[21] as char).to_string(),
+            number: number(line, 22, 26, "residue number", path, n)?,
+            insertion: line.as_bytes().get(26).map_or(' ', |&b| b as char),
+            alternative: line.as_bytes()[16] != b' ',
+            xyz: [
+                self::number(line, 30, 38, "x", path, n)?,
+                self::number(line, 38, 46, "y", path, n)?,
+                self::number(line, 46, 54, "z", path, n)?,
+            ],
+            b_factor,
+        };
+        chains.add(rec, path, n)?;
+    }
+    chains.finish(path, "no protein ATOM records")
+}
+
+/// One atom as a PDB or mmCIF file lists it.
+pub(crate) struct AtomRecord<'a> {
+    pub hetatm: bool,
+    pub res_name: &'a str,
+    pub atom_name: &'a str,
+    pub chain: &'a str,
+    pub number: i32,
+    pub insertion: char,
+    /// Listed with an alternative-location label.
+    pub alternative: bool,
+    pub xyz: Vec3,
+    pub b_factor: f64,
+}
+
+/// Chains from atom records in file order: selenomethionine read as methionine, water,
+/// ligands, DNA and RNA skipped, any other residue an error; for an atom with alternative
+/// locations the first listed (and for a residue given two identities, the first).
+#[derive(Default)]
+pub(crate) struct ChainBuilder {
+    chains: Vec<Chain>,
+}
+
+impl ChainBuilder {
+    pub fn add(&mut self, rec: AtomRecord, path: &Path, n: usize) -> Result<()> {
+        let res_name = match (rec.res_name, rec.hetatm) {
+            ("MSE", _) => "MET",
+            (_, true) => return Ok(()),
+            (name, false) => name,
+        };
+        if residues::is_nucleotide(res_name) {
+            return Ok(());
         }
-        if residues::is_nucleotide(&res_name) {
-            continue; // DNA or RNA in a complex
-        }
-        if residues::one_letter(&res_name).is_none() {
+        if residues::one_letter(res_name).is_none() {
             return Err(Error::at_line(
                 path,
                 n,
                 format!("residue `{res_name}` is not one of the 20 standard amino acids"),
             ));
         }
-        let mut name = field(line, 12, 16).to_string();
-        if res_name == "MET" && name == "SE" {
-            name = "SD".into();
-        }
-        let altloc = line.as_bytes()[16] as char;
-        let chain_id = (line.as_bytes()[21] as char).to_string();
-        let number = number(line, 22, 26, "residue number", path, n)?;
-        let insertion = line.as_bytes().get(26).map_or(' ', |&b| b as char);
-        let xyz = [
-            self::number(line, 30, 38, "x", path, n)?,
-            self::number(line, 38, 46, "y", path, n)?,
-            self::number(line, 46, 54, "z", path, n)?,
-        ];
-        let b_factor = match field(line, 60, 66) {
-            "" => 0.0,
-            _ => self::number(line, 60, 66, "B-factor", path, n)?,
+        let name = match (res_name, rec.atom_name) {
+            ("MET", "SE") => "SD",
+            (_, name) => name,
         };
-        if chains.last().is_none_or(|c| c.id != chain_id) {
-            if chains.iter().any(|c| c.id == chain_id) {
+        if self.chains.last().is_none_or(|c| c.id != rec.chain) {
+            if self.chains.iter().any(|c| c.id == rec.chain) {
                 return Err(Error::at_line(
                     path,
                     n,
-                    format!("chain {chain_id} resumes after another chain"),
+                    format!("chain {} resumes after another chain", rec.chain),
                 ));
             }
-            chains.push(Chain {
-                id: chain_id.clone(),
+            self.chains.push(Chain {
+                id: rec.chain.to_string(),
                 residues: Vec::new(),
             });
         }
-        let chain = chains.last_mut().expect("pushed");
-        let same = |r: &Residue| r.number == number && r.insertion == insertion;
+        let chain = self.chains.last_mut().expect("pushed");
+        let same = |r: &Residue| r.number == rec.number && r.insertion == rec.insertion;
         if !chain.residues.last().is_some_and(same) {
             chain.residues.push(Residue {
-                name: res_name.clone(),
-                number,
-                insertion,
+                name: res_name.to_string(),
+                number: rec.number,
+                insertion: rec.insertion,
                 atoms: Vec::new(),
             });
         }
         let res = chain.residues.last_mut().expect("pushed");
         if res.name != res_name {
             // A point mutation given as alternative locations: keep the first residue.
-            if altloc != ' ' {
-                continue;
+            if rec.alternative {
+                return Ok(());
             }
             return Err(Error::at_line(
                 path,
                 n,
-                format!("residue {number} is both {} and {res_name}", res.name),
+                format!("residue {} is both {} and {res_name}", rec.number, res.name),
             ));
         }
-        // Alternative locations: the first listed wins.
-        if res.atom(&name).is_some() {
-            continue;
+        if res.atom(name).is_none() {
+            res.atoms.push(Atom {
+                name: name.to_string(),
+                xyz: rec.xyz,
+                b_factor: rec.b_factor,
+            });
         }
-        res.atoms.push(Atom {
-            name,
-            xyz,
-            b_factor,
-        });
+        Ok(())
     }
-    if chains.is_empty() {
-        return Err(Error::file(path, "no protein ATOM records"));
+
+    pub fn finish(self, path: &Path, empty: &str) -> Result<Vec<Chain>> {
+        match self.chains.is_empty() {
+            true => Err(Error::file(path, empty)),
+            false => Ok(self.chains),
+        }
     }
-    Ok(chains)
 }
 
 /// PDB text for `chains` (ATOM records, TER after each chain, END). A PDB chain id is one
