@@ -125,6 +125,28 @@ fn config(out: &Path, train: &str, parallel: &str) -> TrainConfig {
 
 type Run = (Vec<f32>, Vec<f64>, Params);
 
+/// The same losses and pre-clip gradient norms at every step, and every parameter at the end.
+fn assert_same_run(what: &str, got: &Run, want: &Run) {
+    for s in 0..STEPS {
+        let (l, lw, g, gw) = (got.0[s], want.0[s], got.1[s], want.1[s]);
+        println!("{what} step {s}: loss {l:.7} vs {lw:.7}, grad norm {g:.7} vs {gw:.7}");
+        assert!(
+            (l - lw).abs() <= 1e-5 * lw.abs().max(1.0),
+            "{what}: loss at step {s}"
+        );
+        assert!((g - gw).abs() <= 1e-4 * gw, "{what}: grad norm at step {s}");
+    }
+    assert_eq!(got.2.names().len(), want.2.names().len());
+    let mut worst = 0f32;
+    for name in want.2.names() {
+        let d = max_abs(&(got.2.get(name).unwrap() - want.2.get(name).unwrap()).unwrap());
+        worst = worst.max(d);
+        assert!(d <= 1e-5, "{what}: {name} differs by {d}");
+    }
+    let n = want.2.names().len();
+    println!("{what}: {n} parameters, worst difference {worst:e}");
+}
+
 fn run(n: usize, train: &str, parallel: &str, steps: usize) -> Run {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), train, &format!("nproc = {n}\n{parallel}"));
@@ -169,26 +191,7 @@ fn the_evoformer_trains_alike_in_every_parallel_layout() {
         ),
     ] {
         let got = run(n, train, parallel, STEPS);
-        for s in 0..STEPS {
-            let (l, lw, g, gw) = (got.0[s], want.0[s], got.1[s], want.1[s]);
-            println!("{what} step {s}: loss {l:.7} vs {lw:.7}, grad norm {g:.7} vs {gw:.7}");
-            assert!(
-                (l - lw).abs() <= 1e-5 * lw.abs().max(1.0),
-                "{what}: loss at step {s}"
-            );
-            assert!((g - gw).abs() <= 1e-4 * gw, "{what}: grad norm at step {s}");
-        }
-        assert_eq!(got.2.names().len(), want.2.names().len());
-        let mut worst = 0f32;
-        for name in want.2.names() {
-            let d = max_abs(&(got.2.get(name).unwrap() - want.2.get(name).unwrap()).unwrap());
-            worst = worst.max(d);
-            assert!(d <= 1e-5, "{what}: {name} differs by {d}");
-        }
-        println!(
-            "{what}: {} parameters, worst difference {worst:e}",
-            want.2.names().len()
-        );
+        assert_same_run(what, &got, &want);
     }
 }
 
@@ -439,25 +442,6 @@ fn dynamic_axial_parallelism_equals_one_rank() {
     let want = run(1, 1);
     for (what, nproc, dap) in [("dap 2", 2, 2), ("dap 4", 4, 4), ("dp 2 × dap 2", 4, 2)] {
         let got = run(nproc, dap);
-        for s in 0..STEPS {
-            let (l, lw, g, gw) = (got.0[s], want.0[s], got.1[s], want.1[s]);
-            println!("{what} step {s}: loss {l:.7} vs {lw:.7}, grad norm {g:.7} vs {gw:.7}");
-            assert!(
-                (l - lw).abs() <= 1e-5 * lw.abs().max(1.0),
-                "{what}: loss at step {s}"
-            );
-            assert!((g - gw).abs() <= 1e-4 * gw, "{what}: grad norm at step {s}");
-        }
-        assert_eq!(got.2.names().len(), want.2.names().len());
-        let mut worst = 0f32;
-        for name in want.2.names() {
-            let d = max_abs(&(got.2.get(name).unwrap() - want.2.get(name).unwrap()).unwrap());
-            worst = worst.max(d);
-            assert!(d <= 1e-5, "{what}: {name} differs by {d}");
-        }
-        println!(
-            "{what}: {} parameters, worst difference {worst:e}",
-            want.2.names().len()
-        );
+        assert_same_run(what, &got, &want);
     }
 }
