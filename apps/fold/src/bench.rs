@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Rows per chunk in the chunked setups.
     #[arg(long, default_value_t = 16)]
     pub chunk_size: usize,
+    /// Only these setups (whole, chunked, dap2, dap4, dap4_chunked); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub setups: Vec<String>,
     #[arg(long, default_value = "fold-bench.json")]
     pub out: PathBuf,
     /// Internal: run one setup at one length and print its figures.
@@ -105,7 +108,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "setup", "residues", "peak RSS MiB", "forward s"
     );
     for &r in &a.lengths {
-        for (name, _, _) in setups(a) {
+        let wanted = |n: &str| a.setups.is_empty() || a.setups.iter().any(|s| s == n);
+        for (name, _, _) in setups(a).into_iter().filter(|(n, _, _)| wanted(n)) {
             let out = Command::new(&exe)
                 .args(["bench", "--setup", name, "--length", &r.to_string()])
                 .args(["--msa-depth", &a.msa_depth.to_string()])
