@@ -174,7 +174,10 @@ fn main() -> Result<()> {
             let msa_rows = fold::msa::read(&msa)?;
             let pred = fold::predict::predict(&m, &p, &msa_rows, max_msa_seqs, recycles)?;
             let chain = fold::predict::to_chain(msa_rows.query(), &pred)?;
-            pdb::write(&out, &[chain])?;
+            match out.extension().is_some_and(|e| e == "cif") {
+                true => fold::mmcif::write(&out, &[chain])?,
+                false => pdb::write(&out, &[chain])?,
+            }
             let png = out.with_extension("contacts.png");
             fold::predict::write_contact_png(
                 &png,

@@ -187,3 +187,69 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Chain>> {
     }
     chains.finish(path, "no protein atoms in `_atom_site`")
 }
+
+/// mmCIF text for `chains`: one `_atom_site` loop (author and label ids alike, model 1), with
+/// coordinates to 1e-6 Å — beyond a PDB file's 1e-3.
+pub fn format(chains: &[Chain], name: &str) -> String {
+    let mut out = format!("data_{name}\nloop_\n");
+    for col in [
+        "group_PDB",
+        "id",
+        "type_symbol",
+        "label_atom_id",
+        "label_alt_id",
+        "label_comp_id",
+        "label_asym_id",
+        "label_seq_id",
+        "pdbx_PDB_ins_code",
+        "Cartn_x",
+        "Cartn_y",
+        "Cartn_z",
+        "occupancy",
+        "B_iso_or_equiv",
+        "auth_seq_id",
+        "auth_comp_id",
+        "auth_asym_id",
+        "auth_atom_id",
+        "pdbx_PDB_model_num",
+    ] {
+        out.push_str(&format!("_atom_site.{col}\n"));
+    }
+    let mut serial = 1;
+    for chain in chains {
+        for (k, res) in chain.residues.iter().enumerate() {
+            let ins = match res.insertion {
+                ' ' => "?".to_string(),
+                c => c.to_string(),
+            };
+            for atom in &res.atoms {
+                let element = atom.name.chars().next().unwrap_or('C');
+                out.push_str(&format!(
+                    "ATOM {serial} {element} {name} . {res_name} {chain} {seq} {ins} {x:.6} {y:.6} {z:.6} 1.00 {b:.4} {num} {res_name} {chain} {name} 1\n",
+                    name = atom.name,
+                    res_name = res.name,
+                    chain = chain.id,
+                    seq = k + 1,
+                    x = atom.xyz[0],
+                    y = atom.xyz[1],
+                    z = atom.xyz[2],
+                    b = atom.b_factor,
+                    num = res.number,
+                ));
+                serial += 1;
+            }
+        }
+    }
+    out.push_str("#\n");
+    out
+}
+
+/// Writes `chains` to `path` atomically (beside it, then renamed).
+pub fn write(path: &Path, chains: &[Chain]) -> Result<()> {
+    let name = path.file_stem().map_or("structure".into(), |s| {
+        s.to_string_lossy().replace(['.', ' '], "_")
+    });
+    let tmp = path.with_extension("cif.tmp");
+    std::fs::write(&tmp, format(chains, &name)).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}
