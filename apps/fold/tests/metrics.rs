@@ -107,6 +107,20 @@ fn metrics_equal_the_reference_tools_on_real_chains() {
     assert_eq!(checked, 24);
 }
 
+/// `fold eval`'s JSON for two structure files.
+fn fold_eval(pred: &std::path::Path, reference: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fold"))
+        .args(["eval", "--pred"])
+        .arg(pred)
+        .arg("--ref")
+        .arg(reference)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn fold_eval_prints_the_metrics_as_json() {
     let t =
@@ -130,19 +144,7 @@ fn fold_eval_prints_the_metrics_as_json() {
         &[pdb::ca_chain("A", seq, &coords(&t, &format!("{key}.noise_1.5")), None).unwrap()],
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fold"))
-        .args(["eval", "--pred"])
-        .arg(&p)
-        .arg("--ref")
-        .arg(&r)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = fold_eval(&p, &r);
     println!("fold eval: {got}");
     let want = &chain["results"]["noise_1.5"];
     assert!(
@@ -168,19 +170,7 @@ fn fold_eval_prints_the_metrics_as_json() {
         |k: &str| pdb::ca_chain("A", s5, &coords(&t, &format!("5zng_A.{k}")), None).unwrap();
     fold::mmcif::write(&rc, &[chain5("ref_ca")]).unwrap();
     fold::mmcif::write(&pc, &[chain5("noise_0.5")]).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fold"))
-        .args(["eval", "--pred"])
-        .arg(&pc)
-        .arg("--ref")
-        .arg(&rc)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = fold_eval(&pc, &rc);
     println!("fold eval on mmCIF (5zng_A noise_0.5): {got}");
     let want5 = &c5["results"]["noise_0.5"];
     for (ours, theirs) in [

@@ -148,25 +148,33 @@ fn assert_same_run(what: &str, got: &Run, want: &Run) {
 }
 
 fn run(n: usize, train: &str, parallel: &str, steps: usize) -> Run {
+    run_on(&chain_example(), n, train, parallel, steps, 1)
+}
+
+/// `steps` engine steps on `ex` over `n` ranks; with dynamic axial parallelism over `dap` ranks
+/// each rank's loss is its 1/dap share.
+fn run_on(ex: &Example, n: usize, train: &str, parallel: &str, steps: usize, dap: usize) -> Run {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), train, &format!("nproc = {n}\n{parallel}"));
+    let recipe = Recipe {
+        max_msa_seqs: 8,
+        ..Default::default()
+    };
     let mut runs = run_local(n, Duration::from_secs(600), |comm| {
         let comm = (n > 1).then(|| Box::new(comm) as Box<dyn Communicator>);
         let (model, params) = model_and_params();
-        let mut e = Engine::new_rank(
-            cfg.clone(),
-            Origin::Whole {
-                model: model.clone(),
-                params,
-            },
-            Device::Cpu,
-            comm,
-        )?;
+        let origin = Origin::Whole {
+            model: model.clone(),
+            params,
+        };
+        let mut e = Engine::new_rank(cfg.clone(), origin, Device::Cpu, comm)?;
         let mut out: Run = (Vec::new(), Vec::new(), Params::new());
         for step in 0..steps {
             let mine: Vec<usize> = (e.rank()..MICRO).step_by(e.ranks()).collect();
             let (loss, norm, _) = e.step(mine.len(), |i| {
-                Ok(example(&model, (step * MICRO + mine[i]) as u64, MICRO))
+                let seed = (step * MICRO + mine[i]) as u64;
+                let mb = ex.micro_batch(&model, &recipe, seed, MICRO * dap, &Device::Cpu);
+                mb.map_err(|e| colossal_core::Error::Config(e.to_string()))
             })?;
             out.0.push(loss);
             out.1.push(norm);
@@ -403,41 +411,12 @@ fn chunked_equals_unchunked() {
 #[test]
 fn dynamic_axial_parallelism_equals_one_rank() {
     let ex = chain_example().crop(1, 36).unwrap();
-    let recipe = Recipe {
-        max_msa_seqs: 8,
-        ..Default::default()
-    };
     let run = |nproc: usize, dap: usize| -> Run {
-        let tmp = tempfile::tempdir().unwrap();
         let parallel = match dap {
-            1 => format!("nproc = {nproc}"),
-            n => format!("nproc = {nproc}\nsp = {n}\nsp_mode = \"dap\""),
+            1 => String::new(),
+            n => format!("sp = {n}\nsp_mode = \"dap\""),
         };
-        let cfg = config(tmp.path(), "", &parallel);
-        let mut runs = run_local(nproc, Duration::from_secs(600), |comm| {
-            let comm = (nproc > 1).then(|| Box::new(comm) as Box<dyn Communicator>);
-            let (model, params) = model_and_params();
-            let origin = Origin::Whole {
-                model: model.clone(),
-                params,
-            };
-            let mut e = Engine::new_rank(cfg.clone(), origin, Device::Cpu, comm)?;
-            let mut out: Run = (Vec::new(), Vec::new(), Params::new());
-            for step in 0..STEPS {
-                let mine: Vec<usize> = (e.rank()..MICRO).step_by(e.ranks()).collect();
-                let (loss, norm, _) = e.step(mine.len(), |i| {
-                    let seed = (step * MICRO + mine[i]) as u64;
-                    let mb = ex.micro_batch(&model, &recipe, seed, MICRO * dap, &Device::Cpu);
-                    mb.map_err(|e| colossal_core::Error::Config(e.to_string()))
-                })?;
-                out.0.push(loss);
-                out.1.push(norm);
-            }
-            out.2 = e.full_params()?;
-            Ok(out)
-        })
-        .unwrap();
-        runs.swap_remove(0)
+        run_on(&ex, nproc, "", &parallel, STEPS, dap)
     };
     let want = run(1, 1);
     for (what, nproc, dap) in [("dap 2", 2, 2), ("dap 4", 4, 4), ("dp 2 × dap 2", 4, 2)] {
