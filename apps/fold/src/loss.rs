@@ -7,17 +7,22 @@ use candle_core::{Result, Tensor};
 use crate::model::primitives::softmax_cross_entropy;
 use crate::superpose::Vec3;
 
-/// The distogram's bin edges: `bins − 1` squared boundaries from 2.3125 to 21.6875 Å.
+/// The distogram's `bins − 1` bin edges (Å): evenly from 2.3125 to 21.6875 (AlphaFold's).
+pub fn distogram_edges(bins: usize) -> Vec<f64> {
+    let (lo, hi) = (2.3125f64, 21.6875f64);
+    (0..bins - 1)
+        .map(|k| lo + (hi - lo) * k as f64 / (bins - 2) as f64)
+        .collect()
+}
+
+/// One-hot distance bins (R, R, bins) of the true Cβ positions: the squared edges a distance
+/// exceeds.
 pub fn distogram_targets(
     pseudo_beta: &[Vec3],
     bins: usize,
     dev: &candle_core::Device,
 ) -> Result<Tensor> {
-    let (lo, hi) = (2.3125f64, 21.6875f64);
-    let edges: Vec<f64> = (0..bins - 1)
-        .map(|k| lo + (hi - lo) * k as f64 / (bins - 2) as f64)
-        .map(|e| e * e)
-        .collect();
+    let edges: Vec<f64> = distogram_edges(bins).iter().map(|e| e * e).collect();
     let r = pseudo_beta.len();
     let mut oh = vec![0f32; r * r * bins];
     for i in 0..r {

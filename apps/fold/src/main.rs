@@ -113,16 +113,6 @@ fn ca_pairs(pred: &Chain, reference: &Chain, pred_path: &Path) -> Result<(Vec<Ve
     Ok((p, r))
 }
 
-/// A PDB or mmCIF file (by extension; `.gz` too).
-fn read_structure(path: &Path) -> Result<Vec<Chain>> {
-    let name = path.to_string_lossy();
-    let name = name.trim_end_matches(".gz");
-    Ok(match name.ends_with(".cif") {
-        true => fold::mmcif::read(path)?,
-        false => pdb::read(path)?,
-    })
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -197,8 +187,12 @@ fn main() -> Result<()> {
             reference,
             chain,
         } => {
-            let p = pick(read_structure(&pred)?, chain.clone(), &pred)?;
-            let r = pick(read_structure(&reference)?, chain, &reference)?;
+            let p = pick(fold::example::read_structure(&pred)?, chain.clone(), &pred)?;
+            let r = pick(
+                fold::example::read_structure(&reference)?,
+                chain,
+                &reference,
+            )?;
             let (pc, rc) = ca_pairs(&p, &r, &pred)?;
             let report = fold::metrics::evaluate(&pc, &rc)?;
             println!("{}", serde_json::to_string(&report)?);

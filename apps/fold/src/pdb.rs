@@ -4,7 +4,6 @@
 //! alternative locations the first one listed), and write chains back with a per-atom
 //! B-factor (pLDDT for predictions). Errors name the file and line.
 
-use std::io::Read;
 use std::path::Path;
 
 use crate::residues;
@@ -52,18 +51,7 @@ impl Chain {
 
 /// Reads a `.pdb` file (gzip-compressed when it ends in `.gz`).
 pub fn read(path: &Path) -> Result<Vec<Chain>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
-    let text = match path.extension().is_some_and(|e| e == "gz") {
-        true => {
-            let mut s = String::new();
-            flate2::read::GzDecoder::new(&bytes[..])
-                .read_to_string(&mut s)
-                .map_err(|e| Error::file(path, format!("not gzip text: {e}")))?;
-            s
-        }
-        false => String::from_utf8(bytes).map_err(|e| Error::file(path, e))?,
-    };
-    parse(&text, path)
+    parse(&crate::msa::read_text(path)?, path)
 }
 
 fn field(line: &str, from: usize, to: usize) -> &str {

@@ -84,15 +84,14 @@ pub fn to_chain(sequence: &str, pred: &Prediction) -> Result<Chain> {
     })
 }
 
-/// P(distance < 8 Å) per pair from distogram logits (the bins below 8 Å: AlphaFold's edges
-/// run from 2.3125 to 21.6875 Å).
+/// P(distance < 8 Å) per pair from distogram logits (the bins below 8 Å).
 pub fn contact_probabilities(distogram: &Tensor) -> Result<Vec<Vec<f32>>> {
     let bins = distogram.dim(2)?;
     let p = colossal_kernels::Kernels::default().softmax(&distogram.contiguous()?)?;
     let p: Vec<Vec<Vec<f32>>> = p.to_vec3()?;
-    let (lo, hi) = (2.3125f64, 21.6875f64);
-    let below = (0..bins - 1)
-        .filter(|&k| lo + (hi - lo) * k as f64 / (bins - 2) as f64 <= 8.0)
+    let below = crate::loss::distogram_edges(bins)
+        .iter()
+        .filter(|&&e| e <= 8.0)
         .count();
     Ok(p.iter()
         .map(|row| row.iter().map(|q| q[..below.max(1)].iter().sum()).collect())

@@ -214,14 +214,11 @@ fn the_losses_fall_as_it_fits_one_chain() {
 /// OpenFold's own `EvoformerBlock` (tests/data/evoformer_block.safetensors, made by
 /// scripts/check/openfold_evoformer.py): its weights load under our names and shapes exactly
 /// (no name missing or extra), and our block gives its output streams on masked inputs.
-#[test]
-fn an_evoformer_block_equals_openfolds() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/evoformer_block.safetensors");
-    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let cfg = FoldConfig::tiny();
-    let mut specs = fold::model::specs::Specs::default();
-    fold::model::evoformer::block_specs(&mut specs, "evoformer.blocks.0", &cfg.evoformer_stack);
+/// The weights an OpenFold fixture holds under every name and shape of `specs`.
+fn openfold_params(
+    t: &std::collections::HashMap<String, Tensor>,
+    specs: &fold::model::specs::Specs,
+) -> Params {
     let mut p = Params::new();
     for s in &specs.0 {
         let w = t
@@ -230,6 +227,18 @@ fn an_evoformer_block_equals_openfolds() {
         assert_eq!(w.dims(), s.shape.as_slice(), "{}", s.name);
         p.insert(s.name.clone(), candle_core::Var::from_tensor(w).unwrap());
     }
+    p
+}
+
+#[test]
+fn an_evoformer_block_equals_openfolds() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/evoformer_block.safetensors");
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let cfg = FoldConfig::tiny();
+    let mut specs = fold::model::specs::Specs::default();
+    fold::model::evoformer::block_specs(&mut specs, "evoformer.blocks.0", &cfg.evoformer_stack);
+    let p = openfold_params(&t, &specs);
     let theirs = t.keys().filter(|k| k.starts_with("evoformer.")).count();
     assert_eq!(
         theirs,
@@ -275,14 +284,7 @@ fn structure_module_equals_openfolds() {
     let cfg = FoldConfig::tiny().structure_module;
     let mut specs = fold::model::specs::Specs::default();
     fold::model::structure::structure_specs(&mut specs, &cfg);
-    let mut p = Params::new();
-    for s in &specs.0 {
-        let w = t
-            .get(&s.name)
-            .unwrap_or_else(|| panic!("OpenFold has no `{}`", s.name));
-        assert_eq!(w.dims(), s.shape.as_slice(), "{}", s.name);
-        p.insert(s.name.clone(), candle_core::Var::from_tensor(w).unwrap());
-    }
+    let p = openfold_params(&t, &specs);
     assert_eq!(
         t.keys()
             .filter(|k| k.starts_with("structure_module."))
