@@ -11,6 +11,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod exec;
+pub mod infer;
 pub mod lora;
 pub mod models;
 pub mod nn;

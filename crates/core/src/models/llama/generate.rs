@@ -135,7 +135,7 @@ fn generate_with(
     Ok((out, step_logits))
 }
 
-fn pick(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
+pub(crate) fn pick(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
     match sampling {
         Sampling::Greedy => argmax(logits),
         Sampling::Sample {

@@ -4,7 +4,7 @@
 
 mod config;
 mod family;
-mod generate;
+pub(crate) mod generate;
 mod inputs;
 mod model;
 mod plan;
@@ -15,6 +15,6 @@ pub use crate::models::family::ParamSink;
 pub use config::LlamaConfig;
 pub use generate::{generate, generate_stream, GenerateOptions, Sampling};
 pub use inputs::{AttnInputs, KvCache};
-pub use model::{init_each_param, init_params, Kernels, Llama};
+pub use model::{init_each_param, init_params, Attend, Kernels, Llama};
 pub use regions::{Local, Regions};
 pub use rope::{Rope, RopeParameters, RopeType};

@@ -12,6 +12,9 @@ use crate::params::Params;
 use crate::Result;
 pub use colossal_kernels::Kernels;
 
+/// Attention over a layer's keys and values: (q scaled, k, v) → output, all (B, heads, T, d).
+pub type Attend<'a> = dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a;
+
 /// A LLaMA model description: config and rotary tables. Weights are passed in
 /// (`Params`), so whoever runs the model decides where they live; `regions` is where a
 /// parallel plan hooks in (the plain model: [`Local`]); `kernels` says whether its norms,
@@ -196,13 +199,47 @@ impl Llama {
         inp: &AttnInputs,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        match cache {
+            None => self.layer_with(l, p, x, inp, &mut |q, k, v| {
+                self.regions.attention(q, k, v, inp, self.kernels)
+            }),
+            Some(cache) => self.layer_with(l, p, x, inp, &mut |q, k, v| {
+                let (k, v) = match (&cache.k, &cache.v) {
+                    (Some(pk), Some(pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+                    _ => (k.clone(), v.clone()),
+                };
+                cache.k = Some(k.clone());
+                cache.v = Some(v.clone());
+                self.regions.attention(q, &k, &v, inp, self.kernels)
+            }),
+        }
+    }
+
+    /// Decoder layer `l` whose attention over the past is done by `attend` (a paged KV cache):
+    /// it gets q (already scaled by 1/√d), k and v (B, heads, T, d), rotated by `inp`'s tables,
+    /// and returns the attention output (B, q heads, T, d).
+    pub fn layer_with(
+        &self,
+        l: usize,
+        p: &Params,
+        x: &Tensor,
+        inp: &AttnInputs,
+        attend: &mut Attend<'_>,
+    ) -> Result<Tensor> {
+        let w = self.param(p, &format!("model.layers.{l}.input_layernorm.weight"))?;
+        let h = self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?;
+        let attn = self.attention(l, p, &h, inp, attend)?;
+        self.mlp_residual(l, p, x, &attn)
+    }
+
+    /// `x + attn`, then the MLP sublayer with its residual.
+    fn mlp_residual(&self, l: usize, p: &Params, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
         let norm = |x: &Tensor, w: &str| -> Result<Tensor> {
             let w = self.param(p, &n(w))?;
             Ok(self.kernels.rms_norm(x, &w, c.rms_norm_eps)?)
         };
-        let attn = self.attention(l, p, &norm(x, "input_layernorm.weight")?, inp, cache)?;
         let x = (x + attn)?;
         let (gate, up, down) = (
             n("mlp.gate_proj.weight"),
@@ -225,7 +262,7 @@ impl Llama {
         p: &Params,
         x: &Tensor,
         inp: &AttnInputs,
-        cache: Option<&mut KvCache>,
+        attend: &mut Attend<'_>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.self_attn.{s}");
@@ -247,19 +284,10 @@ impl Llama {
         let k = proj("k_proj.weight", "k_proj.bias", nkv)?;
         let v = proj("v_proj.weight", "v_proj.bias", nkv)?;
         let q = self.kernels.rotary(&q, &inp.cos, &inp.sin)?;
-        let mut k = self.kernels.rotary(&k, &inp.cos, &inp.sin)?;
-        let mut v = v;
-        if let Some(cache) = cache {
-            if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            cache.k = Some(k.clone());
-            cache.v = Some(v.clone());
-        }
+        let k = self.kernels.rotary(&k, &inp.cos, &inp.sin)?;
         // Scaling q (T·D elements) instead of the scores (T·T) saves a pass each way.
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let out = self.regions.attention(&q, &k, &v, inp, self.kernels)?;
+        let out = attend(&q, &k, &v)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.proj(p, &n("o_proj.weight"), &out, bias("o_proj.bias"))
     }
