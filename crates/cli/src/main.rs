@@ -4,6 +4,10 @@
 //! * `colossal generate --model DIR --prompt-ids 1,261,340 --max-new-tokens 10`
 //! * `colossal convert --from DIR --to DIR --format hf|distributed` (checkpoints)
 //! * `colossal merge-lora --base DIR --adapter DIR --out DIR` (a PEFT LoRA folded into the base)
+//! * `colossal serve --model DIR` (an OpenAI-compatible server and chat page)
+//! * `colossal bench-serve --url HOST:PORT --clients 1,8,32` (load on a running server)
+
+mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -76,6 +80,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         max_shard_mb: usize,
     },
+    /// OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
+    /// with a chat page at /: paged KV cache, continuous batching, optional StreamingLLM.
+    Serve(serve::ServeArgs),
+    /// Concurrent streaming clients against a running server: requests/s, tokens/s, time to
+    /// first token and per-token latency percentiles, as JSON.
+    BenchServe(serve::BenchServeArgs),
     /// Folds a LoRA adapter in PEFT's layout into its base model (PEFT's `merge_and_unload`):
     /// a plain model directory in the base's dtype.
     MergeLora {
@@ -108,6 +118,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = cli.device.device_for(0, "--device")?;
     match cli.cmd {
+        Cmd::Serve(a) => serve::serve(a, &device)?,
+        Cmd::BenchServe(a) => serve::bench_serve(a)?,
         Cmd::MergeLora {
             base,
             adapter,
