@@ -21,29 +21,14 @@ pub struct BenchOptions {
     pub prompts: Vec<String>,
 }
 
-/// The fixed prompt set: short English openings of different lengths.
+/// The fixed prompt set (`scripts/bench_prompts.txt`, which the transformers comparison reads
+/// too): short English openings of different lengths.
 pub fn default_prompts() -> Vec<String> {
-    [
-        "Once upon a time",
-        "The history of the city begins",
-        "In the morning the farmer walked to the",
-        "Scientists have long wondered why",
-        "The recipe calls for two cups of flour and",
-        "She opened the letter and read",
-        "A good teacher is someone who",
-        "The river flows from the mountains down to",
-        "After the war the country",
-        "The first computers were large machines that",
-        "He said that the weather would",
-        "Music is important because",
-        "The small dog ran across the",
-        "When the train arrived at the station",
-        "The king had three sons, and the youngest",
-        "Water boils at one hundred degrees, which means",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    include_str!("../../../scripts/bench_prompts.txt")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 struct Record {
