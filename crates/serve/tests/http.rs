@@ -184,59 +184,76 @@ async fn completions_stream_and_errors_over_raw_http() {
             v
         }
     };
-    let v = bad(400, b"{\"model\": \"tiny\", \"prompt\": ", "malformed JSON").await;
-    assert_eq!(v["error"]["code"], "invalid_json");
-    let v = bad(
-        404,
-        br#"{"model": "gpt-4", "prompt": "hi"}"#,
-        "unknown model",
-    )
-    .await;
-    assert_eq!(v["error"]["code"], "model_not_found");
-    let v = bad(
-        400,
-        br#"{"model": "tiny", "prompt": [1, 2], "max_tokens": 5000}"#,
-        "max_tokens over the limit",
-    )
-    .await;
-    assert_eq!(v["error"]["param"], "max_tokens");
-    let v = bad(
-        400,
-        br#"{"model": "tiny", "prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "max_tokens": 120}"#,
-        "prompt + max_tokens past the context",
-    )
-    .await;
-    assert_eq!(v["error"]["code"], "context_length_exceeded");
-    let v = bad(
-        400,
-        br#"{"model": "tiny", "prompt": [1, 9999]}"#,
-        "id outside the vocabulary",
-    )
-    .await;
-    assert_eq!(v["error"]["param"], "prompt");
-    let v = bad(
-        400,
-        br#"{"model": "tiny", "prompt": "hi", "n": 2}"#,
-        "unsupported n",
-    )
-    .await;
-    assert_eq!(v["error"]["param"], "n");
-    let v = bad(
-        400,
-        br#"{"model": "tiny", "prompt": "hi", "temprature": 0.5}"#,
-        "unknown field",
-    )
-    .await;
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("temprature"));
-    bad(
-        400,
-        br#"{"model": "tiny", "prompt": [1, 2], "top_p": 1.5}"#,
-        "top_p out of range",
-    )
-    .await;
+    // (status, body, what, error field, its value; "" = only that the body has a message).
+    let cases: [(u16, &[u8], &str, &str, &str); 9] = [
+        (
+            400,
+            b"{\"model\": \"tiny\", \"prompt\": ",
+            "malformed JSON",
+            "code",
+            "invalid_json",
+        ),
+        (
+            404,
+            br#"{"model": "gpt-4", "prompt": "hi"}"#,
+            "unknown model",
+            "code",
+            "model_not_found",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "prompt": [1, 2], "max_tokens": 5000}"#,
+            "max_tokens over the limit",
+            "param",
+            "max_tokens",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "max_tokens": 120}"#,
+            "prompt + max_tokens past the context",
+            "code",
+            "context_length_exceeded",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "prompt": [1, 9999]}"#,
+            "id outside the vocabulary",
+            "param",
+            "prompt",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "prompt": "hi", "n": 2}"#,
+            "unsupported n",
+            "param",
+            "n",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "prompt": "hi", "temprature": 0.5}"#,
+            "unknown field",
+            "code",
+            "invalid_request",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "prompt": [1, 2], "top_p": 1.5}"#,
+            "top_p out of range",
+            "param",
+            "top_p",
+        ),
+        (
+            400,
+            br#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}"#,
+            "chat body on /v1/completions",
+            "param",
+            "messages",
+        ),
+    ];
+    for (status, body, what, field, value) in cases {
+        let v = bad(status, body, what).await;
+        assert_eq!(v["error"][field], value, "{what}: {v}");
+    }
     let big = format!(
         r#"{{"model": "tiny", "prompt": "{}"}}"#,
         "a".repeat(100 << 10)

@@ -226,27 +226,28 @@ impl Llama {
         inp: &AttnInputs,
         attend: &mut Attend<'_>,
     ) -> Result<Tensor> {
-        let w = self.param(p, &format!("model.layers.{l}.input_layernorm.weight"))?;
-        let h = self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?;
+        let h = self.rms_norm(p, &format!("model.layers.{l}.input_layernorm.weight"), x)?;
         let attn = self.attention(l, p, &h, inp, attend)?;
         self.mlp_residual(l, p, x, &attn)
+    }
+
+    /// RMSNorm of `x` with the weight named `w`.
+    fn rms_norm(&self, p: &Params, w: &str, x: &Tensor) -> Result<Tensor> {
+        let w = self.param(p, w)?;
+        Ok(self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?)
     }
 
     /// `x + attn`, then the MLP sublayer with its residual.
     fn mlp_residual(&self, l: usize, p: &Params, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
-        let norm = |x: &Tensor, w: &str| -> Result<Tensor> {
-            let w = self.param(p, &n(w))?;
-            Ok(self.kernels.rms_norm(x, &w, c.rms_norm_eps)?)
-        };
         let x = (x + attn)?;
         let (gate, up, down) = (
             n("mlp.gate_proj.weight"),
             n("mlp.up_proj.weight"),
             n("mlp.down_proj.weight"),
         );
-        let h = norm(&x, "post_attention_layernorm.weight")?;
+        let h = self.rms_norm(p, &n("post_attention_layernorm.weight"), &x)?;
         let h = self.regions.input(&[&gate, &up], &h)?;
         let bias = |s: &str| c.mlp_bias.then(|| n(s));
         let gate = self.proj(p, &gate, &h, bias("mlp.gate_proj.bias"))?;
