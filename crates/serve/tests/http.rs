@@ -383,27 +383,39 @@ async fn chat_completions_stream_and_limit_concurrency() {
         );
     }
 
-    // One slot: while a long request runs, another gets 429, and the first still completes.
+    // One slot: while a long request streams, another gets 429, and the first still completes.
     let mut long = body.clone();
     long["max_tokens"] = json!(110);
+    long["stream"] = json!(true);
+    long["stream_options"] = json!({"include_usage": true});
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
     let a = addr.clone();
-    let first = tokio::spawn(async move { post(&a, "/v1/chat/completions", &long).await });
-    let mut refused = None;
-    for _ in 0..200 {
-        let (status, v) = post(&addr, "/v1/chat/completions", &body).await;
-        if status == 429 {
-            refused = Some(v);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-    let refused = refused.expect("a second request is refused while the only slot is taken");
+    let first = tokio::spawn(async move {
+        let mut usage = None;
+        stream_sse(
+            &a,
+            "/v1/chat/completions",
+            long.to_string().as_bytes(),
+            &mut |d, _| {
+                let _ = first_tx.send(());
+                if d != "[DONE]" {
+                    let v: Value = serde_json::from_str(d)?;
+                    usage = v["usage"]["completion_tokens"].as_u64().or(usage);
+                }
+                Ok(())
+            },
+        )
+        .await
+        .map(|_| usage)
+    });
+    first_rx
+        .recv()
+        .await
+        .expect("the long request started streaming");
+    let (status, refused) = post(&addr, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 429, "{refused}");
     assert_eq!(refused["error"]["type"], "rate_limit_error");
-    let (status, v) = first.await.unwrap();
-    assert_eq!(
-        (status, v["usage"]["completion_tokens"].as_u64()),
-        (200, Some(110))
-    );
+    assert_eq!(first.await.unwrap().unwrap(), Some(110));
     let (status, _) = post(&addr, "/v1/chat/completions", &body).await;
     assert_eq!(status, 200, "the slot is free again");
     stop.send(()).unwrap();
