@@ -8,7 +8,36 @@ use common::*;
 
 #[test]
 fn forward_writes_reference_logits() {
-    let dir = fixture("llama_tiny");
+    check_forward("llama_tiny", "model_sharded");
+}
+
+#[test]
+fn forward_and_generate_on_mixtral() {
+    check_forward("mixtral_tiny", "model");
+    let dir = fixture("mixtral_tiny");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<String> = reference["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_colossal"))
+            .args(["generate", "--model"])
+            .arg(dir.join("model"))
+            .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", "10"]),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("colossal generate on mixtral_tiny: {}", v["ids"]);
+    assert_eq!(v["ids"], reference["greedy_ids"]);
+}
+
+/// `colossal forward` on `fixture/model` reproduces the fixture's logits (row 0, unpadded).
+fn check_forward(fixture_dir: &str, model: &str) {
+    let dir = fixture(fixture_dir);
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -19,7 +48,7 @@ fn forward_writes_reference_logits() {
     let out = tmp.path().join("logits.safetensors");
     let status = Command::new(env!("CARGO_BIN_EXE_colossal"))
         .args(["forward", "--model"])
-        .arg(dir.join("model_sharded"))
+        .arg(dir.join(model))
         .arg("--input")
         .arg(&input)
         .arg("--out")

@@ -545,3 +545,44 @@ fn streaming_llm_runs_four_contexts_in_bounded_memory() {
     println!("all {n} steps: largest logit difference to the contiguous StreamingLLM {worst:e}");
     assert!(worst < 1e-3, "{worst}");
 }
+
+#[test]
+fn the_engine_serves_mixtral() {
+    let dir = fixture("mixtral_tiny");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (model, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_batched_tokens: 16,
+        ..Default::default()
+    };
+    let sp: Vec<SamplingParams> = (0..prompts().len()).map(|i| greedy(10 + i)).collect();
+    let mut all = prompts();
+    all[0] = ids("prompt_ids");
+    let alone: Vec<Vec<u32>> = all
+        .iter()
+        .zip(&sp)
+        .map(|(p, s)| run_alone(&model, &params, &cfg, req(p, s.clone())))
+        .collect();
+    assert_eq!(alone[0], ids("greedy_ids"), "transformers' greedy ids");
+    let mut e = Engine::new(model, params, cfg, &Device::Cpu).unwrap();
+    let got: Vec<u64> = all
+        .iter()
+        .zip(&sp)
+        .map(|(p, s)| e.add_request(req(p, s.clone())).unwrap())
+        .collect();
+    let out = e.run_to_end().unwrap();
+    for (id, want) in got.iter().zip(&alone) {
+        assert_eq!(&out[id], want);
+    }
+}

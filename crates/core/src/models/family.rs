@@ -171,6 +171,11 @@ pub trait ModelFamily: BlockModel + Sized {
     }
 
     /// Its LoRA adapters, if it has any (a checkpoint saves them in PEFT's layout).
+    /// Whether the trainer can train this model as configured (an error names what it lacks).
+    fn check_trainable(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
         None
     }

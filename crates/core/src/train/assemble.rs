@@ -190,6 +190,7 @@ impl<M: ModelFamily> Engine<M> {
             None => (model, params),
         };
         let mut model = model.with_kernels(t.kernels)?;
+        model.check_trainable()?;
         if t.freeze == Freeze::NonEmbedding && model.embedding_params().is_empty() {
             return Err(
                 model.unsupported("train.freeze = \"non_embedding\" (it has no embeddings)")

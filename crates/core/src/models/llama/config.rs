@@ -11,6 +11,8 @@ use crate::{Error, Result};
 /// (metadata, generation and serving hints, the ones read elsewhere).
 const HARMLESS_KEYS: &[&str] = &[
     "architectures",
+    "output_router_logits",
+    "router_jitter_noise",
     "model_type",
     "transformers_version",
     "use_cache",
@@ -71,6 +73,7 @@ const UNIMPLEMENTED_KEYS: &[&str] = &[
 /// Architectures read as this LLaMA.
 const ARCHITECTURES: &[&str] = &[
     "LlamaForCausalLM",
+    "MixtralForCausalLM",
     "LlamaForSequenceClassification",
     "LlamaModel",
 ];
@@ -123,6 +126,15 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// Mixtral: experts per MoE layer (the MLP of every layer becomes
+    /// `block_sparse_moe.{gate, experts.E.w1|w2|w3}`), experts per token, and the weight of the
+    /// load-balancing loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_local_experts: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
     /// transformers ≥ 4.56 writes `dtype`; older checkpoints say `torch_dtype`.
     #[serde(default, alias = "torch_dtype")]
     pub dtype: Option<String>,
@@ -132,6 +144,11 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Experts each token is routed to (Mixtral's default 2).
+    pub fn experts_per_token(&self) -> usize {
+        self.num_experts_per_tok.unwrap_or(2)
+    }
+
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -145,9 +162,9 @@ impl LlamaConfig {
     /// architectures (e.g. `LlamaForSequenceClassification`) load as the base model.
     pub fn has_lm_head(&self) -> bool {
         match self.extra.get("architectures").and_then(|a| a.as_array()) {
-            Some(archs) if !archs.is_empty() => {
-                archs.iter().any(|a| a.as_str() == Some("LlamaForCausalLM"))
-            }
+            Some(archs) if !archs.is_empty() => archs
+                .iter()
+                .any(|a| matches!(a.as_str(), Some("LlamaForCausalLM" | "MixtralForCausalLM"))),
             _ => true,
         }
     }
@@ -236,7 +253,7 @@ impl LlamaConfig {
         }
         self.rope()?;
         if let Some(t) = self.extra.get("model_type").and_then(|t| t.as_str()) {
-            if t != "llama" {
+            if t != "llama" && !(t == "mixtral" && self.num_local_experts.is_some()) {
                 return bad(format!(
                     "model_type `{t}` is not implemented here (llama); its weights and math differ"
                 ));
@@ -251,6 +268,27 @@ impl LlamaConfig {
                         ARCHITECTURES.join(", ")
                     ));
                 }
+            }
+        }
+        if let Some(e) = self.num_local_experts {
+            let k = self.experts_per_token();
+            if e == 0 || k == 0 || k > e {
+                return bad(format!(
+                    "num_experts_per_tok {k} must be between 1 and num_local_experts {e}"
+                ));
+            }
+            if self.mlp_bias {
+                return bad("mlp_bias with experts: Mixtral's experts have no bias".into());
+            }
+        }
+        for k in ["router_jitter_noise", "router_z_loss_coef"] {
+            if let Some(v) = self
+                .extra
+                .get(k)
+                .and_then(|v| v.as_f64())
+                .filter(|v| *v != 0.0)
+            {
+                return bad(format!("`{k}` = {v}: not implemented (set it to 0.0)"));
             }
         }
         if let Some(p) = self.extra.get("attention_dropout").and_then(|p| p.as_f64()) {
@@ -324,9 +362,18 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
         let obj = v.as_object_mut().expect("object");
-        obj.insert("model_type".into(), "llama".into());
-        obj.entry("architectures")
-            .or_insert_with(|| serde_json::json!(["LlamaForCausalLM"]));
+        let moe = self.num_local_experts.is_some();
+        obj.insert(
+            "model_type".into(),
+            if moe { "mixtral" } else { "llama" }.into(),
+        );
+        obj.entry("architectures").or_insert_with(|| {
+            serde_json::json!([if moe {
+                "MixtralForCausalLM"
+            } else {
+                "LlamaForCausalLM"
+            }])
+        });
         obj.insert("num_key_value_heads".into(), self.num_kv_heads().into());
         obj.insert("head_dim".into(), self.head_dim().into());
         obj.entry("dtype").or_insert_with(|| "float32".into());

@@ -7,6 +7,7 @@ mod family;
 pub(crate) mod generate;
 mod inputs;
 mod model;
+pub mod moe;
 mod plan;
 pub mod regions;
 mod rope;

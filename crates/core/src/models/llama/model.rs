@@ -134,9 +134,27 @@ impl Llama {
             if c.attention_bias {
                 push("self_attn.o_proj.bias", vec![h]);
             }
-            push("mlp.gate_proj.weight", vec![i, h]);
-            push("mlp.up_proj.weight", vec![i, h]);
-            push("mlp.down_proj.weight", vec![h, i]);
+            if let Some(e) = c.num_local_experts {
+                push("block_sparse_moe.gate.weight", vec![e, h]);
+                for x in 0..e {
+                    push(
+                        &format!("block_sparse_moe.experts.{x}.w1.weight"),
+                        vec![i, h],
+                    );
+                    push(
+                        &format!("block_sparse_moe.experts.{x}.w2.weight"),
+                        vec![h, i],
+                    );
+                    push(
+                        &format!("block_sparse_moe.experts.{x}.w3.weight"),
+                        vec![i, h],
+                    );
+                }
+            } else {
+                push("mlp.gate_proj.weight", vec![i, h]);
+                push("mlp.up_proj.weight", vec![i, h]);
+                push("mlp.down_proj.weight", vec![h, i]);
+            }
             if c.mlp_bias {
                 push("mlp.gate_proj.bias", vec![i]);
                 push("mlp.up_proj.bias", vec![i]);
@@ -228,7 +246,29 @@ impl Llama {
     ) -> Result<Tensor> {
         let h = self.rms_norm(p, &format!("model.layers.{l}.input_layernorm.weight"), x)?;
         let attn = self.attention(l, p, &h, inp, attend)?;
-        self.mlp_residual(l, p, x, &attn)
+        Ok(self.mlp_residual(l, p, x, &attn)?.0)
+    }
+
+    /// Whole forward without a cache that also returns every MoE layer's router logits
+    /// (tokens, experts) — what Mixtral's load-balancing loss reads.
+    pub fn forward_with_router(
+        &self,
+        p: &Params,
+        ids: &Tensor,
+        inp: &AttnInputs,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = self.embed(p, ids)?;
+        let mut routers = Vec::new();
+        for l in 0..self.cfg.num_hidden_layers {
+            let h = self.rms_norm(p, &format!("model.layers.{l}.input_layernorm.weight"), &x)?;
+            let attn = self.attention(l, p, &h, inp, &mut |q, k, v| {
+                self.regions.attention(q, k, v, inp, self.kernels)
+            })?;
+            let (y, r) = self.mlp_residual(l, p, &x, &attn)?;
+            routers.extend(r);
+            x = y;
+        }
+        Ok((self.head(p, &x)?, routers))
     }
 
     /// RMSNorm of `x` with the weight named `w`.
@@ -237,11 +277,23 @@ impl Llama {
         Ok(self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?)
     }
 
-    /// `x + attn`, then the MLP sublayer with its residual.
-    fn mlp_residual(&self, l: usize, p: &Params, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+    /// `x + attn`, then the MLP (or MoE) sublayer with its residual; the router logits of an
+    /// MoE layer.
+    fn mlp_residual(
+        &self,
+        l: usize,
+        p: &Params,
+        x: &Tensor,
+        attn: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
         let x = (x + attn)?;
+        if c.num_local_experts.is_some() {
+            let h = self.rms_norm(p, &n("post_attention_layernorm.weight"), &x)?;
+            let (y, router) = self.moe(l, p, &h)?;
+            return Ok(((x + y)?, Some(router)));
+        }
         let (gate, up, down) = (
             n("mlp.gate_proj.weight"),
             n("mlp.up_proj.weight"),
@@ -254,7 +306,7 @@ impl Llama {
         let up = self.proj(p, &up, &h, bias("mlp.up_proj.bias"))?;
         let act = self.kernels.swiglu(&gate, &up)?;
         let down = self.proj(p, &down, &act, bias("mlp.down_proj.bias"))?;
-        Ok((x + down)?)
+        Ok(((x + down)?, None))
     }
 
     fn attention(
@@ -311,7 +363,13 @@ impl Llama {
     /// `x @ W^T (+ b)` for the weight named `w` and the bias named `b`, through the regions
     /// (a parallel plan completes the output; a pipeline schedule may take over the weight
     /// gradient).
-    fn proj(&self, p: &Params, w: &str, x: &Tensor, b: Option<String>) -> Result<Tensor> {
+    pub(super) fn proj(
+        &self,
+        p: &Params,
+        w: &str,
+        x: &Tensor,
+        b: Option<String>,
+    ) -> Result<Tensor> {
         let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
         let y = self.regions.output(w, &y)?;
         // LoRA: y + (α/r)·B(A·x), the low-rank path beside the frozen weight.
