@@ -118,14 +118,16 @@ pub fn start(opts: &ServeOptions, device: &Device) -> Result<Arc<Shared>> {
         );
     }
     let (jobs, rx) = mpsc::unbounded_channel();
+    let load = Arc::new(worker::Load::default());
+    let shared_load = load.clone();
     let worker_tok = LoadedTokenizer::load(&tok_path)?;
     if opts.tp <= 1 {
         let engine = Engine::new(model, params.expect("loaded"), engine_cfg, device)?;
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || worker::run(engine, Vec::new(), worker_tok, rx))?;
+            .spawn(move || worker::run(engine, Vec::new(), worker_tok, rx, load))?;
     } else {
-        tensor_parallel(opts, model, engine_cfg, device, worker_tok, rx)?;
+        tensor_parallel(opts, model, engine_cfg, device, worker_tok, rx, load)?;
     }
     Ok(Arc::new(Shared {
         model_name: name,
@@ -137,6 +139,7 @@ pub fn start(opts: &ServeOptions, device: &Device) -> Result<Arc<Shared>> {
         slots: Arc::new(Semaphore::new(limits.max_concurrent)),
         limits,
         jobs,
+        load: shared_load,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -152,6 +155,7 @@ fn tensor_parallel(
     device: &Device,
     tok: LoadedTokenizer,
     jobs: mpsc::UnboundedReceiver<worker::Job>,
+    load: Arc<worker::Load>,
 ) -> Result<()> {
     use colossal_core::dist::{run_local, Communicator, Group};
     use colossal_core::parallel::tensor;
@@ -174,7 +178,7 @@ fn tensor_parallel(
         .iter_mut()
         .map(|o| std::sync::Mutex::new(o.1.take()))
         .collect();
-    let rank0 = std::sync::Mutex::new(Some((senders, tok, jobs)));
+    let rank0 = std::sync::Mutex::new(Some((senders, tok, jobs, load)));
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -190,8 +194,9 @@ fn tensor_parallel(
                 )?;
                 let _ = ready_tx.send(Ok(()));
                 if rank == 0 {
-                    let (senders, tok, jobs) = rank0.lock().expect("rank 0").take().expect("once");
-                    worker::run(engine, senders, tok, jobs);
+                    let (senders, tok, jobs, load) =
+                        rank0.lock().expect("rank 0").take().expect("once");
+                    worker::run(engine, senders, tok, jobs, load);
                 } else {
                     let rx = receivers[rank - 1]
                         .lock()

@@ -47,6 +47,7 @@ pub struct Shared {
     pub limits: Limits,
     pub jobs: mpsc::UnboundedSender<Job>,
     pub slots: Arc<Semaphore>,
+    pub load: Arc<crate::worker::Load>,
     pub created: u64,
 }
 
@@ -54,7 +55,7 @@ pub fn router(state: Arc<Shared>) -> Router {
     let limit = state.limits.max_body_bytes;
     Router::new()
         .route("/", get(|| async { Html(crate::PAGE) }))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -88,6 +89,12 @@ pub async fn signal() {
     #[cfg(not(unix))]
     let _ = int.await;
     tracing::info!("shutting down: running requests finish, new connections are refused");
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let mut v = s.load.json();
+    v["status"] = json!("ok");
+    Json(v)
 }
 
 async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {

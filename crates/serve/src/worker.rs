@@ -4,11 +4,42 @@
 
 use std::collections::HashMap;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 
 use colossal_core::infer::{Engine, FinishReason, Output, Request, SamplingParams};
 use colossal_data::tokenizer::LoadedTokenizer;
 use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender};
+
+/// What the engine is doing, for `/health`.
+#[derive(Default)]
+pub struct Load {
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    generated: AtomicUsize,
+    cache_blocks: AtomicUsize,
+}
+
+impl Load {
+    fn publish(&self, e: &Engine) {
+        self.running.store(e.num_running(), Ordering::Relaxed);
+        self.waiting.store(e.num_waiting(), Ordering::Relaxed);
+        self.generated
+            .store(e.stats().generated_tokens, Ordering::Relaxed);
+        self.cache_blocks
+            .store(e.cache_usage().0, Ordering::Relaxed);
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "running": self.running.load(Ordering::Relaxed),
+            "waiting": self.waiting.load(Ordering::Relaxed),
+            "generated_tokens": self.generated.load(Ordering::Relaxed),
+            "cache_blocks_used": self.cache_blocks.load(Ordering::Relaxed),
+        })
+    }
+}
 
 /// One generation asked by a handler.
 pub struct Job {
@@ -127,11 +158,13 @@ pub fn run(
     followers: Vec<Sender<Mirror>>,
     tok: LoadedTokenizer,
     mut jobs: UnboundedReceiver<Job>,
+    load: Arc<Load>,
 ) {
     let mut engine = Driver { engine, followers };
     let mut live: HashMap<u64, Live> = HashMap::new();
     let mut open = true;
     loop {
+        load.publish(&engine.engine);
         // Block for work when idle; otherwise take what has arrived and step.
         if !engine.has_work() {
             if !open {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use colossal_core::checkpoint::llama::save_llama;
-use colossal_core::infer::EngineConfig;
+use colossal_core::infer::{EngineConfig, StreamingConfig};
 use colossal_core::models::llama::{init_params, Llama, LlamaConfig};
 use colossal_data::tokenizer::LoadedTokenizer;
 use colossal_serve::client::{request, stream_sse};
@@ -129,8 +129,8 @@ async fn completions_stream_and_errors_over_raw_http() {
 
     let r = request(&addr, "GET", "/health", None).await.unwrap();
     assert_eq!(
-        (r.status, r.json().unwrap()),
-        (200, json!({"status": "ok"}))
+        (r.status, &r.json().unwrap()["status"]),
+        (200, &json!("ok"))
     );
     let r = request(&addr, "GET", "/v1/models", None).await.unwrap();
     assert_eq!(r.json().unwrap()["data"][0]["id"], "tiny");
@@ -450,6 +450,76 @@ async fn tensor_parallel_server_gives_the_fixture_text() {
     for t in tasks {
         assert_eq!(t.await.unwrap().0, 200);
     }
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}
+
+async fn health(addr: &str) -> Value {
+    request(addr, "GET", "/health", None)
+        .await
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_llm_chat_past_the_context_and_a_client_that_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = options(random_chat_model(tmp.path()), 4);
+    opts.engine.streaming = Some(StreamingConfig {
+        sinks: 4,
+        window: 60,
+    });
+    opts.limits.max_tokens = 5000;
+    let (addr, stop, handle, _) = start(opts).await;
+    // 4× the model's context of 256, the cache never above sinks + window (+ a block).
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything."}],
+                      "max_tokens": 1024, "temperature": 0.8, "seed": 5, "ignore_eos": true});
+    let a = addr.clone();
+    let long = tokio::spawn(async move { post(&a, "/v1/chat/completions", &body).await });
+    let mut peak = 0;
+    while !long.is_finished() {
+        peak = peak.max(health(&addr).await["cache_blocks_used"].as_u64().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let (status, v) = long.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let usage = &v["usage"];
+    println!("StreamingLLM chat: usage {usage}, peak {peak} cache blocks of 16 tokens");
+    assert_eq!(usage["completion_tokens"], 1024);
+    assert!(usage["total_tokens"].as_u64().unwrap() > 4 * 256);
+    assert!((1..=5).contains(&peak), "peak {peak} blocks");
+
+    // A client that goes away mid-stream: its request leaves the engine long before its 5000.
+    let before = health(&addr).await["generated_tokens"].as_u64().unwrap();
+    let body = json!({"model": "tiny", "prompt": "Once", "max_tokens": 5000, "ignore_eos": true,
+                      "temperature": 0, "stream": true});
+    let mut seen = 0;
+    let r = stream_sse(
+        &addr,
+        "/v1/completions",
+        body.to_string().as_bytes(),
+        &mut |_, _| {
+            seen += 1;
+            anyhow::ensure!(seen < 3, "leaving");
+            Ok(())
+        },
+    )
+    .await;
+    assert!(r.is_err());
+    let mut idle = false;
+    for _ in 0..2000 {
+        let h = health(&addr).await;
+        if h["running"] == 0 && h["waiting"] == 0 {
+            idle = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let made = health(&addr).await["generated_tokens"].as_u64().unwrap() - before;
+    println!("a client left after {seen} events: the engine made {made} of its 5000 tokens");
+    assert!(idle && made < 5000, "idle {idle}, made {made}");
+    assert_eq!(health(&addr).await["cache_blocks_used"], 0);
     stop.send(()).unwrap();
     handle.await.unwrap();
 }
