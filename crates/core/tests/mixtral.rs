@@ -9,7 +9,7 @@ use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::models::llama::moe::load_balancing_loss;
 use colossal_core::models::llama::{generate, GenerateOptions, Kernels, Sampling};
 use colossal_core::train::lm_loss;
-use common::{assert_close, fixture, lm_batch, load_tensors, masked};
+use common::{assert_close, fixture, ids_1d, lm_batch, load_tensors, masked};
 
 #[test]
 fn mixtral_matches_transformers() {
@@ -83,18 +83,8 @@ fn mixtral_matches_transformers() {
         }
         assert!(listed >= 10, "{listed} gradients listed");
         // Greedy generation with the KV cache.
-        let prompt: Vec<u32> = reference["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
-        let want: Vec<u32> = reference["greedy_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let prompt = ids_1d(&reference["prompt_ids"]);
+        let want = ids_1d(&reference["greedy_ids"]);
         let opts = GenerateOptions {
             max_new_tokens: want.len(),
             sampling: Sampling::Greedy,

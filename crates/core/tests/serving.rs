@@ -14,7 +14,7 @@ use colossal_core::infer::{self, Engine, EngineConfig, Request, SamplingParams, 
 use colossal_core::models::llama::{generate, GenerateOptions, Llama, Sampling};
 use colossal_core::parallel::tensor;
 use colossal_core::params::Params;
-use common::fixture;
+use common::{fixture, ids_1d};
 
 fn tiny() -> (Llama, Params) {
     load_llama(&fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap()
@@ -25,15 +25,8 @@ fn fixture_greedy() -> (Vec<u32>, Vec<u32>) {
         &std::fs::read_to_string(fixture("llama_tiny/reference.json")).unwrap(),
     )
     .unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        r["generation"][k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    (ids("prompt_ids"), ids("new_token_ids"))
+    let g = &r["generation"];
+    (ids_1d(&g["prompt_ids"]), ids_1d(&g["new_token_ids"]))
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
@@ -552,13 +545,7 @@ fn the_engine_serves_mixtral() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        r[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = |k: &str| ids_1d(&r[k]);
     let (model, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
     let cfg = EngineConfig {
         block_size: 4,

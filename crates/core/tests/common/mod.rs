@@ -55,6 +55,15 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) -> f32 {
 }
 
 /// A JSON array of integer rows (input ids, masks, labels).
+/// A JSON list of token ids.
+pub fn ids_1d(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a list of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
 pub fn ids_2d(v: &serde_json::Value) -> Vec<Vec<i64>> {
     v.as_array()
         .unwrap()
