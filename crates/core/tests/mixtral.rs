@@ -7,9 +7,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::models::llama::moe::load_balancing_loss;
-use colossal_core::models::llama::{generate, GenerateOptions, Kernels, Sampling};
+use colossal_core::models::llama::Kernels;
 use colossal_core::train::lm_loss;
-use common::{assert_close, fixture, ids_1d, lm_batch, load_tensors, masked};
+use common::{assert_close, fixture, greedy_ids, ids_1d, lm_batch, load_tensors, masked};
 
 #[test]
 fn mixtral_matches_transformers() {
@@ -85,20 +85,7 @@ fn mixtral_matches_transformers() {
         // Greedy generation with the KV cache.
         let prompt = ids_1d(&reference["prompt_ids"]);
         let want = ids_1d(&reference["greedy_ids"]);
-        let opts = GenerateOptions {
-            max_new_tokens: want.len(),
-            sampling: Sampling::Greedy,
-            stop_ids: vec![],
-            pad_id: 0,
-        };
-        let (got, _) = generate(
-            &model,
-            &params,
-            std::slice::from_ref(&prompt),
-            &opts,
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(got[0], want, "greedy ids");
+        let got = greedy_ids(&model, &params, &prompt, want.len());
+        assert_eq!(got, want, "greedy ids");
     }
 }

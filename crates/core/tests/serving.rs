@@ -14,7 +14,7 @@ use colossal_core::infer::{self, Engine, EngineConfig, Request, SamplingParams, 
 use colossal_core::models::llama::{generate, GenerateOptions, Llama, Sampling};
 use colossal_core::parallel::tensor;
 use colossal_core::params::Params;
-use common::{fixture, ids_1d};
+use common::{fixture, greedy_ids, ids_1d};
 
 fn tiny() -> (Llama, Params) {
     load_llama(&fixture("llama_tiny/model"), DType::F32, &Device::Cpu).unwrap()
@@ -117,22 +117,9 @@ fn paged_continuous_batching_gives_one_at_a_time_and_fixture_ids() {
     let alone = one_at_a_time(&model, &params, &cfg, &sp);
     // The contiguous-cache generator, prompt by prompt.
     for (pr, (a, s)) in prompts().iter().zip(alone.iter().zip(&sp)) {
-        let opts = GenerateOptions {
-            max_new_tokens: s.max_tokens,
-            sampling: Sampling::Greedy,
-            stop_ids: vec![],
-            pad_id: 0,
-        };
-        let (g, _) = generate(
-            &model,
-            &params,
-            std::slice::from_ref(pr),
-            &opts,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let g = greedy_ids(&model, &params, pr, s.max_tokens);
         assert_eq!(
-            &g[0],
+            &g,
             a,
             "prompt of {} tokens: engine vs contiguous generate",
             pr.len()

@@ -62,8 +62,10 @@ pub fn start(opts: &ServeOptions, device: &Device) -> Result<Arc<Shared>> {
         (m, Some(p))
     };
     let tok_path = opts.tokenizer.clone().unwrap_or_else(|| opts.model.clone());
-    let tok = LoadedTokenizer::load(&tok_path)
-        .with_context(|| format!("--tokenizer {}", tok_path.display()))?;
+    let tok = Arc::new(
+        LoadedTokenizer::load(&tok_path)
+            .with_context(|| format!("--tokenizer {}", tok_path.display()))?,
+    );
     let tok_dir = if tok_path.is_dir() {
         tok_path.clone()
     } else {
@@ -120,7 +122,7 @@ pub fn start(opts: &ServeOptions, device: &Device) -> Result<Arc<Shared>> {
     let (jobs, rx) = mpsc::unbounded_channel();
     let load = Arc::new(worker::Load::default());
     let shared_load = load.clone();
-    let worker_tok = LoadedTokenizer::load(&tok_path)?;
+    let worker_tok = tok.clone();
     if opts.tp <= 1 {
         let engine = Engine::new(model, params.expect("loaded"), engine_cfg, device)?;
         std::thread::Builder::new()
@@ -153,7 +155,7 @@ fn tensor_parallel(
     model: Llama,
     cfg: EngineConfig,
     device: &Device,
-    tok: LoadedTokenizer,
+    tok: Arc<LoadedTokenizer>,
     jobs: mpsc::UnboundedReceiver<worker::Job>,
     load: Arc<worker::Load>,
 ) -> Result<()> {
@@ -163,20 +165,13 @@ fn tensor_parallel(
     let plan = tensor::checked_plan(&model, tp).with_context(|| format!("--tp {tp}"))?;
     let (dir, device) = (opts.model.clone(), device.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let followers: Vec<_> = (1..tp)
+    let (senders, receivers): (Vec<_>, Vec<_>) = (1..tp)
         .map(|_| std::sync::mpsc::channel::<worker::Mirror>())
-        .collect();
-    let mut orders: Vec<_> = followers
+        .unzip();
+    // Each follower thread takes its own receiver once.
+    let receivers: Vec<_> = receivers
         .into_iter()
-        .map(|(tx, rx)| (Some(tx), Some(rx)))
-        .collect();
-    let senders: Vec<_> = orders
-        .iter_mut()
-        .map(|o| o.0.take().expect("fresh"))
-        .collect();
-    let receivers: Vec<_> = orders
-        .iter_mut()
-        .map(|o| std::sync::Mutex::new(o.1.take()))
+        .map(|rx| std::sync::Mutex::new(Some(rx)))
         .collect();
     let rank0 = std::sync::Mutex::new(Some((senders, tok, jobs, load)));
     std::thread::Builder::new()

@@ -38,7 +38,7 @@ pub struct Limits {
 
 pub struct Shared {
     pub model_name: String,
-    pub tok: LoadedTokenizer,
+    pub tok: Arc<LoadedTokenizer>,
     /// Tokenizer and chat template (chat completions need one).
     pub chat: Option<ChatEncoder>,
     pub bos_id: Option<u32>,
@@ -351,16 +351,9 @@ fn sampling(s: &Shared, req: &Body, prompt_len: usize) -> Result<SamplingParams,
         max_tokens,
         stop_ids: Vec::new(),
     };
-    params.validate().map_err(|e| {
-        let msg = e.to_string();
-        let field = msg
-            .trim_start_matches("config: ")
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        ApiError::bad(&field, msg.trim_start_matches("config: ").to_string())
-    })?;
+    if let Some((field, why)) = params.invalid_field() {
+        return Err(ApiError::bad(field, format!("{field}: {why}")));
+    }
     if params.temperature > 2.0 {
         return Err(ApiError::bad(
             "temperature",

@@ -156,7 +156,7 @@ impl Live {
 pub fn run(
     engine: Engine,
     followers: Vec<Sender<Mirror>>,
-    tok: LoadedTokenizer,
+    tok: Arc<LoadedTokenizer>,
     mut jobs: UnboundedReceiver<Job>,
     load: Arc<Load>,
 ) {

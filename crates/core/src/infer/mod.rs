@@ -24,11 +24,11 @@ mod engine;
 pub mod kv;
 mod sampler;
 mod schedule;
+mod types;
 
-pub use engine::{
-    Engine, EngineConfig, EngineStats, FinishReason, Output, Request, StreamingConfig,
-};
+pub use engine::Engine;
 pub use sampler::{Sampler, SamplingParams};
+pub use types::{EngineConfig, EngineStats, FinishReason, Output, Request, StreamingConfig};
 
 use candle_core::{Device, Tensor};
 

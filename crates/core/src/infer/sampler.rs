@@ -42,7 +42,14 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Checks every field, naming the one at fault.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, why: &str| Err(Error::Config(format!("{field}: {why}")));
+        self.invalid_field().map_or(Ok(()), |(field, why)| {
+            Err(Error::Config(format!("{field}: {why}")))
+        })
+    }
+
+    /// The first field out of range, and why (an HTTP server names it as the bad parameter).
+    pub fn invalid_field(&self) -> Option<(&'static str, &'static str)> {
+        let bad = |field, why| Some((field, why));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad("temperature", "must be a finite number ≥ 0");
         }
@@ -58,7 +65,7 @@ impl SamplingParams {
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be ≥ 1");
         }
-        Ok(())
+        None
     }
 
     fn rule(&self) -> Sampling {

@@ -133,3 +133,21 @@ pub fn lm_batch(
     let targets: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
     (ids, inp, targets, mask)
 }
+
+/// `n` greedy ids after `prompt` from the contiguous-cache generator.
+pub fn greedy_ids(
+    model: &colossal_core::models::llama::Llama,
+    params: &colossal_core::params::Params,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
+    use colossal_core::models::llama::{generate, GenerateOptions, Sampling};
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        sampling: Sampling::Greedy,
+        stop_ids: vec![],
+        pad_id: 0,
+    };
+    let (mut out, _) = generate(model, params, &[prompt.to_vec()], &opts, &Device::Cpu).unwrap();
+    out.swap_remove(0)
+}

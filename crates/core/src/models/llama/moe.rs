@@ -24,13 +24,7 @@ impl Llama {
             .squeeze(0)?;
         let probs = self.kernels.softmax(&router.to_dtype(DType::F32)?)?;
         // The selection is discrete (no gradient); the weights of the chosen experts are not.
-        let rows: Vec<Vec<f32>> = probs.to_vec2()?;
-        let mut chosen = Vec::with_capacity(n * k);
-        for r in &rows {
-            let mut order: Vec<u32> = (0..experts as u32).collect();
-            order.sort_by(|&a, &b| r[b as usize].total_cmp(&r[a as usize]).then(a.cmp(&b)));
-            chosen.extend_from_slice(&order[..k]);
-        }
+        let chosen = top_k(&probs.to_vec2()?, k);
         let idx = Tensor::from_vec(chosen.clone(), (n, k), h.device())?;
         let top = probs.gather(&idx, 1)?;
         let top = top
@@ -78,15 +72,10 @@ pub fn load_balancing_loss(
     let logits = Tensor::cat(router_logits, 0)?.to_dtype(DType::F32)?;
     let n = logits.dim(0)?;
     let probs = model.kernels.softmax(&logits)?;
-    let rows: Vec<Vec<f32>> = probs.to_vec2()?;
     // one_hot(topk) as (N, k, E).
     let mut hot = vec![0f32; n * k * experts];
-    for (i, r) in rows.iter().enumerate() {
-        let mut order: Vec<usize> = (0..experts).collect();
-        order.sort_by(|&a, &b| r[b].total_cmp(&r[a]).then(a.cmp(&b)));
-        for (j, &e) in order[..k].iter().enumerate() {
-            hot[(i * k + j) * experts + e] = 1.0;
-        }
+    for (slot, &e) in top_k(&probs.to_vec2()?, k).iter().enumerate() {
+        hot[slot * experts + e as usize] = 1.0;
     }
     let hot = Tensor::from_vec(hot, (n, k, experts), logits.device())?;
     let weights = match mask {
@@ -110,4 +99,16 @@ pub fn load_balancing_loss(
         .broadcast_mul(&prob_per_expert.unsqueeze(0)?)?
         .sum_all()?;
     Ok((loss * experts as f64)?)
+}
+
+/// The `k` most probable experts of each row, most probable first (ties: the lower index),
+/// flattened row by row.
+fn top_k(rows: &[Vec<f32>], k: usize) -> Vec<u32> {
+    let mut chosen = Vec::with_capacity(rows.len() * k);
+    for r in rows {
+        let mut order: Vec<u32> = (0..r.len() as u32).collect();
+        order.sort_by(|&a, &b| r[b as usize].total_cmp(&r[a as usize]).then(a.cmp(&b)));
+        chosen.extend_from_slice(&order[..k]);
+    }
+    chosen
 }
