@@ -130,7 +130,7 @@ impl Frozen {
                 exec.forward_with(&self.model, &mut source, inputs, &ctx)?
             }
         };
-        Ok(out.single()?.clone())
+        Ok(out.output()?.clone())
     }
 
     /// Log-probability of each next token (B, T − 1).

@@ -193,7 +193,7 @@ fn main() -> Result<()> {
             )?;
             let outputs =
                 Executor::default().forward(&llama, &params, &llama_inputs(&ids), &ctx)?;
-            let logits = outputs.single()?.clone();
+            let logits = outputs.output()?.clone();
             hf::save_file(&out, &[("logits".to_string(), logits)])?;
             eprintln!(
                 "wrote logits ({b}, {t}, {}) to {}",

@@ -76,14 +76,12 @@ impl Acts {
         self.items.is_empty()
     }
 
-    /// The one tensor of a single-tensor set (a model's output).
-    pub fn single(&self) -> Result<&Tensor> {
-        match self.items.as_slice() {
-            [(_, t)] => Ok(t),
-            _ => Err(crate::msg!(
-                "expected one output tensor, the blocks produced {:?}",
-                self.names()
-            )),
+    /// A model's output: the first tensor of the last block's set (any further ones are
+    /// auxiliary streams, such as a mixture of experts' routing sums).
+    pub fn output(&self) -> Result<&Tensor> {
+        match self.items.first() {
+            Some((_, t)) => Ok(t),
+            None => Err(crate::msg!("the blocks produced no output tensor")),
         }
     }
 

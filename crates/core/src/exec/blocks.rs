@@ -51,9 +51,9 @@ pub fn grad_ready_block<M: BlockModel>(model: &M) -> std::collections::HashMap<S
 /// Maps the last block's outputs to the scalar loss.
 pub type LossFn<'a> = dyn Fn(&Acts) -> Result<Tensor> + 'a;
 
-/// A loss computed from the model's one output tensor (a LLaMA's logits or scores).
+/// A loss computed from the model's output tensor (a LLaMA's logits or scores).
 pub fn on_output<'a>(f: impl Fn(&Tensor) -> Result<Tensor> + 'a) -> Box<LossFn<'a>> {
-    Box::new(move |out: &Acts| f(out.single()?))
+    Box::new(move |out: &Acts| f(out.output()?))
 }
 
 /// Points between blocks. All default to doing nothing.

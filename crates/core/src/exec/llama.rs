@@ -1,9 +1,11 @@
 //! LLaMA as blocks: `[embedding, layer 0, …, layer N-1, final norm + LM head]`, carrying
-//! `ids` → `h` (the residual stream) → `logits`.
+//! `ids` → `h` (the residual stream) → `logits`; a mixture-of-experts model adds its routing
+//! sums (`moe.*`), which pass through the head for the load-balancing loss.
 
 use candle_core::Tensor;
 
 use super::{Acts, BlockModel};
+use crate::models::llama::moe::{MOE_HOT, MOE_TOKENS};
 use crate::models::llama::{AttnInputs, Llama};
 use crate::params::Params;
 use crate::Result;
@@ -31,14 +33,24 @@ impl BlockModel for Llama {
         Ok(if block == 0 {
             Acts::one(H, self.embed(p, x.get(IDS)?)?)
         } else if block <= layers {
-            Acts::one(H, self.layer(block - 1, p, x.get(H)?, ctx, None)?)
+            let (h, routing) = self.layer_routed(block - 1, p, x.get(H)?, ctx)?;
+            let mut out = Acts::one(H, h);
+            if let Some(r) = routing {
+                self.add_routing_streams(x, &r, ctx, &mut out)?;
+            }
+            out
         } else {
-            Acts::one(LOGITS, self.head(p, x.get(H)?)?)
+            let mut out = Acts::one(LOGITS, self.head(p, x.get(H)?)?);
+            for (name, t) in x.iter().filter(|(n, _)| n.starts_with("moe.")) {
+                out.insert(name, t.clone());
+            }
+            out
         })
     }
 
+    /// Token ids and the routing counts (discrete choices) take no gradient.
     fn takes_grad(&self, name: &str) -> bool {
-        name != IDS
+        name != IDS && name != MOE_HOT && name != MOE_TOKENS
     }
 }
 

@@ -14,7 +14,7 @@ use rand_distr::{Distribution, Normal};
 use colossal_kernels::Kernels;
 
 use crate::dist::Group;
-use crate::exec::BlockModel;
+use crate::exec::{Acts, BlockModel};
 use crate::lora::{LoraConfig, Site};
 use crate::parallel::plan::TpPlan;
 use crate::parallel::sequence::SpMode as SeqSplit;
@@ -170,12 +170,19 @@ pub trait ModelFamily: BlockModel + Sized {
         Err(self.unsupported("LoRA (`[lora]`)"))
     }
 
-    /// Its LoRA adapters, if it has any (a checkpoint saves them in PEFT's layout).
     /// Whether the trainer can train this model as configured (an error names what it lacks).
     fn check_trainable(&self) -> Result<()> {
         Ok(())
     }
 
+    /// A loss term the model itself asks for (a mixture of experts' load balancing), from
+    /// the last block's outputs, already weighted; the engine adds it to each micro-batch's
+    /// loss, averaged over the global batch's micro-batches.
+    fn aux_loss(&self, _out: &Acts) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Its LoRA adapters, if it has any (a checkpoint saves them in PEFT's layout).
     fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
         None
     }

@@ -111,6 +111,12 @@ impl std::fmt::Debug for SequenceParallel {
 /// `peak_block`).
 pub fn parallelize(model: &Llama, group: Group, mode: SpMode) -> Result<(Llama, SequenceParallel)> {
     let (sp, heads) = (group.size(), model.cfg.num_attention_heads);
+    if let Some(e) = model.cfg.num_local_experts {
+        return Err(Error::Config(format!(
+            "parallel.sp = {sp} with a mixture-of-experts model (num_local_experts = {e}) is not \
+             implemented: its load-balancing loss reads every token's routing and padding mask"
+        )));
+    }
     if mode == SpMode::Axial {
         return Err(Error::Config(
             "parallel.sp_mode = \"dap\" splits the MSA and pair streams of AlphaFold-style models; a LLaMA takes ulysses or ring".into(),

@@ -33,6 +33,12 @@ pub use super::plan::{Split, TpPlan, TpStyle};
 
 /// Checks that the model splits evenly over `tp` ranks, naming the config field that does not.
 pub fn validate(cfg: &LlamaConfig, tp: usize) -> Result<()> {
+    if let (Some(e), 2..) = (cfg.num_local_experts, tp) {
+        return Err(Error::Config(format!(
+            "parallel.tp = {tp} with a mixture-of-experts model (num_local_experts = {e}): \
+             splitting experts by tensor parallelism is not implemented (parallel.ep shards them)"
+        )));
+    }
     let fields = [
         ("num_attention_heads", cfg.num_attention_heads),
         ("num_key_value_heads", cfg.num_kv_heads()),

@@ -184,14 +184,10 @@ impl<M: ModelFamily> Engine<M> {
         let dtype = self.cfg.parallel.compute_dtype();
         let mut weights = self.weights(dtype)?;
         let scale = self.state.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
-        let scaled = |mb: MicroBatch<'m, M::Ctx>| -> MicroBatch<'m, M::Ctx> {
-            let f = mb.loss_fn;
-            MicroBatch {
-                inputs: mb.inputs,
-                ctx: mb.ctx,
-                loss_fn: Box::new(move |x: &Acts| Ok((f(x)? * scale)?)),
-            }
-        };
+        // The model's own loss term (load balancing) counts once per micro-batch of the
+        // global batch, as with gradient accumulation on one rank.
+        let aux_weight = 1.0 / (n * self.data_ranks).max(1) as f64;
+        let scaled = |mb| with_model_terms(&self.model, mb, scale, aux_weight);
         let mut loss = 0.0f32;
         let mut bubble = None;
         if let Some(pp) = &self.pp {
@@ -393,5 +389,27 @@ impl<M: ModelFamily> Engine<M> {
                 (4 * psi, 4 * psi, 8 * psi)
             }
         }
+    }
+}
+
+/// `mb` with the model's auxiliary loss (times `aux_weight`) added and the sum scaled by the
+/// fp16 loss scale.
+fn with_model_terms<'a, M: ModelFamily>(
+    model: &'a M,
+    mb: MicroBatch<'a, M::Ctx>,
+    scale: f64,
+    aux_weight: f64,
+) -> MicroBatch<'a, M::Ctx> {
+    let f = mb.loss_fn;
+    MicroBatch {
+        inputs: mb.inputs,
+        ctx: mb.ctx,
+        loss_fn: Box::new(move |x: &Acts| {
+            let loss = match model.aux_loss(x)? {
+                Some(aux) => (f(x)? + (aux * aux_weight)?)?,
+                None => f(x)?,
+            };
+            Ok((loss * scale)?)
+        }),
     }
 }

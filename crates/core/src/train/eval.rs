@@ -64,7 +64,7 @@ impl Trainer {
                 &llama_inputs(&mb.ids),
                 &mb.ctx,
             )?;
-            let l = loss_of(kernels, tp, out.single()?, &targets, shifted, 1.0)?;
+            let l = loss_of(kernels, tp, out.output()?, &targets, shifted, 1.0)?;
             sum += l.to_scalar::<f32>()? as f64;
         }
         if let Some(pp) = &self.pp {

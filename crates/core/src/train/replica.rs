@@ -82,7 +82,7 @@ impl Engine<Llama> {
             let out = self
                 .executor
                 .forward_with(&self.model, &mut weights, &inputs, &ctx)?;
-            return f(out.single()?);
+            return f(out.output()?);
         };
         let result = RefCell::new(None);
         let mb = MicroBatch {

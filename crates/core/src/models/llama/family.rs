@@ -116,16 +116,8 @@ impl ModelFamily for Llama {
         Ok(Llama::with_lora(&self, cfg, sites))
     }
 
-    /// Mixtral loads, runs, generates and serves; its training (the load-balancing loss in
-    /// the step, expert parallelism) is not wired into the trainer yet.
-    fn check_trainable(&self) -> Result<()> {
-        match self.cfg.num_local_experts {
-            Some(_) => Err(self.unsupported(
-                "training a mixture-of-experts model (num_local_experts): the trainer does not \
-                 add its load-balancing loss yet",
-            )),
-            None => Ok(()),
-        }
+    fn aux_loss(&self, out: &crate::exec::Acts) -> Result<Option<candle_core::Tensor>> {
+        self.aux_loss_of_streams(out)
     }
 
     fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {

@@ -139,6 +139,24 @@ impl AttnInputs {
         Self::new(cfg, rope, &positions, 0, attention_mask, None, device)
     }
 
+    /// 1 for each of the `n` query tokens (row-major) that is not padding, 0 for padding:
+    /// the weights of Mixtral's load-balancing loss (HF's attention mask).
+    pub fn token_valid(&self, n: usize) -> Result<Vec<f32>> {
+        let m = self.mask.as_ref().filter(|m| m.past_len == 0).ok_or_else(|| {
+            crate::msg!("the load-balancing loss needs a batch's padding mask (a batch without past keys)")
+        })?;
+        Ok(match &m.key_valid {
+            Some(kv) if kv.len() == n => kv.iter().map(|&v| (v != 0) as u8 as f32).collect(),
+            Some(kv) => {
+                return Err(crate::msg!(
+                    "padding mask of {} tokens for {n} routed tokens",
+                    kv.len()
+                ))
+            }
+            None => vec![1.0; n],
+        })
+    }
+
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(Self {
             cos: self.cos.to_dtype(dtype)?,

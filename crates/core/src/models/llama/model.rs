@@ -260,12 +260,8 @@ impl Llama {
         let mut x = self.embed(p, ids)?;
         let mut routers = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
-            let h = self.rms_norm(p, &format!("model.layers.{l}.input_layernorm.weight"), &x)?;
-            let attn = self.attention(l, p, &h, inp, &mut |q, k, v| {
-                self.regions.attention(q, k, v, inp, self.kernels)
-            })?;
-            let (y, r) = self.mlp_residual(l, p, &x, &attn)?;
-            routers.extend(r);
+            let (y, r) = self.layer_routed(l, p, &x, inp)?;
+            routers.extend(r.map(|r| r.logits));
             x = y;
         }
         Ok((self.head(p, &x)?, routers))
@@ -277,15 +273,30 @@ impl Llama {
         Ok(self.kernels.rms_norm(x, &w, self.cfg.rms_norm_eps)?)
     }
 
-    /// `x + attn`, then the MLP (or MoE) sublayer with its residual; the router logits of an
-    /// MoE layer.
+    /// [`Self::layer`] without a cache, with the routing of an MoE layer (training).
+    pub fn layer_routed(
+        &self,
+        l: usize,
+        p: &Params,
+        x: &Tensor,
+        inp: &AttnInputs,
+    ) -> Result<(Tensor, Option<super::moe::Routing>)> {
+        let h = self.rms_norm(p, &format!("model.layers.{l}.input_layernorm.weight"), x)?;
+        let attn = self.attention(l, p, &h, inp, &mut |q, k, v| {
+            self.regions.attention(q, k, v, inp, self.kernels)
+        })?;
+        self.mlp_residual(l, p, x, &attn)
+    }
+
+    /// `x + attn`, then the MLP (or MoE) sublayer with its residual; the routing of an MoE
+    /// layer.
     fn mlp_residual(
         &self,
         l: usize,
         p: &Params,
         x: &Tensor,
         attn: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<super::moe::Routing>)> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
         let x = (x + attn)?;

@@ -1,17 +1,37 @@
 //! Mixtral's sparse mixture-of-experts block and its load-balancing loss, as transformers
 //! computes them: router softmax over experts, top-k, the k weights renormalised, each expert
 //! a SwiGLU MLP (`w2(silu(w1 x) · w3 x)`) run once on all the tokens routed to it.
+//!
+//! In training the loss needs every layer's routing, but the block-wise executor keeps no
+//! layer's graph beyond its block. HF's loss is `E · Σ_{k,e} f_{k,e} · P_e` with `f` the
+//! fraction of tokens sent to expert e in slot k and `P` the mean router probability, both
+//! means over all layers' tokens, so it needs only three running sums, carried between blocks
+//! as streams: Σ probabilities (with its gradient back to every router), Σ one-hot choices
+//! and the token count (no gradient).
 
 use candle_core::{DType, Tensor};
 
-use super::Llama;
+use super::{AttnInputs, Llama};
+use crate::exec::Acts;
 use crate::params::Params;
 use crate::Result;
 
+/// Streams between blocks of a mixture-of-experts model.
+pub const MOE_PROB: &str = "moe.prob";
+pub const MOE_HOT: &str = "moe.hot";
+pub const MOE_TOKENS: &str = "moe.tokens";
+
+/// One MoE layer's routing: the router logits (tokens, experts), their softmax, and the
+/// chosen experts (k per token, most probable first).
+pub struct Routing {
+    pub logits: Tensor,
+    pub probs: Tensor,
+    pub chosen: Vec<u32>,
+}
+
 impl Llama {
-    /// MoE layer `l` on the normed stream `h` (B, T, H): the output and the router logits
-    /// (B·T, experts).
-    pub(super) fn moe(&self, l: usize, p: &Params, h: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// MoE layer `l` on the normed stream `h` (B, T, H): the output and the routing.
+    pub(super) fn moe(&self, l: usize, p: &Params, h: &Tensor) -> Result<(Tensor, Routing)> {
         let c = &self.cfg;
         let (b, t, hidden) = h.dims3()?;
         let n = b * t;
@@ -54,7 +74,61 @@ impl Llama {
             let y = y.broadcast_mul(&weight.unsqueeze(1)?)?;
             out = out.index_add(&tokens, &y, 0)?;
         }
-        Ok((out.reshape((b, t, hidden))?, router))
+        let routing = Routing {
+            logits: router,
+            probs,
+            chosen,
+        };
+        Ok((out.reshape((b, t, hidden))?, routing))
+    }
+
+    /// Adds layer `routing`'s sums over the valid tokens of `inp` to the streams of `x`,
+    /// into `out`.
+    pub fn add_routing_streams(
+        &self,
+        x: &Acts,
+        routing: &Routing,
+        inp: &AttnInputs,
+        out: &mut Acts,
+    ) -> Result<()> {
+        let experts = self.cfg.num_local_experts.unwrap_or(1);
+        let k = self.cfg.experts_per_token();
+        let n = routing.probs.dim(0)?;
+        let dev = routing.probs.device();
+        let valid = inp.token_valid(n)?;
+        let mut hot = vec![0f32; k * experts];
+        for (slot, &e) in routing.chosen.iter().enumerate() {
+            hot[(slot % k) * experts + e as usize] += valid[slot / k];
+        }
+        let count = valid.iter().sum::<f32>();
+        let w = Tensor::from_vec(valid, (n, 1), dev)?;
+        let prob = routing.probs.broadcast_mul(&w)?.sum(0)?;
+        let hot = Tensor::from_vec(hot, (k, experts), dev)?;
+        let count = Tensor::new(&[count], dev)?;
+        for (name, t) in [(MOE_PROB, prob), (MOE_HOT, hot), (MOE_TOKENS, count)] {
+            let sum = match x.get(name) {
+                Ok(before) => (before + t)?,
+                Err(_) => t,
+            };
+            out.insert(name, sum);
+        }
+        Ok(())
+    }
+
+    /// The load-balancing loss from the streams the last block passes on (`None` for a dense
+    /// model), times `router_aux_loss_coef`: what a training step adds to each micro-batch's
+    /// loss.
+    pub fn aux_loss_of_streams(&self, out: &Acts) -> Result<Option<Tensor>> {
+        let (Ok(prob), Ok(hot), Ok(count)) =
+            (out.get(MOE_PROB), out.get(MOE_HOT), out.get(MOE_TOKENS))
+        else {
+            return Ok(None);
+        };
+        let coef = self.cfg.router_aux_loss_coef.unwrap_or(0.0);
+        let experts = self.cfg.num_local_experts.unwrap_or(1) as f64;
+        let total = count.to_vec1::<f32>()?[0].max(1.0) as f64;
+        let loss = hot.broadcast_mul(&prob.unsqueeze(0)?)?.sum_all()?;
+        Ok(Some((loss * (coef * experts / (total * total)))?))
     }
 }
 
