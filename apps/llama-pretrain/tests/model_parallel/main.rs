@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod compare;
+mod expert_parallel;
 mod pipeline_parallel;
 mod reshard;
 mod sequence_parallel;

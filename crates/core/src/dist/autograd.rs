@@ -139,12 +139,12 @@ struct CollectiveOp {
     bwd: Collective,
 }
 
-fn to_candle(e: crate::Error) -> candle_core::Error {
+pub(super) fn to_candle(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
 /// The host tensor a custom op's input storage describes.
-fn storage_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+pub(super) fn storage_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("collective op: input must be contiguous".into()))?;
@@ -159,7 +159,7 @@ fn storage_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
     }
 }
 
-fn into_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+pub(super) fn into_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     let flat = t.flatten_all()?;
     let s = match t.dtype() {
         DType::F32 => CpuStorage::F32(flat.to_vec1()?),

@@ -3,6 +3,7 @@
 //! code, and the process mesh.
 pub mod autograd;
 mod comm;
+mod exchange;
 mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
@@ -14,6 +15,7 @@ mod nccl;
 
 pub use autograd::Group;
 pub use comm::{CommStats, Communicator, ReduceOp};
+pub use exchange::{exchange, exchange_rows};
 pub use local::{run_local, LocalComm};
 pub use mesh::{Axis, Coords, ParallelDims, ProcessMesh};
 #[cfg(feature = "mpi")]

@@ -16,6 +16,7 @@ use colossal_kernels::Kernels;
 use crate::dist::Group;
 use crate::exec::{Acts, BlockModel};
 use crate::lora::{LoraConfig, Site};
+use crate::parallel::expert::ExpertParallel;
 use crate::parallel::plan::TpPlan;
 use crate::parallel::sequence::SpMode as SeqSplit;
 use crate::parallel::weight_grad::WeightGradStash;
@@ -137,6 +138,12 @@ pub trait ModelFamily: BlockModel + Sized {
     /// This model with its sequence split over a group (Ulysses or ring attention).
     fn sequence_parallel(&self, _group: Group, _mode: SeqSplit) -> Result<Self> {
         Err(self.unsupported("sequence parallelism (parallel.sp > 1)"))
+    }
+
+    /// This model with its experts split over `group` (it then runs only its share, and
+    /// exchanges tokens with the group's other ranks), and the split.
+    fn expert_parallel(&self, _group: Group) -> Result<(Self, Arc<ExpertParallel>)> {
+        Err(self.unsupported("expert parallelism (parallel.ep > 1)"))
     }
 
     /// This model with its weight gradients deferred to a zero-bubble schedule's W pass, and

@@ -1,5 +1,6 @@
 //! Parallelism applied from outside the model, one file per dimension.
 pub mod data;
+pub mod expert;
 pub mod offload;
 pub mod pipeline;
 pub mod pipeline_run;

@@ -9,10 +9,11 @@ use candle_core::{DType, Device};
 
 use super::checkpoint::{self, TrainerState};
 use super::engine::Engine;
+use super::expert_parallel::EpRank;
 use super::pipeline::PpRank;
 use super::tensor_parallel::TpRank;
 use super::TrainConfig;
-use super::{Freeze, Offload, Precision, SpMode};
+use super::{CheckpointFormat, Freeze, Offload, Precision, SpMode};
 use crate::dist::{Communicator, Group, ParallelDims, ProcessMesh};
 use crate::exec::Executor;
 use crate::models::{init_all, init_each, ModelFamily};
@@ -48,6 +49,9 @@ pub struct RankGroups {
     pub(super) world: Option<Box<dyn Communicator>>,
     pub(super) data_rank: usize,
     pub(super) data_ranks: usize,
+    /// Expert parallelism: the group experts are split over and the group holding the same
+    /// experts as this rank (`None` when it is alone).
+    pub(super) ep: Option<(Group, Option<Box<dyn Communicator>>)>,
 }
 
 impl RankGroups {
@@ -88,6 +92,22 @@ impl RankGroups {
             c => c,
         };
         check_batches(cfg, data_ranks)?;
+        let ep = match (&grads, p.ep) {
+            (Some(c), ep @ 2..) => {
+                // Data ranks g·ep … g·ep + ep − 1 share out the experts; ranks at the same
+                // place in their groups hold the same ones.
+                let d = c.rank();
+                let group: Vec<usize> = (d - d % ep..d - d % ep + ep).collect();
+                let same: Vec<usize> = (d % ep..c.size()).step_by(ep).collect();
+                let group = Group::new(c.split(&group)?);
+                let same = match same.len() > 1 {
+                    true => Some(c.split(&same)?),
+                    false => None,
+                };
+                Some((group, same))
+            }
+            _ => None,
+        };
         Ok(Self {
             world_rank,
             grads,
@@ -97,6 +117,7 @@ impl RankGroups {
             world,
             data_rank,
             data_ranks,
+            ep,
         })
     }
 }
@@ -153,6 +174,13 @@ impl<M: ModelFamily> Engine<M> {
             _ => None,
         };
         let distributed = resume.is_some_and(crate::checkpoint::distributed::is_distributed);
+        if cfg.parallel.ep > 1
+            && (distributed || t.checkpoint_format == CheckpointFormat::Distributed)
+        {
+            return Err(Error::Config(
+                "parallel.ep > 1 with distributed checkpoints is not implemented: use train.checkpoint_format = \"whole\"".into(),
+            ));
+        }
         // Streamed initialisation makes whole parameters; tensor parallelism shards whole
         // ones first (below), so it initialises them whole.
         let stream_init = cfg.parallel.zero_stage == 3 && g.grads.is_some() && g.tp.is_none();
@@ -264,6 +292,18 @@ impl<M: ModelFamily> Engine<M> {
             };
             model = model.sequence_parallel(group.clone(), mode)?;
         }
+        let ep = match g.ep {
+            Some((group, expert_data)) => {
+                let (m, ep) = model.expert_parallel(group)?;
+                model = m;
+                Some(EpRank { ep, expert_data })
+            }
+            None => None,
+        };
+        let params = match &ep {
+            Some(e) => e.keep_mine(&params, &mut opt),
+            None => params,
+        };
         if let Some(p) = &mut pp {
             p.prepare(&mut model)?;
         }
@@ -329,6 +369,7 @@ impl<M: ModelFamily> Engine<M> {
             comm: g.grads,
             tp,
             pp,
+            ep,
             world: g.world,
             world_rank: g.world_rank,
             data_rank: g.data_rank,

@@ -63,6 +63,10 @@ pub struct ParallelConfig {
     /// Pipeline stages.
     #[serde(default = "one")]
     pub pp: usize,
+    /// Expert-parallel ranks: a mixture of experts' experts split over groups of `ep`
+    /// data-parallel ranks (must divide the data-parallel degree).
+    #[serde(default = "one")]
+    pub ep: usize,
     /// "gpipe", "1f1b", "interleaved" or "zbh1".
     #[serde(default)]
     pub pp_schedule: PpSchedule,
@@ -114,6 +118,7 @@ impl Default for ParallelConfig {
             sp: 1,
             sp_mode: SpMode::None,
             pp: 1,
+            ep: 1,
             pp_schedule: PpSchedule::OneFOneB,
             pp_chunks: 2,
             layers_per_stage: None,
@@ -176,6 +181,18 @@ impl ParallelConfig {
             return Err(format!(
                 "parallel.dp ({dp}) × parallel.tp ({}) × parallel.pp ({}) × parallel.sp ({}) must equal parallel.nproc ({})",
                 self.tp, self.pp, self.sp, self.nproc
+            ));
+        }
+        if self.ep == 0 || !dp.is_multiple_of(self.ep) {
+            return Err(format!(
+                "parallel.ep ({}) must divide the data-parallel degree ({dp}): experts are split over data-parallel ranks",
+                self.ep
+            ));
+        }
+        if self.ep > 1 && (self.tp > 1 || self.sp > 1 || self.zero_stage > 0) {
+            return Err(format!(
+                "parallel.ep = {} with tp = {}, sp = {}, zero_stage = {}: expert parallelism combines with data and pipeline parallelism only so far",
+                self.ep, self.tp, self.sp, self.zero_stage
             ));
         }
         if self.pp > 1 && self.zero_stage == 3 {

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::TrainerState;
+use super::expert_parallel::{EpRank, ExpertGrads, ExpertSplitSink};
 use super::grad_norm::NormGroups;
 use super::pipeline::PpRank;
 use super::step::{Sink, StepGrads, ToF32, Weights};
@@ -41,6 +42,8 @@ pub struct Engine<M: ModelFamily = Llama> {
     pub(super) tp: Option<TpRank>,
     /// The pipeline group, schedule and stages when `parallel.pp > 1`.
     pub(super) pp: Option<PpRank>,
+    /// This rank's experts and their groups when `parallel.ep > 1`.
+    pub(super) ep: Option<EpRank>,
     /// All ranks of the job when they form a mesh (otherwise `comm` is all of them).
     pub(super) world: Option<Box<dyn Communicator>>,
     /// Rank in the whole job (rank 0 writes metrics and checkpoints).
@@ -132,11 +135,17 @@ impl<M: ModelFamily> Engine<M> {
         self.world_rank == 0
     }
 
+    /// What the expert-parallel group has exchanged so far (`None` without `parallel.ep`).
+    pub fn expert_traffic(&self) -> Option<crate::parallel::expert::ExpertTraffic> {
+        self.ep.as_ref().map(|e| e.ep.traffic())
+    }
+
     /// Bytes this rank has sent over all its groups.
     fn bytes_sent(&self) -> u64 {
         self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent())
             + self.tp.as_ref().map_or(0, |t| t.group.bytes_sent())
             + self.pp.as_ref().map_or(0, |p| p.comm.stats().bytes_sent())
+            + self.ep.as_ref().map_or(0, |e| e.bytes_sent())
     }
 
     /// One optimizer step over this rank's `n` micro-batches (`make(i)` gives the i-th),
@@ -169,6 +178,19 @@ impl<M: ModelFamily> Engine<M> {
             None => grad_ready_block(&self.model),
         };
         let mut sink = match (self.comm.as_deref(), &self.zero, &self.zero3) {
+            (Some(c), None, None) if self.ep.is_some() => {
+                let ep = self.ep.as_ref().expect("checked");
+                let experts = match ep.expert_data.as_deref() {
+                    Some(same) => {
+                        ExpertGrads::Summed(DataParallelSink::new(same, bucket, ready.clone()))
+                    }
+                    None => ExpertGrads::Local(GradAccumulator::default()),
+                };
+                Sink::Expert(ExpertSplitSink {
+                    dense: DataParallelSink::new(c, bucket, ready),
+                    experts,
+                })
+            }
             (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
             (Some(c), Some(z), _) => {
                 let placement = &z.placement;
@@ -225,6 +247,7 @@ impl<M: ModelFamily> Engine<M> {
             Sink::Zero3(z) => StepGrads::Chunks(z.finish()?),
             Sink::Zero(z) => StepGrads::Shard(z.finish()?),
             Sink::Data(d) => StepGrads::Full(d.finish()?),
+            Sink::Expert(e) => StepGrads::Full(e.finish()?),
             Sink::Local(l) => StepGrads::Full(l.grads),
         };
         if let Some(c) = &self.comm {
@@ -271,10 +294,11 @@ impl<M: ModelFamily> Engine<M> {
             grads.scale(1.0 / scale)?;
         }
         // The global norm is identical on every rank, so an inf/nan anywhere skips everywhere.
-        let split_model = self.tp.is_some() || self.pp.is_some();
+        let split_model = self.tp.is_some() || self.pp.is_some() || self.ep.is_some();
         let duplicates = self.duplicates();
         let groups = NormGroups {
             tp: self.tp.as_ref(),
+            ep: self.ep.as_ref().zip(self.comm.as_deref()),
             pp: self.pp.as_ref().map(|p| p.comm.as_ref()),
             duplicates: &duplicates,
         };

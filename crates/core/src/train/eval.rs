@@ -33,7 +33,15 @@ impl Trainer {
         let mut weights = self.weights(dtype)?;
         let (mut sum, mut count) = (0.0f64, 0usize);
         let mut staged = Vec::new();
-        for b in (0..batches).skip(rank).step_by(ranks) {
+        // Under expert parallelism every rank takes part in every forward's exchanges: all run
+        // the same number of rounds, a rank past the end repeating a batch it does not count.
+        let rounds = match self.ep.is_some() {
+            true => batches.div_ceil(ranks) * ranks,
+            false => batches,
+        };
+        for b in (0..rounds).skip(rank).step_by(ranks) {
+            let counted = b < batches;
+            let b = b % batches.max(1);
             let start = b * mbs;
             let n = mbs.min(val.len() - start);
             // A fixed seeded shuffle: the same representative subset at every evaluation
@@ -45,7 +53,9 @@ impl Trainer {
                 self.cfg.data.boundary_aware,
                 &self.device,
             )?)?;
-            count += mb.loss_tokens;
+            if counted {
+                count += mb.loss_tokens;
+            }
             let (targets, shifted, tp) = (mb.targets, mb.shifted, self.tp.as_ref());
             let kernels = self.model.kernels;
             if self.pp.is_some() {
@@ -53,7 +63,8 @@ impl Trainer {
                     inputs: llama_inputs(&mb.ids),
                     ctx: mb.ctx,
                     loss_fn: on_output(move |l: &Tensor| {
-                        loss_of(kernels, tp, l, &targets, shifted, 1.0)
+                        let w = if counted { 1.0 } else { 0.0 };
+                        Ok((loss_of(kernels, tp, l, &targets, shifted, 1.0)? * w)?)
                     }),
                 });
                 continue;
@@ -65,7 +76,9 @@ impl Trainer {
                 &mb.ctx,
             )?;
             let l = loss_of(kernels, tp, out.output()?, &targets, shifted, 1.0)?;
-            sum += l.to_scalar::<f32>()? as f64;
+            if counted {
+                sum += l.to_scalar::<f32>()? as f64;
+            }
         }
         if let Some(pp) = &self.pp {
             let local = pp

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::expert_parallel::EpRank;
 use super::tensor_parallel::TpRank;
 use crate::dist::{Communicator, ReduceOp};
 use crate::parallel::tensor::Split;
@@ -14,6 +15,8 @@ use crate::Result;
 
 pub(super) struct NormGroups<'a> {
     pub tp: Option<&'a TpRank>,
+    /// Expert parallelism and the data-parallel group its norm is summed over.
+    pub ep: Option<(&'a EpRank, &'a dyn Communicator)>,
     pub pp: Option<&'a dyn Communicator>,
     /// Weights a later stage holds second copies of (tied embeddings): counted on the
     /// first stage only.
@@ -25,7 +28,10 @@ impl NormGroups<'_> {
         if self.duplicates.iter().any(|d| d == name) {
             return 0.0;
         }
-        match self.tp {
+        let ep = self
+            .ep
+            .map_or(1.0, |(e, dp)| e.norm_weight(name, dp.size()));
+        ep * match self.tp {
             // Every tensor-parallel rank holds the whole of a replicated weight.
             Some(t) if t.plan.split(name) == Split::Replicate => 1.0 / t.size() as f64,
             _ => 1.0,
@@ -44,6 +50,9 @@ impl NormGroups<'_> {
         }
         if let Some(g) = tp {
             sq = g.with(|c| sum(c, sq))?;
+        }
+        if let Some((_, dp)) = self.ep {
+            sq = sum(dp, sq)?;
         }
         if let Some(c) = self.pp {
             sq = sum(c, sq)?;

@@ -7,6 +7,7 @@ mod checkpoint;
 mod config;
 mod engine;
 mod eval;
+mod expert_parallel;
 mod grad_norm;
 mod launch;
 mod lora;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 
 use super::config::ParallelConfig;
+use super::expert_parallel::EpRank;
 use crate::dist::Communicator;
 use crate::exec::{BlockModel, Executor, Hooks};
 use crate::models::ModelFamily;
@@ -191,14 +192,18 @@ impl PpRank {
 
     /// Whole weights and moments on pipeline rank 0 (`None` elsewhere): every other rank
     /// sends the ones rank 0 lacks, in block order.
+    /// Under expert parallelism (`ep`) the stages' weights are already whole over experts.
     pub fn gather<M: ModelFamily>(
         &self,
         model: &M,
         params: &Params,
         opt: &AdamW,
+        ep: Option<&EpRank>,
     ) -> Result<Option<(Params, AdamW)>> {
         let (p, rank) = (self.comm.size(), self.comm.rank());
-        let first = self.names_of(model, 0);
+        let whole =
+            |names: Vec<String>| ep.map_or_else(|| names.clone(), |e| e.whole_names(&names));
+        let first = whole(self.names_of(model, 0));
         let moments = |name: &str, shape: &[usize]| -> Result<[Tensor; 2]> {
             let get = |m: &HashMap<String, Moment>| -> Result<Tensor> {
                 let data = match m.get(name) {
@@ -210,7 +215,7 @@ impl PpRank {
             Ok([get(&opt.m)?, get(&opt.v)?])
         };
         if rank != 0 {
-            for name in self.names_of(model, rank) {
+            for name in whole(self.names_of(model, rank)) {
                 if first.contains(&name) {
                     continue;
                 }
@@ -239,7 +244,7 @@ impl PpRank {
             keep(name, t, m, v)?;
         }
         for r in 1..p {
-            for name in self.names_of(model, r) {
+            for name in whole(self.names_of(model, r)) {
                 if first.contains(&name) {
                     continue;
                 }
@@ -247,11 +252,11 @@ impl PpRank {
                 keep(&name, t, m, v)?;
             }
         }
-        if all.len() != model.param_shapes().len() {
+        let count = whole(model.param_shapes().into_iter().map(|(n, _)| n).collect()).len();
+        if all.len() != count {
             return Err(Error::Config(format!(
-                "pipeline gather: {} of {} parameters",
+                "pipeline gather: {} of {count} parameters",
                 all.len(),
-                model.param_shapes().len()
             )));
         }
         Ok(Some((all, full)))

@@ -29,8 +29,12 @@ impl<M: ModelFamily> Engine<M> {
             (Some(z), Some(c)) => z.gather_full(c)?.0,
             _ => self.params.clone(),
         };
-        match &self.tp {
-            Some(t) => t.gather(&mine),
+        let mine = match &self.tp {
+            Some(t) => t.gather(&mine)?,
+            None => mine,
+        };
+        match &self.ep {
+            Some(e) => e.gather(&mine),
             None => Ok(mine),
         }
     }
@@ -49,8 +53,12 @@ impl<M: ModelFamily> Engine<M> {
             Some(t) => (t.gather(&mine)?, t.gather_moments(&opt, &mine)?),
             None => (mine, opt),
         };
+        let (params, opt) = match &self.ep {
+            Some(e) => (e.gather(&params)?, e.gather_moments(&opt, &params)?),
+            None => (params, opt),
+        };
         match &self.pp {
-            Some(p) => p.gather(&self.model, &params, &opt),
+            Some(p) => p.gather(&self.model, &params, &opt, self.ep.as_ref()),
             None => Ok(Some((params, opt))),
         }
     }

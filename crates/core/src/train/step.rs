@@ -16,6 +16,7 @@ pub(super) enum Sink<'a> {
     Zero3(Zero3GradSink<'a>),
     Data(DataParallelSink<'a>),
     Zero(ZeroGradSink<'a>),
+    Expert(super::expert_parallel::ExpertSplitSink<'a>),
 }
 
 impl<'a> Sink<'a> {
@@ -30,6 +31,10 @@ impl<'a> Sink<'a> {
             Sink::Zero(z) => {
                 z.last_micro_batch = last_micro_batch;
                 z
+            }
+            Sink::Expert(e) => {
+                e.set_last(last_micro_batch);
+                e
             }
         }
     }

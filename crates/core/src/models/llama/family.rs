@@ -12,6 +12,7 @@ use super::{Llama, LlamaConfig};
 use crate::dist::Group;
 use crate::lora::{LoraConfig, Site};
 use crate::models::{Init, ModelFamily, ParamSpec};
+use crate::parallel::expert::ExpertParallel;
 use crate::parallel::pipeline;
 use crate::parallel::sequence::SpMode as SeqSplit;
 use crate::parallel::weight_grad::WeightGradStash;
@@ -114,6 +115,18 @@ impl ModelFamily for Llama {
 
     fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> Result<Self> {
         Ok(Llama::with_lora(&self, cfg, sites))
+    }
+
+    fn expert_parallel(&self, group: Group) -> Result<(Self, Arc<ExpertParallel>)> {
+        let Some(e) = self.cfg.num_local_experts else {
+            return Err(crate::Error::Config(
+                "parallel.ep > 1 needs a mixture-of-experts model (num_local_experts)".into(),
+            ));
+        };
+        let ep = Arc::new(ExpertParallel::new(group, e)?);
+        let mut model = self.clone();
+        model.ep = Some(ep.clone());
+        Ok((model, ep))
     }
 
     fn aux_loss(&self, out: &crate::exec::Acts) -> Result<Option<candle_core::Tensor>> {

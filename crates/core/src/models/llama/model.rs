@@ -8,6 +8,7 @@ use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
 use crate::lora::{Adapters, LoraConfig, Site};
 use crate::models::family::{ModelFamily, ParamSink};
+use crate::parallel::expert::ExpertParallel;
 use crate::params::Params;
 use crate::Result;
 pub use colossal_kernels::Kernels;
@@ -27,6 +28,8 @@ pub struct Llama {
     pub kernels: Kernels,
     /// LoRA adapters on some projections (their pairs are in the parameters); `None`: none.
     pub lora: Option<Arc<Adapters>>,
+    /// Expert parallelism: this rank holds and runs only its share of each layer's experts.
+    pub ep: Option<Arc<ExpertParallel>>,
 }
 
 impl Llama {
@@ -39,6 +42,7 @@ impl Llama {
             regions: Arc::new(Local),
             kernels: Kernels::default(),
             lora: None,
+            ep: None,
         })
     }
 
@@ -119,6 +123,7 @@ impl Llama {
         let q = c.num_attention_heads * hd;
         let kv = c.num_kv_heads() * hd;
         let mut out = vec![(Self::EMBED.to_string(), vec![c.vocab_size, h])];
+        let held = |e: &usize| self.ep.as_ref().is_none_or(|ep| ep.local().contains(e));
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}.");
             let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}{n}"), s));
@@ -136,7 +141,7 @@ impl Llama {
             }
             if let Some(e) = c.num_local_experts {
                 push("block_sparse_moe.gate.weight", vec![e, h]);
-                for x in 0..e {
+                for x in (0..e).filter(held) {
                     push(
                         &format!("block_sparse_moe.experts.{x}.w1.weight"),
                         vec![i, h],

@@ -12,7 +12,9 @@
 use candle_core::{DType, Tensor};
 
 use super::{AttnInputs, Llama};
+use crate::dist::exchange;
 use crate::exec::Acts;
+use crate::parallel::expert::ExpertParallel;
 use crate::params::Params;
 use crate::Result;
 
@@ -52,6 +54,16 @@ impl Llama {
             .to_dtype(h.dtype())?
             .flatten_all()?;
         let flat = x.squeeze(0)?;
+        let routing = Routing {
+            logits: router,
+            probs,
+            chosen,
+        };
+        if let Some(ep) = &self.ep {
+            let out = self.moe_dispatched(l, p, ep, &flat, &routing.chosen, &top)?;
+            return Ok((out.reshape((b, t, hidden))?, routing));
+        }
+        let chosen = &routing.chosen;
         let mut out = flat.zeros_like()?;
         for e in 0..experts as u32 {
             let (tokens, slots): (Vec<u32>, Vec<u32>) = chosen
@@ -65,21 +77,58 @@ impl Llama {
             }
             let tokens = Tensor::new(tokens.as_slice(), h.device())?;
             let weight = top.index_select(&Tensor::new(slots.as_slice(), h.device())?, 0)?;
-            let xe = flat.index_select(&tokens, 0)?.unsqueeze(0)?;
-            let w = |m: &str| format!("{pre}experts.{e}.{m}.weight");
-            let gate = self.proj(p, &w("w1"), &xe, None)?;
-            let up = self.proj(p, &w("w3"), &xe, None)?;
-            let act = self.kernels.swiglu(&gate, &up)?;
-            let y = self.proj(p, &w("w2"), &act, None)?.squeeze(0)?;
+            let y = self.expert(l, e as usize, p, &flat.index_select(&tokens, 0)?)?;
             let y = y.broadcast_mul(&weight.unsqueeze(1)?)?;
             out = out.index_add(&tokens, &y, 0)?;
         }
-        let routing = Routing {
-            logits: router,
-            probs,
-            chosen,
-        };
         Ok((out.reshape((b, t, hidden))?, routing))
+    }
+
+    /// Expert `e` of layer `l` (a SwiGLU MLP) on rows `x` (rows, H), all in one matmul each.
+    fn expert(&self, l: usize, e: usize, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let w = |m: &str| format!("model.layers.{l}.block_sparse_moe.experts.{e}.{m}.weight");
+        let x = x.unsqueeze(0)?;
+        let gate = self.proj(p, &w("w1"), &x, None)?;
+        let up = self.proj(p, &w("w3"), &x, None)?;
+        let act = self.kernels.swiglu(&gate, &up)?;
+        Ok(self.proj(p, &w("w2"), &act, None)?.squeeze(0)?)
+    }
+
+    /// The experts under expert parallelism: this rank's rows `flat` (N, H) go to the ranks
+    /// holding their experts, this rank's experts run on every rank's rows sent to them, and
+    /// the outputs come back to be weighted by `top` (N·k) and summed per token.
+    fn moe_dispatched(
+        &self,
+        l: usize,
+        p: &Params,
+        ep: &ExpertParallel,
+        flat: &Tensor,
+        chosen: &[u32],
+        top: &Tensor,
+    ) -> Result<Tensor> {
+        let k = self.cfg.experts_per_token();
+        let dev = flat.device();
+        let plan = ep.plan(chosen)?;
+        let tokens: Vec<u32> = plan.order.iter().map(|&s| s / k as u32).collect();
+        let tokens = Tensor::new(tokens.as_slice(), dev)?;
+        let sent = flat.index_select(&tokens, 0)?;
+        let arrived = exchange(&sent, &plan.send, &plan.recv, &ep.group)?;
+        // Tied to `arrived` even when no row arrives, so every rank runs the backward
+        // exchange its peers wait for.
+        let mut done = (&arrived * 0.0)?;
+        for (le, rows) in plan.rows_of.iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let rows = Tensor::new(rows.as_slice(), dev)?;
+            let e = ep.local().start + le;
+            let y = self.expert(l, e, p, &arrived.index_select(&rows, 0)?)?;
+            done = done.index_add(&rows, &y, 0)?;
+        }
+        let back = exchange(&done, &plan.recv, &plan.send, &ep.group)?;
+        let weight = top.index_select(&Tensor::new(plan.order.as_slice(), dev)?, 0)?;
+        let y = back.broadcast_mul(&weight.unsqueeze(1)?)?;
+        Ok(flat.zeros_like()?.index_add(&tokens, &y, 0)?)
     }
 
     /// Adds layer `routing`'s sums over the valid tokens of `inp` to the streams of `x`,

@@ -1,0 +1,213 @@
+//! One rank's expert-parallel part of a training job: which experts it holds, the group it
+//! exchanges tokens over, the group its experts' gradients are summed over, and the
+//! collectives that make whole weights (and Adam moments) again for checkpoints.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::dist::Communicator;
+use crate::exec::{GradAccumulator, Hooks};
+use crate::optim::AdamW;
+use crate::parallel::expert::ExpertParallel;
+use crate::parallel::DataParallelSink;
+use crate::params::{Grads, Params};
+use crate::Result;
+
+pub(crate) struct EpRank {
+    pub ep: Arc<ExpertParallel>,
+    /// Ranks holding the same experts (other expert-parallel groups); `None` when alone.
+    pub expert_data: Option<Box<dyn Communicator>>,
+}
+
+impl EpRank {
+    pub fn bytes_sent(&self) -> u64 {
+        self.ep.group.bytes_sent()
+            + self
+                .expert_data
+                .as_ref()
+                .map_or(0, |c| c.stats().bytes_sent())
+    }
+
+    /// This rank's share of whole weights (and their moments): every other expert dropped.
+    pub fn keep_mine(&self, params: &Params, opt: &mut AdamW) -> Params {
+        let mut out = Params::new();
+        for (name, var) in params.iter().filter(|(n, _)| self.ep.holds(n)) {
+            out.insert(name, var.clone());
+        }
+        opt.m.retain(|n, _| self.ep.holds(n));
+        opt.v.retain(|n, _| self.ep.holds(n));
+        out
+    }
+
+    /// For the gradient norm, summed over the data-parallel group (of `data_ranks`): every
+    /// rank holds a replicated weight's whole gradient, and `data_ranks / ep` ranks each
+    /// expert's; each counts its share.
+    pub fn norm_weight(&self, name: &str, data_ranks: usize) -> f64 {
+        let holders = match ExpertParallel::expert_of(name) {
+            Some(_) => data_ranks / self.ep.group.size(),
+            None => data_ranks,
+        };
+        1.0 / holders as f64
+    }
+
+    /// Whole weights from every rank's experts (a collective over the group).
+    pub fn gather(&self, mine: &Params) -> Result<Params> {
+        let mut out = HashMap::new();
+        for (name, var) in mine.iter() {
+            match self.peers_of(name) {
+                None => {
+                    out.insert(name.to_string(), var.clone());
+                }
+                Some(peers) => {
+                    let parts = self.gather_tensor(var.as_tensor())?;
+                    for (peer, t) in peers.into_iter().zip(parts) {
+                        out.insert(peer, Var::from_tensor(&t)?);
+                    }
+                }
+            }
+        }
+        Ok(in_whole_order(mine, out, self.ep.experts))
+    }
+
+    /// Whole Adam moments from every rank's (zeros where a parameter was never stepped).
+    pub fn gather_moments(&self, opt: &AdamW, mine: &Params) -> Result<AdamW> {
+        let mut out = AdamW::new(opt.cfg.clone());
+        out.step = opt.step;
+        for (name, var) in mine.iter() {
+            for (src, dst) in [(&opt.m, &mut out.m), (&opt.v, &mut out.v)] {
+                let dims = var.as_tensor().dims();
+                let data = match src.get(name) {
+                    Some(m) => m.host()?.into_owned(),
+                    None => vec![0.0; var.as_tensor().elem_count()],
+                };
+                let Some(peers) = self.peers_of(name) else {
+                    dst.insert(name.to_string(), data.into());
+                    continue;
+                };
+                let parts = self.gather_tensor(&Tensor::from_vec(data, dims, &Device::Cpu)?)?;
+                for (peer, t) in peers.into_iter().zip(parts) {
+                    dst.insert(peer, t.flatten_all()?.to_vec1::<f32>()?.into());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `names` (this rank's) with every expert's where this rank's local experts are.
+    pub fn whole_names(&self, names: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for n in names {
+            for w in self.peers_of(n).unwrap_or_else(|| vec![n.clone()]) {
+                if !out.contains(&w) {
+                    out.push(w);
+                }
+            }
+        }
+        out
+    }
+
+    /// The names the same local expert slot has on every rank of the group, in rank order
+    /// (`None` for a non-expert parameter).
+    fn peers_of(&self, name: &str) -> Option<Vec<String>> {
+        let e = ExpertParallel::expert_of(name)?;
+        let (per, slot) = (self.ep.per_rank(), e - self.ep.local().start);
+        let from = format!(".experts.{e}.");
+        Some(
+            (0..self.ep.group.size())
+                .map(|r| name.replace(&from, &format!(".experts.{}.", r * per + slot)))
+                .collect(),
+        )
+    }
+
+    fn gather_tensor(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        let host = t.to_device(&Device::Cpu)?.unsqueeze(0)?.contiguous()?;
+        let all = self.ep.group.with(|c| c.all_gather(&host))?;
+        (0..self.ep.group.size())
+            .map(|r| Ok(all.get(r)?.to_device(t.device())?))
+            .collect()
+    }
+}
+
+/// `gathered` in a whole model's order: `mine`'s, each layer's experts (all of them, by
+/// index) where its first local expert was.
+fn in_whole_order(mine: &Params, mut gathered: HashMap<String, Var>, experts: usize) -> Params {
+    let mut out = Params::new();
+    let mut layers_done = HashSet::new();
+    for (name, _) in mine.iter() {
+        let Some(e) = ExpertParallel::expert_of(name) else {
+            if let Some(v) = gathered.remove(name) {
+                out.insert(name, v);
+            }
+            continue;
+        };
+        let layer = name.split(".experts.").next().unwrap_or_default();
+        if !layers_done.insert(layer.to_string()) {
+            continue;
+        }
+        let own = format!("{layer}.experts.{e}.");
+        let weights: Vec<&str> = mine
+            .iter()
+            .filter_map(|(n, _)| n.strip_prefix(own.as_str()))
+            .collect();
+        for x in 0..experts {
+            for w in &weights {
+                let n = format!("{layer}.experts.{x}.{w}");
+                if let Some(v) = gathered.remove(&n) {
+                    out.insert(n, v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Gradients under expert parallelism: non-expert ones summed over the data-parallel group
+/// (`dense`), an expert's over the ranks holding the same expert, or kept when none does.
+pub(crate) struct ExpertSplitSink<'a> {
+    pub dense: DataParallelSink<'a>,
+    pub experts: ExpertGrads<'a>,
+}
+
+pub(crate) enum ExpertGrads<'a> {
+    Summed(DataParallelSink<'a>),
+    Local(GradAccumulator),
+}
+
+impl ExpertSplitSink<'_> {
+    pub fn set_last(&mut self, last: bool) {
+        self.dense.last_micro_batch = last;
+        if let ExpertGrads::Summed(s) = &mut self.experts {
+            s.last_micro_batch = last;
+        }
+    }
+
+    pub fn finish(self) -> Result<Grads> {
+        let mut grads = self.dense.finish()?;
+        let experts = match self.experts {
+            ExpertGrads::Summed(s) => s.finish()?,
+            ExpertGrads::Local(l) => l.grads,
+        };
+        let names: Vec<String> = experts.names().cloned().collect();
+        let mut experts = experts;
+        for n in names {
+            let g = experts.take(&n).expect("listed");
+            grads.accumulate(&n, g)?;
+        }
+        Ok(grads)
+    }
+}
+
+impl Hooks for ExpertSplitSink<'_> {
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        let (experts, dense): (Vec<_>, Vec<_>) = grads
+            .into_iter()
+            .partition(|(n, _)| ExpertParallel::expert_of(n).is_some());
+        self.dense.after_backward(block, dense)?;
+        match &mut self.experts {
+            ExpertGrads::Summed(s) => s.after_backward(block, experts),
+            ExpertGrads::Local(l) => l.after_backward(block, experts),
+        }
+    }
+}
