@@ -9,7 +9,7 @@ use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::models::llama::moe::load_balancing_loss;
 use colossal_core::models::llama::Kernels;
 use colossal_core::train::lm_loss;
-use common::{assert_close, fixture, greedy_ids, ids_1d, lm_batch, load_tensors, masked};
+use common::{assert_close, fixture, greedy_ids, ids_1d, lm_batch, load_tensors, masked, max_diff};
 
 #[test]
 fn mixtral_matches_transformers() {
@@ -197,4 +197,111 @@ fn mixtral_trains_block_wise_with_the_load_balancing_loss() {
         .unwrap();
     println!("engine step: loss {loss} (transformers {want_loss}), grad norm {norm:.6}");
     assert!((loss - want_loss).abs() <= 1e-5, "engine loss {loss}");
+}
+
+/// The router z-loss (ST-MoE: coefficient × mean over tokens and layers of logsumexp(router
+/// logits)², padding excluded) joins the model's loss term, and expert capacity drops exactly
+/// the slots past ⌈factor · N · k / E⌉ per expert, first choices first: counted in the model's
+/// counters; a factor of E / k drops nothing and changes nothing.
+#[test]
+fn router_z_loss_and_expert_capacity() {
+    use colossal_core::exec::{llama_inputs, Executor};
+    use colossal_core::models::llama::Llama;
+    use colossal_core::models::ModelFamily;
+
+    let dir = fixture("mixtral_tiny");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let (base, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
+    let (ids, inp, _, mask) = lm_batch(&base, &reference);
+    let with = |f: &dyn Fn(&mut colossal_core::models::llama::LlamaConfig)| {
+        let mut cfg = base.cfg.clone();
+        f(&mut cfg);
+        Llama::new(cfg).unwrap()
+    };
+    let aux_of = |m: &Llama| {
+        let out = Executor::default()
+            .forward(m, &params, &llama_inputs(&ids), &inp)
+            .unwrap();
+        let aux = m.aux_loss(&out).unwrap().unwrap();
+        (out, aux.to_scalar::<f32>().unwrap() as f64)
+    };
+    // z-loss by hand from the router logits, in f64.
+    let (_, routers) = base.forward_with_router(&params, &ids, &inp).unwrap();
+    let valid: Vec<f64> = mask.concat().iter().map(|&v| v as f64).collect();
+    let (mut z, mut count) = (0f64, 0f64);
+    for r in &routers {
+        for (row, w) in r.to_vec2::<f32>().unwrap().iter().zip(&valid) {
+            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            z += w * lse * lse;
+            count += w;
+        }
+    }
+    let z = z / count;
+    let (_, aux) = aux_of(&base);
+    let zed = with(&|c| c.router_z_loss_coef = Some(0.01));
+    let (_, aux_z) = aux_of(&zed);
+    println!("z-loss: mean lse² {z:.6}, loss term {aux:.6} → {aux_z:.6} with coefficient 0.01");
+    assert!(
+        (aux_z - aux - 0.01 * z).abs() < 1e-5,
+        "{aux_z} vs {aux} + 0.01·{z}"
+    );
+
+    // Capacity: E / k = 2 → every expert may take all N tokens.
+    let (plain, _) = aux_of(&base);
+    let roomy = with(&|c| c.capacity_factor = Some(2.0));
+    let (out, _) = aux_of(&roomy);
+    assert_eq!(
+        max_diff(out.output().unwrap(), plain.output().unwrap()),
+        0.0
+    );
+    assert_eq!(roomy.counters()[1], ("moe_dropped_slots", 0));
+    // Factor 1: capacity ⌈32 · 2 / 4⌉ = 16 per expert; the drops counted by hand from each
+    // layer's router logits (layer 1's after layer 0's drops).
+    let tight = with(&|c| c.capacity_factor = Some(1.0));
+    let (out, _) = aux_of(&tight);
+    let counters = tight.counters();
+    let (_, tight_routers) = tight.forward_with_router(&params, &ids, &inp).unwrap();
+    let mut by_hand = Vec::new();
+    for r in &tight_routers {
+        let top2: Vec<[usize; 2]> = r
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let mut o: Vec<usize> = (0..4).collect();
+                o.sort_by(|&a, &b| r[b].total_cmp(&r[a]).then(a.cmp(&b)));
+                [o[0], o[1]]
+            })
+            .collect();
+        let (mut taken, mut dropped) = ([0usize; 4], 0u64);
+        for j in 0..2 {
+            for t in &top2 {
+                match taken[t[j]] < 16 {
+                    true => taken[t[j]] += 1,
+                    false => dropped += 1,
+                }
+            }
+        }
+        by_hand.push(dropped);
+    }
+    println!("capacity factor 1.0: drops by hand per layer {by_hand:?} of 64 slots each; model counters {counters:?}");
+    assert!(by_hand[0] > 0, "the fixture's routing overflows an expert");
+    assert_eq!(counters[0], ("moe_routed_slots", 128));
+    assert_eq!(
+        counters[1],
+        ("moe_dropped_slots", by_hand.iter().sum::<u64>())
+    );
+    assert!(max_diff(out.output().unwrap(), plain.output().unwrap()) > 1e-3);
+    // Which slots stay: 4 tokens, 2 experts, top 2, factor 0.5 → 2 per expert. Expert 0 takes
+    // the first choices of tokens 0 and 1 (token 2's is dropped), expert 1 token 3's first
+    // choice, then token 0's second; every other second choice finds its expert full.
+    let small = with(&|c| {
+        c.num_local_experts = Some(2);
+        c.capacity_factor = Some(0.5);
+    });
+    let kept = small.within_capacity(&[0, 1, 0, 1, 0, 1, 1, 0], 4);
+    assert_eq!(kept, [0, 1, 2, 6]);
 }

@@ -17,12 +17,13 @@ use colossal_core::train::Trainer;
 const STEPS: usize = 4;
 const HIDDEN: u64 = 16;
 
-/// 2 layers of 4 experts (top 2), a heavy aux coefficient so the term matters; 8 micro-batches
-/// of 1.
-const MODEL: [&str; 9] = [
+/// 2 layers of 4 experts (top 2), heavy aux and z-loss coefficients so the terms matter; 8
+/// micro-batches of 1.
+const MODEL: [&str; 10] = [
     "model.config.num_local_experts=4",
     "model.config.num_experts_per_tok=2",
     "model.config.router_aux_loss_coef=0.1",
+    "model.config.router_z_loss_coef=0.01",
     "train.batch_size=8",
     "train.micro_batch_size=1",
     "train.lr=1e-3",
@@ -80,5 +81,15 @@ fn expert_parallel_layouts_match_one_rank() {
             println!("{what} rank {rank}: expert all-to-all {bytes} bytes over {STEPS} steps (formula {formula})");
             assert_eq!(bytes, formula, "{what} rank {rank}: bytes vs formula");
         }
+    }
+    // Expert capacity drops the same slots wherever the experts live.
+    let cap = "model.config.capacity_factor=1.0";
+    let (reference, _) = run(&data, &tmp.path().join("ref-cap"), 1, &[cap]);
+    for (what, nproc, extra) in [
+        ("capacity 1.0, ep2", 2, &[cap, "parallel.ep=2"]),
+        ("capacity 1.0, ep4", 4, &[cap, "parallel.ep=4"]),
+    ] {
+        let (got, _) = run(&data, &tmp.path().join(what), nproc, extra);
+        assert_same_run(what, &got, &reference, 1e-5);
     }
 }

@@ -189,6 +189,11 @@ pub trait ModelFamily: BlockModel + Sized {
         Ok(None)
     }
 
+    /// Running totals the model keeps (this rank's), for the metrics record.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// Its LoRA adapters, if it has any (a checkpoint saves them in PEFT's layout).
     fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
         None

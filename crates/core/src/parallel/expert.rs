@@ -132,16 +132,17 @@ impl ExpertParallel {
         Self::expert_of(name).is_none_or(|e| self.local().contains(&e))
     }
 
-    /// The exchange plan for `chosen` (k experts per token, flattened): the send order and
-    /// counts here, and — after one small all-to-all of the per-expert counts — what arrives.
-    pub fn plan(&self, chosen: &[u32]) -> Result<Dispatch> {
+    /// The exchange plan for the routed `slots` (indices into `chosen`, k experts per token
+    /// flattened): the send order and counts here, and — after one small all-to-all of the
+    /// per-expert counts — what arrives.
+    pub fn plan(&self, chosen: &[u32], slots: &[u32]) -> Result<Dispatch> {
         let (n, per) = (self.group.size(), self.per_rank());
-        let mut order: Vec<u32> = (0..chosen.len() as u32).collect();
+        let mut order = slots.to_vec();
         // Destination and expert order are both the expert index (experts are split by range).
         order.sort_by_key(|&s| chosen[s as usize]);
         let mut counts = vec![0f32; self.experts];
-        for &e in chosen {
-            counts[e as usize] += 1.0;
+        for &s in slots {
+            counts[chosen[s as usize] as usize] += 1.0;
         }
         let send: Vec<usize> = (0..n)
             .map(|j| counts[j * per..(j + 1) * per].iter().sum::<f32>() as usize)

@@ -128,6 +128,9 @@ impl<M: ModelFamily> Engine<M> {
         rec.insert("mem_grads_bytes".into(), json!(mg));
         rec.insert("mem_optim_bytes".into(), json!(mo));
         rec.insert("offloaded_bytes".into(), json!(self.offloaded_bytes()));
+        for (name, value) in self.model.counters() {
+            rec.insert(name.into(), json!(value));
+        }
         rec
     }
 

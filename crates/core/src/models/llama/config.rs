@@ -135,6 +135,16 @@ pub struct LlamaConfig {
     pub num_experts_per_tok: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_aux_loss_coef: Option<f64>,
+    /// ST-MoE's router z-loss weight (mean squared log-sum-exp of the router logits), as
+    /// Switch Transformers' config names it; 0 or absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_z_loss_coef: Option<f64>,
+    /// Expert capacity (GShard/DeepSpeed): each expert takes at most
+    /// ⌈factor · tokens · k / experts⌉ of a forward's routed slots, first choices before
+    /// second ones, in token order; the rest are dropped (that slot adds nothing; the residual
+    /// carries the token). Absent: no capacity, nothing dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f64>,
     /// transformers ≥ 4.56 writes `dtype`; older checkpoints say `torch_dtype`.
     #[serde(default, alias = "torch_dtype")]
     pub dtype: Option<String>,
@@ -281,7 +291,30 @@ impl LlamaConfig {
                 return bad("mlp_bias with experts: Mixtral's experts have no bias".into());
             }
         }
-        for k in ["router_jitter_noise", "router_z_loss_coef"] {
+        let moe_knobs = [
+            ("router_z_loss_coef", self.router_z_loss_coef),
+            ("capacity_factor", self.capacity_factor),
+        ];
+        for (k, v) in moe_knobs {
+            match (v, self.num_local_experts) {
+                (Some(v), _) if !(v.is_finite() && v >= 0.0) => {
+                    return bad(format!("`{k}` = {v}: expected a number ≥ 0"))
+                }
+                (Some(v), None) if v != 0.0 => {
+                    return bad(format!(
+                        "`{k}` = {v} needs num_local_experts (a mixture of experts)"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if self.capacity_factor == Some(0.0) {
+            return bad(
+                "`capacity_factor` = 0 would drop every token (leave it out for no capacity)"
+                    .into(),
+            );
+        }
+        for k in ["router_jitter_noise"] {
             if let Some(v) = self
                 .extra
                 .get(k)

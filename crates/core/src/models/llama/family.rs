@@ -129,6 +129,15 @@ impl ModelFamily for Llama {
         Ok((model, ep))
     }
 
+    /// A mixture of experts' routed slots and those dropped for capacity, so far.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        if self.cfg.num_local_experts.is_none() {
+            return Vec::new();
+        }
+        let (routed, dropped) = self.moe_counts.get();
+        vec![("moe_routed_slots", routed), ("moe_dropped_slots", dropped)]
+    }
+
     fn aux_loss(&self, out: &crate::exec::Acts) -> Result<Option<candle_core::Tensor>> {
         self.aux_loss_of_streams(out)
     }

@@ -30,6 +30,8 @@ pub struct Llama {
     pub lora: Option<Arc<Adapters>>,
     /// Expert parallelism: this rank holds and runs only its share of each layer's experts.
     pub ep: Option<Arc<ExpertParallel>>,
+    /// Slots routed and dropped (expert capacity) by its MoE layers.
+    pub moe_counts: Arc<super::moe::MoeCounts>,
 }
 
 impl Llama {
@@ -43,6 +45,7 @@ impl Llama {
             kernels: Kernels::default(),
             lora: None,
             ep: None,
+            moe_counts: Arc::default(),
         })
     }
 

@@ -9,6 +9,8 @@
 //! as streams: Σ probabilities (with its gradient back to every router), Σ one-hot choices
 //! and the token count (no gradient).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{DType, Tensor};
 
 use super::{AttnInputs, Llama};
@@ -22,6 +24,30 @@ use crate::Result;
 pub const MOE_PROB: &str = "moe.prob";
 pub const MOE_HOT: &str = "moe.hot";
 pub const MOE_TOKENS: &str = "moe.tokens";
+/// Σ over tokens of the squared log-sum-exp of the router logits (router z-loss).
+pub const MOE_Z: &str = "moe.z";
+
+/// Routed slots and those dropped for want of expert capacity, since the model was made.
+#[derive(Debug, Default)]
+pub struct MoeCounts {
+    routed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl MoeCounts {
+    fn record(&self, routed: usize, dropped: usize) {
+        self.routed.fetch_add(routed as u64, Ordering::Relaxed);
+        self.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+    }
+
+    /// (routed, dropped) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.routed.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// One MoE layer's routing: the router logits (tokens, experts), their softmax, and the
 /// chosen experts (k per token, most probable first).
@@ -54,23 +80,25 @@ impl Llama {
             .to_dtype(h.dtype())?
             .flatten_all()?;
         let flat = x.squeeze(0)?;
+        let slots = self.within_capacity(&chosen, n);
+        self.moe_counts
+            .record(chosen.len(), chosen.len() - slots.len());
         let routing = Routing {
             logits: router,
             probs,
             chosen,
         };
         if let Some(ep) = &self.ep {
-            let out = self.moe_dispatched(l, p, ep, &flat, &routing.chosen, &top)?;
+            let out = self.moe_dispatched(l, p, ep, &flat, &routing.chosen, &slots, &top)?;
             return Ok((out.reshape((b, t, hidden))?, routing));
         }
         let chosen = &routing.chosen;
         let mut out = flat.zeros_like()?;
         for e in 0..experts as u32 {
-            let (tokens, slots): (Vec<u32>, Vec<u32>) = chosen
+            let (tokens, slots): (Vec<u32>, Vec<u32>) = slots
                 .iter()
-                .enumerate()
-                .filter(|(_, &c)| c == e)
-                .map(|(i, _)| ((i / k) as u32, i as u32))
+                .filter(|&&s| chosen[s as usize] == e)
+                .map(|&s| (s / k as u32, s))
                 .unzip();
             if tokens.is_empty() {
                 continue;
@@ -97,6 +125,7 @@ impl Llama {
     /// The experts under expert parallelism: this rank's rows `flat` (N, H) go to the ranks
     /// holding their experts, this rank's experts run on every rank's rows sent to them, and
     /// the outputs come back to be weighted by `top` (N·k) and summed per token.
+    #[allow(clippy::too_many_arguments)]
     fn moe_dispatched(
         &self,
         l: usize,
@@ -104,11 +133,12 @@ impl Llama {
         ep: &ExpertParallel,
         flat: &Tensor,
         chosen: &[u32],
+        slots: &[u32],
         top: &Tensor,
     ) -> Result<Tensor> {
         let k = self.cfg.experts_per_token();
         let dev = flat.device();
-        let plan = ep.plan(chosen)?;
+        let plan = ep.plan(chosen, slots)?;
         let tokens: Vec<u32> = plan.order.iter().map(|&s| s / k as u32).collect();
         let tokens = Tensor::new(tokens.as_slice(), dev)?;
         let sent = flat.index_select(&tokens, 0)?;
@@ -129,6 +159,32 @@ impl Llama {
         let weight = top.index_select(&Tensor::new(plan.order.as_slice(), dev)?, 0)?;
         let y = back.broadcast_mul(&weight.unsqueeze(1)?)?;
         Ok(flat.zeros_like()?.index_add(&tokens, &y, 0)?)
+    }
+
+    /// The routed slots (token · k + j) each expert takes within its capacity, in slot order:
+    /// all of them without `capacity_factor`; with it, at most ⌈factor · N · k / E⌉ per
+    /// expert, every token's first choice before any second choice, tokens in order.
+    pub fn within_capacity(&self, chosen: &[u32], n: usize) -> Vec<u32> {
+        let Some(factor) = self.cfg.capacity_factor else {
+            return (0..chosen.len() as u32).collect();
+        };
+        let k = self.cfg.experts_per_token();
+        let experts = self.cfg.num_local_experts.unwrap_or(1);
+        let capacity = (factor * (n * k) as f64 / experts as f64).ceil() as usize;
+        let mut taken = vec![0usize; experts];
+        let mut keep = vec![false; chosen.len()];
+        for j in 0..k {
+            for i in 0..n {
+                let e = chosen[i * k + j] as usize;
+                if taken[e] < capacity {
+                    taken[e] += 1;
+                    keep[i * k + j] = true;
+                }
+            }
+        }
+        (0..chosen.len() as u32)
+            .filter(|&s| keep[s as usize])
+            .collect()
     }
 
     /// Adds layer `routing`'s sums over the valid tokens of `inp` to the streams of `x`,
@@ -154,7 +210,13 @@ impl Llama {
         let prob = routing.probs.broadcast_mul(&w)?.sum(0)?;
         let hot = Tensor::from_vec(hot, (k, experts), dev)?;
         let count = Tensor::new(&[count], dev)?;
-        for (name, t) in [(MOE_PROB, prob), (MOE_HOT, hot), (MOE_TOKENS, count)] {
+        let mut sums = vec![(MOE_PROB, prob), (MOE_HOT, hot), (MOE_TOKENS, count)];
+        if self.cfg.router_z_loss_coef.is_some_and(|c| c > 0.0) {
+            let lse = routing.logits.to_dtype(DType::F32)?.log_sum_exp(1)?;
+            let z = lse.sqr()?.unsqueeze(1)?.broadcast_mul(&w)?.sum_all()?;
+            sums.push((MOE_Z, z.reshape(1)?));
+        }
+        for (name, t) in sums {
             let sum = match x.get(name) {
                 Ok(before) => (before + t)?,
                 Err(_) => t,
@@ -177,7 +239,11 @@ impl Llama {
         let experts = self.cfg.num_local_experts.unwrap_or(1) as f64;
         let total = count.to_vec1::<f32>()?[0].max(1.0) as f64;
         let loss = hot.broadcast_mul(&prob.unsqueeze(0)?)?.sum_all()?;
-        Ok(Some((loss * (coef * experts / (total * total)))?))
+        let mut loss = (loss * (coef * experts / (total * total)))?;
+        if let (Ok(z), Some(zc)) = (out.get(MOE_Z), self.cfg.router_z_loss_coef) {
+            loss = (loss + (z.sum_all()? * (zc / total))?)?;
+        }
+        Ok(Some(loss))
     }
 }
 
