@@ -3,6 +3,7 @@
 mod bench;
 mod bench_capacity;
 mod bench_collectives;
+mod bench_moe;
 mod bench_parallel;
 mod eval;
 mod init_model;
@@ -53,6 +54,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Step time, model-state bytes and bytes sent per rank for N local ranks × ZeRO stages.
     BenchParallel(bench_parallel::BenchParallelArgs),
+    /// A mixture of experts' step time and tokens/s at expert-parallel degrees 1, 2, 4.
+    BenchMoe(bench_moe::BenchMoeArgs),
     /// All-reduce bandwidth with MPI's native collectives and the ring (under mpirun).
     BenchCollectives(bench_collectives::BenchCollectivesArgs),
     /// Largest model trainable within a memory budget, without offload and with disk offload.
@@ -117,6 +120,7 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => bench::run(&args)?,
         Cmd::BenchParallel(args) => bench_parallel::run(&args)?,
         Cmd::BenchCapacity(args) => bench_capacity::run(&args)?,
+        Cmd::BenchMoe(args) => bench_moe::run(&args)?,
         Cmd::BenchCollectives(args) => bench_collectives::run(&args)?,
         Cmd::InitModel(args) => init_model::run(&args)?,
         Cmd::Eval(args) => {
