@@ -94,6 +94,27 @@ fn lora_trains_adapters_only_and_data_parallel_zero_match_one_rank() {
         assert_eq!(base, base_before, "{what}: a frozen base weight changed");
         println!("{what}: equals one rank");
     }
+    // Pipeline stages: each holds its layers' frozen base and adapters (the tied, frozen
+    // embedding on the first and last); the whole base comes back unchanged.
+    for (what, ranks, extra) in [
+        ("lora pp2", 2, &["parallel.pp=2"][..]),
+        (
+            "lora dp2×pp2 zero-1",
+            4,
+            &["parallel.pp=2", "parallel.zero_stage=1"][..],
+        ),
+    ] {
+        let nproc = format!("parallel.nproc={ranks}");
+        let mut sets = vec![nproc.as_str()];
+        sets.extend_from_slice(extra);
+        let (got, mut base) = run(&data, &tmp.path().join(what), ranks, 1, &sets);
+        assert_same_run(what, &got, &reference, 1e-5);
+        base.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut want = base_before.clone();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(base, want, "{what}: the frozen base");
+        println!("{what}: equals one rank");
+    }
 }
 
 #[test]

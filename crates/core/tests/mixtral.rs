@@ -9,14 +9,20 @@ use colossal_core::checkpoint::llama::load_llama;
 use colossal_core::models::llama::moe::load_balancing_loss;
 use colossal_core::models::llama::Kernels;
 use colossal_core::train::lm_loss;
-use common::{assert_close, fixture, greedy_ids, ids_1d, lm_batch, load_tensors, masked, max_diff};
+use common::{
+    assert_close, fixture, greedy_ids, ids_1d, lm_batch, load_tensors, masked, max_abs, max_diff,
+};
+
+/// The fixture's directory and `reference.json`.
+fn mixtral_fixture() -> (std::path::PathBuf, serde_json::Value) {
+    let dir = fixture("mixtral_tiny");
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    (dir, serde_json::from_str(&text).unwrap())
+}
 
 #[test]
 fn mixtral_matches_transformers() {
-    let dir = fixture("mixtral_tiny");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = mixtral_fixture();
     let tensors = load_tensors(&dir.join("reference.safetensors"));
     for kernels in [Kernels::Fused, Kernels::Reference] {
         let (model, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
@@ -101,10 +107,7 @@ fn mixtral_trains_block_wise_with_the_load_balancing_loss() {
     use colossal_core::parallel::pipeline_run::MicroBatch;
     use colossal_core::train::{Engine, Origin};
 
-    let dir = fixture("mixtral_tiny");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = mixtral_fixture();
     let tensors = load_tensors(&dir.join("reference.safetensors"));
     let want_loss = reference["loss"].as_f64().unwrap() as f32;
     let (model, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
@@ -161,14 +164,7 @@ fn mixtral_trains_block_wise_with_the_load_balancing_loss() {
                 .grads
                 .get(name)
                 .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let m = g
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(m > 0.0, "{name}: zero gradient");
+            assert!(max_abs(g) > 0.0, "{name}: zero gradient");
         }
     }
     // The engine: one micro-batch of the global batch, so the term counts with weight 1.
@@ -209,10 +205,7 @@ fn router_z_loss_and_expert_capacity() {
     use colossal_core::models::llama::Llama;
     use colossal_core::models::ModelFamily;
 
-    let dir = fixture("mixtral_tiny");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = mixtral_fixture();
     let (base, params) = load_llama(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
     let (ids, inp, _, mask) = lm_batch(&base, &reference);
     let with = |f: &dyn Fn(&mut colossal_core::models::llama::LlamaConfig)| {

@@ -224,7 +224,11 @@ impl<M: ModelFamily> Engine<M> {
             let runner = pp.runner(&self.model, self.executor);
             let mut acc = GradAccumulator::default();
             let report = runner.run(&mut weights, &mbs, &mut ToF32(&mut acc))?;
+            // A frozen tied weight (a LoRA's base) has no gradient to share.
             for name in self.model.tied_params() {
+                if self.params.is_frozen(&name) {
+                    continue;
+                }
                 runner.sync_tied(&mut acc.grads, &name)?;
             }
             pp.hand_over(&self.model, acc.grads, sink.hooks(true))?;

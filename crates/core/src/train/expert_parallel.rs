@@ -36,6 +36,9 @@ impl EpRank {
         for (name, var) in params.iter().filter(|(n, _)| self.ep.holds(n)) {
             out.insert(name, var.clone());
         }
+        for (name, t) in params.frozen().filter(|(n, _)| self.ep.holds(n)) {
+            out.insert_frozen(name, t.clone());
+        }
         opt.m.retain(|n, _| self.ep.holds(n));
         opt.v.retain(|n, _| self.ep.holds(n));
         out

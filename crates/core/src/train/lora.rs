@@ -66,9 +66,6 @@ impl LoraSection {
         if p.tp > 1 {
             return refuse(format!("parallel.tp = {}", p.tp));
         }
-        if p.pp > 1 {
-            return refuse(format!("parallel.pp = {}", p.pp));
-        }
         if p.sp > 1 {
             return refuse(format!("parallel.sp = {}", p.sp));
         }

@@ -112,6 +112,11 @@ impl PpRank {
                 out.insert(name, var.clone());
             }
         }
+        for (name, t) in params.frozen() {
+            if mine.iter().any(|n| n == name) {
+                out.insert_frozen(name, t.clone());
+            }
+        }
         opt.m.retain(|n, _| mine.contains(n));
         opt.v.retain(|n, _| mine.contains(n));
         Ok(out)
@@ -219,10 +224,16 @@ impl PpRank {
                 if first.contains(&name) {
                     continue;
                 }
+                // A frozen weight (a LoRA's base) goes without moments, flagged.
+                let frozen = params.is_frozen(&name);
+                self.comm
+                    .send(&Tensor::new(&[frozen as u8 as f32], &Device::Cpu)?, 0)?;
                 let t = params.get(&name)?;
-                let [m, v] = moments(&name, t.dims())?;
-                for x in [t, &m, &v] {
-                    self.comm.send(x, 0)?;
+                self.comm.send(t, 0)?;
+                if !frozen {
+                    for x in moments(&name, t.dims())? {
+                        self.comm.send(&x, 0)?;
+                    }
                 }
             }
             return Ok(None);
@@ -230,7 +241,11 @@ impl PpRank {
         let mut all = Params::new();
         let mut full = AdamW::new(opt.cfg.clone());
         full.step = opt.step;
-        let mut keep = |name: &str, t: Tensor, m: Tensor, v: Tensor| -> Result<()> {
+        let mut keep = |name: &str, t: Tensor, moments: Option<[Tensor; 2]>| -> Result<()> {
+            let Some([m, v]) = moments else {
+                all.insert_frozen(name, t);
+                return Ok(());
+            };
             full.m
                 .insert(name.to_string(), m.flatten_all()?.to_vec1()?.into());
             full.v
@@ -240,23 +255,32 @@ impl PpRank {
         };
         for name in &first {
             let t = params.get(name)?.clone();
-            let [m, v] = moments(name, t.dims())?;
-            keep(name, t, m, v)?;
+            let m = match params.is_frozen(name) {
+                true => None,
+                false => Some(moments(name, t.dims())?),
+            };
+            keep(name, t, m)?;
         }
+        let mut count = first.len();
         for r in 1..p {
             for name in whole(self.names_of(model, r)) {
                 if first.contains(&name) {
                     continue;
                 }
-                let (t, m, v) = (self.comm.recv(r)?, self.comm.recv(r)?, self.comm.recv(r)?);
-                keep(&name, t, m, v)?;
+                count += 1;
+                let frozen = self.comm.recv(r)?.to_vec1::<f32>()?[0] != 0.0;
+                let t = self.comm.recv(r)?;
+                let m = match frozen {
+                    true => None,
+                    false => Some([self.comm.recv(r)?, self.comm.recv(r)?]),
+                };
+                keep(&name, t, m)?;
             }
         }
-        let count = whole(model.param_shapes().into_iter().map(|(n, _)| n).collect()).len();
-        if all.len() != count {
+        let held = all.len() + all.frozen().count();
+        if held != count {
             return Err(Error::Config(format!(
-                "pipeline gather: {} of {count} parameters",
-                all.len(),
+                "pipeline gather: {held} of {count} parameters"
             )));
         }
         Ok(Some((all, full)))

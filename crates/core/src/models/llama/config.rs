@@ -280,40 +280,7 @@ impl LlamaConfig {
                 }
             }
         }
-        if let Some(e) = self.num_local_experts {
-            let k = self.experts_per_token();
-            if e == 0 || k == 0 || k > e {
-                return bad(format!(
-                    "num_experts_per_tok {k} must be between 1 and num_local_experts {e}"
-                ));
-            }
-            if self.mlp_bias {
-                return bad("mlp_bias with experts: Mixtral's experts have no bias".into());
-            }
-        }
-        let moe_knobs = [
-            ("router_z_loss_coef", self.router_z_loss_coef),
-            ("capacity_factor", self.capacity_factor),
-        ];
-        for (k, v) in moe_knobs {
-            match (v, self.num_local_experts) {
-                (Some(v), _) if !(v.is_finite() && v >= 0.0) => {
-                    return bad(format!("`{k}` = {v}: expected a number ≥ 0"))
-                }
-                (Some(v), None) if v != 0.0 => {
-                    return bad(format!(
-                        "`{k}` = {v} needs num_local_experts (a mixture of experts)"
-                    ))
-                }
-                _ => {}
-            }
-        }
-        if self.capacity_factor == Some(0.0) {
-            return bad(
-                "`capacity_factor` = 0 would drop every token (leave it out for no capacity)"
-                    .into(),
-            );
-        }
+        self.validate_moe()?;
         for k in ["router_jitter_noise"] {
             if let Some(v) = self
                 .extra
