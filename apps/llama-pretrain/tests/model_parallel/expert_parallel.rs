@@ -47,6 +47,18 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Vec<(u64,
             .expert_traffic()
             .map_or((0, 0), |x| (x.bytes_sent, x.formula_bytes(HIDDEN, 4)));
         run.params = flat(&t.full_params()?);
+        // The checkpoint holds every expert, as one rank's does.
+        if let Some(dir) = t.save_checkpoint()? {
+            let f32 = candle_core::DType::F32;
+            let (_, whole) = colossal_core::checkpoint::llama::load_llama(&dir, f32, &Device::Cpu)?;
+            let (mut saved, mut held) = (flat(&whole), run.params.clone());
+            saved.sort_by(|a, b| a.0.cmp(&b.0));
+            held.sort_by(|a, b| a.0.cmp(&b.0));
+            assert!(
+                saved == held,
+                "the checkpoint differs from the gathered weights"
+            );
+        }
         Ok((run, traffic))
     })
     .unwrap();

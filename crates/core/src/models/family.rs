@@ -146,6 +146,11 @@ pub trait ModelFamily: BlockModel + Sized {
         Err(self.unsupported("expert parallelism (parallel.ep > 1)"))
     }
 
+    /// The whole model a rank under expert parallelism is part of (what a checkpoint holds).
+    fn without_expert_parallel(&self) -> Option<Self> {
+        None
+    }
+
     /// This model with its weight gradients deferred to a zero-bubble schedule's W pass, and
     /// the stash the schedule drives.
     fn defer_weight_grads(&self) -> Result<(Self, Arc<WeightGradStash>)> {

@@ -88,7 +88,10 @@ impl<M: ModelFamily> Engine<M> {
         let out = &self.cfg.train.out_dir;
         let dir = checkpoint::checkpoint_dir(out, self.state.step);
         let shard = self.cfg.train.max_shard_mb * 1024 * 1024;
-        checkpoint::save(&dir, &self.model, params, opt, &self.state, shard)?;
+        // Under expert parallelism the file holds every expert: the whole model's layout.
+        let whole = self.model.without_expert_parallel();
+        let model = whole.as_ref().unwrap_or(&self.model);
+        checkpoint::save(&dir, model, params, opt, &self.state, shard)?;
         checkpoint::prune(out, self.cfg.train.keep_last)?;
         tracing::info!(dir = %dir.display(), "checkpoint saved");
         Ok(Some(dir))

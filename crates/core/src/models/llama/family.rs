@@ -138,6 +138,11 @@ impl ModelFamily for Llama {
         vec![("moe_routed_slots", routed), ("moe_dropped_slots", dropped)]
     }
 
+    fn without_expert_parallel(&self) -> Option<Self> {
+        let mut whole = self.clone();
+        whole.ep.take().map(|_| whole)
+    }
+
     fn aux_loss(&self, out: &crate::exec::Acts) -> Result<Option<candle_core::Tensor>> {
         self.aux_loss_of_streams(out)
     }
