@@ -1,14 +1,16 @@
 //! A mixture of experts through the trainer: the load-balancing loss counts per micro-batch,
 //! so data parallelism equals one rank, and expert parallelism (`parallel.ep`: experts split
 //! over data-parallel ranks, tokens exchanged by all-to-all) gives one rank's losses, pre-clip
-//! gradient norms and parameters (every expert, gathered by name) at ep 2 and 4, dp2×ep2 and
-//! ep2×pp2; the bytes each rank's expert group sends are the rows it moved times the hidden
-//! size, as the formula says.
+//! gradient norms and parameters (every expert, gathered by name) at ep 2 and 4, dp2×ep2,
+//! ep2×pp2 and with ZeRO (non-expert state sharded over data-parallel ranks, experts' over the
+//! ranks holding the same experts); the checkpoint's Adam moments are one rank's too. The bytes
+//! each rank's expert group sends are the rows it moved times the hidden size, as the formula
+//! says.
 
 use std::path::Path;
 use std::time::Duration;
 
-use super::common::{assert_same_run, flat, prepare, Run};
+use super::common::{assert_same_run, flat, prepare, rel_norm, Flat, Run};
 use super::compare::layout_config;
 use candle_core::Device;
 use colossal_core::dist::{run_local, Communicator};
@@ -32,9 +34,18 @@ const MODEL: [&str; 10] = [
     "train.save_every=1000",
 ];
 
-/// Losses, grad norms and whole parameters (world rank 0), and per rank the expert group's
-/// bytes and the formula's figure for the rows it moved.
-fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Vec<(u64, u64)>) {
+/// Per rank: the expert group's bytes, the formula's figure for the rows it moved, and the
+/// bytes of Adam moments the rank holds.
+#[derive(Clone, Copy)]
+struct RankFigures {
+    bytes: u64,
+    formula: u64,
+    moments: u64,
+}
+
+/// Losses, grad norms and whole parameters (world rank 0), the checkpoint's Adam moments, and
+/// each rank's figures.
+fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Flat, Vec<RankFigures>) {
     let cfg = layout_config(data, out, &MODEL, nproc, extra);
     let results = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
@@ -43,12 +54,25 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Vec<(u64,
         for _ in 0..STEPS {
             run.step(t.train_step()?);
         }
-        let traffic = t
+        let (bytes, formula) = t
             .expert_traffic()
             .map_or((0, 0), |x| (x.bytes_sent, x.formula_bytes(HIDDEN, 4)));
+        let moments = t.last_step_metrics()["mem_optim_bytes"].as_u64().unwrap();
+        let figures = RankFigures {
+            bytes,
+            formula,
+            moments,
+        };
         run.params = flat(&t.full_params()?);
+        let mut moments = Flat::new();
         // The checkpoint holds every expert, as one rank's does.
         if let Some(dir) = t.save_checkpoint()? {
+            let opt = dir.join(colossal_core::train::OPTIMIZER);
+            let file = candle_core::safetensors::load(&opt, &Device::Cpu)?;
+            for (name, m) in file {
+                moments.push((name, m.flatten_all()?.to_vec1::<f32>()?));
+            }
+            moments.sort_by(|a, b| a.0.cmp(&b.0));
             let f32 = candle_core::DType::F32;
             let (_, whole) = colossal_core::checkpoint::llama::load_llama(&dir, f32, &Device::Cpu)?;
             let (mut saved, mut held) = (flat(&whole), run.params.clone());
@@ -59,18 +83,42 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Vec<(u64,
                 "the checkpoint differs from the gathered weights"
             );
         }
-        Ok((run, traffic))
+        Ok((run, moments, figures))
     })
     .unwrap();
-    let traffic = results.iter().map(|(_, t)| *t).collect();
-    (results.into_iter().next().unwrap().0, traffic)
+    let figures = results.iter().map(|(_, _, f)| *f).collect();
+    let (run, moments, _) = results.into_iter().next().unwrap();
+    (run, moments, figures)
+}
+
+/// Every moment of `want` in `got` by name, within `tol` relative to its norm.
+fn assert_same_moments(what: &str, got: &Flat, want: &Flat, tol: f32) {
+    let names = |f: &Flat| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(got), names(want), "{what}: moment names");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|((n, a), (_, b))| (rel_norm(a, b), n))
+        .fold((0f32, ""), |w, (d, n)| if d > w.0 { (d, n) } else { w });
+    println!(
+        "{what}: {} moments, worst relative difference {:.1e} ({})",
+        want.len(),
+        worst.0,
+        worst.1
+    );
+    assert!(
+        worst.0 <= tol,
+        "{what}: moment {} differs by {:e}",
+        worst.1,
+        worst.0
+    );
 }
 
 #[test]
 fn expert_parallel_layouts_match_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
-    let (reference, _) = run(&data, &tmp.path().join("ref"), 1, &[]);
+    let (reference, ref_moments, _) = run(&data, &tmp.path().join("ref"), 1, &[]);
     assert!(
         reference
             .params
@@ -78,30 +126,70 @@ fn expert_parallel_layouts_match_one_rank() {
             .any(|(n, _)| n.contains("experts.3.w2")),
         "a Mixtral model"
     );
-    let layouts: [(&str, usize, &[&str]); 5] = [
+    let (ep, zero1, zero2) = (
+        "parallel.ep=2",
+        "parallel.zero_stage=1",
+        "parallel.zero_stage=2",
+    );
+    let count = |experts: bool| -> u64 {
+        let of = |(n, v): &(String, Vec<f32>)| {
+            (n.contains(".experts.") == experts) as u64 * v.len() as u64
+        };
+        reference.params.iter().map(of).sum()
+    };
+    let (dense, experts) = (count(false), count(true));
+    let layouts: [(&str, usize, &[&str]); 8] = [
         ("dp2", 2, &[]),
-        ("ep2", 2, &["parallel.ep=2"]),
+        ("ep2", 2, &[ep]),
         ("ep4", 4, &["parallel.ep=4"]),
-        ("dp2×ep2", 4, &["parallel.ep=2"]),
-        ("ep2×pp2", 4, &["parallel.ep=2", "parallel.pp=2"]),
+        ("dp2×ep2", 4, &[ep]),
+        ("ep2×pp2", 4, &[ep, "parallel.pp=2"]),
+        // Experts alone on their rank: only the non-expert state is sharded.
+        ("ep2 zero-2", 2, &[ep, zero2]),
+        // Each expert on two ranks: its state sharded over them.
+        ("dp2×ep2 zero-2", 4, &[ep, zero2]),
+        ("ep2×pp2 zero-1", 4, &[ep, "parallel.pp=2", zero1]),
     ];
     for (what, nproc, extra) in layouts {
         let out = tmp.path().join(what);
-        let (got, traffic) = run(&data, &out, nproc, extra);
+        let (got, moments, figures) = run(&data, &out, nproc, extra);
         assert_same_run(what, &got, &reference, 1e-5);
-        for (rank, (bytes, formula)) in traffic.iter().enumerate() {
+        assert_same_moments(what, &moments, &ref_moments, 1e-4);
+        for (rank, f) in figures.iter().enumerate() {
+            let (bytes, formula) = (f.bytes, f.formula);
             println!("{what} rank {rank}: expert all-to-all {bytes} bytes over {STEPS} steps (formula {formula})");
             assert_eq!(bytes, formula, "{what} rank {rank}: bytes vs formula");
+        }
+        // Moments per rank (one stage holds the whole model): 8 bytes an element, the
+        // rank's experts (1/ep of them) and every other weight, each sharded under ZeRO
+        // over the ranks holding it.
+        if !what.contains("pp") {
+            let ep = extra.iter().find_map(|s| s.strip_prefix("parallel.ep="));
+            let ep: u64 = ep.map_or(1, |e| e.parse().unwrap());
+            let zero = extra.iter().any(|s| s.starts_with("parallel.zero_stage"));
+            let (over_dense, over_experts) = match zero {
+                true => (nproc as u64, nproc as u64 / ep),
+                false => (1, 1),
+            };
+            let want = 8 * (dense.div_ceil(over_dense) + (experts / ep).div_ceil(over_experts));
+            println!(
+                "{what}: Adam moments {} bytes a rank (formula {want}; one rank {})",
+                figures[0].moments,
+                8 * (dense + experts)
+            );
+            for f in &figures {
+                assert_eq!(f.moments, want, "{what}: moment bytes a rank");
+            }
         }
     }
     // Expert capacity drops the same slots wherever the experts live.
     let cap = "model.config.capacity_factor=1.0";
-    let (reference, _) = run(&data, &tmp.path().join("ref-cap"), 1, &[cap]);
+    let (reference, _, _) = run(&data, &tmp.path().join("ref-cap"), 1, &[cap]);
     for (what, nproc, extra) in [
         ("capacity 1.0, ep2", 2, &[cap, "parallel.ep=2"]),
         ("capacity 1.0, ep4", 4, &[cap, "parallel.ep=4"]),
     ] {
-        let (got, _) = run(&data, &tmp.path().join(what), nproc, extra);
+        let (got, _, _) = run(&data, &tmp.path().join(what), nproc, extra);
         assert_same_run(what, &got, &reference, 1e-5);
     }
 }

@@ -38,6 +38,17 @@ impl Placement {
         })
     }
 
+    /// The same place, its files under subdirectory `name` (the memory budget shared).
+    pub fn within(&self, name: &str) -> Self {
+        match self {
+            Placement::Disk(d) => Placement::Disk(DiskPlacement {
+                dir: d.dir.join(name),
+                budget_left: d.budget_left.clone(),
+            }),
+            other => other.clone(),
+        }
+    }
+
     /// The same place with no memory budget (for transient buffers that must not use it up).
     pub fn without_budget(&self) -> Self {
         match self {

@@ -241,7 +241,7 @@ impl ZeroOptimizer {
         stage: u8,
         layout: FlatLayout,
         rank: usize,
-        full: AdamW,
+        full: &AdamW,
         placement: &Placement,
     ) -> Result<Self> {
         let mut m = vec![0.0; layout.shard];
@@ -258,7 +258,7 @@ impl ZeroOptimizer {
             }
         }
         let adam = AdamW {
-            cfg: full.cfg,
+            cfg: full.cfg.clone(),
             step: full.step,
             m: HashMap::new(),
             v: HashMap::new(),

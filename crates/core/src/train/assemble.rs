@@ -296,7 +296,11 @@ impl<M: ModelFamily> Engine<M> {
             Some((group, expert_data)) => {
                 let (m, ep) = model.expert_parallel(group)?;
                 model = m;
-                Some(EpRank { ep, expert_data })
+                Some(EpRank {
+                    ep,
+                    expert_data,
+                    zero: None,
+                })
             }
             None => None,
         };
@@ -344,12 +348,19 @@ impl<M: ModelFamily> Engine<M> {
             }
             _ => None,
         };
+        let mut ep = ep;
         let zero = match (&g.grads, cfg.parallel.zero_stage) {
             (Some(c), stage @ 1..=2) => {
                 let fresh = AdamW::new(opt.cfg.clone());
                 let full = std::mem::replace(&mut opt, fresh);
-                let layout = FlatLayout::new(&params, c.size());
-                let z = ZeroOptimizer::from_full(stage, layout, c.rank(), full, &placement)?;
+                // Under expert parallelism the experts' state shards over their own group.
+                let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+                let dense = match &mut ep {
+                    Some(e) => &e.shard_experts(stage, &params, &full, &placement, timeout)?,
+                    None => &params,
+                };
+                let layout = FlatLayout::new(dense, c.size());
+                let z = ZeroOptimizer::from_full(stage, layout, c.rank(), &full, &placement)?;
                 Some(z)
             }
             _ => None,

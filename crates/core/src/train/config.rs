@@ -189,9 +189,9 @@ impl ParallelConfig {
                 self.ep
             ));
         }
-        if self.ep > 1 && (self.tp > 1 || self.sp > 1 || self.zero_stage > 0) {
+        if self.ep > 1 && (self.tp > 1 || self.sp > 1 || self.zero_stage == 3) {
             return Err(format!(
-                "parallel.ep = {} with tp = {}, sp = {}, zero_stage = {}: expert parallelism combines with data and pipeline parallelism only so far",
+                "parallel.ep = {} with tp = {}, sp = {}, zero_stage = {}: expert parallelism combines with data and pipeline parallelism and ZeRO stages 1–2 only so far",
                 self.ep, self.tp, self.sp, self.zero_stage
             ));
         }

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::TrainerState;
-use super::expert_parallel::{EpRank, ExpertGrads, ExpertSplitSink};
+use super::expert_parallel::{EpRank, ExpertGrads, ExpertSplitSink, ExpertZeroSink};
 use super::grad_norm::NormGroups;
 use super::pipeline::PpRank;
 use super::step::{Sink, StepGrads, ToF32, Weights};
@@ -103,52 +103,8 @@ impl<M: ModelFamily> Engine<M> {
         self.world_rank
     }
 
-    /// What the engine measured of the last step, for its metrics record: bytes this rank
-    /// sent, the memory it holds (parameters, gradients, optimizer state; resident and
-    /// offloaded), the loss scale and a skipped step under fp16, the pipeline's bubble.
-    pub fn last_step_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
-        use serde_json::json;
-        let mut rec = serde_json::Map::new();
-        rec.insert("comm_bytes".into(), json!(self.last_step_comm_bytes));
-        if let Some(sc) = &self.state.loss_scaler {
-            rec.insert("loss_scale".into(), json!(sc.scale));
-        }
-        if self.last_step_skipped {
-            rec.insert("skipped".into(), json!(true));
-        }
-        if let (Some(b), Some(pp)) = (self.last_bubble, &self.pp) {
-            let t = &self.cfg.train;
-            let m = t.batch_size / t.micro_batch_size / self.ranks();
-            rec.insert("pp_bubble".into(), json!(b));
-            let theory = pp.schedule.theoretical_bubble(pp.comm.size(), m);
-            rec.insert("pp_bubble_theory".into(), json!(theory));
-        }
-        let (mp, mg, mo) = self.memory_bytes();
-        rec.insert("mem_params_bytes".into(), json!(mp));
-        rec.insert("mem_grads_bytes".into(), json!(mg));
-        rec.insert("mem_optim_bytes".into(), json!(mo));
-        rec.insert("offloaded_bytes".into(), json!(self.offloaded_bytes()));
-        for (name, value) in self.model.counters() {
-            rec.insert(name.into(), json!(value));
-        }
-        rec
-    }
-
     pub fn is_main(&self) -> bool {
         self.world_rank == 0
-    }
-
-    /// What the expert-parallel group has exchanged so far (`None` without `parallel.ep`).
-    pub fn expert_traffic(&self) -> Option<crate::parallel::expert::ExpertTraffic> {
-        self.ep.as_ref().map(|e| e.ep.traffic())
-    }
-
-    /// Bytes this rank has sent over all its groups.
-    fn bytes_sent(&self) -> u64 {
-        self.comm.as_ref().map_or(0, |c| c.stats().bytes_sent())
-            + self.tp.as_ref().map_or(0, |t| t.group.bytes_sent())
-            + self.pp.as_ref().map_or(0, |p| p.comm.stats().bytes_sent())
-            + self.ep.as_ref().map_or(0, |e| e.bytes_sent())
     }
 
     /// One optimizer step over this rank's `n` micro-batches (`make(i)` gives the i-th),
@@ -193,6 +149,10 @@ impl<M: ModelFamily> Engine<M> {
                     dense: DataParallelSink::new(c, bucket, ready),
                     experts,
                 })
+            }
+            (Some(c), Some(z), None) if self.ep.is_some() => {
+                let ep = self.ep.as_ref().expect("checked");
+                Sink::ExpertZero(ExpertZeroSink::new((c, z), ep, ready, bucket)?)
             }
             (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
             (Some(c), Some(z), _) => {
@@ -255,6 +215,10 @@ impl<M: ModelFamily> Engine<M> {
             Sink::Zero(z) => StepGrads::Shard(z.finish()?),
             Sink::Data(d) => StepGrads::Full(d.finish()?),
             Sink::Expert(e) => StepGrads::Full(e.finish()?),
+            Sink::ExpertZero(e) => {
+                let (dense, experts) = e.finish()?;
+                StepGrads::Split { dense, experts }
+            }
             Sink::Local(l) => StepGrads::Full(l.grads),
         };
         if let Some(c) = &self.comm {
@@ -324,7 +288,22 @@ impl<M: ModelFamily> Engine<M> {
             (StepGrads::Chunks(c), _) => {
                 groups.of_chunks(c, self.comm.as_deref().expect("ZeRO comm"))?
             }
-            (StepGrads::Shard(_), None) => unreachable!("shards only under ZeRO"),
+            (StepGrads::Split { dense, experts }, Some(z)) => {
+                let comm = self.comm.as_deref().expect("ZeRO comm");
+                let (ez, ec) = self
+                    .ep
+                    .as_ref()
+                    .and_then(EpRank::zero)
+                    .expect("ZeRO experts");
+                groups.of_expert_shards(
+                    (&z.layout, comm.rank(), dense),
+                    (&ez.layout, ec.rank(), experts),
+                    comm,
+                )?
+            }
+            (StepGrads::Shard(_) | StepGrads::Split { .. }, None) => {
+                unreachable!("shards only under ZeRO")
+            }
         };
         let overflow = !grad_norm.is_finite();
         let may_step = match self.state.loss_scaler.as_mut() {
@@ -349,6 +328,22 @@ impl<M: ModelFamily> Engine<M> {
                         .expect("ZeRO sink implies ZeRO optimizer");
                     zero.step(comm, &self.params, shard, lr, clip, grad_norm)?;
                     self.state.optimizer_step = zero.adam.step;
+                }
+                StepGrads::Split { dense, experts } => {
+                    let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
+                    let zero = self
+                        .zero
+                        .as_mut()
+                        .expect("ZeRO sink implies ZeRO optimizer");
+                    zero.step(comm, &self.params, dense, lr, clip, grad_norm)?;
+                    self.state.optimizer_step = zero.adam.step;
+                    let ep = self
+                        .ep
+                        .as_mut()
+                        .expect("split only under expert parallelism");
+                    let (ez, ec) = (ep.zero.as_mut(), ep.expert_data.as_deref());
+                    let (ez, ec) = ez.zip(ec).expect("ZeRO experts");
+                    ez.step(ec, &self.params, experts, lr, clip, grad_norm)?;
                 }
                 StepGrads::Full(mut grads) => {
                     if clip > 0.0 {
@@ -397,29 +392,6 @@ impl<M: ModelFamily> Engine<M> {
             .as_ref()
             .map(|p| p.duplicates(&self.model))
             .unwrap_or_default()
-    }
-
-    /// Bytes of model state this rank keeps on disk.
-    pub fn offloaded_bytes(&self) -> u64 {
-        self.zero3
-            .as_ref()
-            .map(Zero3::offloaded_bytes)
-            .or(self.zero.as_ref().map(ZeroOptimizer::offloaded_bytes))
-            .unwrap_or(0)
-    }
-
-    /// Bytes this rank holds in memory for (parameters, gradients, optimizer moments), fp32.
-    pub fn memory_bytes(&self) -> (u64, u64, u64) {
-        if let Some(z) = &self.zero3 {
-            return z.memory();
-        }
-        match &self.zero {
-            Some(z) => z.memory(),
-            None => {
-                let psi = self.params.num_elements() as u64;
-                (4 * psi, 4 * psi, 8 * psi)
-            }
-        }
     }
 }
 

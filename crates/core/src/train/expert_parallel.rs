@@ -1,6 +1,7 @@
 //! One rank's expert-parallel part of a training job: which experts it holds, the group it
-//! exchanges tokens over, the group its experts' gradients are summed over, and the
-//! collectives that make whole weights (and Adam moments) again for checkpoints.
+//! exchanges tokens over, the group its experts' gradients are summed over (and, under ZeRO,
+//! their optimizer state sharded over), and the collectives that make whole weights (and Adam
+//! moments) again for checkpoints.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use crate::dist::Communicator;
 use crate::exec::{GradAccumulator, Hooks};
 use crate::optim::AdamW;
 use crate::parallel::expert::ExpertParallel;
-use crate::parallel::DataParallelSink;
+use crate::parallel::{DataParallelSink, FlatLayout, Placement, StateBuf};
+use crate::parallel::{ZeroGradSink, ZeroOptimizer};
 use crate::params::{Grads, Params};
 use crate::Result;
 
@@ -19,6 +21,9 @@ pub(crate) struct EpRank {
     pub ep: Arc<ExpertParallel>,
     /// Ranks holding the same experts (other expert-parallel groups); `None` when alone.
     pub expert_data: Option<Box<dyn Communicator>>,
+    /// Under ZeRO 1–2: the experts' optimizer, sharded over `expert_data` (then always set: a
+    /// world of one when no other rank holds these experts).
+    pub zero: Option<ZeroOptimizer>,
 }
 
 impl EpRank {
@@ -53,6 +58,41 @@ impl EpRank {
             None => data_ranks,
         };
         1.0 / holders as f64
+    }
+
+    /// Under ZeRO stage `stage`: shards this rank's experts' optimizer state (`full`'s moments)
+    /// over the expert-data group and returns the rest of `params`, which ZeRO shards over the
+    /// whole data-parallel group. Every expert element is then in one shard of each expert-data
+    /// group, every other element in one shard of the data-parallel group.
+    pub fn shard_experts(
+        &mut self,
+        stage: u8,
+        params: &Params,
+        full: &AdamW,
+        placement: &Placement,
+        timeout: std::time::Duration,
+    ) -> Result<Params> {
+        let (mut dense, mut experts) = (Params::new(), Params::new());
+        for (name, var) in params.iter() {
+            match ExpertParallel::expert_of(name) {
+                Some(_) => experts.insert(name, var.clone()),
+                None => dense.insert(name, var.clone()),
+            }
+        }
+        let comm = self.expert_data.get_or_insert_with(|| {
+            let one = crate::dist::LocalComm::world(1, timeout).pop();
+            Box::new(one.expect("one rank"))
+        });
+        let layout = FlatLayout::new(&experts, comm.size());
+        let at = placement.within("experts");
+        let z = ZeroOptimizer::from_full(stage, layout, comm.rank(), full, &at)?;
+        self.zero = Some(z);
+        Ok(dense)
+    }
+
+    /// The experts' sharded optimizer and the group it is sharded over (under ZeRO).
+    pub fn zero(&self) -> Option<(&ZeroOptimizer, &dyn Communicator)> {
+        self.zero.as_ref().zip(self.expert_data.as_deref())
     }
 
     /// Whole weights from every rank's experts (a collective over the group).
@@ -166,6 +206,61 @@ fn in_whole_order(mine: &Params, mut gathered: HashMap<String, Var>, experts: us
     out
 }
 
+/// Gradients under expert parallelism with ZeRO 1–2: non-expert ones into this rank's shard
+/// over the data-parallel group, expert ones into its shard over the expert-data group.
+pub(crate) struct ExpertZeroSink<'a> {
+    pub dense: ZeroGradSink<'a>,
+    pub experts: ZeroGradSink<'a>,
+}
+
+impl<'a> ExpertZeroSink<'a> {
+    pub fn new(
+        dense: (&'a dyn Communicator, &'a ZeroOptimizer),
+        ep: &'a EpRank,
+        ready: HashMap<String, usize>,
+        bucket: usize,
+    ) -> Result<Self> {
+        let (dc, dz) = dense;
+        let (ez, ec) = ep
+            .zero()
+            .ok_or_else(|| crate::msg!("ZeRO experts not set up"))?;
+        let sink = |c, z: &'a ZeroOptimizer, ready| {
+            ZeroGradSink::new(c, &z.layout, z.stage, ready, bucket, &z.placement)
+        };
+        Ok(Self {
+            dense: sink(dc, dz, ready.clone())?,
+            experts: sink(ec, ez, ready)?,
+        })
+    }
+
+    pub fn set_last(&mut self, last: bool) {
+        self.dense.last_micro_batch = last;
+        self.experts.last_micro_batch = last;
+    }
+
+    /// (non-expert shard, expert shard) of the step's gradients.
+    pub fn finish(self) -> Result<(StateBuf, StateBuf)> {
+        Ok((self.dense.finish()?, self.experts.finish()?))
+    }
+}
+
+impl Hooks for ExpertZeroSink<'_> {
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        let (experts, dense) = split_experts(grads);
+        self.dense.after_backward(block, dense)?;
+        self.experts.after_backward(block, experts)
+    }
+}
+
+type Named = Vec<(String, Tensor)>;
+
+/// (expert gradients, the others).
+fn split_experts(grads: Named) -> (Named, Named) {
+    grads
+        .into_iter()
+        .partition(|(n, _)| ExpertParallel::expert_of(n).is_some())
+}
+
 /// Gradients under expert parallelism: non-expert ones summed over the data-parallel group
 /// (`dense`), an expert's over the ranks holding the same expert, or kept when none does.
 pub(crate) struct ExpertSplitSink<'a> {
@@ -204,9 +299,7 @@ impl ExpertSplitSink<'_> {
 
 impl Hooks for ExpertSplitSink<'_> {
     fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
-        let (experts, dense): (Vec<_>, Vec<_>) = grads
-            .into_iter()
-            .partition(|(n, _)| ExpertParallel::expert_of(n).is_some());
+        let (experts, dense) = split_experts(grads);
         self.dense.after_backward(block, dense)?;
         match &mut self.experts {
             ExpertGrads::Summed(s) => s.after_backward(block, experts),

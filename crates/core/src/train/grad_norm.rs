@@ -9,7 +9,7 @@ use super::expert_parallel::EpRank;
 use super::tensor_parallel::TpRank;
 use crate::dist::{Communicator, ReduceOp};
 use crate::parallel::tensor::Split;
-use crate::parallel::FlatLayout;
+use crate::parallel::{FlatLayout, SqSum, StateBuf};
 use crate::params::Grads;
 use crate::Result;
 
@@ -80,12 +80,12 @@ impl NormGroups<'_> {
     /// Norm from this rank's ZeRO-3 gradient chunks (zero-padded, so padding adds nothing).
     pub fn of_chunks(
         &self,
-        chunks: &std::collections::HashMap<String, crate::parallel::StateBuf>,
+        chunks: &std::collections::HashMap<String, StateBuf>,
         dp: &dyn Communicator,
     ) -> Result<f64> {
         let mut names: Vec<&String> = chunks.keys().collect();
         names.sort();
-        let mut sq = crate::parallel::SqSum::default();
+        let mut sq = SqSum::default();
         for name in names {
             sq.add_all(&chunks[name], self.weight(name))?;
         }
@@ -97,15 +97,45 @@ impl NormGroups<'_> {
         &self,
         layout: &FlatLayout,
         rank: usize,
-        shard: &crate::parallel::StateBuf,
+        shard: &StateBuf,
         dp: &dyn Communicator,
     ) -> Result<f64> {
+        let mut sq = SqSum::default();
+        self.add_shard(&mut sq, layout, rank, shard)?;
+        self.total(sq.total()?, Some(dp))
+    }
+
+    /// Norm from ZeRO shards under expert parallelism: `dense` (layout, rank, shard) over the
+    /// data-parallel group `dp`, `experts` over an expert-data group. Summed over `dp`, every
+    /// element counts once: each non-expert one is in one rank's shard, and each expert's in one
+    /// shard of the one expert-data group that holds it.
+    pub fn of_expert_shards(
+        &self,
+        dense: (&FlatLayout, usize, &StateBuf),
+        experts: (&FlatLayout, usize, &StateBuf),
+        dp: &dyn Communicator,
+    ) -> Result<f64> {
+        // Shards count whole: no replica weighting by the expert-parallel layout.
+        let plain = NormGroups { ep: None, ..*self };
+        let mut sq = SqSum::default();
+        for (layout, rank, shard) in [dense, experts] {
+            plain.add_shard(&mut sq, layout, rank, shard)?;
+        }
+        plain.total(sq.total()?, Some(dp))
+    }
+
+    fn add_shard(
+        &self,
+        sq: &mut SqSum,
+        layout: &FlatLayout,
+        rank: usize,
+        shard: &StateBuf,
+    ) -> Result<()> {
         let start = layout.shard_range(rank).start;
-        let mut sq = crate::parallel::SqSum::default();
         for (entry, range) in layout.pieces(rank) {
             let w = self.weight(&entry.name);
             sq.add(shard, range.start - start..range.end - start, w)?;
         }
-        self.total(sq.total()?, Some(dp))
+        Ok(())
     }
 }

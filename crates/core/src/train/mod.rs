@@ -11,6 +11,7 @@ mod expert_parallel;
 mod grad_norm;
 mod launch;
 mod lora;
+mod measure;
 mod modes;
 mod neftune;
 mod output;
@@ -26,6 +27,7 @@ pub use assemble::{Origin, RankGroups};
 pub use batch::{causal_lm_batch, LmBatch};
 pub use checkpoint::{
     distributed_to_whole, list_checkpoints, load_distributed, whole_to_distributed, TrainerState,
+    OPTIMIZER,
 };
 pub use config::{
     parse_bytes, DataConfig, ModelConfig, ParallelConfig, SampleConfig, TrainConfig, TrainSection,

@@ -49,6 +49,13 @@ impl<M: ModelFamily> Engine<M> {
             (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
             _ => (self.params.clone(), self.opt_copy()),
         };
+        // Under ZeRO the experts' moments are sharded over their own group.
+        let mut opt = opt;
+        if let Some((z, c)) = self.ep.as_ref().and_then(|e| e.zero()) {
+            let experts = z.gather_full(c)?;
+            opt.m.extend(experts.m);
+            opt.v.extend(experts.v);
+        }
         let (params, opt) = match &self.tp {
             Some(t) => (t.gather(&mine)?, t.gather_moments(&opt, &mine)?),
             None => (mine, opt),

@@ -17,6 +17,7 @@ pub(super) enum Sink<'a> {
     Data(DataParallelSink<'a>),
     Zero(ZeroGradSink<'a>),
     Expert(super::expert_parallel::ExpertSplitSink<'a>),
+    ExpertZero(super::expert_parallel::ExpertZeroSink<'a>),
 }
 
 impl<'a> Sink<'a> {
@@ -36,6 +37,10 @@ impl<'a> Sink<'a> {
                 e.set_last(last_micro_batch);
                 e
             }
+            Sink::ExpertZero(e) => {
+                e.set_last(last_micro_batch);
+                e
+            }
         }
     }
 }
@@ -46,6 +51,12 @@ pub(super) enum StepGrads {
     Shard(StateBuf),
     /// ZeRO-3: this rank's chunk of each parameter's gradient.
     Chunks(HashMap<String, StateBuf>),
+    /// ZeRO 1–2 under expert parallelism: this rank's shard of the non-expert gradients (over
+    /// the data-parallel group) and of its experts' (over the expert-data group).
+    Split {
+        dense: StateBuf,
+        experts: StateBuf,
+    },
 }
 
 impl StepGrads {
@@ -59,6 +70,10 @@ impl StepGrads {
                 }
             }
             StepGrads::Shard(v) => v.scale(factor)?,
+            StepGrads::Split { dense, experts } => {
+                dense.scale(factor)?;
+                experts.scale(factor)?;
+            }
             StepGrads::Chunks(c) => {
                 for g in c.values_mut() {
                     g.scale(factor)?;
@@ -80,6 +95,11 @@ impl StepGrads {
             }
             StepGrads::Shard(v) => {
                 v.poison()?;
+            }
+            StepGrads::Split { dense, experts } => {
+                if !dense.poison()? {
+                    experts.poison()?;
+                }
             }
             StepGrads::Chunks(c) => {
                 for g in c.values_mut() {

@@ -63,7 +63,7 @@ fn zero12_run(stage: u8, placement: Placement) -> Vec<Run> {
         let r = comm.rank();
         let params = init();
         let layout = FlatLayout::new(&params, comm.size());
-        let mut z = ZeroOptimizer::from_full(stage, layout, r, adamw(), &placement)?;
+        let mut z = ZeroOptimizer::from_full(stage, layout, r, &adamw(), &placement)?;
         assert_eq!(
             z.on_device(),
             on_device,
