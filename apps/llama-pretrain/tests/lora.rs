@@ -1,6 +1,7 @@
-//! `[lora]` training: only the adapters train (the base stays bit-identical), data parallel and
-//! ZeRO-1/2 equal one rank over steps, a checkpoint holds the adapter in PEFT's layout and
-//! resumes bit-exactly, and the layouts not implemented with LoRA are refused by name.
+//! `[lora]` training: only the adapters train (the base stays bit-identical), data parallel,
+//! ZeRO-1/2, pipeline and tensor parallel (with Megatron-SP) layouts equal one rank over steps,
+//! a checkpoint holds the adapter in PEFT's layout and resumes bit-exactly, and the layouts not
+//! implemented with LoRA are refused by name.
 
 mod common;
 
@@ -113,6 +114,38 @@ fn lora_trains_adapters_only_and_data_parallel_zero_match_one_rank() {
         let mut want = base_before.clone();
         want.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(base, want, "{what}: the frozen base");
+        println!("{what}: equals one rank");
+    }
+}
+
+/// Each adapter pair split the way its base weight is: a column-split base keeps A whole and
+/// splits B's rows, a row-split one splits A's columns and keeps B whole.
+#[test]
+fn lora_under_tensor_parallelism_matches_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    // Two key/value heads, so that they split over two ranks; a learning rate at which the
+    // adapters move far from B = 0 within the steps.
+    let (kv, lr) = ("model.config.num_key_value_heads=2", "train.lr=1e-2");
+    let (reference, mut base_before) = run(&data, &tmp.path().join("ref"), 1, 1, &[kv, lr]);
+    base_before.sort_by(|a, b| a.0.cmp(&b.0));
+    let sp = "parallel.sp_mode=\"megatron\"";
+    for (what, ranks, extra) in [
+        ("lora tp2", 2, &["parallel.tp=2"][..]),
+        ("lora tp2 megatron-sp", 2, &["parallel.tp=2", sp][..]),
+        (
+            "lora dp2×tp2 zero-2",
+            4,
+            &["parallel.tp=2", "parallel.zero_stage=2"][..],
+        ),
+    ] {
+        let nproc = format!("parallel.nproc={ranks}");
+        let mut sets = vec![kv, lr, nproc.as_str()];
+        sets.extend_from_slice(extra);
+        let (got, mut base) = run(&data, &tmp.path().join(what), ranks, 1, &sets);
+        assert_same_run(what, &got, &reference, 1e-5);
+        base.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(base, base_before, "{what}: the frozen base, gathered whole");
         println!("{what}: equals one rank");
     }
 }

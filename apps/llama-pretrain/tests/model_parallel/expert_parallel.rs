@@ -2,8 +2,9 @@
 //! so data parallelism equals one rank, and expert parallelism (`parallel.ep`: experts split
 //! over data-parallel ranks, tokens exchanged by all-to-all) gives one rank's losses, pre-clip
 //! gradient norms and parameters (every expert, gathered by name) at ep 2 and 4, dp2×ep2,
-//! ep2×pp2 and with ZeRO (non-expert state sharded over data-parallel ranks, experts' over the
-//! ranks holding the same experts); the checkpoint's Adam moments are one rank's too. The bytes
+//! ep2×pp2, with ZeRO (non-expert state sharded over data-parallel ranks, experts' over the
+//! ranks holding the same experts) and with tensor parallelism over attention; the
+//! checkpoint's Adam moments are one rank's too. The bytes
 //! each rank's expert group sends are the rows it moved times the hidden size, as the formula
 //! says.
 
@@ -114,6 +115,18 @@ fn assert_same_moments(what: &str, got: &Flat, want: &Flat, tol: f32) {
     );
 }
 
+/// `got` is `want`'s run with its checkpoint moments, and every rank's expert group sent the
+/// bytes the formula says.
+fn assert_layout(what: &str, got: &(Run, Flat, Vec<RankFigures>), want: &(Run, Flat)) {
+    assert_same_run(what, &got.0, &want.0, 1e-5);
+    assert_same_moments(what, &got.1, &want.1, 1e-4);
+    for (rank, f) in got.2.iter().enumerate() {
+        let (bytes, formula) = (f.bytes, f.formula);
+        println!("{what} rank {rank}: expert all-to-all {bytes} bytes over {STEPS} steps (formula {formula})");
+        assert_eq!(bytes, formula, "{what} rank {rank}: bytes vs formula");
+    }
+}
+
 #[test]
 fn expert_parallel_layouts_match_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -152,14 +165,9 @@ fn expert_parallel_layouts_match_one_rank() {
     ];
     for (what, nproc, extra) in layouts {
         let out = tmp.path().join(what);
-        let (got, moments, figures) = run(&data, &out, nproc, extra);
-        assert_same_run(what, &got, &reference, 1e-5);
-        assert_same_moments(what, &moments, &ref_moments, 1e-4);
-        for (rank, f) in figures.iter().enumerate() {
-            let (bytes, formula) = (f.bytes, f.formula);
-            println!("{what} rank {rank}: expert all-to-all {bytes} bytes over {STEPS} steps (formula {formula})");
-            assert_eq!(bytes, formula, "{what} rank {rank}: bytes vs formula");
-        }
+        let got = run(&data, &out, nproc, extra);
+        assert_layout(what, &got, &(reference.clone(), ref_moments.clone()));
+        let figures = got.2;
         // Moments per rank (one stage holds the whole model): 8 bytes an element, the
         // rank's experts (1/ep of them) and every other weight, each sharded under ZeRO
         // over the ranks holding it.
@@ -181,6 +189,23 @@ fn expert_parallel_layouts_match_one_rank() {
                 assert_eq!(f.moments, want, "{what}: moment bytes a rank");
             }
         }
+    }
+    // Tensor parallelism splits attention (two key/value heads, one a rank); the router and
+    // experts stay whole on each tensor rank, and ranks at one tensor position form the
+    // expert-parallel groups.
+    let kv = "model.config.num_key_value_heads=2";
+    let (reference, ref_moments, _) = run(&data, &tmp.path().join("ref-kv2"), 1, &[kv]);
+    let want = (reference, ref_moments);
+    for (what, nproc, extra) in [
+        ("tp2", 2, &[kv, "parallel.tp=2"][..]),
+        ("tp2×ep2", 4, &[kv, ep, "parallel.tp=2"][..]),
+        ("tp2×ep2 zero-1", 4, &[kv, ep, "parallel.tp=2", zero1][..]),
+    ] {
+        assert_layout(
+            what,
+            &run(&data, &tmp.path().join(what), nproc, extra),
+            &want,
+        );
     }
     // Expert capacity drops the same slots wherever the experts live.
     let cap = "model.config.capacity_factor=1.0";

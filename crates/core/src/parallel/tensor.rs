@@ -28,17 +28,12 @@ use crate::models::llama::{regions::lookup, Llama, LlamaConfig, Regions};
 use crate::models::ModelFamily;
 use crate::params::Params;
 use crate::{Error, Result};
+use colossal_kernels::Kernels;
 
 pub use super::plan::{Split, TpPlan, TpStyle};
 
 /// Checks that the model splits evenly over `tp` ranks, naming the config field that does not.
 pub fn validate(cfg: &LlamaConfig, tp: usize) -> Result<()> {
-    if let (Some(e), 2..) = (cfg.num_local_experts, tp) {
-        return Err(Error::Config(format!(
-            "parallel.tp = {tp} with a mixture-of-experts model (num_local_experts = {e}): \
-             splitting experts by tensor parallelism is not implemented (parallel.ep shards them)"
-        )));
-    }
     let fields = [
         ("num_attention_heads", cfg.num_attention_heads),
         ("num_key_value_heads", cfg.num_kv_heads()),
@@ -60,20 +55,32 @@ pub fn validate(cfg: &LlamaConfig, tp: usize) -> Result<()> {
 pub fn checked_plan<M: ModelFamily>(model: &M, tp: usize) -> Result<TpPlan> {
     model.check_tensor_parallel(tp)?;
     let plan = model.tp_plan();
-    plan.check(&model.param_shapes(), tp)?;
+    let mut shapes = model.param_shapes();
+    if let Some((cfg, sites)) = model.adapters() {
+        for s in sites {
+            shapes.push((s.a_name(), vec![cfg.r, s.in_features]));
+            shapes.push((s.b_name(), vec![s.out_features, cfg.r]));
+        }
+    }
+    plan.check(&shapes, tp)?;
     Ok(plan)
 }
 
-/// This rank's slices of full parameters (copies: the rank's optimizer updates them in place).
+/// This rank's slices of full parameters (copies: the rank's optimizer updates them in place),
+/// frozen ones (a LoRA's base) sliced alike and kept frozen.
 pub fn shard_params(full: &Params, plan: &TpPlan, rank: usize, size: usize) -> Result<Params> {
-    let mut out = Params::new();
-    for (name, var) in full.iter() {
-        let t = var.as_tensor();
-        let t = match plan.slice(name, t.dims(), rank, size) {
+    let mine = |name: &str, t: &Tensor| -> Result<Tensor> {
+        Ok(match plan.slice(name, t.dims(), rank, size) {
             Some(s) => t.narrow(s.dim, s.start, s.len)?.copy()?,
             None => t.copy()?,
-        };
-        out.insert(name, Var::from_tensor(&t)?);
+        })
+    };
+    let mut out = Params::new();
+    for (name, var) in full.iter() {
+        out.insert(name, Var::from_tensor(&mine(name, var.as_tensor())?)?);
+    }
+    for (name, t) in full.frozen() {
+        out.insert_frozen(name, mine(name, t)?);
     }
     Ok(out)
 }
@@ -151,6 +158,12 @@ impl std::fmt::Debug for TensorParallel {
 /// `model` with its regions split over `group` (the tensor-parallel axis of the mesh), after
 /// checking its plan against its parameters.
 pub fn parallelize(model: &Llama, group: Group, sequence_parallel: bool) -> Result<Llama> {
+    if let (Some(e), true) = (model.cfg.num_local_experts, sequence_parallel) {
+        // Each rank would route only its slice of the sequence through whole experts.
+        return Err(Error::Config(format!(
+            "parallel.sp_mode = \"megatron\" with a mixture-of-experts model (num_local_experts = {e}) is not implemented: use tensor parallelism without it"
+        )));
+    }
     let plan = checked_plan(model, group.size())?;
     let vocab_start = vocab_start(&model.cfg, group.rank(), group.size());
     let tp = TensorParallel {
@@ -239,6 +252,30 @@ impl Regions for TensorParallel {
             (TpStyle::Rowwise, false) => reduce_from(y, &self.group),
             (TpStyle::Rowwise, true) => scatter_reduce(y, 1, &self.group),
             _ => Ok(y.clone()),
+        }
+    }
+
+    /// LoRA beside a split projection, its pair split as the plan says (see
+    /// [`Llama::tp_plan`]). Column-split: each rank's B rows see only its output slice, so the
+    /// whole A's gradient is summed over the group (Megatron's f on the weight). Row-split:
+    /// A·x over this rank's input columns is a partial sum, completed as the base's output is;
+    /// the whole B then applies alike everywhere (under SP to this rank's sequence slice,
+    /// so its gradient is summed).
+    fn lora(&self, name: &str, x: &Tensor, a: &Tensor, b: &Tensor, k: Kernels) -> Result<Tensor> {
+        let low = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            Ok(k.linear(&k.linear(x, a)?, b)?)
+        };
+        match self.plan.style(name) {
+            TpStyle::Colwise | TpStyle::VocabParallel => low(x, &copy_to(a, &self.group)?, b),
+            TpStyle::Rowwise => {
+                let h = self.output(name, &k.linear(x, a)?)?;
+                let b = match self.sequence_parallel {
+                    true => copy_to(b, &self.group)?,
+                    false => b.clone(),
+                };
+                Ok(k.linear(&h, &b)?)
+            }
+            TpStyle::Replicate => low(x, a, b),
         }
     }
 

@@ -209,6 +209,11 @@ impl<M: ModelFamily> Engine<M> {
                     "[lora] cannot resume from a distributed checkpoint".into(),
                 ))
             }
+            Some(_) if !whole => {
+                return Err(Error::Config(
+                    "[lora] needs whole base weights to add its adapters to (not tensor-parallel slices)".into(),
+                ))
+            }
             Some(l) => {
                 l.validate(&cfg)?;
                 let mut params = params;

@@ -62,13 +62,14 @@ impl Trainer {
                 ))
             }
             (None, Some(dir), None) => match &groups.tp {
-                // Each tensor-parallel rank reads only its slices.
-                Some(g) => {
+                // Each tensor-parallel rank reads only its slices (LoRA adds its adapters to
+                // whole weights first, then cuts both).
+                Some(g) if cfg.lora.is_none() => {
                     let model = Llama::read_config(dir)?;
                     let params = TpRank::new(g.clone(), &model)?.load(dir, &model, &device)?;
                     Origin::Sliced { model, params }
                 }
-                None => {
+                _ => {
                     let (model, params) = Llama::load(dir, DType::F32, &device)?;
                     Origin::Whole { model, params }
                 }

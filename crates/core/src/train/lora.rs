@@ -1,7 +1,9 @@
 //! `[lora]`: train LoRA adapters on a frozen base. The base weights are frozen parameters (no
 //! gradient, no optimizer state, not reduced or sharded); the adapters are the only trainable
-//! parameters, so data parallelism and ZeRO-1/2 apply to them unchanged. A checkpoint keeps the
-//! base weights and writes the adapters in PEFT's layout under `adapter/`, which a resume reads.
+//! parameters, so data parallelism and ZeRO-1/2 apply to them unchanged; under tensor
+//! parallelism each pair splits the way its base weight does (`Llama::tp_plan`). A checkpoint
+//! keeps the base weights and writes the adapters in PEFT's layout under `adapter/`, which a
+//! resume reads.
 
 use std::path::{Path, PathBuf};
 
@@ -63,8 +65,8 @@ impl LoraSection {
                 "[lora] with {what} is not implemented"
             )))
         };
-        if p.tp > 1 {
-            return refuse(format!("parallel.tp = {}", p.tp));
+        if p.ep > 1 {
+            return refuse(format!("parallel.ep = {}", p.ep));
         }
         if p.sp > 1 {
             return refuse(format!("parallel.sp = {}", p.sp));

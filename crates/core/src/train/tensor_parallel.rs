@@ -97,12 +97,16 @@ impl TpRank {
         tensor::load_sharded(dir, model, &self.plan, self.rank(), self.size(), device)
     }
 
-    /// Whole parameters from every rank's slices (a collective over the group).
+    /// Whole parameters from every rank's slices (a collective over the group), frozen ones
+    /// (a LoRA's base) whole and frozen.
     pub fn gather(&self, local: &Params) -> Result<Params> {
         let mut full = Params::new();
         for (name, var) in local.iter() {
             let t = self.gather_tensor(name, var.as_tensor())?;
             full.insert(name, Var::from_tensor(&t)?);
+        }
+        for (name, t) in local.frozen() {
+            full.insert_frozen(name, self.gather_tensor(name, t)?);
         }
         Ok(full)
     }

@@ -392,8 +392,13 @@ impl Llama {
         let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
         let y = self.regions.output(w, &y)?;
         // LoRA: y + (α/r)·B(A·x), the low-rank path beside the frozen weight.
-        let y = match &self.lora {
-            Some(lora) => lora.add_term(p, w, x, y, self.kernels)?,
+        let y = match self.lora.as_ref().and_then(|l| l.pair(w)) {
+            Some((a, b, scaling)) => {
+                let low = self
+                    .regions
+                    .lora(w, x, p.get(&a)?, p.get(&b)?, self.kernels)?;
+                (y + (low * scaling)?)?
+            }
             None => y,
         };
         Ok(match b {

@@ -14,13 +14,36 @@ impl Llama {
             ("model.layers.*.self_attn.k_proj.weight", Colwise),
             ("model.layers.*.self_attn.v_proj.weight", Colwise),
             ("model.layers.*.self_attn.o_proj.weight", Rowwise),
-            ("model.layers.*.mlp.gate_proj.weight", Colwise),
-            ("model.layers.*.mlp.up_proj.weight", Colwise),
-            ("model.layers.*.mlp.down_proj.weight", Rowwise),
             ("model.layers.*.input_layernorm.weight", Replicate),
             ("model.layers.*.post_attention_layernorm.weight", Replicate),
             (Self::NORM, Replicate),
         ];
+        if c.num_local_experts.is_some() {
+            // Tensor parallelism splits attention only: the router and experts are whole on
+            // every rank, which all route the same (whole) tokens; `parallel.ep` splits the
+            // experts over data-parallel ranks instead.
+            rules.extend([
+                ("model.layers.*.block_sparse_moe.gate.weight", Replicate),
+                (
+                    "model.layers.*.block_sparse_moe.experts.*.w1.weight",
+                    Replicate,
+                ),
+                (
+                    "model.layers.*.block_sparse_moe.experts.*.w2.weight",
+                    Replicate,
+                ),
+                (
+                    "model.layers.*.block_sparse_moe.experts.*.w3.weight",
+                    Replicate,
+                ),
+            ]);
+        } else {
+            rules.extend([
+                ("model.layers.*.mlp.gate_proj.weight", Colwise),
+                ("model.layers.*.mlp.up_proj.weight", Colwise),
+                ("model.layers.*.mlp.down_proj.weight", Rowwise),
+            ]);
+        }
         if c.attention_bias {
             rules.extend([
                 ("model.layers.*.self_attn.q_proj.bias", Colwise),
@@ -43,6 +66,20 @@ impl Llama {
             "lm_head.weight" if c.has_lm_head() => rules.push(("lm_head.weight", Colwise)),
             _ => {}
         }
-        TpPlan::new(&rules)
+        let mut plan = TpPlan::new(&rules);
+        // LoRA: B(A·x) is split the way its base weight is. A column-split base keeps A whole
+        // (its gradient, partial per output slice, is summed over the group by the region)
+        // and B's rows; a row-split base splits A's input columns (A·x is summed like the
+        // base's output) and keeps B whole.
+        for site in self.lora.iter().flat_map(|l| &l.sites) {
+            let (a, b) = match plan.style(&format!("{}.weight", site.module)) {
+                Colwise | VocabParallel => (Replicate, Colwise),
+                Rowwise => (Rowwise, Replicate),
+                Replicate => (Replicate, Replicate),
+            };
+            plan.rules.push((site.a_name(), a));
+            plan.rules.push((site.b_name(), b));
+        }
+        plan
     }
 }

@@ -55,6 +55,15 @@ pub trait Regions: Send + Sync + Debug {
         }
     }
 
+    /// A LoRA adapter's low-rank term B(A·x) beside the projection whose weight is `name`,
+    /// laid out as the model reads that projection's output (after [`Regions::output`]).
+    fn lora(&self, name: &str, x: &Tensor, a: &Tensor, b: &Tensor, k: Kernels) -> Result<Tensor> {
+        match self.inner() {
+            Some(r) => r.lora(name, x, a, b, k),
+            None => Ok(k.linear(&k.linear(x, a)?, b)?),
+        }
+    }
+
     /// The parameter `name` used outside a projection (norm weights, biases), as this rank
     /// applies it.
     fn param(&self, name: &str, w: &Tensor) -> Result<Tensor> {
