@@ -1,5 +1,5 @@
 //! `[lora]` training: only the adapters train (the base stays bit-identical), data parallel,
-//! ZeRO-1/2, pipeline and tensor parallel (with Megatron-SP) layouts equal one rank over steps,
+//! ZeRO-1/2, pipeline, tensor (with Megatron-SP) and sequence parallel layouts equal one rank,
 //! a checkpoint holds the adapter in PEFT's layout and resumes bit-exactly, and the layouts not
 //! implemented with LoRA are refused by name.
 
@@ -121,7 +121,7 @@ fn lora_trains_adapters_only_and_data_parallel_zero_match_one_rank() {
 /// Each adapter pair split the way its base weight is: a column-split base keeps A whole and
 /// splits B's rows, a row-split one splits A's columns and keeps B whole.
 #[test]
-fn lora_under_tensor_parallelism_matches_one_rank() {
+fn lora_under_tensor_and_sequence_parallelism_matches_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
     // Two key/value heads, so that they split over two ranks; a learning rate at which the
@@ -133,6 +133,17 @@ fn lora_under_tensor_parallelism_matches_one_rank() {
     for (what, ranks, extra) in [
         ("lora tp2", 2, &["parallel.tp=2"][..]),
         ("lora tp2 megatron-sp", 2, &["parallel.tp=2", sp][..]),
+        // Sequence parallelism: whole weights, each rank a part of every sequence.
+        (
+            "lora sp2 ulysses",
+            2,
+            &["parallel.sp=2", "parallel.sp_mode=\"ulysses\""][..],
+        ),
+        (
+            "lora sp2 ring",
+            2,
+            &["parallel.sp=2", "parallel.sp_mode=\"ring\""][..],
+        ),
         (
             "lora dp2×tp2 zero-2",
             4,

@@ -68,9 +68,6 @@ impl LoraSection {
         if p.ep > 1 {
             return refuse(format!("parallel.ep = {}", p.ep));
         }
-        if p.sp > 1 {
-            return refuse(format!("parallel.sp = {}", p.sp));
-        }
         if p.zero_stage == 3 {
             return refuse("parallel.zero_stage = 3".into());
         }
