@@ -31,6 +31,15 @@ pub enum Moment {
 }
 
 impl Moment {
+    /// The values of moment `m` of a parameter of `len` elements on the host: zeros when it
+    /// has none (not stepped yet), as AdamW starts them.
+    pub fn host_or_zeros(m: Option<&Moment>, len: usize) -> Result<Vec<f32>> {
+        Ok(match m {
+            Some(m) => m.host()?.into_owned(),
+            None => vec![0.0; len],
+        })
+    }
+
     /// Its values on the host (a copy when it lives on a device).
     pub fn host(&self) -> Result<Cow<'_, [f32]>> {
         Ok(match self {

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor, Var};
 
 use crate::dist::Communicator;
 use crate::exec::{GradAccumulator, Hooks};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Moment};
 use crate::parallel::expert::ExpertParallel;
 use crate::parallel::{DataParallelSink, FlatLayout, Placement, StateBuf};
 use crate::parallel::{ZeroGradSink, ZeroOptimizer};
@@ -121,10 +121,7 @@ impl EpRank {
         for (name, var) in mine.iter() {
             for (src, dst) in [(&opt.m, &mut out.m), (&opt.v, &mut out.v)] {
                 let dims = var.as_tensor().dims();
-                let data = match src.get(name) {
-                    Some(m) => m.host()?.into_owned(),
-                    None => vec![0.0; var.as_tensor().elem_count()],
-                };
+                let data = Moment::host_or_zeros(src.get(name), var.as_tensor().elem_count())?;
                 let Some(peers) = self.peers_of(name) else {
                     dst.insert(name.to_string(), data.into());
                     continue;

@@ -211,10 +211,7 @@ impl PpRank {
         let first = whole(self.names_of(model, 0));
         let moments = |name: &str, shape: &[usize]| -> Result<[Tensor; 2]> {
             let get = |m: &HashMap<String, Moment>| -> Result<Tensor> {
-                let data = match m.get(name) {
-                    Some(m) => m.host()?.into_owned(),
-                    None => vec![0.0; shape.iter().product()],
-                };
+                let data = Moment::host_or_zeros(m.get(name), shape.iter().product())?;
                 Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
             };
             Ok([get(&opt.m)?, get(&opt.v)?])

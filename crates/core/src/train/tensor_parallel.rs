@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor, Var};
 
 use crate::dist::Group;
 use crate::models::ModelFamily;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Moment};
 use crate::parallel::tensor::{self, TpPlan};
 use crate::params::Params;
 use crate::Result;
@@ -121,11 +121,7 @@ impl TpRank {
         out.step = opt.step;
         for (name, var) in local.iter() {
             for (src, dst) in [(&opt.m, &mut out.m), (&opt.v, &mut out.v)] {
-                // A parameter not stepped yet has no moments: zeros, as AdamW starts them.
-                let data = match src.get(name) {
-                    Some(m) => m.host()?.into_owned(),
-                    None => vec![0.0; var.as_tensor().elem_count()],
-                };
+                let data = Moment::host_or_zeros(src.get(name), var.as_tensor().elem_count())?;
                 let t = Tensor::from_vec(data, var.as_tensor().dims(), &Device::Cpu)?;
                 let whole = self.gather_tensor(name, &t)?;
                 dst.insert(name.to_string(), whole.flatten_all()?.to_vec1()?.into());
