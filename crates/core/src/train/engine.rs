@@ -20,7 +20,7 @@ use crate::models::ModelFamily;
 use crate::optim::{clip_to_norm, AdamW, LrSchedule};
 use crate::parallel::pipeline_run::MicroBatch;
 use crate::parallel::{
-    DataParallelSink, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
+    DataParallelSink, StateBuf, Zero3, Zero3GradSink, Zero3Source, ZeroGradSink, ZeroOptimizer,
 };
 use crate::params::Params;
 use crate::Result;
@@ -320,23 +320,9 @@ impl<M: ModelFamily> Engine<M> {
                     z3.step(chunks, lr, clip, grad_norm)?;
                     self.state.optimizer_step = z3.adam.step;
                 }
-                StepGrads::Shard(shard) => {
-                    let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
-                    let zero = self
-                        .zero
-                        .as_mut()
-                        .expect("ZeRO sink implies ZeRO optimizer");
-                    zero.step(comm, &self.params, shard, lr, clip, grad_norm)?;
-                    self.state.optimizer_step = zero.adam.step;
-                }
+                StepGrads::Shard(shard) => self.zero_step(shard, lr, clip, grad_norm)?,
                 StepGrads::Split { dense, experts } => {
-                    let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
-                    let zero = self
-                        .zero
-                        .as_mut()
-                        .expect("ZeRO sink implies ZeRO optimizer");
-                    zero.step(comm, &self.params, dense, lr, clip, grad_norm)?;
-                    self.state.optimizer_step = zero.adam.step;
+                    self.zero_step(dense, lr, clip, grad_norm)?;
                     let ep = self
                         .ep
                         .as_mut()
@@ -363,6 +349,18 @@ impl<M: ModelFamily> Engine<M> {
         self.state.step += 1;
         self.last_step_comm_bytes = self.bytes_sent() - sent_before;
         Ok((loss, grad_norm, lr))
+    }
+
+    /// Steps the ZeRO 1–2 optimizer with this rank's gradient `shard`.
+    fn zero_step(&mut self, shard: StateBuf, lr: f64, clip: f64, norm: f64) -> Result<()> {
+        let comm = self.comm.as_deref().expect("ZeRO runs over a communicator");
+        let zero = self
+            .zero
+            .as_mut()
+            .expect("ZeRO sink implies ZeRO optimizer");
+        zero.step(comm, &self.params, shard, lr, clip, norm)?;
+        self.state.optimizer_step = zero.adam.step;
+        Ok(())
     }
 
     /// Where blocks get their weights this step: the fp32 masters, a low-precision copy of them,
