@@ -161,6 +161,47 @@ fn lora_under_tensor_and_sequence_parallelism_matches_one_rank() {
     }
 }
 
+/// PEFT's `lora_dropout`: the adapters read dropout(x) in training. Masks key off the step and
+/// each row's tokens, so data-parallel, ZeRO, pipeline and recomputing layouts train exactly as
+/// one rank does, and dropout changes what the adapters learn.
+#[test]
+fn lora_dropout_draws_the_same_masks_in_every_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let (drop, lr) = ("lora.dropout=0.1", "train.lr=1e-2");
+    let (reference, _) = run(&data, &tmp.path().join("ref"), 1, 8, &[drop, lr]);
+    let (plain, _) = run(&data, &tmp.path().join("plain"), 1, 8, &[lr]);
+    // B starts at zero, so the first loss is the base's either way; B's gradient is not.
+    let d = (reference.norms[0] - plain.norms[0]).abs() / plain.norms[0];
+    println!(
+        "dropout 0.1: grad norms {:?}, losses {:?}; without: {:?}, {:?}",
+        reference.norms, reference.losses, plain.norms, plain.losses
+    );
+    assert!(
+        d > 1e-3,
+        "dropout changed the first gradient norm by only {d:e}"
+    );
+    let (z2, pp2, n2) = ("parallel.zero_stage=2", "parallel.pp=2", "parallel.nproc=2");
+    let recompute = "train.activation_checkpointing=true";
+    for (what, ranks, micro, extra) in [
+        ("dropout dp2", 2, 4, &[][..]),
+        ("dropout dp2 zero-2, micro-batches of 2", 2, 2, &[z2][..]),
+        ("dropout pp2", 2, 1, &[pp2, n2][..]),
+        (
+            "dropout with activation checkpointing",
+            1,
+            8,
+            &[recompute][..],
+        ),
+    ] {
+        let mut sets = vec![drop, lr];
+        sets.extend_from_slice(extra);
+        let (got, _) = run(&data, &tmp.path().join(what), ranks, micro, &sets);
+        assert_same_run(what, &got, &reference, 1e-5);
+        println!("{what}: equals one rank");
+    }
+}
+
 #[test]
 fn lora_loss_falls_below_the_frozen_base() {
     let tmp = tempfile::tempdir().unwrap();
@@ -244,7 +285,6 @@ fn lora_refuses_layouts_it_does_not_implement() {
             "parallel.zero_stage=3",
             "[lora] with parallel.zero_stage = 3 is not implemented",
         ),
-        ("lora.dropout=0.1", "lora.dropout = 0.1"),
         (
             "lora.target_modules=[\"nothing\"]",
             "matches no Linear layer",
@@ -258,4 +298,12 @@ fn lora_refuses_layouts_it_does_not_implement() {
         println!("{set}: {err}");
         assert!(err.contains(says), "{set}: {err}");
     }
+    // Dropout masks whole rows and feature vectors: not over split sequences or features.
+    let sets = ["lora.dropout=0.1", "parallel.nproc=2", "parallel.tp=2"];
+    let cfg = lora_config(&data, &tmp.path().join("y"), &sets);
+    let err = cfg.lora.as_ref().unwrap().validate(&cfg).unwrap_err();
+    println!("{sets:?}: {err}");
+    assert!(err
+        .to_string()
+        .contains("lora.dropout = 0.1 with parallel.tp = 2"));
 }

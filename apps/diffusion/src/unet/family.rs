@@ -368,6 +368,9 @@ impl ModelFamily for UNet {
     }
 
     fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> colossal_core::Result<Self> {
+        if cfg.dropout > 0.0 {
+            return Err(self.unsupported(&format!("lora.dropout = {}", cfg.dropout)));
+        }
         let lora = Some(std::sync::Arc::new(Adapters {
             cfg: cfg.clone(),
             sites,

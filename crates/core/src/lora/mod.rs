@@ -4,6 +4,7 @@
 //! this module says which modules, builds and merges the pairs, and `peft` reads and writes
 //! them in PEFT's layout.
 
+mod dropout;
 mod peft;
 
 use candle_core::{DType, Tensor, Var};
@@ -12,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use crate::params::Params;
 use crate::{msg, Error, Result};
 
+pub use dropout::DropoutKeys;
 pub use peft::{load_adapter, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 
 /// Which Linear layers get an adapter.

@@ -199,6 +199,13 @@ pub trait ModelFamily: BlockModel + Sized {
         Vec::new()
     }
 
+    /// A training micro-batch's context from its plain one (`inputs`: the micro-batch's block
+    /// inputs; `key`: the step's): what only training does, such as LoRA dropout's masks.
+    /// Evaluation and generation keep the plain context.
+    fn training_ctx(&self, _inputs: &Acts, ctx: Self::Ctx, _key: u64) -> Result<Self::Ctx> {
+        Ok(ctx)
+    }
+
     /// Its LoRA adapters, if it has any (a checkpoint saves them in PEFT's layout).
     fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {
         None

@@ -172,14 +172,20 @@ impl<M: ModelFamily> Engine<M> {
         // The model's own loss term (load balancing) counts once per micro-batch of the
         // global batch, as with gradient accumulation on one rank.
         let aux_weight = 1.0 / (n * self.data_ranks).max(1) as f64;
-        let scaled = |mb| with_model_terms(&self.model, mb, scale, aux_weight);
+        // What only training does to a micro-batch (LoRA dropout) keys off the step.
+        let key = self.cfg.train.seed ^ self.state.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let scaled = |mb: MicroBatch<'m, M::Ctx>| {
+            let ctx = self.model.training_ctx(&mb.inputs, mb.ctx, key)?;
+            let mb = MicroBatch { ctx, ..mb };
+            Ok::<_, crate::Error>(with_model_terms(&self.model, mb, scale, aux_weight))
+        };
         let mut loss = 0.0f32;
         let mut bubble = None;
         if let Some(pp) = &self.pp {
             // The whole schedule runs into a local accumulator; the data-parallel (or ZeRO)
             // sink then gets the sums as if from one last micro-batch.
             let mbs = (0..n)
-                .map(|i| Ok(scaled(make(i)?)))
+                .map(|i| scaled(make(i)?))
                 .collect::<Result<Vec<_>>>()?;
             let runner = pp.runner(&self.model, self.executor);
             let mut acc = GradAccumulator::default();
@@ -197,7 +203,7 @@ impl<M: ModelFamily> Engine<M> {
             bubble = Some(report.bubble());
         }
         for i in (0..n).filter(|_| self.pp.is_none()) {
-            let mb = scaled(make(i)?);
+            let mb = scaled(make(i)?)?;
             let mut to_f32 = ToF32(sink.hooks(i + 1 == n));
             let out = self.executor.forward_backward_with(
                 &self.model,

@@ -22,7 +22,7 @@ use crate::{Error, Result};
 pub struct LoraSection {
     pub r: usize,
     pub alpha: f64,
-    /// Dropout on the adapters' input; only 0 is implemented.
+    /// Dropout on the adapters' input in training (PEFT's `lora_dropout`).
     #[serde(default)]
     pub dropout: f64,
     /// Module names (a path or its last components, as PEFT matches them), or
@@ -53,13 +53,14 @@ impl LoraSection {
     /// What LoRA training does not combine with yet, each an error naming the setting.
     pub fn validate(&self, cfg: &TrainConfig) -> Result<()> {
         self.lora_config().validate()?;
-        if self.dropout != 0.0 {
+        let p = &cfg.parallel;
+        // Dropout masks key off whole rows and whole feature vectors.
+        if self.dropout > 0.0 && (p.tp > 1 || p.sp > 1) {
             return Err(Error::Config(format!(
-                "lora.dropout = {}: dropout on the adapters is not implemented (use 0)",
-                self.dropout
+                "lora.dropout = {} with parallel.tp = {}, parallel.sp = {} is not implemented",
+                self.dropout, p.tp, p.sp
             )));
         }
-        let p = &cfg.parallel;
         let refuse = |what: String| {
             Err(Error::Config(format!(
                 "[lora] with {what} is not implemented"

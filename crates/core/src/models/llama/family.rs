@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::{Llama, LlamaConfig};
+use super::{AttnInputs, Llama, LlamaConfig};
 use crate::dist::Group;
 use crate::lora::{LoraConfig, Site};
 use crate::models::{Init, ModelFamily, ParamSpec};
@@ -16,7 +16,7 @@ use crate::parallel::expert::ExpertParallel;
 use crate::parallel::pipeline;
 use crate::parallel::sequence::SpMode as SeqSplit;
 use crate::parallel::weight_grad::WeightGradStash;
-use crate::Result;
+use crate::{Error, Result};
 
 impl ModelFamily for Llama {
     fn family(&self) -> &'static str {
@@ -114,6 +114,19 @@ impl ModelFamily for Llama {
     }
 
     fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> Result<Self> {
+        // Dropout keys rows by their tokens: an expert's rows (routed, exchanged) and the
+        // head are not implemented.
+        let head = self
+            .head_weight_name()
+            .trim_end_matches(".weight")
+            .to_string();
+        let on_head = sites.iter().any(|s| s.module == head);
+        if cfg.dropout > 0.0 && (self.cfg.num_local_experts.is_some() || on_head) {
+            return Err(Error::Config(format!(
+                "lora.dropout = {} on a mixture of experts or on the output head is not implemented",
+                cfg.dropout
+            )));
+        }
         Ok(Llama::with_lora(&self, cfg, sites))
     }
 
@@ -145,6 +158,22 @@ impl ModelFamily for Llama {
 
     fn aux_loss(&self, out: &crate::exec::Acts) -> Result<Option<candle_core::Tensor>> {
         self.aux_loss_of_streams(out)
+    }
+
+    /// LoRA dropout's masks, keyed by the step and each row's tokens.
+    fn training_ctx(
+        &self,
+        inputs: &crate::exec::Acts,
+        mut ctx: AttnInputs,
+        key: u64,
+    ) -> Result<AttnInputs> {
+        let p = self.lora.as_ref().map_or(0.0, |l| l.cfg.dropout);
+        if p > 0.0 {
+            let ids = inputs.get(crate::exec::IDS)?;
+            let keys = crate::lora::DropoutKeys::new(p, key, ids)?;
+            ctx.lora_dropout = Some(Arc::new(keys));
+        }
+        Ok(ctx)
     }
 
     fn adapters(&self) -> Option<(&LoraConfig, &[Site])> {

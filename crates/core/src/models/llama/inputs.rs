@@ -22,6 +22,8 @@ pub struct AttnInputs {
     /// run on the fused kernel never holds a T × T matrix).
     bias: Arc<OnceLock<Tensor>>,
     device: Device,
+    /// LoRA dropout's masks, in a training micro-batch only (`None`: no dropout).
+    pub lora_dropout: Option<Arc<crate::lora::DropoutKeys>>,
 }
 
 impl AttnInputs {
@@ -83,6 +85,7 @@ impl AttnInputs {
                 mask: Some(mask),
                 bias: Arc::default(),
                 device: device.clone(),
+                lora_dropout: None,
             });
         }
         let lookup = |bi: usize, k: usize| key_valid.is_none_or(|kv| kv[bi][k] != 0);
@@ -103,6 +106,7 @@ impl AttnInputs {
             mask: None,
             bias: Arc::new(OnceLock::from(bias)),
             device,
+            lora_dropout: None,
         }
     }
 
@@ -164,6 +168,7 @@ impl AttnInputs {
             mask: self.mask.clone(),
             bias: self.bias.clone(),
             device: self.device.clone(),
+            lora_dropout: self.lora_dropout.clone(),
         })
     }
 }

@@ -8,6 +8,7 @@ pub(crate) mod generate;
 mod inputs;
 mod model;
 pub mod moe;
+mod names;
 mod plan;
 pub mod regions;
 mod rope;

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::regions::{Local, Regions};
 use super::{inputs::KvCache, AttnInputs, LlamaConfig, Rope};
-use crate::lora::{Adapters, LoraConfig, Site};
+use crate::lora::{Adapters, DropoutKeys, LoraConfig, Site};
 use crate::models::family::{ModelFamily, ParamSink};
 use crate::parallel::expert::ExpertParallel;
 use crate::params::Params;
@@ -60,32 +60,6 @@ impl Llama {
         }
     }
 
-    /// Every Linear weight (name, (out, in), whether it is the output head): where LoRA
-    /// adapters may go. A tied head is the embedding, no Linear of its own.
-    pub fn linear_layers(&self) -> Vec<(String, Vec<usize>, bool)> {
-        let head = self.head_weight_name();
-        self.param_shapes()
-            .into_iter()
-            .filter(|(n, s)| s.len() == 2 && n != Self::EMBED)
-            .map(|(n, s)| {
-                let is_head = n == head;
-                (n, s, is_head)
-            })
-            .collect()
-    }
-
-    /// The adapter parameters on weights whose names start with `prefix`.
-    fn adapter_names(&self, prefix: &str) -> Vec<String> {
-        let Some(lora) = &self.lora else {
-            return Vec::new();
-        };
-        lora.sites
-            .iter()
-            .filter(|s| s.module.starts_with(prefix))
-            .flat_map(|s| [s.a_name(), s.b_name()])
-            .collect()
-    }
-
     /// This model with its ops run by `kernels`.
     pub fn with_kernels(&self, kernels: Kernels) -> Self {
         Self {
@@ -117,93 +91,6 @@ impl Llama {
         } else {
             "lm_head.weight"
         }
-    }
-
-    /// HF names and shapes of every parameter, in checkpoint order.
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let c = &self.cfg;
-        let (h, hd, i) = (c.hidden_size, c.head_dim(), c.intermediate_size);
-        let q = c.num_attention_heads * hd;
-        let kv = c.num_kv_heads() * hd;
-        let mut out = vec![(Self::EMBED.to_string(), vec![c.vocab_size, h])];
-        let held = |e: &usize| self.ep.as_ref().is_none_or(|ep| ep.local().contains(e));
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}.");
-            let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}{n}"), s));
-            push("self_attn.q_proj.weight", vec![q, h]);
-            push("self_attn.k_proj.weight", vec![kv, h]);
-            push("self_attn.v_proj.weight", vec![kv, h]);
-            if c.attention_bias {
-                push("self_attn.q_proj.bias", vec![q]);
-                push("self_attn.k_proj.bias", vec![kv]);
-                push("self_attn.v_proj.bias", vec![kv]);
-            }
-            push("self_attn.o_proj.weight", vec![h, q]);
-            if c.attention_bias {
-                push("self_attn.o_proj.bias", vec![h]);
-            }
-            if let Some(e) = c.num_local_experts {
-                push("block_sparse_moe.gate.weight", vec![e, h]);
-                for x in (0..e).filter(held) {
-                    push(
-                        &format!("block_sparse_moe.experts.{x}.w1.weight"),
-                        vec![i, h],
-                    );
-                    push(
-                        &format!("block_sparse_moe.experts.{x}.w2.weight"),
-                        vec![h, i],
-                    );
-                    push(
-                        &format!("block_sparse_moe.experts.{x}.w3.weight"),
-                        vec![i, h],
-                    );
-                }
-            } else {
-                push("mlp.gate_proj.weight", vec![i, h]);
-                push("mlp.up_proj.weight", vec![i, h]);
-                push("mlp.down_proj.weight", vec![h, i]);
-            }
-            if c.mlp_bias {
-                push("mlp.gate_proj.bias", vec![i]);
-                push("mlp.up_proj.bias", vec![i]);
-                push("mlp.down_proj.bias", vec![h]);
-            }
-            push("input_layernorm.weight", vec![h]);
-            push("post_attention_layernorm.weight", vec![h]);
-        }
-        out.push((Self::NORM.to_string(), vec![h]));
-        if let Some(labels) = c.score_labels() {
-            out.push((Self::SCORE.to_string(), vec![labels, h]));
-        } else if !c.tie_word_embeddings && c.has_lm_head() {
-            out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
-        }
-        out
-    }
-
-    /// Parameter names used by decoder layer `l`.
-    pub fn layer_param_names(&self, l: usize) -> Vec<String> {
-        let prefix = format!("model.layers.{l}.");
-        self.param_shapes()
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| n.starts_with(&prefix))
-            .chain(self.adapter_names(&prefix))
-            .collect()
-    }
-
-    /// Parameter names of the final block: the norm, the head and any adapter on the head.
-    pub fn head_param_names(&self) -> Vec<String> {
-        let head = self.head_weight_name();
-        let module = head.strip_suffix(".weight").unwrap_or(head);
-        let mut v = vec![Self::NORM.to_string(), head.to_string()];
-        v.extend(
-            self.lora
-                .iter()
-                .flat_map(|l| l.sites.iter())
-                .filter(|s| s.module == module)
-                .flat_map(|s| [s.a_name(), s.b_name()]),
-        );
-        v
     }
 
     /// Token embedding. Rows of `pad_token_id` get no gradient, as with torch's `padding_idx`.
@@ -254,7 +141,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let h = self.rms_norm(p, &format!("model.layers.{l}.input_layernorm.weight"), x)?;
         let attn = self.attention(l, p, &h, inp, attend)?;
-        Ok(self.mlp_residual(l, p, x, &attn)?.0)
+        Ok(self.mlp_residual(l, p, x, &attn, inp)?.0)
     }
 
     /// Whole forward without a cache that also returns every MoE layer's router logits
@@ -293,7 +180,7 @@ impl Llama {
         let attn = self.attention(l, p, &h, inp, &mut |q, k, v| {
             self.regions.attention(q, k, v, inp, self.kernels)
         })?;
-        self.mlp_residual(l, p, x, &attn)
+        self.mlp_residual(l, p, x, &attn, inp)
     }
 
     /// `x + attn`, then the MLP (or MoE) sublayer with its residual; the routing of an MoE
@@ -304,6 +191,7 @@ impl Llama {
         p: &Params,
         x: &Tensor,
         attn: &Tensor,
+        inp: &AttnInputs,
     ) -> Result<(Tensor, Option<super::moe::Routing>)> {
         let c = &self.cfg;
         let n = |s: &str| format!("model.layers.{l}.{s}");
@@ -321,10 +209,11 @@ impl Llama {
         let h = self.rms_norm(p, &n("post_attention_layernorm.weight"), &x)?;
         let h = self.regions.input(&[&gate, &up], &h)?;
         let bias = |s: &str| c.mlp_bias.then(|| n(s));
-        let gate = self.proj(p, &gate, &h, bias("mlp.gate_proj.bias"))?;
-        let up = self.proj(p, &up, &h, bias("mlp.up_proj.bias"))?;
+        let drop = inp.lora_dropout.as_deref();
+        let gate = self.proj(p, &gate, &h, bias("mlp.gate_proj.bias"), drop)?;
+        let up = self.proj(p, &up, &h, bias("mlp.up_proj.bias"), drop)?;
         let act = self.kernels.swiglu(&gate, &up)?;
-        let down = self.proj(p, &down, &act, bias("mlp.down_proj.bias"))?;
+        let down = self.proj(p, &down, &act, bias("mlp.down_proj.bias"), drop)?;
         Ok(((x + down)?, None))
     }
 
@@ -346,8 +235,9 @@ impl Llama {
         let (wq, wk, wv) = (n("q_proj.weight"), n("k_proj.weight"), n("v_proj.weight"));
         let x = &self.regions.input(&[&wq, &wk, &wv], x)?;
         let (b, t, _) = x.dims3()?;
+        let drop = inp.lora_dropout.as_deref();
         let proj = |w: &str, bname: &str, heads: usize| -> Result<Tensor> {
-            let y = self.proj(p, &n(w), x, bias(bname))?;
+            let y = self.proj(p, &n(w), x, bias(bname), drop)?;
             Ok(y.reshape((b, t, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
@@ -361,7 +251,7 @@ impl Llama {
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let out = attend(&q, &k, &v)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.proj(p, &n("o_proj.weight"), &out, bias("o_proj.bias"))
+        self.proj(p, &n("o_proj.weight"), &out, bias("o_proj.bias"), drop)
     }
 
     /// Final RMSNorm.
@@ -376,24 +266,29 @@ impl Llama {
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
         let head = self.head_weight_name();
         let h = self.regions.input(&[head], &self.final_norm(p, x)?)?;
-        self.proj(p, head, &h, None)
+        self.proj(p, head, &h, None, None)
     }
 
     /// `x @ W^T (+ b)` for the weight named `w` and the bias named `b`, through the regions
     /// (a parallel plan completes the output; a pipeline schedule may take over the weight
-    /// gradient).
+    /// gradient); a LoRA adapter beside it reads `x` through `drop` in training.
     pub(super) fn proj(
         &self,
         p: &Params,
         w: &str,
         x: &Tensor,
         b: Option<String>,
+        drop: Option<&DropoutKeys>,
     ) -> Result<Tensor> {
         let y = self.regions.linear(w, x, p.get(w)?, self.kernels)?;
         let y = self.regions.output(w, &y)?;
         // LoRA: y + (α/r)·B(A·x), the low-rank path beside the frozen weight.
         let y = match self.lora.as_ref().and_then(|l| l.pair(w)) {
             Some((a, b, scaling)) => {
+                let x = &match drop {
+                    Some(d) => d.apply(w, x)?,
+                    None => x.clone(),
+                };
                 let low = self
                     .regions
                     .lora(w, x, p.get(&a)?, p.get(&b)?, self.kernels)?;

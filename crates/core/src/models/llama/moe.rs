@@ -68,7 +68,7 @@ impl Llama {
         let pre = format!("model.layers.{l}.block_sparse_moe.");
         let x = h.reshape((1, n, hidden))?;
         let router = self
-            .proj(p, &format!("{pre}gate.weight"), &x, None)?
+            .proj(p, &format!("{pre}gate.weight"), &x, None, None)?
             .squeeze(0)?;
         let probs = self.kernels.softmax(&router.to_dtype(DType::F32)?)?;
         // The selection is discrete (no gradient); the weights of the chosen experts are not.
@@ -116,10 +116,10 @@ impl Llama {
     fn expert(&self, l: usize, e: usize, p: &Params, x: &Tensor) -> Result<Tensor> {
         let w = |m: &str| format!("model.layers.{l}.block_sparse_moe.experts.{e}.{m}.weight");
         let x = x.unsqueeze(0)?;
-        let gate = self.proj(p, &w("w1"), &x, None)?;
-        let up = self.proj(p, &w("w3"), &x, None)?;
+        let gate = self.proj(p, &w("w1"), &x, None, None)?;
+        let up = self.proj(p, &w("w3"), &x, None, None)?;
         let act = self.kernels.swiglu(&gate, &up)?;
-        Ok(self.proj(p, &w("w2"), &act, None)?.squeeze(0)?)
+        Ok(self.proj(p, &w("w2"), &act, None, None)?.squeeze(0)?)
     }
 
     /// The experts under expert parallelism: this rank's rows `flat` (N, H) go to the ranks
