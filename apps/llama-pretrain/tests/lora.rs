@@ -97,23 +97,38 @@ fn lora_trains_adapters_only_and_data_parallel_zero_match_one_rank() {
     }
     // Pipeline stages: each holds its layers' frozen base and adapters (the tied, frozen
     // embedding on the first and last); the whole base comes back unchanged.
-    for (what, ranks, extra) in [
+    let layouts = [
         ("lora pp2", 2, &["parallel.pp=2"][..]),
         (
             "lora dp2×pp2 zero-1",
             4,
             &["parallel.pp=2", "parallel.zero_stage=1"][..],
         ),
-    ] {
+    ];
+    let want = (&reference, &base_before);
+    assert_layouts_match(&data, tmp.path(), &[], want, &layouts);
+}
+
+/// Each layout (name, ranks, its sets), run with the `common` sets and micro-batches of 1,
+/// equals `want`'s run, and its frozen base comes back whole and equal to `want`'s.
+fn assert_layouts_match(
+    data: &Path,
+    dir: &Path,
+    common: &[&str],
+    want: (&Run, &Flat),
+    layouts: &[(&str, usize, &[&str])],
+) {
+    let mut base_before = want.1.clone();
+    base_before.sort_by(|a, b| a.0.cmp(&b.0));
+    for &(what, ranks, extra) in layouts {
         let nproc = format!("parallel.nproc={ranks}");
-        let mut sets = vec![nproc.as_str()];
+        let mut sets = common.to_vec();
+        sets.push(&nproc);
         sets.extend_from_slice(extra);
-        let (got, mut base) = run(&data, &tmp.path().join(what), ranks, 1, &sets);
-        assert_same_run(what, &got, &reference, 1e-5);
+        let (got, mut base) = run(data, &dir.join(what), ranks, 1, &sets);
+        assert_same_run(what, &got, want.0, 1e-5);
         base.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut want = base_before.clone();
-        want.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(base, want, "{what}: the frozen base");
+        assert_eq!(base, base_before, "{what}: the frozen base, gathered whole");
         println!("{what}: equals one rank");
     }
 }
@@ -127,10 +142,9 @@ fn lora_under_tensor_and_sequence_parallelism_matches_one_rank() {
     // Two key/value heads, so that they split over two ranks; a learning rate at which the
     // adapters move far from B = 0 within the steps.
     let (kv, lr) = ("model.config.num_key_value_heads=2", "train.lr=1e-2");
-    let (reference, mut base_before) = run(&data, &tmp.path().join("ref"), 1, 1, &[kv, lr]);
-    base_before.sort_by(|a, b| a.0.cmp(&b.0));
+    let (reference, base_before) = run(&data, &tmp.path().join("ref"), 1, 1, &[kv, lr]);
     let sp = "parallel.sp_mode=\"megatron\"";
-    for (what, ranks, extra) in [
+    let layouts = [
         ("lora tp2", 2, &["parallel.tp=2"][..]),
         ("lora tp2 megatron-sp", 2, &["parallel.tp=2", sp][..]),
         // Sequence parallelism: whole weights, each rank a part of every sequence.
@@ -149,16 +163,9 @@ fn lora_under_tensor_and_sequence_parallelism_matches_one_rank() {
             4,
             &["parallel.tp=2", "parallel.zero_stage=2"][..],
         ),
-    ] {
-        let nproc = format!("parallel.nproc={ranks}");
-        let mut sets = vec![kv, lr, nproc.as_str()];
-        sets.extend_from_slice(extra);
-        let (got, mut base) = run(&data, &tmp.path().join(what), ranks, 1, &sets);
-        assert_same_run(what, &got, &reference, 1e-5);
-        base.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(base, base_before, "{what}: the frozen base, gathered whole");
-        println!("{what}: equals one rank");
-    }
+    ];
+    let want = (&reference, &base_before);
+    assert_layouts_match(&data, tmp.path(), &[kv, lr], want, &layouts);
 }
 
 /// PEFT's `lora_dropout`: the adapters read dropout(x) in training. Masks key off the step and
