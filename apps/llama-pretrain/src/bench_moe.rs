@@ -4,7 +4,7 @@
 //! groups send per step; JSON written atomically.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use candle_core::Device;
@@ -12,7 +12,7 @@ use colossal_core::config::parse_config;
 use colossal_core::dist::{run_local, Communicator};
 use colossal_core::train::{TrainConfig, Trainer};
 
-use crate::bench_parallel::synthetic_data;
+use crate::bench_parallel::BenchRun;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchMoeArgs {
@@ -23,30 +23,18 @@ pub struct BenchMoeArgs {
     pub experts: usize,
     #[arg(long, default_value_t = 2)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 256)]
-    pub dim: usize,
     /// Each expert's intermediate size.
     #[arg(long, default_value_t = 512)]
     pub ffn: usize,
-    #[arg(long, default_value_t = 4)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 128)]
-    pub seq: usize,
-    /// Global batch (sequences per step).
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 2048)]
-    pub vocab: usize,
-    #[arg(long, default_value_t = 3)]
-    pub steps: usize,
+    #[command(flatten)]
+    pub run: BenchRun,
     #[arg(long, default_value = "bench_moe.json")]
     pub out: PathBuf,
 }
 
-pub fn run(a: &BenchMoeArgs) -> Result<()> {
-    let tmp = std::env::temp_dir().join(format!("colossal-bench-moe-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    synthetic_data(&tmp, a.seq, a.vocab, a.batch * (a.steps + 1), a.batch)?;
+pub fn run(args: &BenchMoeArgs) -> Result<()> {
+    let a = &args.run;
+    let tmp = a.data_dir("bench-moe")?;
     let text = format!(
         "[model.config]\nvocab_size = {}\nhidden_size = {}\nintermediate_size = {}\n\
          num_hidden_layers = {}\nnum_attention_heads = 4\nnum_local_experts = {}\n\
@@ -55,10 +43,10 @@ pub fn run(a: &BenchMoeArgs) -> Result<()> {
          grad_clip = 1.0\neval_every = 100000\nsave_every = 100000\n",
         a.vocab,
         a.dim,
-        a.ffn,
+        args.ffn,
         a.layers,
-        a.experts,
-        a.top_k,
+        args.experts,
+        args.top_k,
         tmp.display().to_string(),
         tmp.join("out").display().to_string(),
         a.batch,
@@ -68,30 +56,24 @@ pub fn run(a: &BenchMoeArgs) -> Result<()> {
         "ep", "step_s", "tokens/s", "params_B", "ep_sent_B/step", "all_sent_B/step"
     );
     let mut rows = Vec::new();
-    for &ep in &a.ep {
+    for &ep in &args.ep {
         let ov = [format!("parallel.nproc={ep}"), format!("parallel.ep={ep}")];
         let cfg: TrainConfig = parse_config(&text, "bench-moe", &ov)?;
         let per_rank = run_local(ep, Duration::from_secs(600), |comm| {
             let comm: Box<dyn Communicator> = Box::new(comm);
             let mut t =
                 Trainer::new_rank(cfg.clone(), None, Device::Cpu, (ep > 1).then_some(comm))?;
+            let expert_bytes = |t: &Trainer| t.expert_traffic().map_or(0, |x| x.bytes_sent);
             t.train_step()?;
-            let before = t.expert_traffic().map_or(0, |x| x.bytes_sent);
-            let (mut times, mut sent) = (Vec::new(), 0);
-            for _ in 0..a.steps {
-                let t0 = Instant::now();
-                t.train_step()?;
-                times.push(t0.elapsed().as_secs_f64());
-                sent += t.last_step_comm_bytes;
-            }
-            let ep_sent = t.expert_traffic().map_or(0, |x| x.bytes_sent) - before;
-            times.sort_by(f64::total_cmp);
+            let before = expert_bytes(&t);
+            let (step_s, sent) = a.timed_steps(&mut t)?;
             let steps = a.steps as u64;
+            let ep_sent = (expert_bytes(&t) - before) / steps;
             Ok((
-                times[times.len() / 2],
+                step_s,
                 t.memory_bytes().0,
-                ep_sent / steps,
-                sent / steps,
+                ep_sent,
+                sent.iter().sum::<u64>() / steps,
             ))
         })?;
         let (step_s, params, ep_sent, all_sent) = per_rank[0];
@@ -106,15 +88,15 @@ pub fn run(a: &BenchMoeArgs) -> Result<()> {
         }));
     }
     let report = serde_json::json!({
-        "model": {"dim": a.dim, "ffn": a.ffn, "layers": a.layers, "experts": a.experts,
-                  "top_k": a.top_k, "seq": a.seq, "global_batch": a.batch, "vocab": a.vocab},
+        "model": {"dim": a.dim, "ffn": args.ffn, "layers": a.layers, "experts": args.experts,
+                  "top_k": args.top_k, "seq": a.seq, "global_batch": a.batch, "vocab": a.vocab},
         "backend": "local (threads, one process)",
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "rows": rows,
     });
     let json = serde_json::to_string_pretty(&report)?;
-    colossal_core::checkpoint::atomic::write_file(&a.out, json.as_bytes())?;
+    colossal_core::checkpoint::atomic::write_file(&args.out, json.as_bytes())?;
     std::fs::remove_dir_all(&tmp).ok();
-    println!("wrote {}", a.out.display());
+    println!("wrote {}", args.out.display());
     Ok(())
 }

@@ -58,6 +58,11 @@ fn mesh(n: usize) -> Vec<Endpoints> {
 }
 
 impl LocalComm {
+    /// A world of one rank (ZeRO's machinery where nobody shares the state).
+    pub fn alone(timeout: Duration) -> LocalComm {
+        Self::world(1, timeout).pop().expect("one rank")
+    }
+
     /// Communicators for a world of `n` ranks; element r belongs to rank r.
     pub fn world(n: usize, timeout: Duration) -> Vec<LocalComm> {
         let registry = Arc::new(Mutex::new(Registry::default()));

@@ -84,9 +84,7 @@ impl RankGroups {
         let grads = match grads {
             None if p.zero_stage > 0 => {
                 let timeout = std::time::Duration::from_secs(p.timeout_s);
-                let one = crate::dist::LocalComm::world(1, timeout)
-                    .pop()
-                    .expect("one rank");
+                let one = crate::dist::LocalComm::alone(timeout);
                 Some(Box::new(one) as Box<dyn Communicator>)
             }
             c => c,

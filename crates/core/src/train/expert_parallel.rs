@@ -79,10 +79,9 @@ impl EpRank {
                 None => dense.insert(name, var.clone()),
             }
         }
-        let comm = self.expert_data.get_or_insert_with(|| {
-            let one = crate::dist::LocalComm::world(1, timeout).pop();
-            Box::new(one.expect("one rank"))
-        });
+        let comm = self
+            .expert_data
+            .get_or_insert_with(|| Box::new(crate::dist::LocalComm::alone(timeout)));
         let layout = FlatLayout::new(&experts, comm.size());
         let at = placement.within("experts");
         let z = ZeroOptimizer::from_full(stage, layout, comm.rank(), full, &at)?;
