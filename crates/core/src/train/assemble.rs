@@ -295,7 +295,7 @@ impl<M: ModelFamily> Engine<M> {
             };
             model = model.sequence_parallel(group.clone(), mode)?;
         }
-        let ep = match g.ep {
+        let mut ep = match g.ep {
             Some((group, expert_data)) => {
                 let (m, ep) = model.expert_parallel(group)?;
                 model = m;
@@ -351,7 +351,6 @@ impl<M: ModelFamily> Engine<M> {
             }
             _ => None,
         };
-        let mut ep = ep;
         let zero = match (&g.grads, cfg.parallel.zero_stage) {
             (Some(c), stage @ 1..=2) => {
                 let fresh = AdamW::new(opt.cfg.clone());
