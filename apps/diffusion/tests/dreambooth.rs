@@ -127,6 +127,8 @@ fn dreambooth_lora_trains_adapters_on_a_frozen_unet_and_exports_them_for_diffuse
             target_modules: targets.iter().map(|t| t.to_string()).collect(),
             use_rslora: false,
             adapter: None,
+            quantize: None,
+            quant_block_size: None,
         });
         cfg.train.save_every = 3;
         cfg
@@ -330,6 +332,8 @@ fn dreambooth_trains_the_text_encoder_too() {
         target_modules: targets.iter().map(|t| t.to_string()).collect(),
         use_rslora: false,
         adapter: None,
+        quantize: None,
+        quant_block_size: None,
     });
     train(cfg, None, None).unwrap();
     let pipeline = lora_out.join("pipeline");

@@ -18,6 +18,7 @@ pub mod nn;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod quant;
 pub mod runtime;
 pub mod train;
 

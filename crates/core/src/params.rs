@@ -1,19 +1,29 @@
 //! Named trainable parameters, in a fixed (checkpoint) order, and frozen ones (a LoRA's base
 //! weights) that the model reads but nothing trains: no gradient, no optimizer state, not in
-//! the trainable names the engine partitions and saves.
+//! the trainable names the engine partitions and saves. Frozen weights may rest quantised
+//! (QLoRA): those are dequantised block by block (`dequantised`) where a block runs.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
 
+use crate::quant::{QuantKind, Quantised};
 use crate::{msg, Result};
+
+/// A frozen parameter: dense, or resting quantised.
+#[derive(Clone)]
+enum Frozen {
+    Dense(Tensor),
+    Quant(Arc<Quantised>),
+}
 
 /// Ordered map from HF parameter path to its `Var`.
 #[derive(Clone, Default)]
 pub struct Params {
     names: Vec<String>,
     vars: HashMap<String, Var>,
-    frozen: HashMap<String, Tensor>,
+    frozen: HashMap<String, Frozen>,
     frozen_names: Vec<String>,
 }
 
@@ -34,13 +44,73 @@ impl Params {
 
     /// Adds a parameter that is read but never trained (detached: no gradient reaches it).
     pub fn insert_frozen(&mut self, name: impl Into<String>, t: Tensor) {
-        let name = name.into();
+        self.put_frozen(name.into(), Frozen::Dense(t.detach()));
+    }
+
+    fn put_frozen(&mut self, name: String, f: Frozen) {
         if self.vars.remove(&name).is_some() {
             self.names.retain(|n| n != &name);
         }
-        if self.frozen.insert(name.clone(), t.detach()).is_none() {
+        if self.frozen.insert(name.clone(), f).is_none() {
             self.frozen_names.push(name);
         }
+    }
+
+    /// Holds the frozen weights named in `names` in `kind`'s codes with blocks of `block`;
+    /// the rest stay as they are. An error if one is not a dense frozen weight.
+    pub fn quantise(&mut self, names: &[String], kind: QuantKind, block: usize) -> Result<()> {
+        for name in names {
+            let Some(Frozen::Dense(t)) = self.frozen.get(name) else {
+                return Err(msg!("only frozen weights can rest quantised, not `{name}`"));
+            };
+            let q = Quantised::new(t, kind, block)?;
+            self.frozen.insert(name.clone(), Frozen::Quant(Arc::new(q)));
+        }
+        Ok(())
+    }
+
+    /// Whether any weight rests quantised.
+    pub fn has_quantised(&self) -> bool {
+        self.frozen.values().any(|f| matches!(f, Frozen::Quant(_)))
+    }
+
+    /// The weights resting quantised, in the order they were frozen.
+    pub fn quantised(&self) -> impl Iterator<Item = (&str, &Quantised)> {
+        self.frozen_names
+            .iter()
+            .filter_map(|n| match &self.frozen[n] {
+                Frozen::Quant(q) => Some((n.as_str(), q.as_ref())),
+                Frozen::Dense(_) => None,
+            })
+    }
+
+    /// These parameters with those of `names` that rest quantised dequantised (a block's
+    /// weights while it runs); the quantised weights themselves are kept.
+    pub fn dequantised(&self, names: &[String]) -> Result<Params> {
+        let mut out = self.clone();
+        for name in names {
+            if let Some(Frozen::Quant(q)) = self.frozen.get(name) {
+                out.frozen
+                    .insert(name.clone(), Frozen::Dense(q.dequantise()?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every weight dense (a checkpoint of the base).
+    pub fn dense(&self) -> Result<Params> {
+        let names: Vec<String> = self.quantised().map(|(n, _)| n.to_string()).collect();
+        self.dequantised(&names)
+    }
+
+    /// Bytes the frozen weights hold: dense ones at their dtype, quantised ones in codes and
+    /// scales.
+    pub fn frozen_bytes(&self) -> usize {
+        let dense: usize = self
+            .frozen()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        dense + self.quantised().map(|(_, q)| q.bytes()).sum::<usize>()
     }
 
     /// Freezes every trainable parameter (the base model under an adapter).
@@ -52,35 +122,45 @@ impl Params {
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.vars
-            .get(name)
-            .map(|v| v.as_tensor())
-            .or_else(|| self.frozen.get(name))
-            .ok_or_else(|| msg!("no parameter named `{name}`"))
+        if let Some(v) = self.vars.get(name) {
+            return Ok(v.as_tensor());
+        }
+        match self.frozen.get(name) {
+            Some(Frozen::Dense(t)) => Ok(t),
+            Some(Frozen::Quant(q)) => Err(msg!(
+                "parameter `{name}` rests in {} codes: read it through `dequantised`",
+                q.kind()
+            )),
+            None => Err(msg!("no parameter named `{name}`")),
+        }
     }
 
     pub fn var(&self, name: &str) -> Result<&Var> {
         self.vars
             .get(name)
-            .ok_or_else(|| match self.frozen.contains_key(name) {
+            .ok_or_else(|| match self.is_frozen(name) {
                 true => msg!("parameter `{name}` is frozen: it has no variable to train"),
                 false => msg!("no parameter named `{name}`"),
             })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.vars.contains_key(name) || self.frozen.contains_key(name)
+        self.vars.contains_key(name) || self.is_frozen(name)
     }
 
     pub fn is_frozen(&self, name: &str) -> bool {
         self.frozen.contains_key(name)
     }
 
-    /// The frozen parameters, in the order they were frozen.
+    /// The dense frozen parameters, in the order they were frozen (not those resting
+    /// quantised: `quantised`).
     pub fn frozen(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.frozen_names
             .iter()
-            .map(|n| (n.as_str(), &self.frozen[n]))
+            .filter_map(|n| match &self.frozen[n] {
+                Frozen::Dense(t) => Some((n.as_str(), t)),
+                Frozen::Quant(_) => None,
+            })
     }
 
     pub fn names(&self) -> &[String] {
@@ -111,8 +191,12 @@ impl Params {
             let t = var.as_tensor().to_dtype(dtype)?.detach();
             out.insert(name, Var::from_tensor(&t)?);
         }
-        for (name, t) in self.frozen() {
-            out.insert_frozen(name, t.to_dtype(dtype)?);
+        for name in &self.frozen_names {
+            let f = match &self.frozen[name] {
+                Frozen::Dense(t) => Frozen::Dense(t.to_dtype(dtype)?),
+                Frozen::Quant(q) => Frozen::Quant(Arc::new(q.with_dtype(dtype))),
+            };
+            out.put_frozen(name.clone(), f);
         }
         Ok(out)
     }

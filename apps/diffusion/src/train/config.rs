@@ -245,6 +245,11 @@ impl DiffusionConfig {
             if lora.use_rslora {
                 return Err("lora.use_rslora for the UNet is not implemented".into());
             }
+            if let Some(kind) = lora.quantize {
+                return Err(format!(
+                    "lora.quantize = \"{kind}\" for the UNet is not implemented"
+                ));
+            }
         }
         if self.diffusion.sample_steps == 0 {
             return Err("diffusion.sample_steps must be positive".into());

@@ -116,6 +116,21 @@ impl ParamSource for FullParams<'_> {
     fn acquire(&mut self, _block: usize) -> Result<Params> {
         Ok(self.0.clone())
     }
+
+    /// Weights resting quantised are dense only while their block runs.
+    fn sharded(&self) -> bool {
+        self.0.has_quantised()
+    }
+}
+
+/// Block `block`'s parameters from `source`, those resting quantised dequantised for as long
+/// as the block (and its graph) lives.
+fn acquire<M: BlockModel>(source: &mut dyn ParamSource, model: &M, block: usize) -> Result<Params> {
+    let p = source.acquire(block)?;
+    match p.has_quantised() {
+        true => p.dequantised(&model.block_param_names(block)),
+        false => Ok(p),
+    }
 }
 
 enum Saved {
@@ -152,7 +167,7 @@ impl Executor {
     ) -> Result<Acts> {
         let mut x = inputs.clone();
         for i in 0..model.num_blocks() {
-            let params = source.acquire(i)?;
+            let params = acquire(source, model, i)?;
             x = model.block_forward(i, &params, &x, ctx)?.detach();
         }
         Ok(x)
@@ -213,7 +228,7 @@ impl Executor {
         let end = blocks.end;
         for i in blocks.clone() {
             hooks.before_forward(i)?;
-            let params = source.acquire(i)?;
+            let params = acquire(source, model, i)?;
             let last = i + 1 == end;
             // The chunk's last block keeps its graph: its backward comes first.
             if recompute && !last {
@@ -280,7 +295,7 @@ impl Executor {
                     (inputs, root, params)
                 }
                 Saved::Input(x) => {
-                    let params = source.acquire(i)?;
+                    let params = acquire(source, model, i)?;
                     let (inputs, y) = tracked_forward(model, i, &params, &x, ctx)?;
                     let g = grad_out.as_ref().expect("recomputed blocks are not last");
                     (inputs, seed(&y, g)?, params)

@@ -216,6 +216,7 @@ impl<M: ModelFamily> Engine<M> {
                 l.validate(&cfg)?;
                 let mut params = params;
                 let model = super::lora::apply(l, model, &mut params, resume, t.seed)?;
+                l.quantise_base(&model, &mut params)?;
                 (model, params)
             }
             None => (model, params),

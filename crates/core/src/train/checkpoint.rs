@@ -66,7 +66,9 @@ pub fn save<M: ModelFamily>(
     max_shard_bytes: usize,
 ) -> Result<()> {
     atomic::write_dir(dir, |tmp| {
-        model.save(tmp, params, max_shard_bytes)?;
+        // A base resting quantised is written dequantised; quantising it again on resume
+        // gives the same codes.
+        model.save(tmp, &params.dense()?, max_shard_bytes)?;
         if let Some((cfg, sites)) = model.adapters() {
             let adapter = super::lora::adapter_dir(tmp);
             crate::lora::save_adapter(&adapter, cfg, sites, params, None)?;

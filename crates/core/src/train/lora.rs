@@ -14,6 +14,7 @@ use super::{CheckpointFormat, Freeze};
 use crate::lora::{self, LoraConfig, Targets};
 use crate::models::ModelFamily;
 use crate::params::Params;
+use crate::quant::{self, QuantKind};
 use crate::{Error, Result};
 
 /// PEFT's `LoraConfig` fields, as a section of the training config.
@@ -33,6 +34,13 @@ pub struct LoraSection {
     /// Start from this adapter (PEFT's layout) instead of fresh ones.
     #[serde(default)]
     pub adapter: Option<PathBuf>,
+    /// Rest the frozen base's Linear weights (not the head) in these codes, QLoRA-style:
+    /// `"nf4"` or `"int8"`; each is dequantised only while its block runs.
+    #[serde(default)]
+    pub quantize: Option<QuantKind>,
+    /// Values sharing one absmax scale (default 64, as bitsandbytes' nf4).
+    #[serde(default)]
+    pub quant_block_size: Option<usize>,
 }
 
 impl LoraSection {
@@ -78,6 +86,51 @@ impl LoraSection {
         if cfg.train.freeze != Freeze::None {
             return refuse("train.freeze".into());
         }
+        match (self.quantize, self.quant_block_size) {
+            (None, Some(_)) => Err(Error::Config(
+                "lora.quant_block_size is set but lora.quantize is not".into(),
+            )),
+            (Some(kind), block) => {
+                let block = block.unwrap_or(quant::DEFAULT_BLOCK);
+                kind.check_block(block)
+                    .map_err(|e| Error::Config(format!("lora.quant_block_size: {e}")))?;
+                // Slices and stages would quantise in other blocks than one rank does, and
+                // gather and send weights that have no dense form at rest.
+                if p.tp > 1 || p.pp > 1 {
+                    return Err(Error::Config(format!(
+                        "lora.quantize = \"{kind}\" with parallel.tp = {}, parallel.pp = {} is not implemented",
+                        p.tp, p.pp
+                    )));
+                }
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Rests the frozen base's Linear weights (the head excepted) in `lora.quantize`'s codes,
+    /// if set.
+    pub fn quantise_base<M: ModelFamily>(&self, model: &M, params: &mut Params) -> Result<()> {
+        let Some(kind) = self.quantize else {
+            return Ok(());
+        };
+        let block = self.quant_block_size.unwrap_or(quant::DEFAULT_BLOCK);
+        let before = params.frozen_bytes();
+        let names: Vec<String> = model
+            .linear_layers()
+            .into_iter()
+            .filter(|(n, _, head)| !head && params.is_frozen(n))
+            .map(|(n, _, _)| n)
+            .collect();
+        params.quantise(&names, kind, block)?;
+        tracing::info!(
+            %kind,
+            block,
+            weights = names.len(),
+            frozen_bytes_before = before,
+            frozen_bytes = params.frozen_bytes(),
+            "frozen base rests quantised"
+        );
         Ok(())
     }
 }

@@ -129,7 +129,11 @@ impl ParamSource for Weights<'_> {
     }
 
     fn sharded(&self) -> bool {
-        matches!(self, Weights::Zero3(_))
+        match self {
+            Weights::Full(f) => f.sharded(),
+            Weights::Cast(p) => p.has_quantised(),
+            Weights::Zero3(_) => true,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The LLaMA computation, split at block boundaries: `embed`, `layer(i)`, `head`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -311,9 +312,18 @@ impl Llama {
     pub fn forward(&self, p: &Params, ids: &Tensor, inp: &AttnInputs) -> Result<Tensor> {
         let mut x = self.embed(p, ids)?;
         for l in 0..self.cfg.num_hidden_layers {
-            x = self.layer(l, p, &x, inp, None)?;
+            x = self.layer(l, &*self.dense_layer(l, p)?, &x, inp, None)?;
         }
         self.head(p, &x)
+    }
+
+    /// `p` with layer `l`'s weights that rest quantised dequantised (dense only while the
+    /// layer runs).
+    fn dense_layer<'a>(&self, l: usize, p: &'a Params) -> Result<Cow<'a, Params>> {
+        Ok(match p.has_quantised() {
+            true => Cow::Owned(p.dequantised(&self.layer_param_names(l))?),
+            false => Cow::Borrowed(p),
+        })
     }
 
     /// Forward with per-layer KV caches (generation).
@@ -326,7 +336,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let mut x = self.embed(p, ids)?;
         for (l, cache) in caches.iter_mut().enumerate() {
-            x = self.layer(l, p, &x, inp, Some(cache))?;
+            x = self.layer(l, &*self.dense_layer(l, p)?, &x, inp, Some(cache))?;
         }
         self.head(p, &x)
     }
