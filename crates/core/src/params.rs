@@ -152,6 +152,11 @@ impl Params {
         self.frozen.contains_key(name)
     }
 
+    /// Whether any parameter is frozen.
+    pub fn is_frozen_any(&self) -> bool {
+        !self.frozen.is_empty()
+    }
+
     /// The dense frozen parameters, in the order they were frozen (not those resting
     /// quantised: `quantised`).
     pub fn frozen(&self) -> impl Iterator<Item = (&str, &Tensor)> {

@@ -147,3 +147,42 @@ fn ppo_and_grpo_with_lora_use_the_frozen_base_as_reference() {
     );
     assert_eq!(g.series("kl")[0], 0.0);
 }
+
+/// QLoRA in the chat trainers: with the policy's base resting in nf4, DPO's reference (the
+/// same quantised base, shared) starts at log 2 and its loss falls, and PPO's rollouts,
+/// generated block by block from the codes, start at zero KL from that reference.
+#[test]
+fn dpo_and_ppo_train_lora_on_an_nf4_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let qlora = format!("{LORA}quantize = \"nf4\"\n");
+    let model = tiny_model(&dir.path().join("base"), 3);
+    let pref = hh_pairs(&dir.path().join("pref"), 40, 128);
+    let extra = format!("{qlora}[dpo]\nloss = \"dpo\"\nbeta = 0.1\nlabel_smoothing = 0.0\n");
+    let mut dpo = config(&model, &pref, &dir.path().join("dpo-nf4"), &extra);
+    dpo.train.max_steps = 8;
+    dpo.train.lr = 1e-2;
+    let l = train("dpo", &dpo, None, None).unwrap().series("loss");
+    println!("QLoRA (nf4) DPO losses {l:?}");
+    assert!(
+        (l[0] - 2f64.ln()).abs() < 1e-6,
+        "DPO at the reference: {l:?}"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(
+        mean(&l[4..]) < 2f64.ln() - 0.02,
+        "QLoRA DPO loss falls: {l:?}"
+    );
+
+    let rl = rl_setup(&dir.path().join("rl"), 4, "");
+    let section: toml::Table = toml::from_str(&qlora).unwrap();
+    let mut ppo = rl.ppo.clone();
+    ppo.lora = Some(section["lora"].clone().try_into().unwrap());
+    ppo.train.max_steps = 4;
+    let kl = train("ppo", &ppo, None, None).unwrap().series("kl");
+    println!("QLoRA (nf4) PPO kl {kl:?}");
+    assert_eq!(
+        kl[0], 0.0,
+        "the reference is the quantised base without adapters"
+    );
+    assert!(kl[1] > 0.0, "the adapters move the policy: {kl:?}");
+}

@@ -8,7 +8,7 @@ use crate::parallel::{Zero3, ZeroOptimizer};
 impl<M: ModelFamily> Engine<M> {
     /// What the engine measured of the last step, for its metrics record: bytes this rank
     /// sent, the memory it holds (parameters, gradients, optimizer state; resident and
-    /// offloaded), the loss scale and a skipped step under fp16, the pipeline's bubble.
+    /// offloaded; a frozen base), the loss scale and a skipped step under fp16, the pipeline's bubble.
     pub fn last_step_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
         use serde_json::json;
         let mut rec = serde_json::Map::new();
@@ -30,6 +30,10 @@ impl<M: ModelFamily> Engine<M> {
         rec.insert("mem_params_bytes".into(), json!(mp));
         rec.insert("mem_grads_bytes".into(), json!(mg));
         rec.insert("mem_optim_bytes".into(), json!(mo));
+        if self.params.is_frozen_any() {
+            // A LoRA's base: dense, or codes and scales where it rests quantised.
+            rec.insert("mem_frozen_bytes".into(), json!(self.params.frozen_bytes()));
+        }
         rec.insert("offloaded_bytes".into(), json!(self.offloaded_bytes()));
         for (name, value) in self.model.counters() {
             rec.insert(name.into(), json!(value));
