@@ -76,6 +76,11 @@ impl Frozen {
             policy.model.lora.is_some(),
             "the policy has no LoRA adapters"
         );
+        // The reference reads the whole base in place; ZeRO-3 keeps only shards of it.
+        anyhow::ensure!(
+            policy.cfg.parallel.zero_stage != 3,
+            "[lora] with parallel.zero_stage = 3 and a reference model (dpo, ppo, grpo) is not implemented"
+        );
         let mut model = policy.model.clone();
         model.lora = None;
         Ok(Self {

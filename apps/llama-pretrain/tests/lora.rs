@@ -45,6 +45,26 @@ fn run(data: &Path, out: &Path, ranks: usize, micro: usize, extra: &[&str]) -> (
         }
         let full = t.full_params()?;
         run.params = flat(&full);
+        if cfg.parallel.zero_stage == 3 {
+            // The base shards with the adapters: a rank holds ⌈n/ranks⌉ of every weight.
+            let sizes = full.frozen().map(|(_, t)| t.elem_count());
+            let sizes = sizes.chain(full.iter().map(|(_, v)| v.elem_count()));
+            let want: usize = sizes.map(|n| 4 * n.div_ceil(ranks)).sum();
+            let got = t.last_step_metrics()["mem_params_bytes"].as_u64().unwrap() as usize;
+            assert_eq!(got, want, "parameter bytes a ZeRO-3 rank holds");
+            assert_eq!(
+                t.params.frozen().count(),
+                0,
+                "a whole base on a ZeRO-3 rank"
+            );
+            if t.is_main() {
+                println!(
+                    "lora zero-3: {got} parameter bytes a rank (whole model {})",
+                    4 * (full.num_elements()
+                        + full.frozen().map(|(_, t)| t.elem_count()).sum::<usize>())
+                );
+            }
+        }
         let base: Flat = full
             .frozen()
             .map(|(n, t)| (n.to_string(), t.flatten_all().unwrap().to_vec1().unwrap()))
@@ -86,7 +106,7 @@ fn lora_trains_adapters_only_and_data_parallel_zero_match_one_rank() {
         8 * (trainable + base),
         reference.losses
     );
-    for (zero, ranks, micro) in [(0, 2, 4), (0, 2, 2), (1, 2, 4), (2, 2, 2)] {
+    for (zero, ranks, micro) in [(0, 2, 4), (0, 2, 2), (1, 2, 4), (2, 2, 2), (3, 2, 2)] {
         let stage = format!("parallel.zero_stage={zero}");
         let out = tmp.path().join(format!("z{zero}-dp{ranks}-{micro}"));
         let (got, base) = run(&data, &out, ranks, micro, &[&stage]);
@@ -420,10 +440,6 @@ fn lora_refuses_layouts_it_does_not_implement() {
     let data = prepare(tmp.path());
     for (set, says) in [
         (
-            "parallel.zero_stage=3",
-            "[lora] with parallel.zero_stage = 3 is not implemented",
-        ),
-        (
             "lora.quant_block_size=7",
             "lora.quant_block_size is set but lora.quantize is not",
         ),
@@ -451,7 +467,11 @@ fn lora_refuses_layouts_it_does_not_implement() {
     for (sets, says) in [
         (
             &["lora.quantize=\"nf4\"", "parallel.nproc=2", "parallel.tp=2"][..],
-            "lora.quantize = \"nf4\" with parallel.tp = 2, parallel.pp = 1 is not implemented",
+            "lora.quantize = \"nf4\" with parallel.tp = 2, parallel.pp = 1, parallel.zero_stage = 0 is not implemented",
+        ),
+        (
+            &["lora.quantize=\"int8\"", "parallel.zero_stage=3"][..],
+            "lora.quantize = \"int8\" with parallel.tp = 1, parallel.pp = 1, parallel.zero_stage = 3 is not implemented",
         ),
         (
             &["lora.quantize=\"nf4\"", "lora.quant_block_size=7"][..],

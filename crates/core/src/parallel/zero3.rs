@@ -25,6 +25,9 @@ struct Entry {
     name: String,
     shape: Vec<usize>,
     len: usize,
+    /// A frozen weight (a LoRA's base): sharded and gathered like the rest, but no moments
+    /// and no gradient.
+    frozen: bool,
 }
 
 pub struct Zero3 {
@@ -50,8 +53,8 @@ impl Zero3 {
         out
     }
 
-    /// Keeps only this rank's chunks of `params` and of the moments in `full`.
-    /// `placement`: memory, or files on disk (parameter chunks and moments).
+    /// Keeps only this rank's chunks of `params` (the frozen ones too) and of the moments in
+    /// `full`. `placement`: memory, or files on disk (parameter chunks and moments).
     pub fn from_full(
         params: &Params,
         full: AdamW,
@@ -59,6 +62,11 @@ impl Zero3 {
         ranks: usize,
         placement: &Placement,
     ) -> Result<Self> {
+        if params.has_quantised() {
+            return Err(crate::msg!(
+                "ZeRO-3 shards dense weights: a base resting quantised cannot be sharded"
+            ));
+        }
         let mut z = Self::empty(&full, ranks, placement);
         for (name, var) in params.iter() {
             let values: Vec<f32> = var
@@ -75,6 +83,10 @@ impl Zero3 {
                 rank,
                 placement,
             )?;
+        }
+        for (name, t) in params.frozen() {
+            let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            z.add_frozen(name, t.dims(), &values, rank, placement)?;
         }
         Ok(z)
     }
@@ -137,8 +149,34 @@ impl Zero3 {
             name: name.to_string(),
             shape: shape.to_vec(),
             len,
+            frozen: false,
         });
         Ok(())
+    }
+
+    fn add_frozen(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+        rank: usize,
+        placement: &Placement,
+    ) -> Result<()> {
+        let chunk = Self::own_chunk(values, rank, self.chunk_len(values.len()));
+        let buf = StateBuf::new(placement, &format!("param.{name}"), chunk)?;
+        self.chunks.insert(name.to_string(), buf);
+        self.entries.push(Entry {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            len: values.len(),
+            frozen: true,
+        });
+        Ok(())
+    }
+
+    /// Whether `name` is a frozen weight (no variable, no gradient).
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.entry(name).is_ok_and(|e| e.frozen)
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
@@ -161,10 +199,12 @@ impl Zero3 {
         let mut opt = AdamW::new(self.adam.cfg.clone());
         opt.step = self.adam.step;
         for e in &self.entries {
-            params.insert(
-                e.name.clone(),
-                Var::from_tensor(&self.gather(comm, &e.name)?)?,
-            );
+            let t = self.gather(comm, &e.name)?;
+            if e.frozen {
+                params.insert_frozen(e.name.clone(), t);
+                continue;
+            }
+            params.insert(e.name.clone(), Var::from_tensor(&t)?);
             for (src, dst) in [(&self.m, &mut opt.m), (&self.v, &mut opt.v)] {
                 let full = comm.all_gather(&src[&e.name].tensor()?)?;
                 dst.insert(e.name.clone(), full.narrow(0, 0, e.len)?.to_vec1()?.into());
@@ -276,7 +316,10 @@ impl ParamSource for Zero3Source<'_> {
         let mut p = Params::new();
         for name in &self.block_params[block] {
             let t = self.zero.gather(self.comm, name)?.to_dtype(self.dtype)?;
-            p.insert(name.clone(), Var::from_tensor(&t)?);
+            match self.zero.is_frozen(name) {
+                true => p.insert_frozen(name.clone(), t),
+                false => p.insert(name.clone(), Var::from_tensor(&t)?),
+            }
         }
         Ok(p)
     }

@@ -181,7 +181,11 @@ impl<M: ModelFamily> Engine<M> {
         }
         // Streamed initialisation makes whole parameters; tensor parallelism shards whole
         // ones first (below), so it initialises them whole.
-        let stream_init = cfg.parallel.zero_stage == 3 && g.grads.is_some() && g.tp.is_none();
+        // LoRA adds its adapters to whole weights before they shard.
+        let stream_init = cfg.parallel.zero_stage == 3
+            && g.grads.is_some()
+            && g.tp.is_none()
+            && cfg.lora.is_none();
         let (model, params, seed, whole) = match origin {
             // Each rank reads its own slices below.
             Origin::Resume(dir) if distributed => {

@@ -1,6 +1,7 @@
 //! `[lora]`: train LoRA adapters on a frozen base. The base weights are frozen parameters (no
-//! gradient, no optimizer state, not reduced or sharded); the adapters are the only trainable
-//! parameters, so data parallelism and ZeRO-1/2 apply to them unchanged; under tensor
+//! gradient, no optimizer state, not reduced; under ZeRO-3 sharded and gathered block by block
+//! like the adapters); the adapters are the only trainable parameters, so data parallelism and
+//! ZeRO apply to them unchanged; under tensor
 //! parallelism each pair splits the way its base weight does (`Llama::tp_plan`). A checkpoint
 //! keeps the base weights and writes the adapters in PEFT's layout under `adapter/`, which a
 //! resume reads.
@@ -77,9 +78,6 @@ impl LoraSection {
         if p.ep > 1 {
             return refuse(format!("parallel.ep = {}", p.ep));
         }
-        if p.zero_stage == 3 {
-            return refuse("parallel.zero_stage = 3".into());
-        }
         if cfg.train.checkpoint_format == CheckpointFormat::Distributed {
             return refuse("train.checkpoint_format = \"distributed\"".into());
         }
@@ -96,10 +94,10 @@ impl LoraSection {
                     .map_err(|e| Error::Config(format!("lora.quant_block_size: {e}")))?;
                 // Slices and stages would quantise in other blocks than one rank does, and
                 // gather and send weights that have no dense form at rest.
-                if p.tp > 1 || p.pp > 1 {
+                if p.tp > 1 || p.pp > 1 || p.zero_stage == 3 {
                     return Err(Error::Config(format!(
-                        "lora.quantize = \"{kind}\" with parallel.tp = {}, parallel.pp = {} is not implemented",
-                        p.tp, p.pp
+                        "lora.quantize = \"{kind}\" with parallel.tp = {}, parallel.pp = {}, parallel.zero_stage = {} is not implemented",
+                        p.tp, p.pp, p.zero_stage
                     )));
                 }
                 Ok(())
