@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use colossal_core::checkpoint::llama::{load_llama, save_llama};
 use colossal_core::exec::{Executor, GradAccumulator};
 use colossal_core::lora;
-use colossal_core::models::llama::{generate, GenerateOptions, Llama, Sampling};
+use colossal_core::models::llama::Llama;
 use colossal_core::params::Params;
 use colossal_core::train::lm_loss;
 use common::*;
@@ -103,29 +103,13 @@ fn quantised_base_computes_what_its_dequantised_copy_does() {
     use colossal_core::quant::QuantKind;
     let f = fixture_data();
     let (model, params, _, _) = adapted();
-    let base: Vec<String> = model
-        .linear_layers()
-        .into_iter()
-        .filter(|(n, _, head)| !head && params.is_frozen(n))
-        .map(|(n, _, _)| n)
-        .collect();
+    let base = lora::frozen_linears(&model.linear_layers(), &params);
     assert_eq!(base.len(), 7 * model.cfg.num_hidden_layers);
     let (ids, inp, targets, mask) = lm_batch(&model, &f.reference);
     let n = targets.iter().filter(|&&t| t != -100).count() as f64;
     let kernels = model.kernels;
     let loss_fn = move |l: &Tensor| lm_loss(kernels, l, &targets, n);
-    let prompt: Vec<u32> = f.reference["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let opts = GenerateOptions {
-        max_new_tokens: 8,
-        sampling: Sampling::Greedy,
-        stop_ids: vec![],
-        pad_id: 0,
-    };
+    let prompt = ids_1d(&f.reference["prompt_ids"]);
     for kind in [QuantKind::Nf4, QuantKind::Int8] {
         let mut q = params.clone();
         q.quantise(&base, kind, 64).unwrap();
@@ -153,22 +137,8 @@ fn quantised_base_computes_what_its_dequantised_copy_does() {
             let (a, b) = (grads[0].1.get(name).unwrap(), grads[1].1.get(name).unwrap());
             assert_eq!(max_diff(a, b), 0.0, "{kind}: gradient of {name}");
         }
-        let gen = |p: &Params| {
-            generate(
-                &model,
-                p,
-                std::slice::from_ref(&prompt),
-                &opts,
-                &Device::Cpu,
-            )
-            .unwrap()
-        };
-        let (ids_q, steps_q) = gen(&q);
-        assert_eq!(
-            (&ids_q, &steps_q),
-            (&gen(&dense).0, &gen(&dense).1),
-            "{kind}"
-        );
+        let ids_q = greedy_ids(&model, &q, &prompt, 8);
+        assert_eq!(ids_q, greedy_ids(&model, &dense, &prompt, 8), "{kind}");
         // A sanity bound only: the codes do move the logits.
         let e = assert_close(
             "quantised logits",
@@ -186,7 +156,7 @@ fn quantised_base_computes_what_its_dequantised_copy_does() {
             "{kind}: forward, loss {}, {} LoRA gradients and greedy {:?} equal the dequantised base's; logits rel err vs PEFT (unquantised) {e:e}; base Linear weights {bytes} bytes vs {f32_bytes} in f32",
             grads[0].0,
             params.names().len(),
-            ids_q[0]
+            ids_q
         );
     }
 }
@@ -224,30 +194,14 @@ fn saved_adapter_reads_back_and_merges_into_peft_merged_model() {
     // And the adapted model itself computes what its merge computes.
     let adapted_logits = model.forward(&params, &ids, &inp).unwrap();
     let e2 = assert_close("adapted vs merged", &adapted_logits, &logits, 1e-5);
-    let prompt: Vec<u32> = f.reference["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let want: Vec<u32> = f.reference["merged_greedy_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let opts = GenerateOptions {
-        max_new_tokens: want.len(),
-        sampling: Sampling::Greedy,
-        stop_ids: vec![],
-        pad_id: 0,
-    };
-    let (ids, _) = generate(&plain, &merged, &[prompt], &opts, &Device::Cpu).unwrap();
+    let prompt = ids_1d(&f.reference["prompt_ids"]);
+    let want = ids_1d(&f.reference["merged_greedy_ids"]);
+    let ids = greedy_ids(&plain, &merged, &prompt, want.len());
     println!(
         "merged logits rel err {e:e}; adapted vs merged {e2:e}; greedy {:?}",
-        ids[0]
+        ids
     );
-    assert_eq!(ids[0], want);
+    assert_eq!(ids, want);
 }
 
 #[test]

@@ -171,6 +171,16 @@ pub fn sites(cfg: &LoraConfig, linears: &[(String, Vec<usize>, bool)]) -> Result
     Ok(sites)
 }
 
+/// The frozen Linear weights among `linears` (as `sites` takes them) but the output head:
+/// what QLoRA keeps quantised.
+pub fn frozen_linears(linears: &[(String, Vec<usize>, bool)], params: &Params) -> Vec<String> {
+    linears
+        .iter()
+        .filter(|(n, _, head)| !head && params.is_frozen(n))
+        .map(|(n, _, _)| n.clone())
+        .collect()
+}
+
 /// Fresh adapters of rank `r` as PEFT initialises them: A uniform in ±1/√in (Kaiming-uniform
 /// with a = √5), B zero, so the adapted model starts equal to the base. Every other parameter
 /// in `params` is frozen; only the adapters are trainable.

@@ -114,12 +114,7 @@ impl LoraSection {
         };
         let block = self.quant_block_size.unwrap_or(quant::DEFAULT_BLOCK);
         let before = params.frozen_bytes();
-        let names: Vec<String> = model
-            .linear_layers()
-            .into_iter()
-            .filter(|(n, _, head)| !head && params.is_frozen(n))
-            .map(|(n, _, _)| n)
-            .collect();
+        let names = lora::frozen_linears(&model.linear_layers(), params);
         params.quantise(&names, kind, block)?;
         tracing::info!(
             %kind,
