@@ -50,8 +50,15 @@ fn run(data: &Path, out: &Path, ranks: usize, micro: usize, extra: &[&str]) -> (
             let sizes = full.frozen().map(|(_, t)| t.elem_count());
             let sizes = sizes.chain(full.iter().map(|(_, v)| v.elem_count()));
             let want: usize = sizes.map(|n| 4 * n.div_ceil(ranks)).sum();
-            let got = t.last_step_metrics()["mem_params_bytes"].as_u64().unwrap() as usize;
+            let m = t.last_step_metrics();
+            let got = m["mem_params_bytes"].as_u64().unwrap() as usize;
             assert_eq!(got, want, "parameter bytes a ZeRO-3 rank holds");
+            // Gradient chunks: the adapters' only.
+            let adapters: usize = full
+                .iter()
+                .map(|(_, v)| 4 * v.elem_count().div_ceil(ranks))
+                .sum();
+            assert_eq!(m["mem_grads_bytes"].as_u64().unwrap() as usize, adapters);
             assert_eq!(
                 t.params.frozen().count(),
                 0,

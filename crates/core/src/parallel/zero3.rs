@@ -268,10 +268,16 @@ impl Zero3 {
     /// Bytes held in memory for (parameter chunks, gradient chunks, moment chunks).
     pub fn memory(&self) -> (u64, u64, u64) {
         let p: u64 = self.chunks.values().map(StateBuf::resident_bytes).sum();
-        // Gradient chunks exist during a step: in memory, or on disk (never on the budget).
+        // Gradient chunks exist during a step: in memory, or on disk (never on the budget);
+        // a frozen weight has none.
         let g: u64 = match self.placement {
             Placement::Disk(_) => 0,
-            _ => self.chunks.values().map(|c| 4 * c.len() as u64).sum(),
+            _ => self
+                .entries
+                .iter()
+                .filter(|e| !e.frozen)
+                .map(|e| 4 * self.chunks[&e.name].len() as u64)
+                .sum(),
         };
         let o: u64 = self
             .m
