@@ -84,16 +84,23 @@ impl Params {
             })
     }
 
-    /// These parameters with those of `names` that rest quantised dequantised (a block's
-    /// weights while it runs); the quantised weights themselves are kept.
-    pub fn dequantised(&self, names: &[String]) -> Result<Params> {
-        let mut out = self.clone();
+    /// Those of `names` that rest quantised made dense here (a block's own copy of its
+    /// weights while it runs).
+    pub fn dequantise(&mut self, names: &[String]) -> Result<()> {
         for name in names {
             if let Some(Frozen::Quant(q)) = self.frozen.get(name) {
-                out.frozen
-                    .insert(name.clone(), Frozen::Dense(q.dequantise()?));
+                let dense = Frozen::Dense(q.dequantise()?);
+                self.frozen.insert(name.clone(), dense);
             }
         }
+        Ok(())
+    }
+
+    /// These parameters with those of `names` that rest quantised dequantised; the
+    /// quantised weights themselves are kept.
+    pub fn dequantised(&self, names: &[String]) -> Result<Params> {
+        let mut out = self.clone();
+        out.dequantise(names)?;
         Ok(out)
     }
 

@@ -9,8 +9,6 @@
 //! ±absmax, quantising a dequantised weight gives the same codes and scales again: a
 //! checkpoint that stores the dequantised base resumes bit-exactly.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -103,10 +101,10 @@ pub struct Quantised {
     dtype: DType,
     block: usize,
     /// u8 indices into the codebook; for nf4 two a byte, the first in the high nibble.
-    codes: Arc<Tensor>,
+    codes: Tensor,
     /// f32, one a block.
-    absmax: Arc<Tensor>,
-    book: Arc<Tensor>,
+    absmax: Tensor,
+    book: Tensor,
 }
 
 impl Quantised {
@@ -139,9 +137,9 @@ impl Quantised {
             shape: t.shape().clone(),
             dtype: t.dtype(),
             block,
-            codes: Arc::new(Tensor::from_vec(codes, n_codes, &device)?),
-            absmax: Arc::new(Tensor::from_vec(absmax, n_blocks, &device)?),
-            book: Arc::new(Tensor::from_vec(book.clone(), book.len(), &device)?),
+            codes: Tensor::from_vec(codes, n_codes, &device)?,
+            absmax: Tensor::from_vec(absmax, n_blocks, &device)?,
+            book: Tensor::from_vec(book.clone(), book.len(), &device)?,
         })
     }
 

@@ -126,11 +126,11 @@ impl ParamSource for FullParams<'_> {
 /// Block `block`'s parameters from `source`, those resting quantised dequantised for as long
 /// as the block (and its graph) lives.
 fn acquire<M: BlockModel>(source: &mut dyn ParamSource, model: &M, block: usize) -> Result<Params> {
-    let p = source.acquire(block)?;
-    match p.has_quantised() {
-        true => p.dequantised(&model.block_param_names(block)),
-        false => Ok(p),
+    let mut p = source.acquire(block)?;
+    if p.has_quantised() {
+        p.dequantise(&model.block_param_names(block))?;
     }
+    Ok(p)
 }
 
 enum Saved {

@@ -86,7 +86,7 @@ impl Zero3 {
         }
         for (name, t) in params.frozen() {
             let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            z.add_frozen(name, t.dims(), &values, rank, placement)?;
+            z.add_chunk(name, t.dims(), &values, true, rank, placement)?;
         }
         Ok(z)
     }
@@ -134,31 +134,25 @@ impl Zero3 {
         rank: usize,
         placement: &Placement,
     ) -> Result<()> {
-        let len = values.len();
-        let chunk = self.chunk_len(len);
+        self.add_chunk(name, shape, values, false, rank, placement)?;
+        let chunk = self.chunk_len(values.len());
         let own = |x: Option<&[f32]>| match x {
             Some(x) => Self::own_chunk(x, rank, chunk),
             None => vec![0.0; chunk],
         };
         let buf = |kind: &str, v: Vec<f32>| StateBuf::new(placement, &format!("{kind}.{name}"), v);
-        self.chunks
-            .insert(name.to_string(), buf("param", own(Some(values)))?);
         self.m.insert(name.to_string(), buf("exp_avg", own(m))?);
         self.v.insert(name.to_string(), buf("exp_avg_sq", own(v))?);
-        self.entries.push(Entry {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            len,
-            frozen: false,
-        });
         Ok(())
     }
 
-    fn add_frozen(
+    /// This rank's chunk of `values` and its entry (`add` gives a trainable one its moments).
+    fn add_chunk(
         &mut self,
         name: &str,
         shape: &[usize],
         values: &[f32],
+        frozen: bool,
         rank: usize,
         placement: &Placement,
     ) -> Result<()> {
@@ -169,7 +163,7 @@ impl Zero3 {
             name: name.to_string(),
             shape: shape.to_vec(),
             len: values.len(),
-            frozen: true,
+            frozen,
         });
         Ok(())
     }

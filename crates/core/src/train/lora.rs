@@ -1,10 +1,9 @@
 //! `[lora]`: train LoRA adapters on a frozen base. The base weights are frozen parameters (no
 //! gradient, no optimizer state, not reduced; under ZeRO-3 sharded and gathered block by block
 //! like the adapters); the adapters are the only trainable parameters, so data parallelism and
-//! ZeRO apply to them unchanged; under tensor
-//! parallelism each pair splits the way its base weight does (`Llama::tp_plan`). A checkpoint
-//! keeps the base weights and writes the adapters in PEFT's layout under `adapter/`, which a
-//! resume reads.
+//! ZeRO apply to them unchanged; under tensor parallelism each pair splits the way its base
+//! weight does (`Llama::tp_plan`). A checkpoint keeps the base weights and writes the adapters
+//! in PEFT's layout under `adapter/`, which a resume reads.
 
 use std::path::{Path, PathBuf};
 

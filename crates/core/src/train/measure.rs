@@ -8,7 +8,8 @@ use crate::parallel::{Zero3, ZeroOptimizer};
 impl<M: ModelFamily> Engine<M> {
     /// What the engine measured of the last step, for its metrics record: bytes this rank
     /// sent, the memory it holds (parameters, gradients, optimizer state; resident and
-    /// offloaded; a frozen base), the loss scale and a skipped step under fp16, the pipeline's bubble.
+    /// offloaded; a frozen base), the loss scale and a skipped step under fp16, the
+    /// pipeline's bubble.
     pub fn last_step_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
         use serde_json::json;
         let mut rec = serde_json::Map::new();
