@@ -2,8 +2,9 @@
 //! so data parallelism equals one rank, and expert parallelism (`parallel.ep`: experts split
 //! over data-parallel ranks, tokens exchanged by all-to-all) gives one rank's losses, pre-clip
 //! gradient norms and parameters (every expert, gathered by name) at ep 2 and 4, dp2×ep2,
-//! ep2×pp2, with ZeRO (non-expert state sharded over data-parallel ranks, experts' over the
-//! ranks holding the same experts) and with tensor parallelism over attention; the
+//! ep2×pp2, with ZeRO 1–3 (non-expert state sharded over data-parallel ranks, experts' over the
+//! ranks holding the same experts; under ZeRO-3 the weights too) and with tensor parallelism
+//! over attention; the
 //! checkpoint's Adam moments are one rank's too. The bytes
 //! each rank's expert group sends are the rows it moved times the hidden size, as the formula
 //! says.
@@ -36,18 +37,21 @@ const MODEL: [&str; 10] = [
 ];
 
 /// Per rank: the expert group's bytes, the formula's figure for the rows it moved, and the
-/// bytes of Adam moments the rank holds.
+/// bytes of Adam moments and of parameters the rank holds.
 #[derive(Clone, Copy)]
 struct RankFigures {
     bytes: u64,
     formula: u64,
     moments: u64,
+    params: u64,
 }
 
 /// Losses, grad norms and whole parameters (world rank 0), the checkpoint's Adam moments, and
 /// each rank's figures.
 fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Flat, Vec<RankFigures>) {
     let cfg = layout_config(data, out, &MODEL, nproc, extra);
+    // ZeRO-3 gathers a block's weights again for its backward and recomputes its forward.
+    let recomputed = cfg.parallel.zero_stage == 3;
     let results = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let mut t = Trainer::new_rank(cfg.clone(), None, Device::Cpu, (nproc > 1).then_some(comm))?;
@@ -55,14 +59,16 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Flat, Vec
         for _ in 0..STEPS {
             run.step(t.train_step()?);
         }
-        let (bytes, formula) = t
-            .expert_traffic()
-            .map_or((0, 0), |x| (x.bytes_sent, x.formula_bytes(HIDDEN, 4)));
-        let moments = t.last_step_metrics()["mem_optim_bytes"].as_u64().unwrap();
+        let (bytes, formula) = t.expert_traffic().map_or((0, 0), |x| {
+            (x.bytes_sent, x.formula_bytes(HIDDEN, 4, recomputed))
+        });
+        let metrics = t.last_step_metrics();
+        let held = |k: &str| metrics[k].as_u64().unwrap();
         let figures = RankFigures {
             bytes,
             formula,
-            moments,
+            moments: held("mem_optim_bytes"),
+            params: held("mem_params_bytes"),
         };
         run.params = flat(&t.full_params()?);
         let mut moments = Flat::new();
@@ -90,6 +96,24 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Flat, Vec
     let figures = results.iter().map(|(_, _, f)| *f).collect();
     let (run, moments, _) = results.into_iter().next().unwrap();
     (run, moments, figures)
+}
+
+/// Losses, grad norms and whole parameters of 2 steps on `nproc` ranks resumed from `from`.
+fn resumed(data: &Path, out: &Path, nproc: usize, extra: &[&str], from: &Path) -> Run {
+    let cfg = layout_config(data, out, &MODEL, nproc, extra);
+    let mut runs = run_local(nproc, Duration::from_secs(120), |comm| {
+        let comm: Box<dyn Communicator> = Box::new(comm);
+        let comm = (nproc > 1).then_some(comm);
+        let mut t = Trainer::new_rank(cfg.clone(), Some(from), Device::Cpu, comm)?;
+        let mut run = Run::default();
+        for _ in 0..2 {
+            run.step(t.train_step()?);
+        }
+        run.params = flat(&t.full_params()?);
+        Ok(run)
+    })
+    .unwrap();
+    runs.swap_remove(0)
 }
 
 /// Every moment of `want` in `got` by name, within `tol` relative to its norm.
@@ -139,19 +163,31 @@ fn expert_parallel_layouts_match_one_rank() {
             .any(|(n, _)| n.contains("experts.3.w2")),
         "a Mixtral model"
     );
-    let (ep, zero1, zero2) = (
+    let (ep, zero1, zero2, zero3) = (
         "parallel.ep=2",
         "parallel.zero_stage=1",
         "parallel.zero_stage=2",
+        "parallel.zero_stage=3",
     );
-    let count = |experts: bool| -> u64 {
+    // Elements of the non-expert or expert weights, each weight split in `over` equal
+    // zero-padded chunks (ZeRO-3) or all of them as one flat buffer (ZeRO 1–2).
+    let count = |experts: bool, over: u64, per_weight: bool| -> u64 {
         let of = |(n, v): &(String, Vec<f32>)| {
-            (n.contains(".experts.") == experts) as u64 * v.len() as u64
+            let n = (n.contains(".experts.") == experts) as u64 * v.len() as u64;
+            if per_weight {
+                n.div_ceil(over)
+            } else {
+                n
+            }
         };
-        reference.params.iter().map(of).sum()
+        let sum: u64 = reference.params.iter().map(of).sum();
+        if per_weight {
+            sum
+        } else {
+            sum.div_ceil(over)
+        }
     };
-    let (dense, experts) = (count(false), count(true));
-    let layouts: [(&str, usize, &[&str]); 8] = [
+    let layouts: [(&str, usize, &[&str]); 10] = [
         ("dp2", 2, &[]),
         ("ep2", 2, &[ep]),
         ("ep4", 4, &["parallel.ep=4"]),
@@ -162,6 +198,9 @@ fn expert_parallel_layouts_match_one_rank() {
         // Each expert on two ranks: its state sharded over them.
         ("dp2×ep2 zero-2", 4, &[ep, zero2]),
         ("ep2×pp2 zero-1", 4, &[ep, "parallel.pp=2", zero1]),
+        // Weights sharded too: each expert's over the ranks holding it.
+        ("ep2 zero-3", 2, &[ep, zero3]),
+        ("dp2×ep2 zero-3", 4, &[ep, zero3]),
     ];
     for (what, nproc, extra) in layouts {
         let out = tmp.path().join(what);
@@ -175,20 +214,45 @@ fn expert_parallel_layouts_match_one_rank() {
             let ep = extra.iter().find_map(|s| s.strip_prefix("parallel.ep="));
             let ep: u64 = ep.map_or(1, |e| e.parse().unwrap());
             let zero = extra.iter().any(|s| s.starts_with("parallel.zero_stage"));
+            let sharded_weights = extra.contains(&zero3);
             let (over_dense, over_experts) = match zero {
                 true => (nproc as u64, nproc as u64 / ep),
                 false => (1, 1),
             };
-            let want = 8 * (dense.div_ceil(over_dense) + (experts / ep).div_ceil(over_experts));
+            // Every expert has the same shapes: a rank's 1/ep of them hold 1/ep of the chunks.
+            let elements = count(false, over_dense, sharded_weights)
+                + match sharded_weights {
+                    true => count(true, over_experts, true) / ep,
+                    false => (count(true, 1, false) / ep).div_ceil(over_experts),
+                };
+            let whole = count(false, 1, false) + count(true, 1, false);
             println!(
-                "{what}: Adam moments {} bytes a rank (formula {want}; one rank {})",
+                "{what}: Adam moments {} bytes a rank, parameters {} (formula {}, {}; one rank {}, {})",
                 figures[0].moments,
-                8 * (dense + experts)
+                figures[0].params,
+                8 * elements,
+                4 * elements,
+                8 * whole,
+                4 * whole
             );
             for f in &figures {
-                assert_eq!(f.moments, want, "{what}: moment bytes a rank");
+                assert_eq!(f.moments, 8 * elements, "{what}: moment bytes a rank");
+                if sharded_weights {
+                    assert_eq!(f.params, 4 * elements, "{what}: parameter bytes a rank");
+                }
             }
         }
+    }
+    // A whole checkpoint resumes under ZeRO-3 with experts split (each rank reads it and keeps
+    // its chunks of its experts' weights and moments) as on one rank.
+    let ckpt = tmp.path().join("ref/checkpoints/step-0000004");
+    let one = resumed(&data, &tmp.path().join("resumed"), 1, &[], &ckpt);
+    for (what, nproc) in [
+        ("resumed at ep2 zero-3", 2),
+        ("resumed at dp2×ep2 zero-3", 4),
+    ] {
+        let got = resumed(&data, &tmp.path().join(what), nproc, &[ep, zero3], &ckpt);
+        assert_same_run(what, &got, &one, 1e-5);
     }
     // Tensor parallelism splits attention (two key/value heads, one a rank); the router and
     // experts stay whole on each tensor rank, and ranks at one tensor position form the
@@ -200,6 +264,7 @@ fn expert_parallel_layouts_match_one_rank() {
         ("tp2", 2, &[kv, "parallel.tp=2"][..]),
         ("tp2×ep2", 4, &[kv, ep, "parallel.tp=2"][..]),
         ("tp2×ep2 zero-1", 4, &[kv, ep, "parallel.tp=2", zero1][..]),
+        ("tp2×ep2 zero-3", 4, &[kv, ep, "parallel.tp=2", zero3][..]),
     ] {
         assert_layout(
             what,
@@ -207,6 +272,28 @@ fn expert_parallel_layouts_match_one_rank() {
             &want,
         );
     }
+    // 32 experts, top-1, 16 tokens a micro-batch: some expert gets no token on a rank, its
+    // gradient is zero there (not absent), and every layout still sums the same gradients.
+    let sparse = &[
+        "model.config.num_local_experts=32",
+        "model.config.num_experts_per_tok=1",
+    ][..];
+    let (reference, _, _) = run(&data, &tmp.path().join("ref-sparse"), 1, sparse);
+    for (what, nproc, extra) in [
+        ("unused experts, dp2", 2, &[][..]),
+        ("unused experts, dp2 zero-2", 2, &[zero2][..]),
+        ("unused experts, ep2", 2, &[ep][..]),
+        ("unused experts, dp2×ep2 zero-3", 4, &[ep, zero3][..]),
+    ] {
+        let extra = [sparse, extra].concat();
+        let (got, _, _) = run(&data, &tmp.path().join(what), nproc, &extra);
+        assert_same_run(what, &got, &reference, 1e-5);
+    }
+    // Not implemented: experts split with sequence parallelism, refused by name.
+    let cfg = layout_config(&data, tmp.path(), &MODEL, 4, &[ep, "parallel.sp=2"]);
+    let err = cfg.parallel.validate().unwrap_err();
+    println!("ep2 sp2: {err}");
+    assert!(err.contains("parallel.ep = 2 with parallel.sp = 2 is not implemented"));
     // Expert capacity drops the same slots wherever the experts live.
     let cap = "model.config.capacity_factor=1.0";
     let (reference, _, _) = run(&data, &tmp.path().join("ref-cap"), 1, &[cap]);

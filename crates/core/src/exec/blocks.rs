@@ -311,10 +311,14 @@ impl Executor {
                     if params.is_frozen(&name) {
                         continue;
                     }
-                    let var = params.var(&name)?;
-                    if let Some(g) = store.remove(var.as_tensor()) {
-                        block_grads.push((name, g));
-                    }
+                    // A weight this micro-batch did not use (an expert no token was routed
+                    // to) gets zeros: every rank then hands the same gradients to its sink.
+                    let var = params.var(&name)?.as_tensor();
+                    let g = match store.remove(var) {
+                        Some(g) => g,
+                        None => var.zeros_like()?,
+                    };
+                    block_grads.push((name, g));
                 }
                 for (name, v) in &inputs {
                     if let Some(g) = store.remove(v.as_tensor()) {

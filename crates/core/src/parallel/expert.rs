@@ -52,10 +52,14 @@ impl ExpertTraffic {
     /// The bytes a forward and backward of every plan should send with activations of
     /// `hidden` values of `dtype_bytes`: per plan the per-expert counts to each other rank
     /// (f32), then forward the dispatched rows out and the combined rows back, and backward
-    /// the same rows the other way.
-    pub fn formula_bytes(&self, hidden: u64, dtype_bytes: u64) -> u64 {
+    /// the same rows the other way. When every block was `recomputed` before its backward
+    /// (ZeRO-3, activation checkpointing), each exchange was planned twice, with the same
+    /// rows, for one backward.
+    pub fn formula_bytes(&self, hidden: u64, dtype_bytes: u64, recomputed: bool) -> u64 {
         let counts = self.plans * (self.ranks - 1) * self.experts_per_rank * 4;
-        counts + 2 * (self.rows_sent + self.rows_received) * hidden * dtype_bytes
+        let forward = self.rows_sent + self.rows_received;
+        let backward = if recomputed { forward / 2 } else { forward };
+        counts + (forward + backward) * hidden * dtype_bytes
     }
 }
 

@@ -57,7 +57,7 @@ impl Zero3 {
     /// `full`. `placement`: memory, or files on disk (parameter chunks and moments).
     pub fn from_full(
         params: &Params,
-        full: AdamW,
+        full: &AdamW,
         rank: usize,
         ranks: usize,
         placement: &Placement,
@@ -67,7 +67,7 @@ impl Zero3 {
                 "ZeRO-3 shards dense weights: a base resting quantised cannot be sharded"
             ));
         }
-        let mut z = Self::empty(&full, ranks, placement);
+        let mut z = Self::empty(full, ranks, placement);
         for (name, var) in params.iter() {
             let values: Vec<f32> = var
                 .as_tensor()
@@ -91,22 +91,22 @@ impl Zero3 {
         Ok(z)
     }
 
-    /// Built one parameter at a time from `init` (which calls its argument with each name, shape
-    /// and values), keeping only this rank's chunks: the whole model never exists on one rank,
-    /// so models larger than a rank's memory can be initialised.
-    pub fn from_init(
-        init: impl FnOnce(&mut crate::models::llama::ParamSink) -> Result<()>,
-        adam: AdamW,
+    /// A freshly initialised trainable parameter: this rank's chunk, zero moments. Called one
+    /// parameter at a time (streamed initialisation), the whole model never exists on one
+    /// rank, so models larger than a rank's memory can be initialised.
+    pub fn add_fresh(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
         rank: usize,
-        ranks: usize,
         placement: &Placement,
-    ) -> Result<Self> {
-        let mut z = Self::empty(&adam, ranks, placement);
-        init(&mut |name, shape, values| z.add(name, shape, &values, None, None, rank, placement))?;
-        Ok(z)
+    ) -> Result<()> {
+        self.add(name, shape, values, None, None, rank, placement)
     }
 
-    fn empty(full: &AdamW, ranks: usize, placement: &Placement) -> Self {
+    /// No parameters yet, over `ranks`, with `full`'s optimizer settings and step.
+    pub fn empty(full: &AdamW, ranks: usize, placement: &Placement) -> Self {
         Self {
             entries: Vec::new(),
             ranks,
@@ -166,6 +166,11 @@ impl Zero3 {
             frozen,
         });
         Ok(())
+    }
+
+    /// Whether `name` is one of these shards' parameters.
+    pub fn holds(&self, name: &str) -> bool {
+        self.chunks.contains_key(name)
     }
 
     /// Whether `name` is a frozen weight (no variable, no gradient).
@@ -305,8 +310,9 @@ impl Zero3 {
 
 /// Gathers a block's parameters on demand (in the compute dtype).
 pub struct Zero3Source<'a> {
-    pub zero: &'a Zero3,
-    pub comm: &'a dyn Communicator,
+    /// Each set of shards with the group it is sharded over (under expert parallelism the
+    /// experts' over the ranks holding the same experts, the rest over data parallel).
+    pub shards: Vec<(&'a Zero3, &'a dyn Communicator)>,
     pub block_params: Vec<Vec<String>>,
     pub dtype: DType,
 }
@@ -315,8 +321,13 @@ impl ParamSource for Zero3Source<'_> {
     fn acquire(&mut self, block: usize) -> Result<Params> {
         let mut p = Params::new();
         for name in &self.block_params[block] {
-            let t = self.zero.gather(self.comm, name)?.to_dtype(self.dtype)?;
-            match self.zero.is_frozen(name) {
+            let (zero, comm) = self
+                .shards
+                .iter()
+                .find(|(z, _)| z.holds(name))
+                .ok_or_else(|| crate::msg!("ZeRO-3: no shards hold `{name}`"))?;
+            let t = zero.gather(*comm, name)?.to_dtype(self.dtype)?;
+            match zero.is_frozen(name) {
                 true => p.insert_frozen(name.clone(), t),
                 false => p.insert(name.clone(), Var::from_tensor(&t)?),
             }

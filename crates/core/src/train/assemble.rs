@@ -308,6 +308,7 @@ impl<M: ModelFamily> Engine<M> {
                     ep,
                     expert_data,
                     zero: None,
+                    zero3: None,
                 })
             }
             None => None,
@@ -342,13 +343,36 @@ impl<M: ModelFamily> Engine<M> {
             (Some(c), 3) => {
                 let fresh = AdamW::new(opt.cfg.clone());
                 let full = std::mem::replace(&mut opt, fresh);
+                let timeout = std::time::Duration::from_secs(cfg.parallel.timeout_s);
+                let (rank, ranks) = (c.rank(), c.size());
                 let z = match seed {
+                    // One parameter at a time, keeping this rank's chunks (and experts).
                     Some(seed) => {
-                        let specs = model.param_specs();
-                        let init = |f: &mut crate::models::ParamSink| init_each(&specs, seed, f);
-                        Zero3::from_init(init, full, c.rank(), c.size(), &placement)?
+                        // The whole model's parameters in order: the same values as one rank.
+                        let whole = model.without_expert_parallel();
+                        let specs = whole.as_ref().unwrap_or(&model).param_specs();
+                        let mut z = Zero3::empty(&full, ranks, &placement);
+                        if let Some(e) = &mut ep {
+                            e.start_zero3(&full, &placement, timeout);
+                        }
+                        init_each(&specs, seed, &mut |name, shape, values| {
+                            if let Some(e) = &mut ep {
+                                if e.take_fresh(name, shape, &values, &placement)? {
+                                    return Ok(());
+                                }
+                            }
+                            z.add_fresh(name, shape, &values, rank, &placement)
+                        })?;
+                        z
                     }
-                    None => Zero3::from_full(&params, full, c.rank(), c.size(), &placement)?,
+                    None => {
+                        // Under expert parallelism the experts shard over their own group.
+                        let dense = match &mut ep {
+                            Some(e) => &e.shard_experts3(&params, &full, &placement, timeout)?,
+                            None => &params,
+                        };
+                        Zero3::from_full(dense, &full, rank, ranks, &placement)?
+                    }
                 };
                 // Only the shards stay: the full weights are gathered block by block.
                 params = Params::new();

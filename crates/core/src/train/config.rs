@@ -189,10 +189,10 @@ impl ParallelConfig {
                 self.ep
             ));
         }
-        if self.ep > 1 && (self.sp > 1 || self.zero_stage == 3) {
+        if self.ep > 1 && self.sp > 1 {
             return Err(format!(
-                "parallel.ep = {} with sp = {}, zero_stage = {}: expert parallelism combines with data, tensor (attention) and pipeline parallelism and ZeRO stages 1–2 only so far",
-                self.ep, self.sp, self.zero_stage
+                "parallel.ep = {} with parallel.sp = {} is not implemented: expert parallelism combines with data, tensor (attention) and pipeline parallelism and ZeRO",
+                self.ep, self.sp
             ));
         }
         if self.pp > 1 && self.zero_stage == 3 {

@@ -7,7 +7,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::TrainerState;
-use super::expert_parallel::{EpRank, ExpertGrads, ExpertSplitSink, ExpertZeroSink};
+use super::expert_parallel::{
+    EpRank, ExpertGrads, ExpertSplitSink, ExpertZero3Sink, ExpertZeroSink,
+};
 use super::grad_norm::NormGroups;
 use super::pipeline::PpRank;
 use super::step::{Sink, StepGrads, ToF32, Weights};
@@ -154,7 +156,10 @@ impl<M: ModelFamily> Engine<M> {
                 let ep = self.ep.as_ref().expect("checked");
                 Sink::ExpertZero(ExpertZeroSink::new((c, z), ep, ready, bucket)?)
             }
-            (Some(c), _, Some(z3)) => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
+            (Some(c), _, Some(z3)) => match &self.ep {
+                Some(ep) => Sink::ExpertZero3(ExpertZero3Sink::new((z3, c), ep, ready)?),
+                None => Sink::Zero3(Zero3GradSink::new(z3, c, ready)),
+            },
             (Some(c), Some(z), _) => {
                 let placement = &z.placement;
                 Sink::Zero(ZeroGradSink::new(
@@ -218,6 +223,7 @@ impl<M: ModelFamily> Engine<M> {
         drop(weights);
         let grads = match sink {
             Sink::Zero3(z) => StepGrads::Chunks(z.finish()?),
+            Sink::ExpertZero3(z) => StepGrads::Chunks(z.finish()?),
             Sink::Zero(z) => StepGrads::Shard(z.finish()?),
             Sink::Data(d) => StepGrads::Full(d.finish()?),
             Sink::Expert(e) => StepGrads::Full(e.finish()?),
@@ -321,7 +327,11 @@ impl<M: ModelFamily> Engine<M> {
         let lr = self.schedule.lr(self.state.step as usize);
         if may_step {
             match grads {
-                StepGrads::Chunks(chunks) => {
+                StepGrads::Chunks(mut chunks) => {
+                    if let Some(ez) = self.ep.as_mut().and_then(|e| e.zero3.as_mut()) {
+                        let experts = chunks.extract_if(|n, _| ez.holds(n)).collect();
+                        ez.step(experts, lr, clip, grad_norm)?;
+                    }
                     let z3 = self.zero3.as_mut().expect("chunks only under ZeRO-3");
                     z3.step(chunks, lr, clip, grad_norm)?;
                     self.state.optimizer_step = z3.adam.step;
@@ -376,9 +386,10 @@ impl<M: ModelFamily> Engine<M> {
             let blocks = (0..self.model.num_blocks())
                 .map(|b| self.model.block_param_names(b))
                 .collect();
+            let mut shards = vec![(z, comm)];
+            shards.extend(self.ep.as_ref().and_then(EpRank::zero3));
             return Ok(Weights::Zero3(Zero3Source {
-                zero: z,
-                comm,
+                shards,
                 block_params: blocks,
                 dtype,
             }));

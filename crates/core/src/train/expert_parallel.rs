@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{Device, Tensor, Var};
 
@@ -13,7 +14,7 @@ use crate::exec::{GradAccumulator, Hooks};
 use crate::optim::{AdamW, Moment};
 use crate::parallel::expert::ExpertParallel;
 use crate::parallel::{DataParallelSink, FlatLayout, Placement, StateBuf};
-use crate::parallel::{ZeroGradSink, ZeroOptimizer};
+use crate::parallel::{Zero3, Zero3GradSink, ZeroGradSink, ZeroOptimizer};
 use crate::params::{Grads, Params};
 use crate::Result;
 
@@ -24,6 +25,8 @@ pub(crate) struct EpRank {
     /// Under ZeRO 1–2: the experts' optimizer, sharded over `expert_data` (then always set: a
     /// world of one when no other rank holds these experts).
     pub zero: Option<ZeroOptimizer>,
+    /// Under ZeRO-3: the experts' weights and state, sharded over `expert_data` (set likewise).
+    pub zero3: Option<Zero3>,
 }
 
 impl EpRank {
@@ -70,18 +73,10 @@ impl EpRank {
         params: &Params,
         full: &AdamW,
         placement: &Placement,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<Params> {
-        let (mut dense, mut experts) = (Params::new(), Params::new());
-        for (name, var) in params.iter() {
-            match ExpertParallel::expert_of(name) {
-                Some(_) => experts.insert(name, var.clone()),
-                None => dense.insert(name, var.clone()),
-            }
-        }
-        let comm = self
-            .expert_data
-            .get_or_insert_with(|| Box::new(crate::dist::LocalComm::alone(timeout)));
+        let (dense, experts) = split_params(params);
+        let comm = self.expert_data_comm(timeout);
         let layout = FlatLayout::new(&experts, comm.size());
         let at = placement.within("experts");
         let z = ZeroOptimizer::from_full(stage, layout, comm.rank(), full, &at)?;
@@ -89,9 +84,64 @@ impl EpRank {
         Ok(dense)
     }
 
+    /// Under ZeRO-3: shards this rank's experts (weights and `full`'s moments) over the
+    /// expert-data group and returns the rest of `params`, which ZeRO-3 shards over the whole
+    /// data-parallel group.
+    pub fn shard_experts3(
+        &mut self,
+        params: &Params,
+        full: &AdamW,
+        placement: &Placement,
+        timeout: Duration,
+    ) -> Result<Params> {
+        let (dense, experts) = split_params(params);
+        let comm = self.expert_data_comm(timeout);
+        let (rank, size) = (comm.rank(), comm.size());
+        self.zero3 = Some(Zero3::from_full(&experts, full, rank, size, placement)?);
+        Ok(dense)
+    }
+
+    /// Under ZeRO-3 with streamed initialisation: empty expert shards for [`Self::take_fresh`].
+    pub fn start_zero3(&mut self, adam: &AdamW, placement: &Placement, timeout: Duration) {
+        let size = self.expert_data_comm(timeout).size();
+        self.zero3 = Some(Zero3::empty(adam, size, placement));
+    }
+
+    /// A freshly initialised parameter of the whole model: one of this rank's experts goes into
+    /// its expert shards, another rank's is dropped (both `true`); any other is the caller's.
+    pub fn take_fresh(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+        placement: &Placement,
+    ) -> Result<bool> {
+        if ExpertParallel::expert_of(name).is_none() {
+            return Ok(false);
+        }
+        if self.ep.holds(name) {
+            let rank = self.expert_data.as_ref().map_or(0, |c| c.rank());
+            let z = self.zero3.as_mut().expect("start_zero3 first");
+            z.add_fresh(name, shape, values, rank, placement)?;
+        }
+        Ok(true)
+    }
+
+    /// The ranks holding the same experts: a world of one when no other rank does.
+    fn expert_data_comm(&mut self, timeout: Duration) -> &dyn Communicator {
+        &**self
+            .expert_data
+            .get_or_insert_with(|| Box::new(crate::dist::LocalComm::alone(timeout)))
+    }
+
     /// The experts' sharded optimizer and the group it is sharded over (under ZeRO).
     pub fn zero(&self) -> Option<(&ZeroOptimizer, &dyn Communicator)> {
         self.zero.as_ref().zip(self.expert_data.as_deref())
+    }
+
+    /// The experts' ZeRO-3 shards and the group they are sharded over.
+    pub fn zero3(&self) -> Option<(&Zero3, &dyn Communicator)> {
+        self.zero3.as_ref().zip(self.expert_data.as_deref())
     }
 
     /// Whole weights from every rank's experts (a collective over the group).
@@ -167,6 +217,18 @@ impl EpRank {
             .map(|r| Ok(all.get(r)?.to_device(t.device())?))
             .collect()
     }
+}
+
+/// (non-expert, expert) parameters of `params`.
+fn split_params(params: &Params) -> (Params, Params) {
+    let (mut dense, mut experts) = (Params::new(), Params::new());
+    for (name, var) in params.iter() {
+        match ExpertParallel::expert_of(name) {
+            Some(_) => experts.insert(name, var.clone()),
+            None => dense.insert(name, var.clone()),
+        }
+    }
+    (dense, experts)
 }
 
 /// `gathered` in a whole model's order: `mine`'s, each layer's experts (all of them, by
@@ -301,5 +363,43 @@ impl Hooks for ExpertSplitSink<'_> {
             ExpertGrads::Summed(s) => s.after_backward(block, experts),
             ExpertGrads::Local(l) => l.after_backward(block, experts),
         }
+    }
+}
+
+/// Gradients under expert parallelism with ZeRO-3: non-expert ones reduce-scattered into this
+/// rank's chunks over the data-parallel group, expert ones over the expert-data group.
+pub(crate) struct ExpertZero3Sink<'a> {
+    dense: Zero3GradSink<'a>,
+    experts: Zero3GradSink<'a>,
+}
+
+impl<'a> ExpertZero3Sink<'a> {
+    pub fn new(
+        dense: (&'a Zero3, &'a dyn Communicator),
+        ep: &'a EpRank,
+        ready: HashMap<String, usize>,
+    ) -> Result<Self> {
+        let (ez, ec) = ep
+            .zero3()
+            .ok_or_else(|| crate::msg!("ZeRO-3 experts not set up"))?;
+        Ok(Self {
+            dense: Zero3GradSink::new(dense.0, dense.1, ready.clone()),
+            experts: Zero3GradSink::new(ez, ec, ready),
+        })
+    }
+
+    /// This rank's gradient chunks, of both kinds (their names are distinct).
+    pub fn finish(self) -> Result<HashMap<String, StateBuf>> {
+        let mut chunks = self.dense.finish()?;
+        chunks.extend(self.experts.finish()?);
+        Ok(chunks)
+    }
+}
+
+impl Hooks for ExpertZero3Sink<'_> {
+    fn after_backward(&mut self, block: usize, grads: Vec<(String, Tensor)>) -> Result<()> {
+        let (experts, dense) = split_experts(grads);
+        self.dense.after_backward(block, dense)?;
+        self.experts.after_backward(block, experts)
     }
 }

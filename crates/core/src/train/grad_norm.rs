@@ -78,18 +78,21 @@ impl NormGroups<'_> {
     }
 
     /// Norm from this rank's ZeRO-3 gradient chunks (zero-padded, so padding adds nothing).
+    /// Summed over `dp`, every element counts once, experts' too: each is in one chunk of the
+    /// one expert-data group holding it.
     pub fn of_chunks(
         &self,
         chunks: &std::collections::HashMap<String, StateBuf>,
         dp: &dyn Communicator,
     ) -> Result<f64> {
+        let plain = NormGroups { ep: None, ..*self };
         let mut names: Vec<&String> = chunks.keys().collect();
         names.sort();
         let mut sq = SqSum::default();
         for name in names {
-            sq.add_all(&chunks[name], self.weight(name))?;
+            sq.add_all(&chunks[name], plain.weight(name))?;
         }
-        self.total(sq.total()?, Some(dp))
+        plain.total(sq.total()?, Some(dp))
     }
 
     /// Norm from this rank's ZeRO shard of the flat gradient.

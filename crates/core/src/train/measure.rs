@@ -57,19 +57,25 @@ impl<M: ModelFamily> Engine<M> {
 
     /// Bytes of model state this rank keeps on disk.
     pub fn offloaded_bytes(&self) -> u64 {
-        let experts = self.ep.as_ref().and_then(|e| e.zero.as_ref());
+        let ep = self.ep.as_ref();
         self.zero3
             .as_ref()
             .map(Zero3::offloaded_bytes)
             .or(self.zero.as_ref().map(ZeroOptimizer::offloaded_bytes))
             .unwrap_or(0)
-            + experts.map_or(0, ZeroOptimizer::offloaded_bytes)
+            + ep.and_then(|e| e.zero.as_ref())
+                .map_or(0, ZeroOptimizer::offloaded_bytes)
+            + ep.and_then(|e| e.zero3.as_ref())
+                .map_or(0, Zero3::offloaded_bytes)
     }
 
     /// Bytes this rank holds in memory for (parameters, gradients, optimizer moments), fp32.
     pub fn memory_bytes(&self) -> (u64, u64, u64) {
         if let Some(z) = &self.zero3 {
-            return z.memory();
+            let (p, g, o) = z.memory();
+            let experts = self.ep.as_ref().and_then(|e| e.zero3.as_ref());
+            let (ep, eg, eo) = experts.map_or((0, 0, 0), Zero3::memory);
+            return (p + ep, g + eg, o + eo);
         }
         match (&self.zero, self.ep.as_ref().and_then(|e| e.zero.as_ref())) {
             (Some(z), Some(e)) => {

@@ -6,8 +6,11 @@ use candle_core::DType;
 
 use super::checkpoint::{self};
 use super::engine::Engine;
+use super::expert_parallel::EpRank;
+use crate::dist::Communicator;
 use crate::models::ModelFamily;
 use crate::optim::AdamW;
+use crate::parallel::Zero3;
 use crate::params::Params;
 use crate::{Error, Result};
 
@@ -26,7 +29,7 @@ impl<M: ModelFamily> Engine<M> {
     /// tensor-parallel slices (collectives over those groups).
     pub(super) fn stage_params(&self) -> Result<Params> {
         let mine = match (&self.zero3, self.comm.as_deref()) {
-            (Some(z), Some(c)) => z.gather_full(c)?.0,
+            (Some(z), Some(c)) => self.gather_zero3(z, c)?.0,
             _ => self.params.clone(),
         };
         let mine = match &self.tp {
@@ -45,7 +48,7 @@ impl<M: ModelFamily> Engine<M> {
         let comm = self.comm.as_deref();
         // This rank's (tensor-parallel slices of the) weights and moments, whole over ZeRO.
         let (mine, opt) = match (&self.zero3, &self.zero, comm) {
-            (Some(z), _, Some(c)) => z.gather_full(c)?,
+            (Some(z), _, Some(c)) => self.gather_zero3(z, c)?,
             (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
             _ => (self.params.clone(), self.opt_copy()),
         };
@@ -68,6 +71,23 @@ impl<M: ModelFamily> Engine<M> {
             Some(p) => p.gather(&self.model, &params, &opt, self.ep.as_ref()),
             None => Ok(Some((params, opt))),
         }
+    }
+
+    /// This rank's weights and moments whole over ZeRO-3's shards (a collective), its experts'
+    /// from their own group's, in the model's order.
+    fn gather_zero3(&self, z: &Zero3, c: &dyn Communicator) -> Result<(Params, AdamW)> {
+        let (params, mut opt) = z.gather_full(c)?;
+        let Some((ez, ec)) = self.ep.as_ref().and_then(EpRank::zero3) else {
+            return Ok((params, opt));
+        };
+        let (experts, expert_opt) = ez.gather_full(ec)?;
+        opt.m.extend(expert_opt.m);
+        opt.v.extend(expert_opt.v);
+        let mut ordered = Params::new();
+        for (name, _) in self.model.param_shapes() {
+            ordered.insert(&name, params.var(&name).or(experts.var(&name))?.clone());
+        }
+        Ok((ordered, opt))
     }
 
     /// Waits for every rank of the job.

@@ -18,6 +18,7 @@ pub(super) enum Sink<'a> {
     Zero(ZeroGradSink<'a>),
     Expert(super::expert_parallel::ExpertSplitSink<'a>),
     ExpertZero(super::expert_parallel::ExpertZeroSink<'a>),
+    ExpertZero3(super::expert_parallel::ExpertZero3Sink<'a>),
 }
 
 impl<'a> Sink<'a> {
@@ -25,6 +26,7 @@ impl<'a> Sink<'a> {
         match self {
             Sink::Local(l) => l,
             Sink::Zero3(z) => z,
+            Sink::ExpertZero3(z) => z,
             Sink::Data(d) => {
                 d.last_micro_batch = last_micro_batch;
                 d

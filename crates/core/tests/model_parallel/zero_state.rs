@@ -20,7 +20,7 @@ use super::skipnet::{batch, init, loss_fn, SkipNet, LR, MAX_NORM, MICRO, STEPS, 
 pub fn zero3_run(placement: impl Fn(usize) -> Placement + Sync, on_device: bool) -> Vec<Run> {
     run_local(2, T, |comm| {
         let (r, n) = (comm.rank(), comm.size());
-        let mut z = Zero3::from_full(&init(), adamw(), r, n, &placement(r))?;
+        let mut z = Zero3::from_full(&init(), &adamw(), r, n, &placement(r))?;
         assert_eq!(z.on_device(), on_device, "where ZeRO-3 keeps its chunks");
         let block_params = (0..SkipNet.num_blocks())
             .map(|b| SkipNet.block_param_names(b))
@@ -29,8 +29,7 @@ pub fn zero3_run(placement: impl Fn(usize) -> Placement + Sync, on_device: bool)
         for step in 0..STEPS {
             let mut sink = Zero3GradSink::new(&z, &comm, grad_ready_block(&SkipNet));
             let mut source = Zero3Source {
-                zero: &z,
-                comm: &comm,
+                shards: vec![(&z, &comm)],
                 block_params: Vec::clone(&block_params),
                 dtype: DType::F32,
             };
