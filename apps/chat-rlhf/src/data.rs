@@ -74,6 +74,25 @@ pub fn my_micro_batches<T>(batch: &[T], mbs: usize, rank: usize, ranks: usize) -
     batch.chunks(mbs).skip(rank).step_by(ranks).collect()
 }
 
+/// This rank's micro-batches of `rows` for a pass all ranks make together (forwards are
+/// collectives under ZeRO-3 and expert parallelism): then every rank runs as many rounds, one
+/// past the end repeating the first micro-batch, marked uncounted (`false`).
+pub fn lockstep_micro_batches<'a, T>(
+    policy: &Trainer,
+    rows: &'a [T],
+    mbs: usize,
+) -> Vec<(&'a [T], bool)> {
+    let mine = my_micro_batches(rows, mbs, policy.rank(), policy.ranks());
+    if !policy.forwards_in_lockstep() {
+        return mine.into_iter().map(|c| (c, true)).collect();
+    }
+    let rounds = rows.len().div_ceil(mbs).div_ceil(policy.ranks());
+    let first = &rows[..mbs.min(rows.len())];
+    (0..rounds)
+        .map(|r| mine.get(r).map_or((first, false), |c| (*c, true)))
+        .collect()
+}
+
 /// Right-padded ids (B, T) and attention inputs (causal, padding keys masked); T is rounded up
 /// to a multiple of `multiple` (sequence parallelism cuts rows into equal chunks).
 pub fn padded(
@@ -153,10 +172,13 @@ where
     let rows: Vec<&Record> = rows.iter().collect();
     let mbs = policy.cfg.train.micro_batch_size;
     let mut sum = 0.0;
-    for chunk in my_micro_batches(&rows, mbs, policy.rank(), policy.ranks()) {
+    for (chunk, counted) in lockstep_micro_batches(policy, &rows, mbs) {
         let mb = make(chunk)?;
         let ids = mb.inputs.get(colossal_core::exec::IDS)?;
         let loss = policy.forward_map(ids, &mb.ctx, |out| {
+            if !counted {
+                return Ok(Tensor::zeros(1, DType::F32, out.device())?);
+            }
             let out = colossal_core::exec::Acts::one(colossal_core::exec::LOGITS, out.clone());
             Ok((mb.loss_fn)(&out)?.to_dtype(DType::F32)?)
         })?;

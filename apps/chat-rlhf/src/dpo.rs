@@ -18,14 +18,14 @@ use crate::config::LossChoice;
 use crate::data::{forward_each, my_micro_batches, shifted_mask, trainer_inputs};
 use crate::loss::preference::kto_per_example;
 use crate::loss::{row_sum, PairLogps, PreferenceLoss};
-use crate::reference::Frozen;
+use crate::reference::Reference;
 use crate::session::{step_metrics, Method, Metrics};
 
 pub struct Dpo {
     pub loss: LossChoice,
     pub pad: u32,
     /// The frozen start (needed by DPO, IPO and KTO).
-    pub reference: Option<Frozen>,
+    pub reference: Option<Reference>,
 }
 
 /// (pairs, margin > 0, margin sum, chosen reward sum, rejected reward sum, loss sum).
@@ -66,7 +66,10 @@ impl Dpo {
         let mask = shifted_mask(&labels, inputs.dim(1)?, policy.device()).map_err(err)?;
         let lens = mask.sum(1)?;
         let reference = match &self.reference {
-            Some(r) => Some(row_sum(&r.token_logps(&inputs, &ctx).map_err(err)?, &mask)?.detach()),
+            Some(r) => {
+                let logps = r.token_logps(policy, &inputs, &ctx).map_err(err)?;
+                Some(row_sum(&logps, &mask)?.detach())
+            }
             None => None,
         };
         let (loss, beta) = (self.loss, self.beta());

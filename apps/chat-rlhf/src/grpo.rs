@@ -21,7 +21,7 @@ use crate::config::{ChatConfig, GenerationSection, GrpoSection};
 use crate::data::my_micro_batches;
 use crate::loss::ppo::{group_advantages, policy_loss_sum};
 use crate::loss::KlEstimator;
-use crate::reference::Frozen;
+use crate::reference::{Frozen, Reference};
 use crate::reward::rewards;
 use crate::rollout::{gsm8k_reward, my_rollouts, Rollout};
 use crate::session::{step_metrics, Method, Metrics};
@@ -36,7 +36,7 @@ pub struct Grpo {
     gen: GenerationSection,
     pad: u32,
     seed: u64,
-    reference: Frozen,
+    reference: Reference,
     reward: Reward,
 }
 
@@ -71,7 +71,7 @@ impl Grpo {
             );
         }
         Ok(Self {
-            reference: Frozen::reference(policy, &start, false)?,
+            reference: Reference::of(policy, &start, false)?,
             cfg,
             gen: c.generation.clone(),
             pad: crate::run::pad_id(c, policy),
@@ -161,7 +161,7 @@ impl Method for Grpo {
             let scores = self.score(&ro, policy)?;
             let adv = group_advantages(&scores, k, 1e-4, self.cfg.scale_rewards);
             let (ids, ctx) = ro.inputs(policy, self.pad, DType::F32)?;
-            let ref_logp = ro.gather(&self.reference.token_logps(&ids, &ctx)?)?;
+            let ref_logp = ro.gather(&self.reference.token_logps(policy, &ids, &ctx)?)?;
             local[0] += ro.len() as f64;
             local[1] += scores.iter().map(|&s| s as f64).sum::<f64>();
             local[2] += scores

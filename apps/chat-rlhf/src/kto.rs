@@ -8,9 +8,9 @@ use colossal_core::train::Trainer;
 use colossal_data::chat::encode::IGNORE;
 use colossal_data::chat::prep::Record;
 
-use crate::data::{my_micro_batches, shifted_mask, trainer_inputs};
+use crate::data::{lockstep_micro_batches, shifted_mask, trainer_inputs};
 use crate::loss::row_sum;
-use crate::reference::Frozen;
+use crate::reference::Reference;
 
 /// Prompt tokens (labels IGNORE) and answer tokens (the labelled rest) of a row.
 fn split(ids: &[u32], labels: &[i64]) -> (Vec<u32>, Vec<u32>) {
@@ -57,7 +57,7 @@ pub fn kl_rows(
 /// z0 for `batch` (every rank calls this with the same global batch and takes its share).
 pub fn reference_point(
     policy: &Trainer,
-    reference: &Frozen,
+    reference: &Reference,
     batch: &[&Record],
     pad: u32,
 ) -> Result<f64> {
@@ -78,15 +78,17 @@ pub fn reference_point(
     let mbs = policy.cfg.train.micro_batch_size;
     let layout = policy.output_layout();
     let mut sum = 0.0f64;
-    for which in my_micro_batches(&index, mbs, policy.rank(), policy.ranks()) {
+    for (which, counted) in lockstep_micro_batches(policy, &index, mbs) {
         let (rows, labels) = kl_rows(batch, which, max_len);
         let (inputs, ctx) = trainer_inputs(policy, &rows, pad)?;
         let mask = shifted_mask(&labels, inputs.dim(1)?, policy.device())?;
         let pol = policy.forward_map(&inputs, &ctx, |out| {
             Ok(row_sum(&layout.token_log_probs(out, &inputs)?, &mask)?)
         })?;
-        let refp = row_sum(&reference.token_logps(&inputs, &ctx)?, &mask)?;
-        sum += (pol - refp)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let refp = row_sum(&reference.token_logps(policy, &inputs, &ctx)?, &mask)?;
+        if counted {
+            sum += (pol - refp)?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
     }
     let total = policy.sum_over_ranks(&[sum])?[0];
     Ok((total / (2 * batch.len()) as f64).max(0.0))

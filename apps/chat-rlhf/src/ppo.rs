@@ -21,7 +21,7 @@ use crate::config::{ChatConfig, GenerationSection, PpoSection};
 use crate::data::{count_learned, global_batch, my_micro_batches, ChatSet};
 use crate::loss::masked_sum;
 use crate::loss::ppo::{gae, policy_loss_sum, shaped_rewards, value_loss_sum, whiten};
-use crate::reference::Frozen;
+use crate::reference::{Frozen, Reference};
 use crate::reward::rewards;
 use crate::rollout::{my_rollouts, Rollout};
 use crate::session::{Method, Metrics};
@@ -42,7 +42,7 @@ pub struct Ppo {
     pad: u32,
     seed: u64,
     batch_size: usize,
-    reference: Frozen,
+    reference: Reference,
     reward: Frozen,
     critic: Trainer,
     ptx: Option<ChatSet>,
@@ -97,7 +97,7 @@ impl Ppo {
             _ => None,
         };
         Ok(Self {
-            reference: Frozen::reference(policy, &start, cfg.offload_frozen)?,
+            reference: Reference::of(policy, &start, cfg.offload_frozen)?,
             reward: Frozen::open(&cfg.reward_model, cfg.offload_frozen, policy.device())?,
             cfg,
             gen: c.generation.clone(),
@@ -115,7 +115,7 @@ impl Ppo {
         let layout = policy.output_layout();
         let old_logp = policy.forward_map(&ids, &ctx, |out| layout.token_log_probs(out, &ids))?;
         let old_logp = ro.gather(&old_logp)?;
-        let ref_logp = ro.gather(&self.reference.token_logps(&ids, &ctx)?)?;
+        let ref_logp = ro.gather(&self.reference.token_logps(policy, &ids, &ctx)?)?;
         let critic = self.critic.output_layout();
         let values = self.critic.forward_map(&ids, &ctx, |out| {
             let v = critic.whole_positions(&out.to_dtype(DType::F32)?)?;

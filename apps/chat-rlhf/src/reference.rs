@@ -1,6 +1,7 @@
 //! Frozen models: the reference policy (DPO, PPO and GRPO's KL anchor) and the reward model,
 //! run forward only, block by block, without gradients. Offloaded, a frozen model keeps no
 //! weights in memory: each block's are read from its safetensors files when the block runs.
+//! A LoRA policy's reference is its own frozen base, run in place with the adapters off.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use colossal_core::exec::{llama_inputs, BlockModel, Executor, FullParams, ParamS
 use colossal_core::models::llama::{AttnInputs, Llama, LlamaConfig};
 use colossal_core::params::Params;
 
-use colossal_core::train::OutputLayout;
+use colossal_core::train::{OutputLayout, Trainer};
 
 enum Weights {
     Resident(Params),
@@ -69,40 +70,6 @@ impl Frozen {
         })
     }
 
-    /// A LoRA policy's base as the reference: the policy's frozen weights, shared (not copied),
-    /// run without the adapters.
-    pub fn base_of(policy: &colossal_core::train::Trainer) -> Result<Self> {
-        anyhow::ensure!(
-            policy.model.lora.is_some(),
-            "the policy has no LoRA adapters"
-        );
-        // The reference reads the whole base in place; ZeRO-3 keeps only shards of it.
-        anyhow::ensure!(
-            policy.cfg.parallel.zero_stage != 3,
-            "[lora] with parallel.zero_stage = 3 and a reference model (dpo, ppo, grpo) is not implemented"
-        );
-        let mut model = policy.model.clone();
-        model.lora = None;
-        Ok(Self {
-            model,
-            weights: Weights::Resident(policy.params.clone()),
-            device: policy.device().clone(),
-        })
-    }
-
-    /// The reference of `policy`: its frozen base under LoRA, else the model in `dir`
-    /// (resident, or streamed block by block with `offload`).
-    pub fn reference(
-        policy: &colossal_core::train::Trainer,
-        dir: &Path,
-        offload: bool,
-    ) -> Result<Self> {
-        match policy.model.lora.is_some() {
-            true => Self::base_of(policy),
-            false => Self::open(dir, offload, policy.device()),
-        }
-    }
-
     /// Resident, or (`offload`) streamed from `dir` block by block.
     pub fn open(dir: &Path, offload: bool, device: &Device) -> Result<Self> {
         if !offload {
@@ -139,8 +106,51 @@ impl Frozen {
     }
 
     /// Log-probability of each next token (B, T − 1).
-    pub fn token_logps(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
+    fn token_logps(&self, inputs: &Tensor, ctx: &AttnInputs) -> Result<Tensor> {
         let whole = OutputLayout::default();
         Ok(whole.token_log_probs(&self.forward(inputs, ctx)?, inputs)?)
+    }
+}
+
+/// The KL anchor of DPO, KTO, PPO and GRPO: a frozen model of its own, or a LoRA policy's own
+/// base. The base is not copied: the policy runs with its adapters off, on its weights wherever
+/// they are (sliced under tensor parallelism, gathered block by block under ZeRO-3, resting
+/// quantised under QLoRA), in its compute precision. That is a collective under ZeRO-3, so
+/// every data-parallel rank asks for the same number of reference passes.
+pub enum Reference {
+    Model(Box<Frozen>),
+    PolicyBase,
+}
+
+impl Reference {
+    /// The reference of `policy`: its frozen base under LoRA, else the model in `dir`
+    /// (resident, or streamed block by block with `offload`).
+    pub fn of(policy: &Trainer, dir: &Path, offload: bool) -> Result<Self> {
+        match policy.model.lora.is_some() {
+            true => Ok(Self::PolicyBase),
+            false => Ok(Self::Model(Box::new(Frozen::open(
+                dir,
+                offload,
+                policy.device(),
+            )?))),
+        }
+    }
+
+    /// Log-probability of each next token (B, T − 1), in f32.
+    pub fn token_logps(
+        &self,
+        policy: &Trainer,
+        inputs: &Tensor,
+        ctx: &AttnInputs,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Model(f) => f.token_logps(inputs, ctx),
+            Self::PolicyBase => {
+                let layout = policy.output_layout();
+                let logps = policy
+                    .base_forward_map(inputs, ctx, |out| layout.token_log_probs(out, inputs))?;
+                Ok(logps.to_dtype(DType::F32)?)
+            }
+        }
     }
 }

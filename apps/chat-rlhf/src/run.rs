@@ -49,7 +49,7 @@ pub fn train(
                     LossChoice::Kto { .. } => true,
                 };
                 let reference = match (needs_ref, &c.model.hf_dir) {
-                    (true, Some(dir)) => Some(crate::reference::Frozen::reference(p, dir, false)?),
+                    (true, Some(dir)) => Some(crate::reference::Reference::of(p, dir, false)?),
                     (true, None) => bail!(
                         "[model] hf_dir: {section:?} needs the starting model as its reference"
                     ),

@@ -1,7 +1,8 @@
 //! LoRA in the chat trainers: SFT and DPO train adapters on a frozen policy (loss falls, the
 //! optimizer holds the adapters only), DPO's, PPO's and GRPO's reference is the policy's own
 //! frozen base (DPO's first loss is log 2, PPO's and GRPO's first KL is 0, then PPO's grows),
-//! two ranks under ZeRO-2 give one rank's first step.
+//! two ranks under ZeRO-2 give one rank's first step, and under ZeRO-3 (the base sharded, the
+//! reference gathering it block by block) DPO's first three steps and PPO's first.
 
 use crate::common::*;
 use chat_rlhf::run::train;
@@ -58,7 +59,10 @@ fn sft_and_dpo_train_lora_adapters_on_a_frozen_policy() {
     let pref = hh_pairs(&dir.path().join("pref"), 40, 128);
     let extra = format!("{LORA}[dpo]\nloss = \"dpo\"\nbeta = 0.1\nlabel_smoothing = 0.0\n");
     let mut dpo = config(&model, &pref, &dir.path().join("dpo-run"), &extra);
-    let one = train("dpo", &dpo, None, Some(1)).unwrap().series("loss");
+    let mut three_steps = dpo.clone();
+    three_steps.train.max_steps = 3;
+    let first = train("dpo", &three_steps, None, None).unwrap();
+    let one = first.series("loss");
     let two = train(
         "dpo",
         &zero2(&dpo, &dir.path().join("dpo-z2")),
@@ -77,6 +81,22 @@ fn sft_and_dpo_train_lora_adapters_on_a_frozen_policy() {
         rel(one[0], two[0]) < 1e-6,
         "one rank {one:?} vs ZeRO-2 {two:?}"
     );
+    let z3 = zero3(&three_steps, &dir.path().join("dpo-z3"));
+    let three = train("dpo", &z3, None, None).unwrap();
+    // Evaluation too: a rank with fewer validation pairs runs uncounted ones in step.
+    for (key, n) in [
+        ("loss", 3),
+        ("grad_norm", 3),
+        ("reward_margin", 3),
+        ("val_loss", 1),
+    ] {
+        let (a, b) = (first.series(key), three.series(key));
+        println!("LoRA DPO {key}: one rank {a:?}, ZeRO-3 {b:?}");
+        assert_eq!((a.len(), b.len()), (n, n), "{key}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(rel(*y, *x) < 1e-5, "{key}: one rank {a:?} vs ZeRO-3 {b:?}");
+        }
+    }
     dpo.train.max_steps = 8;
     dpo.train.lr = 1e-2;
     dpo.train.out_dir = dir.path().join("dpo-long");
@@ -122,6 +142,13 @@ fn ppo_and_grpo_with_lora_use_the_frozen_base_as_reference() {
         Some(1),
     )
     .unwrap();
+    let three = train(
+        "ppo",
+        &zero3(&ppo, &dir.path().join("ppo-z3")),
+        None,
+        Some(1),
+    )
+    .unwrap();
     let (kl, loss) = (one.series("kl"), one.series("loss"));
     println!(
         "PPO with LoRA: kl {kl:?}, loss {loss:?}, ZeRO-2 first loss {:?}",
@@ -136,6 +163,20 @@ fn ppo_and_grpo_with_lora_use_the_frozen_base_as_reference() {
     assert!(
         rel(loss[0], two.series("loss")[0]) < 1e-5,
         "one rank vs ZeRO-2"
+    );
+    println!(
+        "PPO with LoRA under ZeRO-3: kl {:?}, loss {:?}",
+        three.series("kl"),
+        three.series("loss")
+    );
+    assert_eq!(
+        three.series("kl")[0],
+        0.0,
+        "ZeRO-3: the base is the reference"
+    );
+    assert!(
+        rel(three.series("loss")[0], loss[0]) < 1e-5,
+        "one rank vs ZeRO-3"
     );
     let mut grpo = lora(&rl.grpo);
     grpo.train.out_dir = dir.path().join("grpo-lora");

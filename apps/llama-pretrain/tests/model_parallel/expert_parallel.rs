@@ -98,9 +98,11 @@ fn run(data: &Path, out: &Path, nproc: usize, extra: &[&str]) -> (Run, Flat, Vec
     (run, moments, figures)
 }
 
-/// Losses, grad norms and whole parameters of 2 steps on `nproc` ranks resumed from `from`.
-fn resumed(data: &Path, out: &Path, nproc: usize, extra: &[&str], from: &Path) -> Run {
-    let cfg = layout_config(data, out, &MODEL, nproc, extra);
+/// Losses, grad norms and whole parameters of 2 steps on `nproc` ranks resumed from `from`,
+/// and then the validation loss over 3 batches (not a multiple of the ranks).
+fn resumed(data: &Path, out: &Path, nproc: usize, extra: &[&str], from: &Path) -> (Run, f64) {
+    let extra = [extra, &["train.eval_batches=3"]].concat();
+    let cfg = layout_config(data, out, &MODEL, nproc, &extra);
     let mut runs = run_local(nproc, Duration::from_secs(120), |comm| {
         let comm: Box<dyn Communicator> = Box::new(comm);
         let comm = (nproc > 1).then_some(comm);
@@ -109,8 +111,9 @@ fn resumed(data: &Path, out: &Path, nproc: usize, extra: &[&str], from: &Path) -
         for _ in 0..2 {
             run.step(t.train_step()?);
         }
+        let val = t.evaluate()?.expect("a validation split");
         run.params = flat(&t.full_params()?);
-        Ok(run)
+        Ok((run, val))
     })
     .unwrap();
     runs.swap_remove(0)
@@ -244,15 +247,22 @@ fn expert_parallel_layouts_match_one_rank() {
         }
     }
     // A whole checkpoint resumes under ZeRO-3 with experts split (each rank reads it and keeps
-    // its chunks of its experts' weights and moments) as on one rank.
+    // its chunks of its experts' weights and moments) as on one rank. Evaluation gathers
+    // weights and exchanges tokens, so a rank without a batch of its own runs an uncounted one.
     let ckpt = tmp.path().join("ref/checkpoints/step-0000004");
-    let one = resumed(&data, &tmp.path().join("resumed"), 1, &[], &ckpt);
-    for (what, nproc) in [
-        ("resumed at ep2 zero-3", 2),
-        ("resumed at dp2×ep2 zero-3", 4),
+    let (one, one_val) = resumed(&data, &tmp.path().join("resumed"), 1, &[], &ckpt);
+    for (what, nproc, extra) in [
+        ("resumed at dp2 zero-3", 2, &[zero3][..]),
+        ("resumed at ep2 zero-3", 2, &[ep, zero3][..]),
+        ("resumed at dp2×ep2 zero-3", 4, &[ep, zero3][..]),
     ] {
-        let got = resumed(&data, &tmp.path().join(what), nproc, &[ep, zero3], &ckpt);
+        let (got, val) = resumed(&data, &tmp.path().join(what), nproc, extra, &ckpt);
         assert_same_run(what, &got, &one, 1e-5);
+        println!("{what}: validation loss {val} (one rank {one_val})");
+        assert!(
+            (val - one_val).abs() <= 1e-5 * one_val,
+            "{what}: validation loss"
+        );
     }
     // Tensor parallelism splits attention (two key/value heads, one a rank); the router and
     // experts stay whole on each tensor rank, and ranks at one tensor position form the

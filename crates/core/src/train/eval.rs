@@ -33,9 +33,9 @@ impl Trainer {
         let mut weights = self.weights(dtype)?;
         let (mut sum, mut count) = (0.0f64, 0usize);
         let mut staged = Vec::new();
-        // Under expert parallelism every rank takes part in every forward's exchanges: all run
-        // the same number of rounds, a rank past the end repeating a batch it does not count.
-        let rounds = match self.ep.is_some() {
+        // Every rank runs the same number of rounds when forwards are collectives, a rank past
+        // the end repeating a batch it does not count.
+        let rounds = match self.forwards_in_lockstep() {
             true => batches.div_ceil(ranks) * ranks,
             false => batches,
         };

@@ -39,6 +39,13 @@ impl<M: ModelFamily> Engine<M> {
         Ok(comm.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?)
     }
 
+    /// Whether every data-parallel rank must run each forward together: its weights are
+    /// gathered (ZeRO-3) or its tokens exchanged (expert parallelism) by collectives. Then a
+    /// rank with fewer batches to evaluate runs uncounted ones until the others are done.
+    pub fn forwards_in_lockstep(&self) -> bool {
+        self.zero3.is_some() || self.ep.is_some()
+    }
+
     /// Whole weights on every rank (a collective over the replica's groups and, under ZeRO-3,
     /// the data-parallel group): what generation runs on.
     pub fn replica_params(&self) -> Result<Params> {
@@ -71,6 +78,34 @@ impl Engine<Llama> {
     where
         F: Fn(&Tensor) -> Result<Tensor>,
     {
+        self.forward_map_on(&self.model, inputs, ctx, f)
+    }
+
+    /// [`Self::forward_map`] on a LoRA policy's frozen base, the adapters off: the reference
+    /// of DPO, PPO and GRPO read in place (under ZeRO-3 gathered block by block, as the
+    /// policy's weights are), not a second copy.
+    pub fn base_forward_map<F>(&self, inputs: &Tensor, ctx: &AttnInputs, f: F) -> Result<Tensor>
+    where
+        F: Fn(&Tensor) -> Result<Tensor>,
+    {
+        if self.model.lora.is_none() {
+            return Err(crate::msg!("the model has no LoRA adapters to turn off"));
+        }
+        let mut base = self.model.clone();
+        base.lora = None;
+        self.forward_map_on(&base, inputs, ctx, f)
+    }
+
+    fn forward_map_on<F>(
+        &self,
+        model: &Llama,
+        inputs: &Tensor,
+        ctx: &AttnInputs,
+        f: F,
+    ) -> Result<Tensor>
+    where
+        F: Fn(&Tensor) -> Result<Tensor>,
+    {
         let dtype = self.cfg.parallel.compute_dtype();
         let ctx = match dtype {
             DType::F32 => ctx.clone(),
@@ -81,7 +116,7 @@ impl Engine<Llama> {
         let Some(pp) = &self.pp else {
             let out = self
                 .executor
-                .forward_with(&self.model, &mut weights, &inputs, &ctx)?;
+                .forward_with(model, &mut weights, &inputs, &ctx)?;
             return f(out.output()?);
         };
         let result = RefCell::new(None);
@@ -93,7 +128,7 @@ impl Engine<Llama> {
                 Ok(Tensor::new(0f32, out.device())?)
             }),
         };
-        pp.runner(&self.model, self.executor)
+        pp.runner(model, self.executor)
             .forward_only(&mut weights, std::slice::from_ref(&mb))?;
         drop(mb);
         let last = pp.comm.size() - 1;

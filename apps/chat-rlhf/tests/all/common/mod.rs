@@ -133,9 +133,18 @@ pub fn config(model: &Path, data: &Path, out: &Path, extra: &str) -> ChatConfig 
 
 /// The same run at nproc = 2 with ZeRO-2.
 pub fn zero2(cfg: &ChatConfig, out: &Path) -> ChatConfig {
+    on_two_ranks(cfg, out, 2)
+}
+
+pub fn zero3(cfg: &ChatConfig, out: &Path) -> ChatConfig {
+    on_two_ranks(cfg, out, 3)
+}
+
+/// `cfg` on two data-parallel ranks with ZeRO stage `stage`, writing to `out`.
+fn on_two_ranks(cfg: &ChatConfig, out: &Path, stage: u8) -> ChatConfig {
     let mut c = cfg.clone();
     c.parallel.nproc = 2;
-    c.parallel.zero_stage = 2;
+    c.parallel.zero_stage = stage;
     c.train.out_dir = out.to_path_buf();
     c
 }
