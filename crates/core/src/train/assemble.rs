@@ -220,7 +220,6 @@ impl<M: ModelFamily> Engine<M> {
                 l.validate(&cfg)?;
                 let mut params = params;
                 let model = super::lora::apply(l, model, &mut params, resume, t.seed)?;
-                l.quantise_base(&model, &mut params)?;
                 (model, params)
             }
             None => (model, params),
@@ -324,6 +323,10 @@ impl<M: ModelFamily> Engine<M> {
             Some(p) => p.keep_mine(&model, &params, &mut opt)?,
             None => params,
         };
+        // QLoRA: what this rank holds (its slices, its stage's layers) rests quantised.
+        if let Some(l) = &cfg.lora {
+            l.quantise_base(&model, &mut params, cfg.parallel.tp)?;
+        }
         if cfg.parallel.precision == Precision::Fp16 && state.loss_scaler.is_none() {
             state.loss_scaler = Some(crate::optim::LossScaler::default());
         }

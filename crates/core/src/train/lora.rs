@@ -91,12 +91,10 @@ impl LoraSection {
                 let block = block.unwrap_or(quant::DEFAULT_BLOCK);
                 kind.check_block(block)
                     .map_err(|e| Error::Config(format!("lora.quant_block_size: {e}")))?;
-                // Slices and stages would quantise in other blocks than one rank does, and
-                // gather and send weights that have no dense form at rest.
-                if p.tp > 1 || p.pp > 1 || p.zero_stage == 3 {
+                // ZeRO-3 shards dense chunks; codes and scales would need their own.
+                if p.zero_stage == 3 {
                     return Err(Error::Config(format!(
-                        "lora.quantize = \"{kind}\" with parallel.tp = {}, parallel.pp = {}, parallel.zero_stage = {} is not implemented",
-                        p.tp, p.pp, p.zero_stage
+                        "lora.quantize = \"{kind}\" with parallel.zero_stage = 3 is not implemented"
                     )));
                 }
                 Ok(())
@@ -106,14 +104,29 @@ impl LoraSection {
     }
 
     /// Rests the frozen base's Linear weights (the head excepted) in `lora.quantize`'s codes,
-    /// if set.
-    pub fn quantise_base<M: ModelFamily>(&self, model: &M, params: &mut Params) -> Result<()> {
+    /// if set. Under tensor parallelism `params` holds slices, quantised in the blocks one
+    /// rank quantises the whole weight in: a block runs along a row, so it must fit a slice's
+    /// row (an error names the weight where it does not).
+    pub fn quantise_base<M: ModelFamily>(
+        &self,
+        model: &M,
+        params: &mut Params,
+        tp: usize,
+    ) -> Result<()> {
         let Some(kind) = self.quantize else {
             return Ok(());
         };
         let block = self.quant_block_size.unwrap_or(quant::DEFAULT_BLOCK);
         let before = params.frozen_bytes();
         let names = lora::frozen_linears(&model.linear_layers(), params);
+        for name in names.iter().filter(|_| tp > 1) {
+            let cols = params.get(name)?.dims().last().copied().unwrap_or(1);
+            if !cols.is_multiple_of(block) {
+                return Err(Error::Config(format!(
+                    "lora.quant_block_size = {block} does not divide the {cols} columns of `{name}` on each of parallel.tp = {tp} ranks: its blocks would straddle the split"
+                )));
+            }
+        }
         params.quantise(&names, kind, block)?;
         tracing::info!(
             %kind,

@@ -30,7 +30,7 @@ impl<M: ModelFamily> Engine<M> {
     pub(super) fn stage_params(&self) -> Result<Params> {
         let mine = match (&self.zero3, self.comm.as_deref()) {
             (Some(z), Some(c)) => self.gather_zero3(z, c)?.0,
-            _ => self.params.clone(),
+            _ => self.params.dense()?,
         };
         let mine = match &self.tp {
             Some(t) => t.gather(&mine)?,
@@ -49,8 +49,8 @@ impl<M: ModelFamily> Engine<M> {
         // This rank's (tensor-parallel slices of the) weights and moments, whole over ZeRO.
         let (mine, opt) = match (&self.zero3, &self.zero, comm) {
             (Some(z), _, Some(c)) => self.gather_zero3(z, c)?,
-            (_, Some(z), Some(c)) => (self.params.clone(), z.gather_full(c)?),
-            _ => (self.params.clone(), self.opt_copy()),
+            (_, Some(z), Some(c)) => (self.params.dense()?, z.gather_full(c)?),
+            _ => (self.params.dense()?, self.opt_copy()),
         };
         // Under ZeRO the experts' moments are sharded over their own group.
         let mut opt = opt;
