@@ -1,14 +1,12 @@
-//! A mixture of experts through the trainer: the load-balancing loss counts per micro-batch,
-//! so data parallelism equals one rank, and expert parallelism (`parallel.ep`: experts split
-//! over data-parallel ranks, tokens exchanged by all-to-all) gives one rank's losses, pre-clip
-//! gradient norms and parameters (every expert, gathered by name) at ep 2 and 4, dp2×ep2,
-//! ep2×pp2, with ZeRO 1–3 (non-expert state sharded over data-parallel ranks, experts' over the
-//! ranks holding the same experts; under ZeRO-3 the weights too) and with tensor parallelism
-//! over attention; the
-//! checkpoint's Adam moments are one rank's too. The bytes
-//! each rank's expert group sends are the rows it moved times the hidden size, as the formula
-//! says.
-
+//! A mixture of experts through the trainer: the load-balancing loss counts per micro-batch, so
+//! data parallelism equals one rank, and expert parallelism (`parallel.ep`: experts split over
+//! data-parallel ranks, tokens exchanged by all-to-all) gives one rank's losses, pre-clip gradient
+//! norms and parameters (every expert, gathered by name) at ep 2 and 4, dp2×ep2, ep2×pp2, with ZeRO
+//! 1–3 (non-expert state sharded over data-parallel ranks, experts' over the ranks holding the same
+//! experts; under ZeRO-3 the weights too) and with tensor parallelism over attention, and with
+//! sequence parallelism (ulysses, ring: the routing sums meet over the sequence group); the
+//! checkpoint's Adam moments are one rank's too. The bytes each rank's expert group sends are the
+//! rows it moved times the hidden size, as the formula says.
 use std::path::Path;
 use std::time::Duration;
 
@@ -246,6 +244,18 @@ fn expert_parallel_layouts_match_one_rank() {
             }
         }
     }
+    // Sequence parallelism: each rank routes its part of every sequence, and the sums behind
+    // the load-balancing and z losses meet over the sequence group.
+    let (ulysses, ring) = ("parallel.sp_mode=\"ulysses\"", "parallel.sp_mode=\"ring\"");
+    let sp: [(&str, usize, &[&str]); 3] = [
+        ("ulysses sp2", 2, &["parallel.sp=2", ulysses]),
+        ("ring sp2", 2, &["parallel.sp=2", ring]),
+        ("dp2×ring sp2 zero-2", 4, &["parallel.sp=2", ring, zero2]),
+    ];
+    for (what, nproc, extra) in sp {
+        let got = run(&data, &tmp.path().join(what), nproc, extra);
+        assert_layout(what, &got, &(reference.clone(), ref_moments.clone()));
+    }
     // A whole checkpoint resumes under ZeRO-3 with experts split (each rank reads it and keeps
     // its chunks of its experts' weights and moments) as on one rank. Evaluation gathers
     // weights and exchanges tokens, so a rank without a batch of its own runs an uncounted one.
@@ -299,11 +309,22 @@ fn expert_parallel_layouts_match_one_rank() {
         let (got, _, _) = run(&data, &tmp.path().join(what), nproc, &extra);
         assert_same_run(what, &got, &reference, 1e-5);
     }
-    // Not implemented: experts split with sequence parallelism, refused by name.
+    // Not implemented, refused by name: experts split with sequence parallelism, and expert
+    // capacity (which ranks a micro-batch's tokens) over a split sequence.
     let cfg = layout_config(&data, tmp.path(), &MODEL, 4, &[ep, "parallel.sp=2"]);
     let err = cfg.parallel.validate().unwrap_err();
     println!("ep2 sp2: {err}");
     assert!(err.contains("parallel.ep = 2 with parallel.sp = 2 is not implemented"));
+    let sets = ["parallel.sp=2", ulysses, "model.config.capacity_factor=1.0"];
+    let cfg = layout_config(&data, &tmp.path().join("cap-sp"), &MODEL, 2, &sets);
+    let err = run_local(2, Duration::from_secs(60), |comm| {
+        let comm: Box<dyn Communicator> = Box::new(comm);
+        Trainer::new_rank(cfg.clone(), None, Device::Cpu, Some(comm)).map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    println!("capacity with sp2: {err}");
+    assert!(err.contains("parallel.sp = 2 with capacity_factor = 1 is not implemented"));
     // Expert capacity drops the same slots wherever the experts live.
     let cap = "model.config.capacity_factor=1.0";
     let (reference, _, _) = run(&data, &tmp.path().join("ref-cap"), 1, &[cap]);

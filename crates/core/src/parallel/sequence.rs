@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
-use crate::dist::autograd::{all_to_all, ring_shift};
+use crate::dist::autograd::{all_to_all, reduce_from, ring_shift};
 use crate::dist::Group;
 use crate::models::llama::regions::{attention, repeat_kv};
 use crate::models::llama::{AttnInputs, Kernels, Llama, Regions};
@@ -69,14 +69,24 @@ pub fn shard_inputs(inp: &AttnInputs, sp: usize, rank: usize) -> Result<AttnInpu
     let mine = index(&local_positions(t, sp, rank)?, dev)?;
     let order = index(&gathered_order(t, sp)?, dev)?;
     // Rows in gathered order: only the dense bias describes them.
-    Ok(AttnInputs::with_bias(
+    let mut out = AttnInputs::with_bias(
         inp.cos.index_select(&mine, 1)?,
         inp.sin.index_select(&mine, 1)?,
         inp.bias()?
             .index_select(&order, 2)?
             .index_select(&order, 3)?
             .contiguous()?,
-    ))
+    );
+    // Which of this rank's tokens are padding (a mixture of experts' load-balancing loss
+    // weighs tokens by it).
+    if inp.mask.as_ref().is_some_and(|m| m.past_len == 0) {
+        let whole = inp.token_valid(inp.cos.dim(0)? * t)?;
+        let positions = local_positions(t, sp, rank)?;
+        let rows = whole.chunks(t);
+        let mine = rows.flat_map(|row| positions.iter().map(|&p| row[p]));
+        out.query_valid = Some(std::sync::Arc::new(mine.collect()));
+    }
+    Ok(out)
 }
 
 /// Columns (dim 1) of `x` (B, T, …) at this rank's positions.
@@ -111,10 +121,10 @@ impl std::fmt::Debug for SequenceParallel {
 /// `peak_block`).
 pub fn parallelize(model: &Llama, group: Group, mode: SpMode) -> Result<(Llama, SequenceParallel)> {
     let (sp, heads) = (group.size(), model.cfg.num_attention_heads);
-    if let Some(e) = model.cfg.num_local_experts {
+    if let Some(f) = model.cfg.capacity_factor {
         return Err(Error::Config(format!(
-            "parallel.sp = {sp} with a mixture-of-experts model (num_local_experts = {e}) is not \
-             implemented: its load-balancing loss reads every token's routing and padding mask"
+            "parallel.sp = {sp} with capacity_factor = {f} is not implemented: expert capacity \
+             ranks every token of a micro-batch, which sequence parallelism splits"
         )));
     }
     if mode == SpMode::Axial {
@@ -242,6 +252,10 @@ impl Online {
 impl Regions for SequenceParallel {
     fn inner(&self) -> Option<&dyn Regions> {
         Some(self.inner.as_ref())
+    }
+
+    fn sequence_sum(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        Ok((reduce_from(x, &self.group)?, self.group.size()))
     }
 
     fn attention(

@@ -188,3 +188,57 @@ fn ring_attention_on_a_sequence_four_times_the_attention_budget() {
         peaks.iter().max().unwrap()
     );
 }
+
+/// A mixture of experts over a split, right-padded sequence: each rank routes its part, its
+/// padding tokens (from the whole batch's mask) count for nothing, and the ranks' shares of
+/// the load-balancing and z losses sum to one rank's.
+#[test]
+fn moe_routing_losses_over_a_split_padded_sequence_match_one_rank() {
+    use colossal_core::exec::{llama_inputs, FullParams};
+    use colossal_core::models::ModelFamily;
+    let mut cfg = config(4);
+    cfg.num_local_experts = Some(4);
+    cfg.num_experts_per_tok = Some(2);
+    cfg.router_aux_loss_coef = Some(0.5);
+    cfg.router_z_loss_coef = Some(0.1);
+    let model = Llama::new(cfg).unwrap();
+    let params = init_params(&model, 5, &Device::Cpu).unwrap();
+    let (ids, _) = batch(0, SEQ);
+    // The second row ends in 6 padding tokens.
+    let mask: Vec<Vec<u8>> = vec![vec![1; SEQ], (0..SEQ).map(|i| (i < 10) as u8).collect()];
+    let inp = AttnInputs::causal(&model.cfg, &model.rope, 2, SEQ, Some(&mask), &Device::Cpu);
+    let inp = inp.unwrap();
+    let aux = |m: &Llama, ids: &Tensor, inp: &AttnInputs| -> colossal_core::Result<f32> {
+        let out = Executor::default().forward_with(
+            m,
+            &mut FullParams(&params),
+            &llama_inputs(ids),
+            inp,
+        )?;
+        Ok(m.aux_loss(&out)?.expect("a MoE model").to_scalar::<f32>()?)
+    };
+    let whole = aux(&model, &ids, &inp).unwrap();
+    // Without the mask the padding would count.
+    let unmasked = AttnInputs::causal(&model.cfg, &model.rope, 2, SEQ, None, &Device::Cpu);
+    let unmasked = aux(&model, &ids, &unmasked.unwrap()).unwrap();
+    assert!(
+        (whole - unmasked).abs() > 1e-4 * whole,
+        "{whole} vs {unmasked}"
+    );
+    for mode in [SpMode::Ulysses, SpMode::Ring] {
+        let shares = run_local(2, T, |comm| {
+            let group = Group::new(Box::new(comm));
+            let (sp_model, _) = sequence::parallelize(&model, group.clone(), mode)?;
+            let (r, n) = (group.rank(), group.size());
+            let ids = sequence::shard_tokens(&ids, n, r)?;
+            aux(&sp_model, &ids, &sequence::shard_inputs(&inp, n, r)?)
+        })
+        .unwrap();
+        let sum: f32 = shares.iter().sum();
+        println!("{mode:?} sp 2: routing losses {shares:?}, sum {sum} (one rank {whole}; without the mask {unmasked})");
+        assert!(
+            (sum - whole).abs() <= 1e-5 * whole,
+            "{mode:?}: {sum} vs {whole}"
+        );
+    }
+}

@@ -24,6 +24,9 @@ pub struct AttnInputs {
     device: Device,
     /// LoRA dropout's masks, in a training micro-batch only (`None`: no dropout).
     pub lora_dropout: Option<Arc<crate::lora::DropoutKeys>>,
+    /// 1 for each of this rank's query tokens that is not padding, where the mask describes
+    /// other rows (a sequence-parallel rank's part of the sequence).
+    pub query_valid: Option<Arc<Vec<f32>>>,
 }
 
 impl AttnInputs {
@@ -86,6 +89,7 @@ impl AttnInputs {
                 bias: Arc::default(),
                 device: device.clone(),
                 lora_dropout: None,
+                query_valid: None,
             });
         }
         let lookup = |bi: usize, k: usize| key_valid.is_none_or(|kv| kv[bi][k] != 0);
@@ -107,6 +111,7 @@ impl AttnInputs {
             bias: Arc::new(OnceLock::from(bias)),
             device,
             lora_dropout: None,
+            query_valid: None,
         }
     }
 
@@ -146,6 +151,15 @@ impl AttnInputs {
     /// 1 for each of the `n` query tokens (row-major) that is not padding, 0 for padding:
     /// the weights of Mixtral's load-balancing loss (HF's attention mask).
     pub fn token_valid(&self, n: usize) -> Result<Vec<f32>> {
+        if let Some(v) = &self.query_valid {
+            if v.len() != n {
+                return Err(crate::msg!(
+                    "padding mask of {} tokens for {n} routed tokens",
+                    v.len()
+                ));
+            }
+            return Ok(v.to_vec());
+        }
         let m = self.mask.as_ref().filter(|m| m.past_len == 0).ok_or_else(|| {
             crate::msg!("the load-balancing loss needs a batch's padding mask (a batch without past keys)")
         })?;
@@ -169,6 +183,7 @@ impl AttnInputs {
             bias: self.bias.clone(),
             device: self.device.clone(),
             lora_dropout: self.lora_dropout.clone(),
+            query_valid: self.query_valid.clone(),
         })
     }
 }

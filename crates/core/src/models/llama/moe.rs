@@ -237,11 +237,22 @@ impl Llama {
         };
         let coef = self.cfg.router_aux_loss_coef.unwrap_or(0.0);
         let experts = self.cfg.num_local_experts.unwrap_or(1) as f64;
+        // Under sequence parallelism each rank's sums cover its part of the sequence.
+        let whole = |t: &Tensor| self.regions.sequence_sum(t);
+        let ((prob, ranks), (hot, _), (count, _)) = (whole(prob)?, whole(hot)?, whole(count)?);
         let total = count.to_vec1::<f32>()?[0].max(1.0) as f64;
         let loss = hot.broadcast_mul(&prob.unsqueeze(0)?)?.sum_all()?;
         let mut loss = (loss * (coef * experts / (total * total)))?;
         if let (Ok(z), Some(zc)) = (out.get(MOE_Z), self.cfg.router_z_loss_coef) {
+            let (z, _) = whole(z)?;
             loss = (loss + (z.sum_all()? * (zc / total))?)?;
+        }
+        if ranks > 1 {
+            // Every rank of the sequence holds the whole loss: each adds 1/ranks of its value
+            // (the ranks' losses sum to it) but all of its gradient, which reaches only that
+            // rank's own tokens.
+            let share = (&loss * (1.0 / ranks as f64))?;
+            loss = (share + ((&loss - loss.detach())? * (1.0 - 1.0 / ranks as f64))?)?;
         }
         Ok(Some(loss))
     }

@@ -64,6 +64,16 @@ pub trait Regions: Send + Sync + Debug {
         }
     }
 
+    /// A sum over this rank's tokens as the sum over the whole sequence, and how many ranks
+    /// share the sequence: under sequence parallelism an all-reduce whose gradient is each
+    /// rank's own (the sum stands for one logical tensor, replicated).
+    fn sequence_sum(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        match self.inner() {
+            Some(r) => r.sequence_sum(x),
+            None => Ok((x.clone(), 1)),
+        }
+    }
+
     /// The parameter `name` used outside a projection (norm weights, biases), as this rank
     /// applies it.
     fn param(&self, name: &str, w: &Tensor) -> Result<Tensor> {
