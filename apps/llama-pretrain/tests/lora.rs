@@ -195,9 +195,10 @@ fn lora_under_tensor_and_sequence_parallelism_matches_one_rank() {
     assert_layouts_match(&data, tmp.path(), &[kv, lr], want, &layouts);
 }
 
-/// PEFT's `lora_dropout`: the adapters read dropout(x) in training. Masks key off the step and
-/// each row's tokens, so data-parallel, ZeRO, pipeline and recomputing layouts train exactly as
-/// one rank does, and dropout changes what the adapters learn.
+/// PEFT's `lora_dropout`: the adapters read dropout(x) in training. Masks key off the step, each
+/// row's tokens and an element's place in the whole row, so data-parallel, ZeRO, pipeline,
+/// recomputing, tensor-parallel (with Megatron-SP) and sequence-parallel layouts train exactly
+/// as one rank does, and dropout changes what the adapters learn.
 #[test]
 fn lora_dropout_draws_the_same_masks_in_every_layout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -231,6 +232,30 @@ fn lora_dropout_draws_the_same_masks_in_every_layout() {
         let mut sets = vec![drop, lr];
         sets.extend_from_slice(extra);
         let (got, _) = run(&data, &tmp.path().join(what), ranks, micro, &sets);
+        assert_same_run(what, &got, &reference, 1e-5);
+        println!("{what}: equals one rank");
+    }
+    // A row-split projection reads a slice of its input's features, a sequence-parallel rank
+    // some positions of every row: two key/value heads, one a tensor rank.
+    let kv = "model.config.num_key_value_heads=2";
+    let (reference, _) = run(&data, &tmp.path().join("ref-kv2"), 1, 8, &[drop, lr, kv]);
+    for (what, extra) in [
+        ("dropout tp2", &["parallel.tp=2"][..]),
+        (
+            "dropout tp2 megatron-sp",
+            &["parallel.tp=2", "parallel.sp_mode=\"megatron\""][..],
+        ),
+        (
+            "dropout sp2 ulysses",
+            &["parallel.sp=2", "parallel.sp_mode=\"ulysses\""][..],
+        ),
+        (
+            "dropout sp2 ring",
+            &["parallel.sp=2", "parallel.sp_mode=\"ring\""][..],
+        ),
+    ] {
+        let sets = [&[drop, lr, kv, n2][..], extra].concat();
+        let (got, _) = run(&data, &tmp.path().join(what), 2, 8, &sets);
         assert_same_run(what, &got, &reference, 1e-5);
         println!("{what}: equals one rank");
     }
@@ -510,14 +535,14 @@ fn lora_refuses_layouts_it_does_not_implement() {
         println!("{set}: {err}");
         assert!(err.contains(says), "{set}: {err}");
     }
-    // Dropout masks whole rows and feature vectors: not over split sequences or features.
-    let sets = ["lora.dropout=0.1", "parallel.nproc=2", "parallel.tp=2"];
+    // Dropout masks key off a token's place in its row: not on rows routed to experts.
+    let sets = ["lora.dropout=0.1", "model.config.num_local_experts=4"];
     let cfg = lora_config(&data, &tmp.path().join("y"), &sets);
-    let err = cfg.lora.as_ref().unwrap().validate(&cfg).unwrap_err();
+    let err = Trainer::new(cfg, None, Device::Cpu).err().unwrap();
     println!("{sets:?}: {err}");
-    assert!(err
-        .to_string()
-        .contains("lora.dropout = 0.1 with parallel.tp = 2"));
+    assert!(err.to_string().contains(
+        "lora.dropout = 0.1 on a mixture of experts or on the output head is not implemented"
+    ));
     for (sets, says) in [
         (
             &["lora.quantize=\"int8\"", "parallel.zero_stage=3"][..],

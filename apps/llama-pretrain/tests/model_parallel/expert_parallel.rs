@@ -7,6 +7,7 @@
 //! sequence parallelism (ulysses, ring: the routing sums meet over the sequence group); the
 //! checkpoint's Adam moments are one rank's too. The bytes each rank's expert group sends are the
 //! rows it moved times the hidden size, as the formula says.
+
 use std::path::Path;
 use std::time::Duration;
 

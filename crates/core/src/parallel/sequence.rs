@@ -254,6 +254,27 @@ impl Regions for SequenceParallel {
         Some(self.inner.as_ref())
     }
 
+    fn whole_sequences(&self, ids: &Tensor) -> Result<(Tensor, Option<Vec<usize>>)> {
+        let (sp, rank) = (self.group.size(), self.group.rank());
+        let t = ids.dim(1)? * sp;
+        // Token ids travel as f32 (exact below 2^24) and come back in position order.
+        let parts = self.group.with(|c| {
+            let mine = ids.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
+            c.all_gather(&mine)
+        })?;
+        let gathered: Vec<Tensor> = (0..sp)
+            .map(|r| parts.get(r))
+            .collect::<candle_core::Result<_>>()?;
+        let gathered = Tensor::cat(&gathered, 1)?;
+        let mut inverse = vec![0u32; t];
+        for (i, p) in gathered_order(t, sp)?.into_iter().enumerate() {
+            inverse[p] = i as u32;
+        }
+        let inverse = Tensor::from_vec(inverse, t, ids.device())?;
+        let whole = gathered.index_select(&inverse, 1)?.to_dtype(DType::U32)?;
+        Ok((whole, Some(local_positions(t, sp, rank)?)))
+    }
+
     fn sequence_sum(&self, x: &Tensor) -> Result<(Tensor, usize)> {
         Ok((reduce_from(x, &self.group)?, self.group.size()))
     }

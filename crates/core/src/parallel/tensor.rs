@@ -279,6 +279,14 @@ impl Regions for TensorParallel {
         }
     }
 
+    /// A row-split projection reads this rank's slice of the input features.
+    fn input_features(&self, name: &str, n: usize) -> (usize, usize) {
+        match self.plan.style(name) {
+            TpStyle::Rowwise => (self.group.rank() * n, self.group.size() * n),
+            _ => (0, n),
+        }
+    }
+
     /// A `Replicate` parameter applied to this rank's sequence slice (SP) gets only that
     /// slice's gradient, so its gradient is summed over the group; a split parameter (a
     /// column-split bias) is applied to this rank's features only.

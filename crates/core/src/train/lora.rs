@@ -62,13 +62,6 @@ impl LoraSection {
     pub fn validate(&self, cfg: &TrainConfig) -> Result<()> {
         self.lora_config().validate()?;
         let p = &cfg.parallel;
-        // Dropout masks key off whole rows and whole feature vectors.
-        if self.dropout > 0.0 && (p.tp > 1 || p.sp > 1) {
-            return Err(Error::Config(format!(
-                "lora.dropout = {} with parallel.tp = {}, parallel.sp = {} is not implemented",
-                self.dropout, p.tp, p.sp
-            )));
-        }
         let refuse = |what: String| {
             Err(Error::Config(format!(
                 "[lora] with {what} is not implemented"

@@ -170,7 +170,8 @@ impl ModelFamily for Llama {
         let p = self.lora.as_ref().map_or(0.0, |l| l.cfg.dropout);
         if p > 0.0 {
             let ids = inputs.get(crate::exec::IDS)?;
-            let keys = crate::lora::DropoutKeys::new(p, key, ids)?;
+            let (whole, positions) = self.regions.whole_sequences(ids)?;
+            let keys = crate::lora::DropoutKeys::new(p, key, &whole, positions)?;
             ctx.lora_dropout = Some(Arc::new(keys));
         }
         Ok(ctx)

@@ -287,7 +287,7 @@ impl Llama {
         let y = match self.lora.as_ref().and_then(|l| l.pair(w)) {
             Some((a, b, scaling)) => {
                 let x = &match drop {
-                    Some(d) => d.apply(w, x)?,
+                    Some(d) => d.apply(w, x, self.regions.input_features(w, x.dim(2)?))?,
                     None => x.clone(),
                 };
                 let low = self

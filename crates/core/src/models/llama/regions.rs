@@ -74,6 +74,25 @@ pub trait Regions: Send + Sync + Debug {
         }
     }
 
+    /// Where this rank's `n` input features of the projection `name` sit in its whole input:
+    /// (first feature, whole width).
+    fn input_features(&self, name: &str, n: usize) -> (usize, usize) {
+        match self.inner() {
+            Some(r) => r.input_features(name, n),
+            None => (0, n),
+        }
+    }
+
+    /// Whole token rows from this rank's part of them `ids` (B, T), and the positions of
+    /// this rank's part (`None`: it holds whole rows). Under sequence parallelism a
+    /// collective.
+    fn whole_sequences(&self, ids: &Tensor) -> Result<(Tensor, Option<Vec<usize>>)> {
+        match self.inner() {
+            Some(r) => r.whole_sequences(ids),
+            None => Ok((ids.clone(), None)),
+        }
+    }
+
     /// The parameter `name` used outside a projection (norm weights, biases), as this rank
     /// applies it.
     fn param(&self, name: &str, w: &Tensor) -> Result<Tensor> {
