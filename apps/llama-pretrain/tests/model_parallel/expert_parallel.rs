@@ -248,10 +248,18 @@ fn expert_parallel_layouts_match_one_rank() {
     // Sequence parallelism: each rank routes its part of every sequence, and the sums behind
     // the load-balancing and z losses meet over the sequence group.
     let (ulysses, ring) = ("parallel.sp_mode=\"ulysses\"", "parallel.sp_mode=\"ring\"");
-    let sp: [(&str, usize, &[&str]); 3] = [
+    // Experts split over the ranks holding the same weights, sequence ranks too.
+    let sp: [(&str, usize, &[&str]); 6] = [
         ("ulysses sp2", 2, &["parallel.sp=2", ulysses]),
         ("ring sp2", 2, &["parallel.sp=2", ring]),
         ("dp2×ring sp2 zero-2", 4, &["parallel.sp=2", ring, zero2]),
+        ("ulysses sp2 ep2", 2, &["parallel.sp=2", ulysses, ep]),
+        ("dp2×ring sp2 ep2", 4, &["parallel.sp=2", ring, ep]),
+        (
+            "dp2×ulysses sp2 ep4 zero-3",
+            4,
+            &["parallel.sp=2", ulysses, "parallel.ep=4", zero3],
+        ),
     ];
     for (what, nproc, extra) in sp {
         let got = run(&data, &tmp.path().join(what), nproc, extra);
@@ -310,12 +318,8 @@ fn expert_parallel_layouts_match_one_rank() {
         let (got, _, _) = run(&data, &tmp.path().join(what), nproc, &extra);
         assert_same_run(what, &got, &reference, 1e-5);
     }
-    // Not implemented, refused by name: experts split with sequence parallelism, and expert
-    // capacity (which ranks a micro-batch's tokens) over a split sequence.
-    let cfg = layout_config(&data, tmp.path(), &MODEL, 4, &[ep, "parallel.sp=2"]);
-    let err = cfg.parallel.validate().unwrap_err();
-    println!("ep2 sp2: {err}");
-    assert!(err.contains("parallel.ep = 2 with parallel.sp = 2 is not implemented"));
+    // Not implemented, refused by name: expert capacity (which ranks a micro-batch's tokens)
+    // over a split sequence.
     let sets = ["parallel.sp=2", ulysses, "model.config.capacity_factor=1.0"];
     let cfg = layout_config(&data, &tmp.path().join("cap-sp"), &MODEL, 2, &sets);
     let err = run_local(2, Duration::from_secs(60), |comm| {

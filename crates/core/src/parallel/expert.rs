@@ -1,5 +1,6 @@
 //! Expert parallelism: the experts of every mixture-of-experts layer are split over a group
-//! of data-parallel ranks (each holds `experts / ep` of them, by index). Every rank routes
+//! of ranks that hold the same weights — data-parallel ones, and sequence-parallel ones, which
+//! route their parts of the sequences (each holds `experts / ep` of them, by index). Every rank routes
 //! its own tokens, sends each (token, slot) row to the rank holding its expert, runs its
 //! experts on all rows that arrive — one matmul per expert over every rank's tokens — and
 //! sends the outputs back to be weighted and summed where the tokens live: two variable-size

@@ -92,8 +92,9 @@ impl RankGroups {
         check_batches(cfg, data_ranks)?;
         let ep = match (&grads, p.ep) {
             (Some(c), ep @ 2..) => {
-                // Data ranks g·ep … g·ep + ep − 1 share out the experts; ranks at the same
-                // place in their groups hold the same ones.
+                // Ranks g·ep … g·ep + ep − 1 of the group holding the same weights (data and
+                // sequence ranks) share out the experts; ranks at the same place in their
+                // groups hold the same ones.
                 let d = c.rank();
                 let group: Vec<usize> = (d - d % ep..d - d % ep + ep).collect();
                 let same: Vec<usize> = (d % ep..c.size()).step_by(ep).collect();

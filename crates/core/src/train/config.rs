@@ -63,8 +63,8 @@ pub struct ParallelConfig {
     /// Pipeline stages.
     #[serde(default = "one")]
     pub pp: usize,
-    /// Expert-parallel ranks: a mixture of experts' experts split over groups of `ep`
-    /// data-parallel ranks (must divide the data-parallel degree).
+    /// Expert-parallel ranks: a mixture of experts' experts split over groups of `ep` ranks
+    /// that hold the same weights (data- and sequence-parallel ones; must divide dp × sp).
     #[serde(default = "one")]
     pub ep: usize,
     /// "gpipe", "1f1b", "interleaved" or "zbh1".
@@ -183,15 +183,12 @@ impl ParallelConfig {
                 self.tp, self.pp, self.sp, self.nproc
             ));
         }
-        if self.ep == 0 || !dp.is_multiple_of(self.ep) {
+        // Sequence-parallel ranks hold the same weights as data-parallel ones: experts split
+        // over both.
+        let holders = dp * self.sp;
+        if self.ep == 0 || !holders.is_multiple_of(self.ep) {
             return Err(format!(
-                "parallel.ep ({}) must divide the data-parallel degree ({dp}): experts are split over data-parallel ranks",
-                self.ep
-            ));
-        }
-        if self.ep > 1 && self.sp > 1 {
-            return Err(format!(
-                "parallel.ep = {} with parallel.sp = {} is not implemented: expert parallelism combines with data, tensor (attention) and pipeline parallelism and ZeRO",
+                "parallel.ep ({}) must divide parallel.dp ({dp}) × parallel.sp ({}): experts are split over the ranks that hold the same weights",
                 self.ep, self.sp
             ));
         }
