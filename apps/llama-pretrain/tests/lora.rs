@@ -1,7 +1,8 @@
-//! `[lora]` training: only the adapters train (the base stays bit-identical), data parallel,
-//! ZeRO-1/2, pipeline, tensor (with Megatron-SP) and sequence parallel layouts equal one rank,
-//! a checkpoint holds the adapter in PEFT's layout and resumes bit-exactly, and the layouts not
-//! implemented with LoRA are refused by name.
+//! `[lora]` training: only the adapters train (the base stays bit-identical), data parallel, ZeRO
+//! 1–3, pipeline, tensor (with Megatron-SP), sequence and expert parallel layouts equal one rank,
+//! QLoRA's quantised base trains as its dequantised copy does, a checkpoint holds the adapter in
+//! PEFT's layout and resumes bit-exactly, and the layouts not implemented with LoRA are refused by
+//! name.
 
 mod common;
 
@@ -45,7 +46,7 @@ fn run(data: &Path, out: &Path, ranks: usize, micro: usize, extra: &[&str]) -> (
         }
         let full = t.full_params()?;
         run.params = flat(&full);
-        if cfg.parallel.zero_stage == 3 {
+        if cfg.parallel.zero_stage == 3 && cfg.parallel.ep == 1 {
             // The base shards with the adapters: a rank holds ⌈n/ranks⌉ of every weight.
             let sizes = full.frozen().map(|(_, t)| t.elem_count());
             let sizes = sizes.chain(full.iter().map(|(_, v)| v.elem_count()));
@@ -193,6 +194,44 @@ fn lora_under_tensor_and_sequence_parallelism_matches_one_rank() {
     ];
     let want = (&reference, &base_before);
     assert_layouts_match(&data, tmp.path(), &[kv, lr], want, &layouts);
+}
+
+/// LoRA on a mixture of experts (every projection, each expert's and the router's too) with
+/// the experts split over ranks: each rank holds its experts' frozen weights and adapters, and
+/// ep2, dp2×ep2 with ZeRO-2 and ep2 with ZeRO-3 train as one rank does, the base untouched and
+/// gathered whole with the adapters for checkpoints.
+#[test]
+fn lora_on_split_experts_matches_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let moe = [
+        "model.config.num_local_experts=4",
+        "model.config.num_experts_per_tok=2",
+        "model.config.router_aux_loss_coef=0.1",
+        "train.lr=1e-2",
+    ];
+    let (reference, base) = run(&data, &tmp.path().join("ref"), 1, 1, &moe);
+    let adapters: Vec<&str> = reference.params.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        adapters.iter().any(|n| n.contains("experts.3.w2.lora_B")),
+        "adapters on the experts: {adapters:?}"
+    );
+    let ep = "parallel.ep=2";
+    for (what, ranks, extra) in [
+        ("lora ep2", 2, &[ep][..]),
+        ("lora dp2×ep2 zero-2", 4, &[ep, "parallel.zero_stage=2"][..]),
+        ("lora ep2 zero-3", 2, &[ep, "parallel.zero_stage=3"][..]),
+    ] {
+        let n = format!("parallel.nproc={ranks}");
+        let sets = [&moe[..], &[n.as_str()], extra].concat();
+        let (got, got_base) = run(&data, &tmp.path().join(what), ranks, 1, &sets);
+        assert_same_run(what, &got, &reference, 1e-5);
+        assert!(got_base == base, "{what}: the base");
+        println!(
+            "{what}: equals one rank, {} adapters, base whole and untouched",
+            got.params.len()
+        );
+    }
 }
 
 /// PEFT's `lora_dropout`: the adapters read dropout(x) in training. Masks key off the step, each

@@ -144,23 +144,41 @@ impl EpRank {
         self.zero3.as_ref().zip(self.expert_data.as_deref())
     }
 
-    /// Whole weights from every rank's experts (a collective over the group).
+    /// Whole weights from every rank's experts, frozen ones (a LoRA's base) too: a collective
+    /// over the group.
     pub fn gather(&self, mine: &Params) -> Result<Params> {
-        let mut out = HashMap::new();
+        let mine = mine.dense()?;
+        let (mut trained, mut frozen) = (HashMap::new(), HashMap::new());
         for (name, var) in mine.iter() {
             match self.peers_of(name) {
                 None => {
-                    out.insert(name.to_string(), var.clone());
+                    trained.insert(name.to_string(), var.clone());
                 }
                 Some(peers) => {
-                    let parts = self.gather_tensor(var.as_tensor())?;
-                    for (peer, t) in peers.into_iter().zip(parts) {
-                        out.insert(peer, Var::from_tensor(&t)?);
+                    for (peer, t) in peers.into_iter().zip(self.gather_tensor(var)?) {
+                        trained.insert(peer, Var::from_tensor(&t)?);
                     }
                 }
             }
         }
-        Ok(in_whole_order(mine, out, self.ep.experts))
+        for (name, t) in mine.frozen() {
+            match self.peers_of(name) {
+                None => {
+                    frozen.insert(name.to_string(), t.clone());
+                }
+                Some(peers) => frozen.extend(peers.into_iter().zip(self.gather_tensor(t)?)),
+            }
+        }
+        let experts = self.ep.experts;
+        let frozen_names: Vec<String> = mine.frozen().map(|(n, _)| n.to_string()).collect();
+        let mut out = Params::new();
+        for (n, v) in in_whole_order(mine.names(), trained, experts) {
+            out.insert(n, v);
+        }
+        for (n, t) in in_whole_order(&frozen_names, frozen, experts) {
+            out.insert_frozen(n, t);
+        }
+        Ok(out)
     }
 
     /// Whole Adam moments from every rank's (zeros where a parameter was never stepped).
@@ -219,7 +237,7 @@ impl EpRank {
     }
 }
 
-/// (non-expert, expert) parameters of `params`.
+/// (non-expert, expert) parameters of `params`, frozen ones too.
 fn split_params(params: &Params) -> (Params, Params) {
     let (mut dense, mut experts) = (Params::new(), Params::new());
     for (name, var) in params.iter() {
@@ -228,18 +246,28 @@ fn split_params(params: &Params) -> (Params, Params) {
             None => dense.insert(name, var.clone()),
         }
     }
+    for (name, t) in params.frozen() {
+        match ExpertParallel::expert_of(name) {
+            Some(_) => experts.insert_frozen(name, t.clone()),
+            None => dense.insert_frozen(name, t.clone()),
+        }
+    }
     (dense, experts)
 }
 
 /// `gathered` in a whole model's order: `mine`'s, each layer's experts (all of them, by
 /// index) where its first local expert was.
-fn in_whole_order(mine: &Params, mut gathered: HashMap<String, Var>, experts: usize) -> Params {
-    let mut out = Params::new();
+fn in_whole_order<T>(
+    mine: &[String],
+    mut gathered: HashMap<String, T>,
+    experts: usize,
+) -> Vec<(String, T)> {
+    let mut out = Vec::new();
     let mut layers_done = HashSet::new();
-    for (name, _) in mine.iter() {
+    for name in mine {
         let Some(e) = ExpertParallel::expert_of(name) else {
             if let Some(v) = gathered.remove(name) {
-                out.insert(name, v);
+                out.push((name.clone(), v));
             }
             continue;
         };
@@ -250,13 +278,13 @@ fn in_whole_order(mine: &Params, mut gathered: HashMap<String, Var>, experts: us
         let own = format!("{layer}.experts.{e}.");
         let weights: Vec<&str> = mine
             .iter()
-            .filter_map(|(n, _)| n.strip_prefix(own.as_str()))
+            .filter_map(|n| n.strip_prefix(own.as_str()))
             .collect();
         for x in 0..experts {
             for w in &weights {
                 let n = format!("{layer}.experts.{x}.{w}");
                 if let Some(v) = gathered.remove(&n) {
-                    out.insert(n, v);
+                    out.push((n, v));
                 }
             }
         }

@@ -67,9 +67,6 @@ impl LoraSection {
                 "[lora] with {what} is not implemented"
             )))
         };
-        if p.ep > 1 {
-            return refuse(format!("parallel.ep = {}", p.ep));
-        }
         if cfg.train.checkpoint_format == CheckpointFormat::Distributed {
             return refuse("train.checkpoint_format = \"distributed\"".into());
         }

@@ -83,9 +83,23 @@ impl<M: ModelFamily> Engine<M> {
         let (experts, expert_opt) = ez.gather_full(ec)?;
         opt.m.extend(expert_opt.m);
         opt.v.extend(expert_opt.v);
+        // In the model's block order (adapters and frozen weights included), each name once.
         let mut ordered = Params::new();
-        for (name, _) in self.model.param_shapes() {
-            ordered.insert(&name, params.var(&name).or(experts.var(&name))?.clone());
+        for b in 0..self.model.num_blocks() {
+            for name in self.model.block_param_names(b) {
+                if ordered.contains(&name) {
+                    continue;
+                }
+                let from = if params.contains(&name) {
+                    &params
+                } else {
+                    &experts
+                };
+                match from.is_frozen(&name) {
+                    true => ordered.insert_frozen(&name, from.get(&name)?.clone()),
+                    false => ordered.insert(&name, from.var(&name)?.clone()),
+                }
+            }
         }
         Ok((ordered, opt))
     }

@@ -23,9 +23,12 @@ impl Llama {
         let Some(lora) = &self.lora else {
             return Vec::new();
         };
+        // Under expert parallelism, this rank's experts' adapters only.
+        let held = |s: &&crate::lora::Site| self.ep.as_ref().is_none_or(|ep| ep.holds(&s.module));
         lora.sites
             .iter()
             .filter(|s| s.module.starts_with(prefix))
+            .filter(held)
             .flat_map(|s| [s.a_name(), s.b_name()])
             .collect()
     }
