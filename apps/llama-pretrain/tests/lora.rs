@@ -452,12 +452,7 @@ fn qlora_over_tensor_slices_and_stages_matches_one_rank() {
         "parallel.tp=2",
     ];
     let cfg = lora_config(&data, &tmp.path().join("straddle"), &sets);
-    let err = run_local(2, Duration::from_secs(60), |comm| {
-        let comm: Box<dyn Communicator> = Box::new(comm);
-        Trainer::new_rank(cfg.clone(), None, Device::Cpu, Some(comm)).map(|_| ())
-    })
-    .unwrap_err()
-    .to_string();
+    let err = common::assembly_error(&cfg, 2);
     println!("block 16 at tp2: {err}");
     assert!(
         err.contains("lora.quant_block_size = 16 does not divide the 8 columns of `model.layers.0.self_attn.o_proj.weight`"),

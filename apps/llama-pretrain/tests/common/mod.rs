@@ -157,3 +157,16 @@ pub fn assert_same_run(what: &str, got: &Run, want: &Run, tol: f32) {
         want.params.len()
     );
 }
+
+/// The error a job of `nproc` local ranks with `cfg` stops with while it assembles (a setting
+/// it refuses), as text.
+pub fn assembly_error(cfg: &TrainConfig, nproc: usize) -> String {
+    use colossal_core::dist::{run_local, Communicator};
+    run_local(nproc, std::time::Duration::from_secs(60), |comm| {
+        let comm: Box<dyn Communicator> = Box::new(comm);
+        let cpu = candle_core::Device::Cpu;
+        colossal_core::train::Trainer::new_rank(cfg.clone(), None, cpu, Some(comm)).map(|_| ())
+    })
+    .expect_err("the job should be refused")
+    .to_string()
+}

@@ -322,12 +322,7 @@ fn expert_parallel_layouts_match_one_rank() {
     // over a split sequence.
     let sets = ["parallel.sp=2", ulysses, "model.config.capacity_factor=1.0"];
     let cfg = layout_config(&data, &tmp.path().join("cap-sp"), &MODEL, 2, &sets);
-    let err = run_local(2, Duration::from_secs(60), |comm| {
-        let comm: Box<dyn Communicator> = Box::new(comm);
-        Trainer::new_rank(cfg.clone(), None, Device::Cpu, Some(comm)).map(|_| ())
-    })
-    .unwrap_err()
-    .to_string();
+    let err = super::common::assembly_error(&cfg, 2);
     println!("capacity with sp2: {err}");
     assert!(err.contains("parallel.sp = 2 with capacity_factor = 1 is not implemented"));
     // Expert capacity drops the same slots wherever the experts live.

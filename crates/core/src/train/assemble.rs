@@ -372,7 +372,7 @@ impl<M: ModelFamily> Engine<M> {
                     None => {
                         // Under expert parallelism the experts shard over their own group.
                         let dense = match &mut ep {
-                            Some(e) => &e.shard_experts3(&params, &full, &placement, timeout)?,
+                            Some(e) => &e.shard_experts(3, &params, &full, &placement, timeout)?,
                             None => &params,
                         };
                         Zero3::from_full(dense, &full, rank, ranks, &placement)?

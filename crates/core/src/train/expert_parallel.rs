@@ -63,10 +63,11 @@ impl EpRank {
         1.0 / holders as f64
     }
 
-    /// Under ZeRO stage `stage`: shards this rank's experts' optimizer state (`full`'s moments)
-    /// over the expert-data group and returns the rest of `params`, which ZeRO shards over the
-    /// whole data-parallel group. Every expert element is then in one shard of each expert-data
-    /// group, every other element in one shard of the data-parallel group.
+    /// Under ZeRO stage `stage`: shards this rank's experts' state over the expert-data group
+    /// (`full`'s moments; under stage 3 the weights too) and returns the rest of `params`,
+    /// which ZeRO shards over the whole data-parallel group. Every expert element is then in one
+    /// shard of each expert-data group, every other element in one shard of the data-parallel
+    /// group.
     pub fn shard_experts(
         &mut self,
         stage: u8,
@@ -77,27 +78,13 @@ impl EpRank {
     ) -> Result<Params> {
         let (dense, experts) = split_params(params);
         let comm = self.expert_data_comm(timeout);
-        let layout = FlatLayout::new(&experts, comm.size());
-        let at = placement.within("experts");
-        let z = ZeroOptimizer::from_full(stage, layout, comm.rank(), full, &at)?;
-        self.zero = Some(z);
-        Ok(dense)
-    }
-
-    /// Under ZeRO-3: shards this rank's experts (weights and `full`'s moments) over the
-    /// expert-data group and returns the rest of `params`, which ZeRO-3 shards over the whole
-    /// data-parallel group.
-    pub fn shard_experts3(
-        &mut self,
-        params: &Params,
-        full: &AdamW,
-        placement: &Placement,
-        timeout: Duration,
-    ) -> Result<Params> {
-        let (dense, experts) = split_params(params);
-        let comm = self.expert_data_comm(timeout);
         let (rank, size) = (comm.rank(), comm.size());
-        self.zero3 = Some(Zero3::from_full(&experts, full, rank, size, placement)?);
+        if stage == 3 {
+            self.zero3 = Some(Zero3::from_full(&experts, full, rank, size, placement)?);
+        } else {
+            let (layout, at) = (FlatLayout::new(&experts, size), placement.within("experts"));
+            self.zero = Some(ZeroOptimizer::from_full(stage, layout, rank, full, &at)?);
+        }
         Ok(dense)
     }
 
