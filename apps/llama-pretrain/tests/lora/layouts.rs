@@ -162,7 +162,8 @@ fn lora_on_split_experts_matches_one_rank() {
 /// PEFT's `lora_dropout`: the adapters read dropout(x) in training. Masks key off the step, each
 /// row's tokens and an element's place in the whole row, so data-parallel, ZeRO, pipeline,
 /// recomputing, tensor-parallel (with Megatron-SP) and sequence-parallel layouts train exactly
-/// as one rank does, and dropout changes what the adapters learn.
+/// as one rank does, an adapter on the output head's included, and dropout changes what the
+/// adapters learn.
 #[test]
 fn lora_dropout_draws_the_same_masks_in_every_layout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -220,6 +221,39 @@ fn lora_dropout_draws_the_same_masks_in_every_layout() {
     ] {
         let sets = [&[drop, lr, kv, n2][..], extra].concat();
         let (got, _) = run(&data, &tmp.path().join(what), 2, 8, &sets);
+        assert_same_run(what, &got, &reference, 1e-5);
+        println!("{what}: equals one rank");
+    }
+    // An adapter on the (untied) output head alone reads dropped inputs too.
+    let head = [
+        drop,
+        lr,
+        kv,
+        "model.config.tie_word_embeddings=false",
+        "lora.target_modules=[\"lm_head\"]",
+    ];
+    let (reference, _) = run(&data, &tmp.path().join("ref-head"), 1, 8, &head);
+    assert!(reference
+        .params
+        .iter()
+        .any(|(n, _)| n == "lm_head.lora_B.weight"));
+    let (undropped, _) = run(&data, &tmp.path().join("head-0"), 1, 8, &head[1..]);
+    let d = (reference.norms[0] - undropped.norms[0]).abs() / undropped.norms[0];
+    assert!(
+        d > 1e-3,
+        "dropout on the head changed the first norm by {d:e}"
+    );
+    for (what, extra) in [
+        ("head dropout dp2", &[][..]),
+        ("head dropout tp2", &["parallel.tp=2"][..]),
+        (
+            "head dropout sp2 ring",
+            &["parallel.sp=2", "parallel.sp_mode=\"ring\""][..],
+        ),
+    ] {
+        let sets = [&head[..], &[n2], extra].concat();
+        let micro = if extra.is_empty() { 4 } else { 8 };
+        let (got, _) = run(&data, &tmp.path().join(what), 2, micro, &sets);
         assert_same_run(what, &got, &reference, 1e-5);
         println!("{what}: equals one rank");
     }

@@ -40,7 +40,8 @@ impl BlockModel for Llama {
             }
             out
         } else {
-            let mut out = Acts::one(LOGITS, self.head(p, x.get(H)?)?);
+            let drop = ctx.lora_dropout.as_deref();
+            let mut out = Acts::one(LOGITS, self.head_with(p, x.get(H)?, drop)?);
             for (name, t) in x.iter().filter(|(n, _)| n.starts_with("moe.")) {
                 out.insert(name, t.clone());
             }

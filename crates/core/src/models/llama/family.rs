@@ -114,16 +114,11 @@ impl ModelFamily for Llama {
     }
 
     fn with_lora(self, cfg: &LoraConfig, sites: Vec<Site>) -> Result<Self> {
-        // Dropout keys rows by their tokens: an expert's rows (routed, exchanged) and the
-        // head are not implemented.
-        let head = self
-            .head_weight_name()
-            .trim_end_matches(".weight")
-            .to_string();
-        let on_head = sites.iter().any(|s| s.module == head);
-        if cfg.dropout > 0.0 && (self.cfg.num_local_experts.is_some() || on_head) {
+        // Dropout keys an element by its place in its row: an expert's rows (routed,
+        // exchanged) are not implemented.
+        if cfg.dropout > 0.0 && self.cfg.num_local_experts.is_some() {
             return Err(Error::Config(format!(
-                "lora.dropout = {} on a mixture of experts or on the output head is not implemented",
+                "lora.dropout = {} on a mixture of experts is not implemented",
                 cfg.dropout
             )));
         }

@@ -265,9 +265,14 @@ impl Llama {
     /// slice of the vocabulary); for a sequence classifier, scores of every position
     /// (B, T, num_labels).
     pub fn head(&self, p: &Params, x: &Tensor) -> Result<Tensor> {
+        self.head_with(p, x, None)
+    }
+
+    /// [`Self::head`], an adapter on it reading its input through `drop` in training.
+    pub fn head_with(&self, p: &Params, x: &Tensor, drop: Option<&DropoutKeys>) -> Result<Tensor> {
         let head = self.head_weight_name();
         let h = self.regions.input(&[head], &self.final_norm(p, x)?)?;
-        self.proj(p, head, &h, None, None)
+        self.proj(p, head, &h, None, drop)
     }
 
     /// `x @ W^T (+ b)` for the weight named `w` and the bias named `b`, through the regions
