@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
-use crate::dist::autograd::{all_to_all, reduce_from, ring_shift};
+use crate::dist::autograd::{all_to_all, gather_whole, reduce_from, ring_shift};
 use crate::dist::Group;
 use crate::models::llama::regions::{attention, repeat_kv};
 use crate::models::llama::{AttnInputs, Kernels, Llama, Regions};
@@ -56,6 +56,20 @@ pub fn gathered_order(t: usize, sp: usize) -> Result<Vec<usize>> {
     Ok(order)
 }
 
+/// `x` (B, T_local, …) of every rank of `g` as whole sequences (B, T, …) in position order:
+/// all-gathered (the backward keeps this rank's part of the gradient), then reordered.
+pub fn whole_sequences(x: &Tensor, g: &Group) -> Result<Tensor> {
+    let t = x.dim(1)? * g.size();
+    let gathered = gather_whole(&x.contiguous()?, 1, g)?;
+    // Gathered index i holds position order[i]; position p is at index inverse[p].
+    let mut inverse = vec![0u32; t];
+    for (i, p) in gathered_order(t, g.size())?.into_iter().enumerate() {
+        inverse[p] = i as u32;
+    }
+    let inverse = Tensor::from_vec(inverse, t, x.device())?;
+    Ok(gathered.index_select(&inverse, 1)?)
+}
+
 fn index(v: &[usize], device: &candle_core::Device) -> Result<Tensor> {
     let v: Vec<u32> = v.iter().map(|&i| i as u32).collect();
     Ok(Tensor::from_vec(v.clone(), v.len(), device)?)
@@ -66,7 +80,8 @@ fn index(v: &[usize], device: &candle_core::Device) -> Result<Tensor> {
 pub fn shard_inputs(inp: &AttnInputs, sp: usize, rank: usize) -> Result<AttnInputs> {
     let t = inp.cos.dim(1)?;
     let dev = inp.cos.device();
-    let mine = index(&local_positions(t, sp, rank)?, dev)?;
+    let positions = local_positions(t, sp, rank)?;
+    let mine = index(&positions, dev)?;
     let order = index(&gathered_order(t, sp)?, dev)?;
     // Rows in gathered order: only the dense bias describes them.
     let mut out = AttnInputs::with_bias(
@@ -81,7 +96,6 @@ pub fn shard_inputs(inp: &AttnInputs, sp: usize, rank: usize) -> Result<AttnInpu
     // weighs tokens by it).
     if inp.mask.as_ref().is_some_and(|m| m.past_len == 0) {
         let whole = inp.token_valid(inp.cos.dim(0)? * t)?;
-        let positions = local_positions(t, sp, rank)?;
         let rows = whole.chunks(t);
         let mine = rows.flat_map(|row| positions.iter().map(|&p| row[p]));
         out.query_valid = Some(std::sync::Arc::new(mine.collect()));
@@ -256,23 +270,10 @@ impl Regions for SequenceParallel {
 
     fn whole_sequences(&self, ids: &Tensor) -> Result<(Tensor, Option<Vec<usize>>)> {
         let (sp, rank) = (self.group.size(), self.group.rank());
-        let t = ids.dim(1)? * sp;
-        // Token ids travel as f32 (exact below 2^24) and come back in position order.
-        let parts = self.group.with(|c| {
-            let mine = ids.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
-            c.all_gather(&mine)
-        })?;
-        let gathered: Vec<Tensor> = (0..sp)
-            .map(|r| parts.get(r))
-            .collect::<candle_core::Result<_>>()?;
-        let gathered = Tensor::cat(&gathered, 1)?;
-        let mut inverse = vec![0u32; t];
-        for (i, p) in gathered_order(t, sp)?.into_iter().enumerate() {
-            inverse[p] = i as u32;
-        }
-        let inverse = Tensor::from_vec(inverse, t, ids.device())?;
-        let whole = gathered.index_select(&inverse, 1)?.to_dtype(DType::U32)?;
-        Ok((whole, Some(local_positions(t, sp, rank)?)))
+        // Token ids travel as f32 (exact below 2^24).
+        let whole = whole_sequences(&ids.to_dtype(DType::F32)?, &self.group)?;
+        let positions = local_positions(whole.dim(1)?, sp, rank)?;
+        Ok((whole.to_dtype(DType::U32)?, Some(positions)))
     }
 
     fn sequence_sum(&self, x: &Tensor) -> Result<(Tensor, usize)> {

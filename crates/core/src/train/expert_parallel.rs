@@ -132,9 +132,11 @@ impl EpRank {
     }
 
     /// Whole weights from every rank's experts, frozen ones (a LoRA's base) too: a collective
-    /// over the group.
+    /// over the group. `mine` is dense (the callers have dequantised a QLoRA base already).
     pub fn gather(&self, mine: &Params) -> Result<Params> {
-        let mine = mine.dense()?;
+        if mine.has_quantised() {
+            return Err(crate::msg!("expert gather: dequantise the base first"));
+        }
         let (mut trained, mut frozen) = (HashMap::new(), HashMap::new());
         for (name, var) in mine.iter() {
             match self.peers_of(name) {

@@ -9,11 +9,11 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::dist::autograd::{gather_whole, reduce_from};
+use crate::dist::autograd::reduce_from;
 use crate::dist::{Group, ReduceOp};
 use crate::exec::Acts;
 use crate::models::llama::AttnInputs;
-use crate::parallel::sequence::{gathered_order, local_positions, shard_inputs, shard_tokens};
+use crate::parallel::sequence::{local_positions, shard_inputs, shard_tokens, whole_sequences};
 use crate::Result;
 
 #[derive(Clone, Default)]
@@ -67,19 +67,10 @@ impl OutputLayout {
 
     /// This rank's per-position output (B, T_local, …) as whole sequences (B, T, …).
     pub fn whole_positions(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(g) = &self.sp else {
-            return Ok(x.clone());
-        };
-        let t = x.dim(1)? * g.size();
-        let gathered = gather_whole(&x.contiguous()?, 1, g)?;
-        // Gathered index i holds position order[i]; position p is at index inverse[p].
-        let order = gathered_order(t, g.size())?;
-        let mut inverse = vec![0u32; t];
-        for (i, &p) in order.iter().enumerate() {
-            inverse[p] = i as u32;
+        match &self.sp {
+            Some(g) => whole_sequences(x, g),
+            None => Ok(x.clone()),
         }
-        let inverse = Tensor::from_vec(inverse, t, x.device())?;
-        Ok(gathered.index_select(&inverse, 1)?)
     }
 
     /// Log-probability of each next token of the whole sequences `ids` (B, T): (B, T − 1),
